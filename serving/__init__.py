@@ -1,0 +1,1 @@
+"""Distributed Mixture-of-Experts LLM serving on Ray Serve, answering over gRPC."""

@@ -1,0 +1,1 @@
+"""gRPC API: proto <-> engine types, validation, the servicer logic behind the Serve ingress."""

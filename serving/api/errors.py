@@ -1,0 +1,71 @@
+"""Errors crossing the API boundary, and the gRPC status each one becomes.
+
+| raised by            | exception        | gRPC status                                      |
+|----------------------|------------------|--------------------------------------------------|
+| validation           | InvalidRequest   | INVALID_ARGUMENT, details "<field>: <message>"   |
+| engine / admission   | Overloaded       | RESOURCE_EXHAUSTED + `grpc-retry-pushback-ms`     |
+| engine / replica     | Draining         | UNAVAILABLE                                      |
+| anything else        | (any)            | INTERNAL, short message (never for user mistakes)|
+
+`RpcAbort` is what `GenerateService.generate` raises *after* setting the status on the
+gRPC context: Ray Serve's proxy only carries a code set on a streaming method to the
+client when the method raises (see serving/api/service.py).
+"""
+from __future__ import annotations
+
+import grpc
+
+#: Trailing-metadata key of gRPC's retry throttling/pushback (milliseconds, as a string).
+RETRY_PUSHBACK_KEY = "grpc-retry-pushback-ms"
+
+
+class InvalidRequest(ValueError):
+    """The request is malformed. `field` is the proto field path, e.g. "max_tokens"."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+    def __reduce__(self):  # keep both fields across pickling (Ray ships exceptions)
+        return (type(self), (self.field, self.message))
+
+
+class Overloaded(Exception):
+    """The cluster cannot take the request now; the client should retry after a while."""
+
+    def __init__(self, message: str = "server overloaded", *, retry_after_s: float = 1.0):
+        super().__init__(message)
+        self.message = message
+        self.retry_after_s = float(retry_after_s)
+
+    def __reduce__(self):
+        return (_make_overloaded, (type(self), self.message, self.retry_after_s))
+
+    @property
+    def retry_after_ms(self) -> int:
+        return max(0, int(round(self.retry_after_s * 1000)))
+
+
+class Draining(Exception):
+    """This replica is shutting down (or not ready); retry on another one."""
+
+    def __init__(self, message: str = "server is draining"):
+        super().__init__(message)
+        self.message = message
+
+
+class RpcAbort(Exception):
+    """The RPC ended with a non-OK status that is already set on the gRPC context."""
+
+    def __init__(self, code: grpc.StatusCode, details: str):
+        super().__init__(f"{code.name}: {details}")
+        self.code = code
+        self.details = details
+
+    def __reduce__(self):
+        return (type(self), (self.code, self.details))
+
+
+def _make_overloaded(cls: type, message: str, retry_after_s: float) -> Overloaded:
+    return cls(message, retry_after_s=retry_after_s)

@@ -1,0 +1,38 @@
+"""The generated protobuf / gRPC modules, generated on first import if missing or stale.
+
+Import messages from here, never from `serving.api.gen` directly:
+
+    from serving.api.protos import pb2, pb2_grpc, health_pb2
+"""
+from __future__ import annotations
+
+from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: F401  (re-exported)
+
+from serving.api import codegen
+
+if not codegen.is_up_to_date():
+    codegen.generate_protos()
+
+from serving.api.gen import moe_serving_pb2 as pb2  # noqa: E402
+from serving.api.gen import moe_serving_pb2_grpc as pb2_grpc  # noqa: E402
+
+#: Fully qualified name of our service (as used by grpc.health.v1 and reflection).
+SERVICE_NAME: str = pb2.DESCRIPTOR.services_by_name["MoEServing"].full_name
+#: Full names of the services a server exposes (for grpc reflection).
+SERVICE_NAMES: tuple[str, ...] = (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name)
+
+#: Re-exported so the Ray proxy imports it through *this* module, which generates
+#: `serving/api/gen/` first. (Ray's `gRPCOptions` only logs a warning and skips a servicer
+#: function it cannot import, which would silently leave the service unrouted.)
+add_MoEServingServicer_to_server = pb2_grpc.add_MoEServingServicer_to_server
+
+#: `gRPCOptions(grpc_servicer_functions=SERVICER_FUNCTIONS)` for the Ray Serve proxy: the
+#: proxy then routes /moe_serving.v1.MoEServing/{Generate,Complete} and
+#: /grpc.health.v1.Health/{Check,Watch} to the ingress methods of the same names.
+SERVICER_FUNCTIONS: list[str] = [
+    "serving.api.protos.add_MoEServingServicer_to_server",
+    "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
+]
+
+__all__ = ["pb2", "pb2_grpc", "add_MoEServingServicer_to_server", "health_pb2", "health_pb2_grpc", "SERVICE_NAME",
+           "SERVICE_NAMES", "SERVICER_FUNCTIONS"]

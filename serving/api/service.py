@@ -1,0 +1,293 @@
+"""The servicer logic behind the gRPC ingress: proto in, engine events out, proto back.
+
+`GenerateService` is a plain object (no Ray import). The Serve ingress deployment wraps
+it with methods named after the RPCs (Generate, Complete, Check); `local_server.py`
+serves it from a plain grpc.aio server for tests and debugging.
+
+How a non-OK status reaches the client (read from ray/serve 2.60 source):
+
+- The proxy copies the replica's `RayServegRPCContext` (code, details, trailing
+  metadata) onto the real gRPC context only when a *result* arrives from the replica
+  (`context._set_on_grpc_context(...)` per yielded item in `gRPCProxy.send_request_to_replica`).
+- Unary (Complete, Check): set the code, return an (empty) response -> the client gets
+  the code, the details and the trailing metadata.
+- Server streaming (Generate) with *zero* yields: nothing is ever copied, so a code set
+  on the context is lost and the client sees OK with an empty stream. The method must
+  *raise* after setting the code: the replica then wraps the exception in
+  `gRPCStatusError(code, details)` (`_maybe_wrap_grpc_exception`) and the proxy answers
+  with that code and details. Trailing metadata set before the raise is NOT carried
+  (only code + details survive), so on Generate the retry hint is also in the details.
+  `generate` therefore raises `RpcAbort` after setting the status; the local adapter
+  swallows it (plain grpc.aio sends whatever code is set on its context).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from contextlib import aclosing
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Callable, Protocol
+
+import grpc
+
+from serving.api.errors import (RETRY_PUSHBACK_KEY, Draining, InvalidRequest, Overloaded,
+                                RpcAbort)
+from serving.api.protos import SERVICE_NAME, health_pb2, pb2
+from serving.api.validation import ApiLimits, Tokenizer, validate_request
+from serving.engine.request import FinishReason, GenerationRequest, Priority, TokenEvent
+
+logger = logging.getLogger(__name__)
+
+_FINISH = {
+    FinishReason.STOP: pb2.FINISH_REASON_STOP,
+    FinishReason.LENGTH: pb2.FINISH_REASON_LENGTH,
+    FinishReason.CANCELLED: pb2.FINISH_REASON_CANCELLED,
+}
+
+
+_PRIORITY_OF = {pb2.PRIORITY_UNSPECIFIED: Priority.INTERACTIVE,
+                pb2.PRIORITY_INTERACTIVE: Priority.INTERACTIVE, pb2.PRIORITY_BATCH: Priority.BATCH}
+
+
+class EngineClient(Protocol):
+    """What the service needs from the engine (a replica handle, or the engine itself).
+
+    `stream` yields one TokenEvent per generated token; the last one carries
+    finish_reason. An event with token_id < 0 carries no token (a bare finish event).
+    It may raise Overloaded (shed) or Draining (replica shutting down). Closing the
+    iterator early (aclose) means the client went away: the engine should abort the
+    request.
+    """
+
+    def stream(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]: ...
+
+
+@dataclass(kw_only=True, slots=True)
+class RequestRecord:
+    """One finished RPC, for metrics and access logs (passed to `on_request_done`)."""
+    request_id: str
+    status: str                        # grpc.StatusCode name: "OK", "INVALID_ARGUMENT", ...
+    priority: Priority | None          # None if the request was rejected before parsing it
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    ttft_s: float | None = None        # service entry -> first token
+    itl_s: list[float] = field(default_factory=list)   # gaps between consecutive tokens
+    e2e_s: float = 0.0                 # service entry -> last event / error
+    method: str = "Generate"           # "Generate" or "Complete"
+
+
+class _Failure(Exception):
+    """A status to end the RPC with (internal to this module)."""
+
+    def __init__(self, code: grpc.StatusCode, details: str,
+                 trailers: list[tuple[str, str]] | None = None):
+        super().__init__(details)
+        self.code, self.details, self.trailers = code, details, trailers or []
+
+
+def _failure_for(exc: BaseException, request_id: str) -> _Failure:
+    if isinstance(exc, _Failure):
+        return exc
+    if isinstance(exc, InvalidRequest):
+        return _Failure(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+    if isinstance(exc, Overloaded):
+        ms = exc.retry_after_ms
+        return _Failure(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                        f"{exc.message}; retry after {ms} ms", [(RETRY_PUSHBACK_KEY, str(ms))])
+    if type(exc).__name__ == "BackPressureError":      # ray.serve.exceptions, not imported
+        return _Failure(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                        "server overloaded; retry after 1000 ms", [(RETRY_PUSHBACK_KEY, "1000")])
+    if isinstance(exc, Draining):
+        return _Failure(grpc.StatusCode.UNAVAILABLE, exc.message)
+    logger.error("request %s failed", request_id, exc_info=exc)
+    return _Failure(grpc.StatusCode.INTERNAL,
+                    f"internal error ({type(exc).__name__}); request_id={request_id}")
+
+
+def _set_status(ctx: Any, failure: _Failure) -> None:
+    if ctx is None:
+        return
+    ctx.set_code(failure.code)
+    ctx.set_details(failure.details)
+    if failure.trailers:
+        try:   # RayServegRPCContext concatenates lists; grpc.aio's context wants a tuple
+            ctx.set_trailing_metadata(list(failure.trailers))
+        except TypeError:
+            ctx.set_trailing_metadata(tuple(failure.trailers))
+
+
+class _Tracker:
+    """Timing and token counts of one RPC."""
+
+    def __init__(self, method: str):
+        self.method = method
+        self.t0 = time.perf_counter()
+        self.last: float | None = None
+        self.rec = RequestRecord(request_id="", status="OK", priority=None, method=method)
+
+    def start(self, req: GenerationRequest) -> None:
+        self.rec.request_id = req.request_id
+        self.rec.priority = req.priority
+        self.rec.prompt_tokens = len(req.prompt_token_ids)
+
+    def on_event(self, ev: TokenEvent) -> None:
+        now = time.perf_counter()
+        if ev.token_id >= 0:
+            if self.last is None:
+                self.rec.ttft_s = now - self.t0
+            else:
+                self.rec.itl_s.append(now - self.last)
+            self.last = now
+            self.rec.completion_tokens += 1
+        if ev.completion_tokens:
+            self.rec.completion_tokens = ev.completion_tokens
+        if ev.prompt_tokens:
+            self.rec.prompt_tokens = ev.prompt_tokens
+
+    def finish(self, status: str) -> RequestRecord:
+        self.rec.status = status
+        self.rec.e2e_s = time.perf_counter() - self.t0
+        return self.rec
+
+
+class GenerateService:
+    """Validate, call the engine, stream tokens back; map every failure to a gRPC status.
+
+    `ready` drives health (SERVING / NOT_SERVING); while it is False, new requests get
+    UNAVAILABLE. `grpc_context` is Ray Serve's RayServegRPCContext or a grpc.aio context
+    (anything with set_code / set_details / set_trailing_metadata), or None.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, limits: ApiLimits, engine: EngineClient,
+                 on_request_done: Callable[[RequestRecord], None] | None = None, *,
+                 ready: bool = True):
+        self.tokenizer = tokenizer
+        self.limits = limits
+        self.engine = engine
+        self.on_request_done = on_request_done
+        self.ready = ready
+
+    # ---- RPCs ---------------------------------------------------------------------
+
+    def generate(self, request_pb: Any, grpc_context: Any = None) -> AsyncIterator[Any]:
+        """Generate: one GenerateResponse per TokenEvent; the last has finish_reason+usage.
+
+        On failure the status is set on `grpc_context` and RpcAbort is raised (see the
+        module docstring for why a streaming method must raise under Ray Serve).
+        """
+        return self._generate(request_pb, grpc_context, "Generate")
+
+    async def _generate(self, request_pb: Any, grpc_context: Any, method: str
+                        ) -> AsyncIterator[Any]:
+        tracker = _Tracker(method)
+        tracker.rec.request_id = request_pb.request_id
+        tracker.rec.priority = _PRIORITY_OF.get(int(request_pb.priority))
+        status = "CANCELLED"            # if we are torn down mid-stream (client went away)
+        try:
+            req = self._admit(request_pb)
+            tracker.start(req)
+            finished = False
+            async with aclosing(self._engine_stream(req)) as events:
+                async for ev in events:
+                    tracker.on_event(ev)
+                    finished = ev.finish_reason is not None
+                    yield self._chunk(req, ev, tracker)
+                    if finished:
+                        break
+            if not finished:
+                raise _Failure(grpc.StatusCode.INTERNAL, "engine stream ended without a "
+                               f"finish reason; request_id={req.request_id}")
+            status = "OK"
+        except (asyncio.CancelledError, GeneratorExit):
+            status = "CANCELLED"
+            raise
+        except Exception as exc:  # noqa: BLE001 - every failure becomes a status
+            failure = _failure_for(exc, tracker.rec.request_id or request_pb.request_id)
+            status = failure.code.name
+            _set_status(grpc_context, failure)
+            raise RpcAbort(failure.code, failure.details) from None
+        finally:
+            self._done(tracker.finish(status))
+
+    async def complete(self, request_pb: Any, grpc_context: Any = None) -> Any:
+        """Complete: the whole completion in one CompleteResponse.
+
+        On failure: the status is set on `grpc_context` and an empty CompleteResponse is
+        returned (Ray's proxy carries code, details and trailers of unary replies). With
+        no context, RpcAbort is raised instead.
+        """
+        out = pb2.CompleteResponse()
+        texts: list[str] = []
+        gen = self._generate(request_pb, grpc_context, "Complete")
+        try:
+            async for chunk in gen:
+                out.request_id = chunk.request_id
+                texts.append(chunk.text)
+                out.token_ids.extend(chunk.token_ids)
+                out.logprobs.extend(chunk.logprobs)
+                if chunk.finish_reason:
+                    out.finish_reason = chunk.finish_reason
+                    out.usage.CopyFrom(chunk.usage)
+        except RpcAbort:
+            if grpc_context is None:
+                raise
+            return pb2.CompleteResponse()
+        finally:
+            await gen.aclose()
+        out.text = "".join(texts)
+        return out
+
+    def check(self, request_pb: Any, grpc_context: Any = None) -> Any:
+        """grpc.health.v1.Health/Check: "" and our service name are known."""
+        if request_pb.service not in ("", SERVICE_NAME):
+            if grpc_context is not None:
+                grpc_context.set_code(grpc.StatusCode.NOT_FOUND)
+                grpc_context.set_details(f"unknown service {request_pb.service!r}")
+            return health_pb2.HealthCheckResponse()
+        return health_pb2.HealthCheckResponse(
+            status=health_pb2.HealthCheckResponse.SERVING if self.ready
+            else health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    # ---- helpers ------------------------------------------------------------------
+
+    def _admit(self, request_pb: Any) -> GenerationRequest:
+        if not self.ready:
+            raise Draining("server is not ready")
+        return validate_request(request_pb, self.limits, self.tokenizer)
+
+    async def _engine_stream(self, req: GenerationRequest) -> AsyncIterator[TokenEvent]:
+        stream = self.engine.stream(req)
+        exhausted = False
+        try:
+            async for ev in stream:
+                exhausted = ev.finish_reason is not None
+                yield ev
+            exhausted = True
+        finally:
+            if not exhausted:       # stopped before the finish event: client gone, or error
+                aclose = getattr(stream, "aclose", None)
+                if aclose is not None:
+                    await aclose()
+                elif callable(getattr(stream, "cancel", None)):
+                    stream.cancel()     # e.g. a Ray DeploymentResponseGenerator
+
+    def _chunk(self, req: GenerationRequest, ev: TokenEvent, tracker: _Tracker) -> Any:
+        chunk = pb2.GenerateResponse(request_id=req.request_id, text=ev.text_delta)
+        if ev.token_id >= 0:
+            chunk.token_ids.append(ev.token_id)
+            if req.sampling.logprobs and ev.logprob is not None:
+                chunk.logprobs.append(float(ev.logprob))
+        if ev.finish_reason is not None:
+            chunk.finish_reason = _FINISH[FinishReason(ev.finish_reason)]
+            chunk.usage.prompt_tokens = tracker.rec.prompt_tokens
+            chunk.usage.completion_tokens = tracker.rec.completion_tokens
+        return chunk
+
+    def _done(self, record: RequestRecord) -> None:
+        if self.on_request_done is None:
+            return
+        try:
+            self.on_request_done(record)
+        except Exception:  # noqa: BLE001 - metrics must never fail a request
+            logger.exception("on_request_done callback failed")

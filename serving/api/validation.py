@@ -1,0 +1,167 @@
+"""GenerateRequest (proto) -> GenerationRequest (engine), rejecting anything malformed.
+
+Every rejection is an `InvalidRequest(field, message)` whose text starts with the proto
+field name, so the client's INVALID_ARGUMENT details say exactly what to fix.
+"""
+from __future__ import annotations
+
+import math
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from serving.api.errors import InvalidRequest
+from serving.engine.request import GenerationRequest, Priority
+from serving.model.sampling import SamplingParams
+
+__all__ = ["ApiLimits", "InvalidRequest", "Tokenizer", "validate_request", "new_request_id"]
+
+_PRIORITIES = {0: Priority.INTERACTIVE, 1: Priority.INTERACTIVE, 2: Priority.BATCH}
+
+
+class Tokenizer(Protocol):
+    def encode(self, text: str, add_bos: bool = True) -> list[int]: ...
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ApiLimits:
+    """What one request may ask for. Built from the model config plus operator caps."""
+    vocab_size: int                    # token ids must lie in [0, vocab_size)
+    max_model_len: int                 # prompt tokens + max_tokens must fit
+    max_tokens_limit: int = 4096       # cap on max_tokens
+    default_max_tokens: int = 16       # when max_tokens is unset (capped by room left)
+    max_prompt_chars: int = 1 << 20    # text prompts longer than this are not tokenized
+    max_stop_strings: int = 8
+    max_stop_chars: int = 128          # per stop string
+    max_request_id_chars: int = 128
+
+    def __post_init__(self) -> None:
+        if self.vocab_size <= 0 or self.max_model_len <= 0 or self.max_tokens_limit <= 0:
+            raise ValueError(f"ApiLimits must be positive: {self}")
+
+    @classmethod
+    def from_model_config(cls, config: Any, **overrides: Any) -> "ApiLimits":
+        """From a `MoEConfig` (vocab_size, max_position_embeddings); overrides win."""
+        kw: dict[str, Any] = {"vocab_size": config.vocab_size,
+                              "max_model_len": config.max_position_embeddings}
+        kw.update(overrides)
+        kw.setdefault("max_tokens_limit", min(4096, kw["max_model_len"]))
+        return cls(**kw)
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
+def _validate_request_id(rid: str, limits: ApiLimits) -> str:
+    if not rid:
+        return new_request_id()
+    if len(rid) > limits.max_request_id_chars:
+        raise InvalidRequest("request_id", f"has {len(rid)} characters; at most "
+                             f"{limits.max_request_id_chars} are allowed")
+    if not all("\x21" <= ch <= "\x7e" for ch in rid):
+        raise InvalidRequest("request_id", "must be printable ASCII without spaces")
+    return rid
+
+
+def _prompt_ids(req: Any, limits: ApiLimits, tokenizer: Tokenizer) -> tuple[int, ...]:
+    kind = req.WhichOneof("prompt")
+    if kind is None:
+        raise InvalidRequest("prompt", "is required: set text or token_ids")
+    if kind == "text":
+        text = req.text
+        if not text:
+            raise InvalidRequest("prompt", "text is empty")
+        if len(text) > limits.max_prompt_chars:
+            raise InvalidRequest("prompt", f"text has {len(text)} characters; at most "
+                                 f"{limits.max_prompt_chars} are allowed")
+        ids = tuple(int(i) for i in tokenizer.encode(text, add_bos=True))
+        if not ids:
+            raise InvalidRequest("prompt", "text encodes to no tokens")
+        return ids
+    ids = tuple(req.token_ids.ids)
+    if not ids:
+        raise InvalidRequest("prompt", "token_ids is empty")
+    for pos, tok in enumerate(ids):
+        if not 0 <= tok < limits.vocab_size:
+            raise InvalidRequest("prompt.token_ids", f"id {tok} at position {pos} is outside "
+                                 f"the vocabulary [0, {limits.vocab_size})")
+    return ids
+
+
+def _max_tokens(req: Any, prompt_len: int, limits: ApiLimits) -> int:
+    room = limits.max_model_len - prompt_len
+    if room <= 0:
+        raise InvalidRequest("prompt", f"has {prompt_len} tokens; the model's context "
+                             f"length max_model_len is {limits.max_model_len}")
+    if not req.HasField("max_tokens"):
+        return min(limits.default_max_tokens, limits.max_tokens_limit, room)
+    n = req.max_tokens
+    if n <= 0:
+        raise InvalidRequest("max_tokens", f"{n} must be >= 1 (leave it unset for the "
+                             f"default {limits.default_max_tokens})")
+    if n > limits.max_tokens_limit:
+        raise InvalidRequest("max_tokens", f"{n} exceeds the limit {limits.max_tokens_limit}")
+    if n > room:
+        raise InvalidRequest("max_tokens", f"prompt tokens ({prompt_len}) + max_tokens ({n}) "
+                             f"= {prompt_len + n} exceeds max_model_len {limits.max_model_len}")
+    return n
+
+
+def _sampling_fields(req: Any, limits: ApiLimits) -> dict[str, Any]:
+    """SamplingParams fields except max_tokens (which depends on the prompt)."""
+    temperature = 1.0
+    if req.HasField("temperature"):
+        temperature = req.temperature
+        if not math.isfinite(temperature) or temperature < 0:
+            raise InvalidRequest("temperature", f"{temperature} must be a finite number >= 0")
+    top_p = 1.0
+    if req.HasField("top_p"):
+        top_p = req.top_p
+        if not (math.isfinite(top_p) and 0.0 < top_p <= 1.0):
+            raise InvalidRequest("top_p", f"{top_p} must be in (0, 1]")
+    if req.top_k < 0:
+        raise InvalidRequest("top_k", f"{req.top_k} must be >= 0 (0 disables top-k)")
+    seed = None
+    if req.HasField("seed"):
+        if req.seed < 0:
+            raise InvalidRequest("seed", f"{req.seed} must be >= 0")
+        seed = int(req.seed)
+    stop = tuple(req.stop)
+    if len(stop) > limits.max_stop_strings:
+        raise InvalidRequest("stop", f"has {len(stop)} strings; at most "
+                             f"{limits.max_stop_strings} are allowed")
+    for i, s in enumerate(stop):
+        if not s:
+            raise InvalidRequest("stop", f"string {i} is empty")
+        if len(s) > limits.max_stop_chars:
+            raise InvalidRequest("stop", f"string {i} has {len(s)} characters; at most "
+                                 f"{limits.max_stop_chars} are allowed")
+    return dict(temperature=float(temperature), top_p=float(top_p), top_k=int(req.top_k),
+                seed=seed, stop=stop, logprobs=bool(req.return_logprobs),
+                ignore_eos=bool(req.ignore_eos))
+
+
+def validate_request(req: Any, limits: ApiLimits, tokenizer: Tokenizer, *,
+                     arrival_time: float | None = None) -> GenerationRequest:
+    """Check a `moe_serving.v1.GenerateRequest` and convert it for the engine.
+
+    Raises InvalidRequest (field, message) for anything the client must fix. Cheap checks
+    run first, so a bad request is rejected before its prompt is tokenized.
+    """
+    request_id = _validate_request_id(req.request_id, limits)
+    if int(req.priority) not in _PRIORITIES:
+        raise InvalidRequest("priority", f"unknown value {int(req.priority)}; use "
+                             "PRIORITY_INTERACTIVE or PRIORITY_BATCH")
+    priority = _PRIORITIES[int(req.priority)]
+    sampling = _sampling_fields(req, limits)       # before tokenizing the prompt
+    prompt = _prompt_ids(req, limits, tokenizer)
+    max_tokens = _max_tokens(req, len(prompt), limits)
+    return GenerationRequest(
+        request_id=request_id,
+        prompt_token_ids=prompt,
+        sampling=SamplingParams(max_tokens=max_tokens, **sampling),
+        priority=priority,
+        arrival_time=time.time() if arrival_time is None else arrival_time,
+    )

@@ -1,0 +1,161 @@
+"""`moe-serve`: the command line.
+
+  moe-serve checkpoint --family mixtral|qwen2_moe --size tiny|small --out DIR
+  moe-serve up --checkpoint DIR [--expert-shards S] [--nodes N] [--grpc-port P] [--metrics-port M]
+  moe-serve down | status
+  moe-serve generate --target HOST:PORT (--prompt TEXT | --prompt-ids 1,2,3) [...]
+  moe-serve run       (the demo behind `make run`: checkpoint if missing, up, stream, wait, down)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+DEMO_CHECKPOINT = Path("checkpoints/demo-mixtral-small")
+DEMO_PROMPT = "The night the promotion went live, the chat service"
+
+
+def _add_cluster_args(p: argparse.ArgumentParser) -> None:
+    from serving.launcher import DEFAULT_CONFIG, DEFAULT_STATE_DIR
+    p.add_argument("--checkpoint", default=str(DEMO_CHECKPOINT), help="HF-format checkpoint dir")
+    p.add_argument("--expert-shards", type=int, default=2, help="S: ExpertShard deployments")
+    p.add_argument("--nodes", type=int, default=2, help="local Ray nodes to start")
+    p.add_argument("--grpc-port", type=int, default=50051)
+    p.add_argument("--metrics-port", type=int, default=9464)
+    p.add_argument("--transport", choices=["serve", "local"], default=None,
+                   help="expert transport (default: the config file's)")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default=None)
+    p.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="Serve config file")
+    p.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR)
+
+
+def _up(a: argparse.Namespace) -> dict:
+    from serving.launcher import up
+    print(f"starting {a.nodes} local Ray node(s), {a.expert_shards} expert shard(s) "
+          f"on {a.checkpoint} ...", flush=True)
+    t0 = time.monotonic()
+    state = up(checkpoint=a.checkpoint, expert_shards=a.expert_shards, nodes=a.nodes,
+               grpc_port=a.grpc_port, metrics_port=a.metrics_port, config_path=a.config,
+               state_dir=a.state_dir, transport=a.transport, dtype=a.dtype)
+    print(f"ready in {time.monotonic() - t0:.0f}s\n"
+          f"  gRPC endpoint : {state['grpc_target']}  (moe_serving.v1.MoEServing, grpc.health.v1.Health)\n"
+          f"  metrics       : {state['metrics_url']}\n"
+          f"  stop with     : moe-serve down --state-dir {a.state_dir}", flush=True)
+    return state
+
+
+def cmd_up(a: argparse.Namespace) -> int:
+    _up(a)
+    return 0
+
+
+def cmd_down(a: argparse.Namespace) -> int:
+    from serving.launcher import down
+    print("stopped" if down(state_dir=a.state_dir) else f"nothing running from {a.state_dir}")
+    return 0
+
+
+def cmd_status(a: argparse.Namespace) -> int:
+    from serving.launcher import pid_alive, read_state
+    state = read_state(a.state_dir)
+    if state and state.get("status") in ("starting", "ready") and not pid_alive(state["pid"]):
+        state["status"] = "dead"
+    print(json.dumps(state or {"status": "none"}, indent=2))
+    return 0
+
+
+def cmd_checkpoint(a: argparse.Namespace) -> int:
+    from serving.model.checkpoint import write_checkpoint
+    out = write_checkpoint(a.family, a.size, a.out, seed=a.seed)
+    print(f"wrote {a.family}/{a.size} checkpoint to {out}")
+    return 0
+
+
+def cmd_generate(a: argparse.Namespace) -> int:
+    from serving.client import run_generate
+    return run_generate(a)
+
+
+def cmd_run(a: argparse.Namespace) -> int:
+    """The `make run` demo: a 2-node cluster on the demo checkpoint, one streamed completion."""
+    from serving.client import MoEClient, build_request
+    from serving.launcher import down
+    if not (Path(a.checkpoint) / "config.json").exists():
+        from serving.model.checkpoint import write_checkpoint
+        print(f"writing demo checkpoint (mixtral, small) to {a.checkpoint} ...", flush=True)
+        write_checkpoint("mixtral", "small", a.checkpoint, seed=0)
+    state = _up(a)
+    try:
+        print(f"\n> {DEMO_PROMPT}", flush=True)
+        with MoEClient(state["grpc_target"]) as client:
+            for chunk in client.generate(build_request(DEMO_PROMPT, max_tokens=a.max_tokens,
+                                                       temperature=0.8, seed=0)):
+                print(chunk.text, end="", flush=True)
+                if chunk.finish_reason:
+                    print(f"\n[finish_reason={chunk.finish_reason} usage: prompt={chunk.usage.prompt_tokens} "
+                          f"completion={chunk.usage.completion_tokens}]", flush=True)
+        if a.exit_after_demo:
+            return 0
+        print("\ncluster is up; try:\n"
+              f"  moe-serve generate --target {state['grpc_target']} --prompt 'Hello' --stream\n"
+              f"  curl -s {state['metrics_url']} | grep moe_serve_\n"
+              "Ctrl-C stops everything.", flush=True)
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("\nstopping ...", flush=True)
+        return 0
+    finally:
+        down(state_dir=a.state_dir)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from serving.client import add_generate_arguments
+    parser = argparse.ArgumentParser(prog="moe-serve", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("checkpoint", help="write a seeded random HF-format checkpoint")
+    p.add_argument("--family", choices=["mixtral", "qwen2_moe"], required=True)
+    p.add_argument("--size", choices=["tiny", "small"], required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(fn=cmd_checkpoint)
+
+    p = sub.add_parser("up", help="start a local multi-node cluster serving a checkpoint")
+    _add_cluster_args(p)
+    p.set_defaults(fn=cmd_up)
+
+    p = sub.add_parser("run", help="demo: up, stream one completion, wait for Ctrl-C, down")
+    _add_cluster_args(p)
+    p.add_argument("--max-tokens", type=int, default=48)
+    p.add_argument("--exit-after-demo", action="store_true", help="stop right after the demo")
+    p.set_defaults(fn=cmd_run)
+
+    from serving.launcher import DEFAULT_STATE_DIR
+    for name, fn, help_ in (("down", cmd_down, "stop what `up` started"),
+                            ("status", cmd_status, "show the cluster `up` started")):
+        p = sub.add_parser(name, help=help_)
+        p.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR)
+        p.set_defaults(fn=fn)
+
+    p = sub.add_parser("generate", help="send one request to a running cluster")
+    add_generate_arguments(p)
+    p.set_defaults(fn=cmd_generate)
+
+    a = parser.parse_args(argv)
+    try:
+        return a.fn(a)
+    except (RuntimeError, TimeoutError, FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

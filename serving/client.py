@@ -1,0 +1,233 @@
+"""Python client for the moe_serving.v1 gRPC API, and the `moe-serve generate` command.
+
+    from serving.client import MoEClient
+    with MoEClient("127.0.0.1:9000") as c:
+        print(c.complete(prompt="Hello", max_tokens=8, temperature=0).text)
+        for chunk in c.generate(prompt="Hello", max_tokens=8):
+            print(chunk.text, end="", flush=True)
+
+Behind Ray Serve's gRPC proxy no metadata is needed with one application; with several,
+pass `application=` (sent as the `application` metadata key the proxy routes on).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any, Iterator, Sequence
+
+import grpc
+
+from serving.api.protos import health_pb2, health_pb2_grpc, pb2, pb2_grpc
+
+__all__ = ["MoEClient", "build_request", "add_generate_arguments", "run_generate",
+           "FINISH_REASONS", "EXIT_INVALID", "EXIT_RETRYABLE", "EXIT_ERROR"]
+
+_PRIORITY = {"interactive": pb2.PRIORITY_INTERACTIVE, "batch": pb2.PRIORITY_BATCH,
+             None: pb2.PRIORITY_UNSPECIFIED}
+#: proto FinishReason value -> the name used in JSON output ("stop", "length", ...).
+FINISH_REASONS = {pb2.FINISH_REASON_UNSPECIFIED: None, pb2.FINISH_REASON_STOP: "stop",
+                  pb2.FINISH_REASON_LENGTH: "length", pb2.FINISH_REASON_CANCELLED: "cancelled"}
+
+EXIT_ERROR, EXIT_INVALID, EXIT_RETRYABLE = 1, 2, 3
+
+
+def build_request(prompt: str | None = None, prompt_ids: Sequence[int] | None = None, *,
+                  max_tokens: int | None = None, temperature: float | None = None,
+                  top_p: float | None = None, top_k: int = 0, seed: int | None = None,
+                  stop: Sequence[str] = (), priority: str | int | None = None,
+                  request_id: str = "", logprobs: bool = False,
+                  ignore_eos: bool = False) -> Any:
+    """A GenerateRequest. Give exactly one of prompt / prompt_ids; None means "server
+    default" for the optional fields. priority: "interactive", "batch" or a proto value."""
+    if (prompt is None) == (prompt_ids is None):
+        raise ValueError("give exactly one of prompt or prompt_ids")
+    req = pb2.GenerateRequest(top_k=top_k, stop=list(stop), request_id=request_id,
+                              return_logprobs=logprobs, ignore_eos=ignore_eos,
+                              priority=priority if isinstance(priority, int)
+                              else _PRIORITY[priority])
+    if prompt is not None:
+        req.text = prompt
+    else:
+        req.token_ids.ids.extend(int(i) for i in prompt_ids)  # type: ignore[union-attr]
+    if max_tokens is not None:
+        req.max_tokens = max_tokens
+    if temperature is not None:
+        req.temperature = temperature
+    if top_p is not None:
+        req.top_p = top_p
+    if seed is not None:
+        req.seed = seed
+    return req
+
+
+class MoEClient:
+    """A blocking client over one insecure channel (use as a context manager, or close())."""
+
+    def __init__(self, target: str, timeout_s: float | None = 120.0, *,
+                 application: str | None = None,
+                 metadata: Sequence[tuple[str, str]] = (),
+                 options: Sequence[tuple[str, Any]] = ()):
+        self.target = target
+        self.timeout_s = timeout_s
+        self.metadata: tuple[tuple[str, str], ...] = tuple(metadata) + (
+            (("application", application),) if application else ())
+        self.channel = grpc.insecure_channel(target, options=list(options))
+        self._stub = pb2_grpc.MoEServingStub(self.channel)
+        self._health = health_pb2_grpc.HealthStub(self.channel)
+
+    def _req(self, request: Any, kwargs: dict[str, Any]) -> Any:
+        if request is not None and kwargs:
+            raise TypeError("pass a GenerateRequest or build_request() arguments, not both")
+        return request if request is not None else build_request(**kwargs)
+
+    def generate(self, request: Any = None, *, timeout_s: float | None = None,
+                 **kwargs: Any) -> Iterator[Any]:
+        """Stream GenerateResponse chunks. Raises grpc.RpcError on a non-OK status.
+
+        Breaking out of the loop early cancels the RPC."""
+        call = self._stub.Generate(self._req(request, kwargs),
+                                   timeout=timeout_s or self.timeout_s,
+                                   metadata=self.metadata or None)
+        try:
+            yield from call
+        finally:
+            call.cancel()       # no-op once the stream has finished
+
+    def complete(self, request: Any = None, *, timeout_s: float | None = None,
+                 **kwargs: Any) -> Any:
+        """One CompleteResponse. Raises grpc.RpcError on a non-OK status."""
+        return self._stub.Complete(self._req(request, kwargs),
+                                   timeout=timeout_s or self.timeout_s,
+                                   metadata=self.metadata or None)
+
+    def health(self, service: str = "", *, timeout_s: float | None = None) -> str:
+        """grpc.health.v1 status name: "SERVING", "NOT_SERVING", ... Raises grpc.RpcError."""
+        resp = self._health.Check(health_pb2.HealthCheckRequest(service=service),
+                                  timeout=timeout_s or self.timeout_s,
+                                  metadata=self.metadata or None)
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> "MoEClient":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+# ---- CLI: moe-serve generate -------------------------------------------------------
+
+def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of `moe-serve generate` (the lead wires this into serving/cli.py)."""
+    parser.add_argument("--target", required=True, help="HOST:PORT of the gRPC endpoint")
+    group = parser.add_mutually_exclusive_group(required=True)
+    group.add_argument("--prompt", help="prompt text")
+    group.add_argument("--prompt-ids", help="prompt token ids, comma-separated: 1,2,3")
+    parser.add_argument("--max-tokens", type=int, default=None,
+                        help="tokens to generate (server default: 16)")
+    parser.add_argument("--temperature", type=float, default=None, help="0 = greedy")
+    parser.add_argument("--top-p", type=float, default=None)
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--stop", nargs="+", default=[], metavar="S", help="stop strings")
+    parser.add_argument("--priority", choices=["interactive", "batch"], default=None)
+    parser.add_argument("--request-id", default="")
+    parser.add_argument("--logprobs", action="store_true", help="return token logprobs")
+    parser.add_argument("--ignore-eos", action="store_true")
+    parser.add_argument("--stream", action="store_true",
+                        help="print text deltas as they arrive")
+    parser.add_argument("--json", action="store_true",
+                        help="print exactly one JSON object with the result")
+    parser.add_argument("--timeout-s", type=float, default=120.0)
+    parser.add_argument("--application", default=None,
+                        help="Ray Serve application name (only with several apps)")
+
+
+def _parse_ids(text: str) -> list[int]:
+    try:
+        ids = [int(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise ValueError(f"--prompt-ids must be comma-separated integers, got {text!r}") from None
+    if not ids:
+        raise ValueError("--prompt-ids is empty")
+    return ids
+
+
+def _exit_code(code: grpc.StatusCode | None) -> int:
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        return EXIT_INVALID
+    if code in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE):
+        return EXIT_RETRYABLE
+    return EXIT_ERROR
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    """Run `moe-serve generate`; returns the exit code (0 ok, 2 invalid, 3 retryable, 1)."""
+    try:
+        request = build_request(
+            prompt=args.prompt,
+            prompt_ids=_parse_ids(args.prompt_ids) if args.prompt_ids is not None else None,
+            max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+            top_k=args.top_k, seed=args.seed, stop=args.stop, priority=args.priority,
+            request_id=args.request_id, logprobs=args.logprobs, ignore_eos=args.ignore_eos)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_INVALID
+
+    result: dict[str, Any] = {"request_id": "", "token_ids": [], "text": "",
+                              "finish_reason": None,
+                              "usage": {"prompt_tokens": 0, "completion_tokens": 0}}
+    logprobs: list[float] = []
+    with MoEClient(args.target, args.timeout_s, application=args.application) as client:
+        try:
+            if args.stream:
+                for chunk in client.generate(request):
+                    _merge(result, logprobs, chunk)
+                    if not args.json and chunk.text:
+                        sys.stdout.write(chunk.text)
+                        sys.stdout.flush()
+                if not args.json:
+                    sys.stdout.write("\n")
+            else:
+                _merge(result, logprobs, client.complete(request))
+        except grpc.RpcError as e:
+            code = e.code() if hasattr(e, "code") else None
+            name = code.name if code is not None else "UNKNOWN"
+            details = e.details() if hasattr(e, "details") else str(e)
+            if args.stream and not args.json:
+                sys.stdout.write("\n")
+            print(f"error: {name}: {details}", file=sys.stderr)
+            return _exit_code(code)
+    if args.logprobs:
+        result["logprobs"] = logprobs
+    if args.json:
+        print(json.dumps(result))
+    elif not args.stream:
+        print(result["text"])
+    return 0
+
+
+def _merge(result: dict[str, Any], logprobs: list[float], msg: Any) -> None:
+    """Fold a GenerateResponse chunk or a CompleteResponse into the JSON result."""
+    result["request_id"] = msg.request_id or result["request_id"]
+    result["text"] += msg.text
+    result["token_ids"].extend(msg.token_ids)
+    logprobs.extend(msg.logprobs)
+    if msg.finish_reason:
+        result["finish_reason"] = FINISH_REASONS.get(msg.finish_reason, "unknown")
+        result["usage"] = {"prompt_tokens": msg.usage.prompt_tokens,
+                           "completion_tokens": msg.usage.completion_tokens}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Stand-alone entry (`python -m serving.client ...`), same as `moe-serve generate`."""
+    parser = argparse.ArgumentParser(prog="moe-serve generate")
+    add_generate_arguments(parser)
+    return run_generate(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Thin Ray Serve deployments around the plain objects, and the app builder."""

@@ -1,0 +1,43 @@
+"""The app builder: `import_path: serving.deployments.app:build_app` in cluster/*.yaml.
+
+Graph: Ingress -> EngineReplica -> ExpertShard0..S-1, and every replica -> MetricsHub.
+ExpertShard s is pinned to local Ray node (s mod nodes) by its `moe_node_<i>` resource,
+so with nodes >= S every shard runs on a different node.
+"""
+from __future__ import annotations
+
+from ray.serve import Application
+
+from serving.deployments.config import AppConfig, node_resource
+from serving.deployments.engine_replica import EngineReplica
+from serving.deployments.expert_shard import ExpertShard
+from serving.deployments.ingress import Ingress
+from serving.deployments.metrics_hub import MetricsHubDeployment
+from serving.model.config import MoEConfig
+from serving.parallel.placement import Placement
+
+NODE_PIN = 0.001     # a sliver of the node's custom resource: pins without limiting count
+
+
+def shard_deployment_name(shard: int) -> str:
+    return f"ExpertShard{shard}"
+
+
+def build_app(args: dict) -> Application:
+    cfg = AppConfig.from_args(args)
+    placement = Placement.build(MoEConfig.from_dir(cfg.checkpoint), cfg.expert_shards, cfg.placement)
+    hub = MetricsHubDeployment.options(
+        ray_actor_options={"num_cpus": 0.01, "resources": {node_resource(0): NODE_PIN}},
+    ).bind(cfg.metrics_host, cfg.metrics_port)
+    shards = []
+    if cfg.transport == "serve":
+        shards = [ExpertShard.options(
+            name=shard_deployment_name(s),
+            ray_actor_options={"num_cpus": cfg.shard_num_cpus,
+                               "resources": {node_resource(s % cfg.nodes): NODE_PIN}},
+        ).bind(cfg.checkpoint, placement.to_json(), s, cfg.dtype) for s in range(cfg.expert_shards)]
+    engine = EngineReplica.options(
+        ray_actor_options={"num_cpus": cfg.engine_num_cpus, "resources": {node_resource(0): NODE_PIN}},
+    ).bind(cfg.to_args(), placement.to_json(), shards, hub)
+    return Ingress.options(ray_actor_options={"num_cpus": cfg.ingress_num_cpus}).bind(
+        cfg.to_args(), engine, hub)

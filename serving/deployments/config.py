@@ -1,0 +1,62 @@
+"""AppConfig: the typed, frozen arguments of the Serve application (the `args:` of the
+application in the Serve config file under cluster/)."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+import torch
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+TRANSPORTS = ("serve", "local")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class AppConfig:
+    checkpoint: str                       # HF-format checkpoint directory
+    expert_shards: int = 2                # S: ExpertShard deployments
+    nodes: int = 1                        # Ray nodes carrying a `moe_node_<i>` resource
+    placement: str = "contiguous"         # contiguous | round_robin
+    transport: str = "serve"              # serve (ExpertShard deployments) | local (in the engine)
+    dtype: str = "fp32"
+    max_num_seqs: int = 16                # KV slots per engine replica
+    max_model_len: int = 1024            # clamped to the model's max_position_embeddings
+    max_num_batched_tokens: int = 2048
+    max_tokens_limit: int = 1024          # largest max_tokens a request may ask for
+    metrics_port: int = 9464
+    metrics_host: str = "127.0.0.1"
+    report_interval_s: float = 0.5        # how often replicas push metrics to the hub
+    ingress_num_cpus: float = 0.1
+    engine_num_cpus: float = 0.25
+    shard_num_cpus: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.transport not in TRANSPORTS:
+            raise ValueError(f"transport must be one of {TRANSPORTS}, got {self.transport!r}")
+        if self.expert_shards < 1 or self.nodes < 1:
+            raise ValueError("expert_shards and nodes must be >= 1")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @classmethod
+    def from_args(cls, args: dict) -> "AppConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(args) - known)
+        if unknown:
+            raise ValueError(f"unknown application args {unknown}; known: {sorted(known)}")
+        return cls(**args)
+
+    def model_len(self, max_position_embeddings: int) -> int:
+        """The context length actually served: this config's cap, within the model's."""
+        return min(self.max_model_len, max_position_embeddings)
+
+    def to_args(self) -> dict:
+        return asdict(self)
+
+
+def node_resource(node_index: int) -> str:
+    """The custom resource that pins a replica to local Ray node `node_index`."""
+    return f"moe_node_{node_index}"

@@ -1,0 +1,91 @@
+"""EngineReplica deployment: a shim around Engine + AsyncEngine.
+
+It holds everything but the routed experts (embeddings, attention, norms, router,
+lm_head, KV cache) and reaches the experts through the ExpertDispatcher.
+"""
+from __future__ import annotations
+
+import os
+from typing import AsyncIterator
+
+import ray
+import torch
+from ray import serve
+
+from serving.deployments.config import AppConfig
+from serving.deployments.reporter import MetricsReporter
+from serving.engine.async_engine import AsyncEngine
+from serving.engine.engine import Engine
+from serving.engine.request import GenerationRequest, TokenEvent
+from serving.engine.scheduler import SchedulerConfig
+from serving.metrics import EngineSample
+from serving.model.model import MoEModel
+from serving.model.tokenizer import Tokenizer
+from serving.parallel.dispatcher import ExpertDispatcher, LocalTransport
+from serving.parallel.expert_shard import ExpertShardWorker
+from serving.parallel.placement import Placement
+from serving.parallel.serve_transport import ServeTransport
+
+
+def build_engine(cfg: AppConfig, placement: Placement, shard_handles=None) -> tuple[Engine, ExpertDispatcher]:
+    """The plain engine for `cfg`: experts in-process (`local`) or behind Serve handles."""
+    model = MoEModel.from_checkpoint(cfg.checkpoint, dtype=cfg.torch_dtype)
+    if cfg.transport == "serve":
+        transport = ServeTransport(shard_handles)
+    else:
+        transport = LocalTransport([ExpertShardWorker.from_checkpoint(cfg.checkpoint, placement, s, cfg.torch_dtype)
+                                    for s in range(placement.num_shards)])
+    dispatcher = ExpertDispatcher(placement, transport, model.config.num_experts)
+    sched = SchedulerConfig(max_num_seqs=cfg.max_num_seqs,
+                            max_model_len=cfg.model_len(model.config.max_position_embeddings),
+                            max_num_batched_tokens=cfg.max_num_batched_tokens)
+    engine = Engine(model, dispatcher, Tokenizer.from_dir(cfg.checkpoint), sched, dtype=cfg.torch_dtype)
+    return engine, dispatcher
+
+
+class EngineSampler:
+    """Turns the engine's running totals into per-report deltas (an EngineSample)."""
+
+    def __init__(self, engine: Engine, dispatcher: ExpertDispatcher):
+        self.engine, self.dispatcher = engine, dispatcher
+        self._prompt = self._generated = self._steps = 0
+
+    def __call__(self) -> EngineSample:
+        s = self.engine.stats
+        owners = self.dispatcher.placement.owners
+        steps = s.recent_step_seconds[-(s.steps_total - self._steps):] if s.steps_total > self._steps else []
+        sample = EngineSample(
+            num_waiting=s.num_waiting, num_running=s.num_running,
+            kv_slots_used=s.kv_slots_used, kv_slots_total=s.kv_slots_total,
+            prompt_tokens=s.prompt_tokens_total - self._prompt,
+            generated_tokens=s.generated_tokens_total - self._generated,
+            step_seconds=list(steps),
+            routed_tokens={(layer, e, owners[layer][e]): n
+                           for layer, counts in self.dispatcher.take_routed_counts().items()
+                           for e, n in enumerate(counts) if n})
+        self._prompt, self._generated, self._steps = s.prompt_tokens_total, s.generated_tokens_total, s.steps_total
+        return sample
+
+
+@serve.deployment
+class EngineReplica:
+    def __init__(self, args: dict, placement_json: str, shard_handles: list, metrics_hub):
+        torch.set_num_threads(max(1, int(os.environ.get("MOE_ENGINE_THREADS", "1"))))
+        cfg = AppConfig.from_args(args)
+        self.engine, self.dispatcher = build_engine(cfg, Placement.from_json(placement_json), shard_handles)
+        self.async_engine = AsyncEngine(self.engine)
+        replica = serve.get_replica_context().replica_id.unique_id
+        self.reporter = MetricsReporter(metrics_hub, f"engine-{replica}", cfg.report_interval_s,
+                                        collect_engine=EngineSampler(self.engine, self.dispatcher))
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
+        async for event in self.async_engine.stream(request):
+            yield event
+
+    def ready(self) -> dict:
+        return {"node_id": ray.get_runtime_context().get_node_id(),
+                "transport": self.dispatcher.transport.name}
+
+    def __del__(self):
+        self.async_engine.shutdown()
+        self.reporter.stop()

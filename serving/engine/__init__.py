@@ -1,0 +1,1 @@
+"""Continuous-batching engine: scheduler, KV-slot accounting, the step loop."""

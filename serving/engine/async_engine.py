@@ -1,0 +1,78 @@
+"""AsyncEngine: runs Engine.step() on a background thread and streams TokenEvents to asyncio.
+
+The step loop is the only thread that touches the model and the KV cache. Callers on the
+event loop submit requests and consume events; a consumer that goes away (client cancel,
+disconnect) aborts its request, which frees its KV slot at the next step boundary.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from typing import AsyncIterator
+
+from serving.engine.engine import Engine
+from serving.engine.request import GenerationRequest, TokenEvent
+
+log = logging.getLogger(__name__)
+
+
+class EngineError(RuntimeError):
+    """The engine could not finish a request it had accepted (e.g. an expert shard is gone)."""
+
+
+class AsyncEngine:
+    def __init__(self, engine: Engine, step_retry_s: float = 60.0):
+        self.engine = engine
+        self.step_retry_s = step_retry_s    # how long a failing step is retried before giving up
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="engine-step-loop", daemon=True)
+        self._thread.start()
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        self.engine.add_request(request, lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev))
+        self._wake.set()
+        finished = False
+        try:
+            while True:
+                ev = await queue.get()
+                if isinstance(ev, BaseException):
+                    finished = True
+                    raise ev
+                yield ev
+                if ev.finish_reason is not None:
+                    finished = True
+                    return
+        finally:
+            if not finished:
+                self.engine.abort(request.request_id)
+                self._wake.set()
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout=10)
+
+    def _loop(self) -> None:
+        failing_since = None
+        while not self._stop.is_set():
+            if not self.engine.has_work():
+                self._wake.wait(timeout=0.05)
+                self._wake.clear()
+                continue
+            try:
+                self.engine.step()
+                failing_since = None
+            except Exception as exc:   # a shard call failed: retry the step (K/V rewrites are idempotent)
+                now = time.monotonic()
+                failing_since = failing_since or now
+                log.warning("engine step failed (%s); retrying", exc)
+                if now - failing_since > self.step_retry_s:
+                    self.engine.fail_all(EngineError(f"engine step failing for {now - failing_since:.0f}s: {exc}"))
+                    failing_since = None
+                else:
+                    time.sleep(0.2)

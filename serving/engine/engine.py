@@ -1,0 +1,178 @@
+"""The engine: one step is schedule() -> execute() -> update(), on one screen.
+
+A plain object (no Ray): the EngineReplica deployment wraps it, tests drive it directly.
+`add_request` and `abort` are thread-safe; `step` runs on one thread (see AsyncEngine).
+"""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from serving.engine.request import FinishReason, GenerationRequest, TokenEvent
+from serving.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput, Sequence
+from serving.model.kv_cache import KVCache
+from serving.model.model import BatchLayout, ExpertDispatch, MoEModel
+from serving.model.sampling import Sampler
+from serving.model.tokenizer import IncrementalDetokenizer, Tokenizer
+
+Emit = Callable[[TokenEvent], None]
+
+
+@dataclass(slots=True)
+class _RequestState:
+    emit: Emit
+    generator: torch.Generator | None
+    detok: IncrementalDetokenizer
+    text_sent: int = 0          # characters of detok.text already streamed
+
+
+@dataclass(slots=True)
+class EngineStats:
+    """Counters and gauges the metrics layer and the autoscaler read (plain data)."""
+    num_waiting: int = 0
+    num_running: int = 0
+    kv_slots_total: int = 0
+    kv_slots_used: int = 0
+    steps_total: int = 0
+    step_seconds_total: float = 0.0
+    prompt_tokens_total: int = 0
+    generated_tokens_total: int = 0
+    cancelled_total: int = 0
+    recent_step_seconds: list[float] = field(default_factory=list)
+
+
+class Engine:
+    def __init__(self, model: MoEModel, dispatch: ExpertDispatch, tokenizer: Tokenizer,
+                 config: SchedulerConfig, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+        if config.max_model_len > model.config.max_position_embeddings:
+            raise ValueError(f"max_model_len {config.max_model_len} exceeds the model's "
+                             f"max_position_embeddings {model.config.max_position_embeddings}")
+        self.model, self.dispatch, self.tokenizer = model, dispatch, tokenizer
+        self.config = config
+        self.device = device
+        self.kv = KVCache(model.config, config.max_num_seqs, config.max_model_len, dtype, device)
+        self.scheduler = Scheduler(config)
+        self.sampler = Sampler()
+        self.eos_ids = frozenset(model.config.eos_token_ids)
+        self.stats = EngineStats(kv_slots_total=config.max_num_seqs)
+        self._inbox_lock = threading.Lock()
+        self._new: list[tuple[GenerationRequest, Emit]] = []
+        self._aborts: set[str] = set()
+        self._by_id: dict[str, Sequence] = {}
+
+    # ---- thread-safe entry points -------------------------------------------------
+    def add_request(self, request: GenerationRequest, emit: Emit) -> None:
+        n, max_tokens = len(request.prompt_token_ids), request.sampling.max_tokens
+        if n == 0:
+            raise ValueError("prompt: must hold at least one token")
+        if n + max_tokens > self.config.max_model_len:
+            raise ValueError(f"max_tokens: prompt ({n}) + max_tokens ({max_tokens}) exceeds "
+                             f"max_model_len ({self.config.max_model_len})")
+        with self._inbox_lock:
+            self._new.append((request, emit))
+
+    def abort(self, request_id: str) -> None:
+        with self._inbox_lock:
+            self._aborts.add(request_id)
+
+    def has_work(self) -> bool:
+        with self._inbox_lock:
+            if self._new or self._aborts:
+                return True
+        return self.scheduler.has_work()
+
+    def fail_all(self, error: Exception) -> None:
+        """Give up on every request (only after retries are exhausted): each stream gets `error`."""
+        self._drain_inbox()
+        for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
+            self.scheduler.finish(seq, FinishReason.CANCELLED)
+            self._by_id.pop(seq.request_id, None)
+            seq.state.emit(error)
+        self._refresh_gauges()
+
+    # ---- the step -------------------------------------------------------------------
+    def step(self) -> int:
+        """Run one engine step. Returns the number of tokens processed (0 if idle)."""
+        self._drain_inbox()
+        out = self.scheduler.schedule()
+        if not out.seqs:
+            return 0
+        t0 = time.perf_counter()
+        logits_BV = self._execute(out)
+        self._update(out, logits_BV)
+        dt = time.perf_counter() - t0
+        s = self.stats
+        s.steps_total += 1
+        s.step_seconds_total += dt
+        s.recent_step_seconds.append(dt)
+        del s.recent_step_seconds[:-256]
+        self._refresh_gauges()
+        return out.num_tokens
+
+    def _execute(self, out: SchedulerOutput) -> torch.Tensor:
+        ids = [t for seq, q in zip(out.seqs, out.q_lens) for t in seq.token_ids[seq.num_cached:seq.num_cached + q]]
+        layout = BatchLayout(slots=tuple(s.slot for s in out.seqs),
+                             start_pos=tuple(s.num_cached for s in out.seqs),
+                             q_lens=out.q_lens)
+        input_ids_T = torch.tensor(ids, dtype=torch.int64, device=self.device)
+        return self.model.forward(input_ids_T, layout, self.kv, self.dispatch)   # [B, V]
+
+    def _update(self, out: SchedulerOutput, logits_BV: torch.Tensor) -> None:
+        params = [s.request.sampling for s in out.seqs]
+        gens = [s.state.generator for s in out.seqs]
+        tokens_B, logprobs_B = self.sampler.sample(logits_BV, params, gens)
+        for seq, q, tok, lp in zip(out.seqs, out.q_lens, tokens_B.tolist(), logprobs_B.tolist()):
+            seq.num_cached += q
+            seq.token_ids.append(tok)
+            self.stats.generated_tokens_total += 1
+            self._emit_token(seq, tok, lp)
+
+    def _emit_token(self, seq: Sequence, tok: int, logprob: float) -> None:
+        sp, st = seq.request.sampling, seq.state
+        st.detok.push(tok)
+        text = st.detok.text
+        reason, end = None, len(text)
+        if tok in self.eos_ids and not sp.ignore_eos:
+            reason = FinishReason.STOP
+        elif sp.stop:
+            window = max(0, st.text_sent - max(len(x) for x in sp.stop))
+            hits = [p for p in (text.find(x, window) for x in sp.stop) if p >= 0]
+            if hits:
+                reason, end = FinishReason.STOP, max(min(hits), st.text_sent)
+        if reason is None and (seq.num_generated >= sp.max_tokens
+                               or len(seq.token_ids) >= self.config.max_model_len):
+            reason = FinishReason.LENGTH
+        delta = text[st.text_sent:end]
+        st.text_sent = end
+        if reason is not None:
+            self.scheduler.finish(seq, reason)
+            self._by_id.pop(seq.request_id, None)
+        st.emit(TokenEvent(request_id=seq.request_id, token_id=tok, text_delta=delta,
+                           logprob=logprob if sp.logprobs else None, finish_reason=reason,
+                           prompt_tokens=seq.num_prompt, completion_tokens=seq.num_generated))
+
+    def _drain_inbox(self) -> None:
+        with self._inbox_lock:
+            new, self._new = self._new, []
+            aborts, self._aborts = self._aborts, set()
+        for request, emit in new:
+            sp = request.sampling
+            gen = torch.Generator().manual_seed(sp.seed) if sp.seed is not None else None
+            state = _RequestState(emit=emit, generator=gen, detok=IncrementalDetokenizer(self.tokenizer))
+            self._by_id[request.request_id] = self.scheduler.add(request, state)
+            self.stats.prompt_tokens_total += len(request.prompt_token_ids)
+        for rid in aborts:
+            seq = self._by_id.pop(rid, None)
+            if seq is not None:       # frees the KV slot now, before this step is scheduled
+                self.scheduler.finish(seq, FinishReason.CANCELLED)
+                self.stats.cancelled_total += 1
+        self._refresh_gauges()
+
+    def _refresh_gauges(self) -> None:
+        self.stats.num_waiting = self.scheduler.num_waiting
+        self.stats.num_running = self.scheduler.num_running
+        self.stats.kv_slots_used = self.config.max_num_seqs - len(self.scheduler.free_slots)

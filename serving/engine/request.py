@@ -1,0 +1,39 @@
+"""What flows between the API layer and the engine: plain, picklable dataclasses."""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from serving.model.sampling import SamplingParams
+
+
+class Priority(enum.IntEnum):
+    INTERACTIVE = 0   # shed last
+    BATCH = 1         # shed first
+
+
+class FinishReason(str, enum.Enum):
+    STOP = "stop"           # EOS token or a stop string
+    LENGTH = "length"       # max_tokens reached
+    CANCELLED = "cancelled" # the client went away
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class GenerationRequest:
+    request_id: str
+    prompt_token_ids: tuple[int, ...]
+    sampling: SamplingParams
+    priority: Priority = Priority.INTERACTIVE
+    arrival_time: float = 0.0          # time.time() at the ingress
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TokenEvent:
+    """One engine step's output for one request (streamed back to the ingress)."""
+    request_id: str
+    token_id: int
+    text_delta: str
+    logprob: float | None = None
+    finish_reason: FinishReason | None = None   # set on the last event only
+    prompt_tokens: int = 0
+    completion_tokens: int = 0                  # generated so far, this token included

@@ -1,0 +1,283 @@
+"""`moe-serve up` / `moe-serve down`: a local multi-node Ray cluster serving the app.
+
+`up` starts a detached *host* process (its own session) that
+  1. starts N local Ray nodes with ray.cluster_utils.Cluster; node i carries the custom
+     resource `moe_node_<i>`, so each expert shard lands on its own node,
+  2. starts Serve (gRPC proxy on the head) and deploys the app from the Serve config file
+     (cluster/serve_config.yaml, with the flags filled in),
+  3. writes `<state-dir>/state.json` (status, ports, pids) and waits for SIGTERM/SIGINT.
+`up` returns once the app answers grpc.health.v1 SERVING; the cluster keeps running.
+`down` signals that host process, which shuts Serve and its Ray nodes down; any process it
+started that is still alive afterwards is killed by PID. Nothing else is touched.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = REPO_ROOT / "cluster" / "serve_config.yaml"
+DEFAULT_STATE_DIR = Path(os.environ.get("MOE_SERVE_STATE_DIR", ".moe-serve"))
+APP_NAME = "moe"
+
+
+# ---- shared helpers --------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def read_state(state_dir: Path) -> dict | None:
+    try:
+        return json.loads((state_dir / "state.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def _write_state(state_dir: Path, **state) -> None:
+    tmp = state_dir / "state.json.tmp"
+    tmp.write_text(json.dumps(state, indent=2))
+    tmp.replace(state_dir / "state.json")
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:   # a zombie is dead for our purposes
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+def resolve_serve_config(config_path: Path, *, checkpoint: str, expert_shards: int, nodes: int,
+                         grpc_port: int, metrics_port: int, http_port: int,
+                         transport: str | None = None, dtype: str | None = None) -> dict:
+    """The Serve config file with the `up` flags filled in."""
+    cfg = yaml.safe_load(Path(config_path).read_text())
+    cfg["grpc_options"]["port"] = grpc_port
+    cfg["http_options"]["port"] = http_port
+    app = cfg["applications"][0]
+    args = app["args"]
+    args.update(checkpoint=str(Path(checkpoint).resolve()), expert_shards=expert_shards,
+                nodes=nodes, metrics_port=metrics_port)
+    if transport:
+        args["transport"] = transport
+    if dtype:
+        args["dtype"] = dtype
+    return cfg
+
+
+# ---- the host process ------------------------------------------------------------------
+def run_host(state_dir: Path, serve_config: dict, nodes: int) -> int:
+    """Runs inside the detached host process until SIGTERM/SIGINT."""
+    ray_tmp = Path(tempfile.mkdtemp(prefix="moe-", dir="/tmp"))      # short: unix socket paths
+    (ray_tmp / "ray").mkdir()
+    os.environ["RAY_TMPDIR"] = str(ray_tmp)                          # never touch /tmp/ray
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    stop = {"now": False}
+
+    def _on_signal(signum, frame):
+        stop["now"] = True
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+
+    import ray
+    from ray import serve
+    from ray.cluster_utils import Cluster
+    from ray.serve.config import gRPCOptions
+    from ray.serve.schema import ServeDeploySchema
+
+    from serving.deployments.config import node_resource
+
+    base = dict(pid=os.getpid(), pgid=os.getpgid(0), ray_tmp=str(ray_tmp),
+                grpc_target=f"127.0.0.1:{serve_config['grpc_options']['port']}",
+                metrics_url=f"http://127.0.0.1:{serve_config['applications'][0]['args']['metrics_port']}/metrics",
+                nodes=nodes)
+    _write_state(state_dir, status="starting", **base)
+    cluster = None
+    try:
+        cluster = Cluster(initialize_head=True, head_node_args=dict(
+            num_cpus=1, resources={node_resource(0): 1}, include_dashboard=False))
+        for i in range(1, nodes):
+            cluster.add_node(num_cpus=1, resources={node_resource(i): 1})
+        ray.init(address=cluster.address, logging_level="WARNING")
+        pids = sorted({p.process.pid for node in cluster.list_all_nodes()
+                       for procs in node.all_processes.values() for p in procs})
+        base.update(gcs_address=cluster.address, ray_pids=pids)
+        _write_state(state_dir, status="starting", **base)
+
+        schema = ServeDeploySchema.model_validate(serve_config) if hasattr(
+            ServeDeploySchema, "model_validate") else ServeDeploySchema.parse_obj(serve_config)
+        serve.start(proxy_location=serve_config.get("proxy_location", "HeadOnly"),
+                    http_options=serve_config["http_options"],
+                    grpc_options=gRPCOptions(**serve_config["grpc_options"]))
+        serve.context._get_global_client().deploy_apps(schema)
+        deadline = time.monotonic() + 600
+        while not stop["now"]:
+            app = serve.status().applications.get(APP_NAME)
+            if app is not None and app.status == "RUNNING":
+                break
+            if app is not None and app.status in ("DEPLOY_FAILED", "UNHEALTHY"):
+                raise RuntimeError(f"app {APP_NAME} {app.status}: {app.message}")
+            if time.monotonic() > deadline:
+                raise TimeoutError("app did not reach RUNNING within 600 s")
+            time.sleep(0.5)
+        _write_state(state_dir, status="ready", **base)
+        while not stop["now"]:
+            time.sleep(0.2)
+        return 0
+    except Exception as exc:   # report why, then tear down what we started
+        _write_state(state_dir, status="failed", error=f"{type(exc).__name__}: {exc}", **base)
+        raise
+    finally:
+        try:
+            serve.shutdown()
+        except Exception:
+            pass
+        ray.shutdown()
+        if cluster is not None:
+            cluster.shutdown()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+        state = read_state(state_dir) or base
+        if state.get("status") != "failed":
+            state["status"] = "stopped"
+        _write_state(state_dir, **{k: v for k, v in state.items()})
+
+
+# ---- up / down ----------------------------------------------------------------------------
+def up(*, checkpoint: str, expert_shards: int, nodes: int, grpc_port: int, metrics_port: int,
+       config_path: Path = DEFAULT_CONFIG, state_dir: Path = DEFAULT_STATE_DIR,
+       transport: str | None = None, dtype: str | None = None, timeout_s: float = 600.0) -> dict:
+    state_dir = Path(state_dir).resolve()
+    state_dir.mkdir(parents=True, exist_ok=True)
+    old = read_state(state_dir)
+    if old and old.get("status") in ("starting", "ready") and pid_alive(old["pid"]):
+        raise RuntimeError(f"a cluster is already running from {state_dir} (pid {old['pid']}); "
+                           "run `moe-serve down` first")
+    if not (Path(checkpoint) / "config.json").exists():
+        raise FileNotFoundError(f"--checkpoint {checkpoint}: no config.json there")
+    serve_config = resolve_serve_config(config_path, checkpoint=checkpoint, expert_shards=expert_shards,
+                                        nodes=nodes, grpc_port=grpc_port, metrics_port=metrics_port,
+                                        http_port=free_port(), transport=transport, dtype=dtype)
+    (state_dir / "serve_config.resolved.yaml").write_text(yaml.safe_dump(serve_config, sort_keys=False))
+    (state_dir / "state.json").unlink(missing_ok=True)
+    log = open(state_dir / "host.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "serving.launcher", "host", "--state-dir", str(state_dir),
+         "--nodes", str(nodes)],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=os.getcwd(),
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join(
+            filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))})
+    deadline = time.monotonic() + timeout_s
+    while True:
+        state = read_state(state_dir) or {}
+        if state.get("status") == "ready":
+            break
+        if state.get("status") == "failed" or proc.poll() is not None:
+            tail = (state_dir / "host.log").read_text()[-3000:]
+            down(state_dir=state_dir)
+            raise RuntimeError(f"cluster failed to start: {state.get('error', 'host exited')}\n{tail}")
+        if time.monotonic() > deadline:
+            down(state_dir=state_dir)
+            raise TimeoutError(f"cluster not ready after {timeout_s:.0f}s; see {state_dir / 'host.log'}")
+        time.sleep(0.5)
+    _wait_serving(state["grpc_target"], deadline)
+    return state
+
+
+def _wait_serving(target: str, deadline: float) -> None:
+    from serving.client import MoEClient
+    with MoEClient(target, timeout_s=10) as client:
+        last = None
+        while time.monotonic() < deadline:
+            try:
+                last = client.health()
+                if last == "SERVING":
+                    return
+            except Exception as exc:    # proxy still starting
+                last = repr(exc)
+            time.sleep(0.5)
+    raise TimeoutError(f"gRPC health at {target} never SERVING (last: {last})")
+
+
+def _descendants(roots: list[int]) -> list[int]:
+    """`roots` and every live process below them (Ray workers are children of raylets)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    seen, todo = [], list(roots)
+    while todo:
+        pid = todo.pop()
+        if pid not in seen:
+            seen.append(pid)
+            todo.extend(children.get(pid, []))
+    return seen
+
+
+def down(*, state_dir: Path = DEFAULT_STATE_DIR, timeout_s: float = 60.0) -> bool:
+    """Stop the cluster `up` started from `state_dir`. Returns False if none was running.
+
+    Graceful first (the host shuts Serve and its Ray nodes down), then every process it
+    started that is still alive (host, Ray daemons, their workers) is killed by PID.
+    """
+    state_dir = Path(state_dir).resolve()
+    state = read_state(state_dir)
+    if not state or "pid" not in state:
+        return False
+    pid = state["pid"]
+    ours = _descendants([pid, *state.get("ray_pids", [])]) if pid_alive(pid) else \
+        _descendants([p for p in state.get("ray_pids", []) if pid_alive(p)])
+    if pid_alive(pid):
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    while any(pid_alive(p) for p in ours) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for p in ours:
+        if pid_alive(p):
+            try:
+                os.kill(p, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    if state.get("ray_tmp"):
+        shutil.rmtree(state["ray_tmp"], ignore_errors=True)
+    state["status"] = "stopped"
+    _write_state(state_dir, **state)
+    return True
+
+
+def _host_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="serving.launcher host")
+    p.add_argument("--state-dir", type=Path, required=True)
+    p.add_argument("--nodes", type=int, required=True)
+    a = p.parse_args(argv)
+    cfg = yaml.safe_load((a.state_dir / "serve_config.resolved.yaml").read_text())
+    return run_host(a.state_dir, cfg, a.nodes)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "host":
+        sys.exit(_host_main(sys.argv[2:]))
+    sys.exit("usage: python -m serving.launcher host --state-dir DIR --nodes N")

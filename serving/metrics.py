@@ -1,0 +1,120 @@
+"""Every Prometheus metric of the system, defined in this one module.
+
+Replicas do not serve metrics themselves. Each one fills a `MetricsReport` (plain data)
+and sends it to the single MetricsHub (a Serve deployment wrapping `MetricsHub`), which
+applies it to the families below and serves them on the metrics port. Names follow
+Prometheus conventions: base units (seconds), `_total` on counters, no colons.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+NAMESPACE = "moe_serve"
+LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+ITL_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+STALE_REPORTER_S = 15.0       # a replica silent this long is dropped from the per-replica gauges
+
+
+@dataclass(slots=True)
+class RequestSample:
+    """One finished request, as the ingress saw it."""
+    status: str                  # gRPC status code name: OK, INVALID_ARGUMENT, RESOURCE_EXHAUSTED, ...
+    priority: str                # interactive | batch
+    ttft_s: float | None = None
+    itl_s: list[float] = field(default_factory=list)
+    e2e_s: float | None = None
+
+
+@dataclass(slots=True)
+class EngineSample:
+    """An engine replica's gauges now, and its counter increments since its last report."""
+    num_waiting: int = 0
+    num_running: int = 0
+    kv_slots_used: int = 0
+    kv_slots_total: int = 0
+    prompt_tokens: int = 0                       # delta
+    generated_tokens: int = 0                    # delta
+    step_seconds: list[float] = field(default_factory=list)
+    routed_tokens: dict[tuple[int, int, int], int] = field(default_factory=dict)  # (layer, expert, shard) -> delta
+
+
+@dataclass(slots=True)
+class MetricsReport:
+    reporter: str                                # replica id
+    requests: list[RequestSample] = field(default_factory=list)
+    engine: EngineSample | None = None
+
+
+class Metrics:
+    """The metric families, registered on one registry."""
+
+    def __init__(self, registry: CollectorRegistry | None = None):
+        r = self.registry = registry or CollectorRegistry()
+        ns = NAMESPACE
+        self.requests = Counter("requests", "Requests by final gRPC status and priority class",
+                                ["status", "priority"], namespace=ns, registry=r)
+        self.ttft = Histogram("time_to_first_token_seconds", "Time from arrival to the first token",
+                              ["priority"], namespace=ns, buckets=LATENCY_BUCKETS_S, registry=r)
+        self.itl = Histogram("inter_token_latency_seconds", "Gap between consecutive streamed tokens",
+                             namespace=ns, buckets=ITL_BUCKETS_S, registry=r)
+        self.e2e = Histogram("e2e_request_latency_seconds", "Time from arrival to the last token",
+                             ["priority"], namespace=ns, buckets=LATENCY_BUCKETS_S, registry=r)
+        self.queue_depth = Gauge("queue_depth", "Requests waiting for a batch slot",
+                                 ["replica"], namespace=ns, registry=r)
+        self.running = Gauge("running_requests", "Requests in the running batch",
+                             ["replica"], namespace=ns, registry=r)
+        self.kv_used = Gauge("kv_slots_used", "KV-cache slots in use", ["replica"], namespace=ns, registry=r)
+        self.kv_total = Gauge("kv_slots", "KV-cache slots", ["replica"], namespace=ns, registry=r)
+        self.prompt_tokens = Counter("prompt_tokens", "Prompt tokens prefilled",
+                                     namespace=ns, registry=r)
+        self.generated_tokens = Counter("generation_tokens", "Tokens generated",
+                                        namespace=ns, registry=r)
+        self.step = Histogram("engine_step_seconds", "Duration of one engine step",
+                              namespace=ns, buckets=ITL_BUCKETS_S, registry=r)
+        self.routed = Counter("expert_routed_tokens", "Tokens routed to each expert",
+                              ["layer", "expert", "shard"], namespace=ns, registry=r)
+
+
+class MetricsHub:
+    """Applies reports from every replica to one `Metrics` (the plain object behind the hub)."""
+
+    def __init__(self, metrics: Metrics | None = None):
+        self.metrics = metrics or Metrics()
+        self._last_seen: dict[str, float] = {}
+
+    def apply(self, report: MetricsReport) -> None:
+        m = self.metrics
+        for rq in report.requests:
+            m.requests.labels(rq.status, rq.priority).inc()
+            if rq.ttft_s is not None:
+                m.ttft.labels(rq.priority).observe(rq.ttft_s)
+            for gap in rq.itl_s:
+                m.itl.observe(gap)
+            if rq.e2e_s is not None:
+                m.e2e.labels(rq.priority).observe(rq.e2e_s)
+        e = report.engine
+        if e is not None:
+            rid = report.reporter
+            m.queue_depth.labels(rid).set(e.num_waiting)
+            m.running.labels(rid).set(e.num_running)
+            m.kv_used.labels(rid).set(e.kv_slots_used)
+            m.kv_total.labels(rid).set(e.kv_slots_total)
+            m.prompt_tokens.inc(e.prompt_tokens)
+            m.generated_tokens.inc(e.generated_tokens)
+            for dt in e.step_seconds:
+                m.step.observe(dt)
+            for (layer, expert, shard), n in e.routed_tokens.items():
+                m.routed.labels(str(layer), str(expert), str(shard)).inc(n)
+            self._last_seen[rid] = time.monotonic()
+        self._drop_stale()
+
+    def _drop_stale(self) -> None:
+        now = time.monotonic()
+        for rid in [r for r, t in self._last_seen.items() if now - t > STALE_REPORTER_S]:
+            del self._last_seen[rid]
+            for g in (self.metrics.queue_depth, self.metrics.running,
+                      self.metrics.kv_used, self.metrics.kv_total):
+                g.remove(rid)

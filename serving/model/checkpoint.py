@@ -1,0 +1,195 @@
+"""Seeded random HF-format checkpoints (config.json + safetensors + tokenizer) for tests and benchmarks.
+
+`tiny`: hidden 64, 2 layers, 4 experts top-2, expert I 128, 4 heads / 2 KV heads, head_dim 16,
+        vocab 1024, byte-level BPE trained here on a built-in corpus (tokenizer.json).
+`small`: hidden 512, 4 layers, 8 experts top-2, expert I 1024, 8 heads / 2 KV heads, head_dim 64,
+         vocab 32000, Mixtral's sentencepiece tokenizer from mistral-common; weights in 2 shards.
+qwen2_moe adds a shared expert of the expert size, q/k/v biases and norm_topk_prob=False (as Qwen1.5-MoE).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from importlib import resources
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+SIZES = {
+    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_experts=4, top_k=2, intermediate=128,
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=1024),
+    "small": dict(hidden_size=512, num_hidden_layers=4, num_experts=8, top_k=2, intermediate=1024,
+                  num_attention_heads=8, num_key_value_heads=2, head_dim=64, vocab_size=32000),
+}
+STD = 0.02           # HF initializer_range
+LM_HEAD_STD = 0.1    # logits std ~ 0.1*sqrt(D): peaked enough that sampled text is not uniform noise
+
+_CORPUS = """\
+The quick brown fox jumps over the lazy dog. A serving system turns requests into tokens and tokens into text.
+Mixture of experts models route every token to a few experts, so only part of the network runs for each token.
+The router picks the top experts by softmax score, and the outputs are added together with those weights.
+Attention reads the keys and values of earlier tokens from the cache, which grows by one entry per step.
+When the queue is long the scheduler admits fewer new requests and the autoscaler adds another replica.
+Latency is measured in seconds, throughput in tokens per second, and memory in bytes.
+Once upon a time there was a little town by the sea where the people fished in the morning and sang at night.
+The weather today is sunny with a light wind from the west, and tomorrow there may be rain in the afternoon.
+She opened the old book, read the first page twice, and then closed it with a smile.
+Numbers like 1, 2, 3, 10, 42, 100 and 2024 appear in text, as do dates, times and prices such as $9.99.
+Good software is simple to read, easy to test, and honest about what it does not do.
+He asked where the station was, and the woman pointed down the street past the bakery and the library.
+Water boils at one hundred degrees Celsius at sea level, and freezes at zero degrees.
+The children played in the garden while their parents cooked dinner and talked about the week.
+Every model has a vocabulary, a set of weights, and a configuration that describes its shape.
+Please write a short story about a robot who learns to paint the mountains at sunrise.
+What is the capital of France? The capital of France is Paris, a city on the river Seine.
+Machine learning systems need careful engineering: batching, caching, scheduling and monitoring.
+If a shard fails, the requests that used it are retried on another replica without losing the stream.
+The engine runs one step at a time: schedule, execute the model, sample, and update every request.
+Tokenizers split words into pieces: common words stay whole, while rare words become several smaller parts.
+In the spring the farmers plant wheat and corn; in the autumn they harvest the fields and store the grain.
+Our team meets on Monday and Thursday to review the dashboards, the alerts, and the open issues.
+The museum was quiet, except for the footsteps of a guard walking slowly between the paintings.
+Because the bridge was closed for repairs, the bus took a longer route through the valley and the forest.
+Could you explain how a transformer layer works? It mixes tokens with attention and transforms each one with an MLP.
+My favourite fruits are apples, oranges, bananas, cherries, grapes, lemons, mangoes and strawberries.
+The orchestra played a symphony by Beethoven, and the audience stood up to applaud for several minutes.
+Remember to drink water, sleep well, exercise often, and call your friends and family every week.
+The spacecraft entered orbit around Mars, sent photographs of the red desert, and measured the thin atmosphere.
+Engineers compare benchmarks carefully: same hardware, same batch size, same prompts, and several repetitions.
+A gentle breeze moved through the tall grass as the sun slowly disappeared behind the purple hills.
+"""
+
+
+def _hf_config(family: str, s: dict) -> dict:
+    common = dict(
+        vocab_size=s["vocab_size"], hidden_size=s["hidden_size"], num_hidden_layers=s["num_hidden_layers"],
+        num_attention_heads=s["num_attention_heads"], num_key_value_heads=s["num_key_value_heads"],
+        head_dim=s["head_dim"], hidden_act="silu", max_position_embeddings=4096, initializer_range=STD,
+        num_experts_per_tok=s["top_k"], tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
+        pad_token_id=None, attention_dropout=0.0, use_cache=True, output_router_logits=False,
+        router_aux_loss_coef=0.001, dtype="float32", transformers_version="5.24.0",
+    )
+    if family == "mixtral":
+        return dict(architectures=["MixtralForCausalLM"], model_type="mixtral", **common,
+                    intermediate_size=s["intermediate"], num_local_experts=s["num_experts"], rms_norm_eps=1e-5,
+                    rope_parameters={"rope_theta": 1e6, "rope_type": "default"},
+                    sliding_window=None, router_jitter_noise=0.0)
+    if family == "qwen2_moe":
+        L = s["num_hidden_layers"]
+        return dict(architectures=["Qwen2MoeForCausalLM"], model_type="qwen2_moe", **common,
+                    intermediate_size=s["intermediate"], moe_intermediate_size=s["intermediate"],
+                    shared_expert_intermediate_size=s["intermediate"], num_experts=s["num_experts"],
+                    rms_norm_eps=1e-6, rope_parameters={"rope_theta": 1e4, "rope_type": "default"},
+                    norm_topk_prob=False, decoder_sparse_step=1, mlp_only_layers=[], qkv_bias=True,
+                    use_sliding_window=False, sliding_window=None, max_window_layers=L,
+                    layer_types=["full_attention"] * L)
+    raise ValueError(f"unsupported family {family!r} (mixtral | qwen2_moe)")
+
+
+def _tensor_shapes(family: str, s: dict) -> dict[str, tuple[tuple[int, ...], str]]:
+    """HF tensor name -> (shape, init) with init one of normal | ones | lm_head | bias."""
+    D, V, I, hd = s["hidden_size"], s["vocab_size"], s["intermediate"], s["head_dim"]
+    q, kv = s["num_attention_heads"] * hd, s["num_key_value_heads"] * hd
+    out: dict[str, tuple[tuple[int, ...], str]] = {"model.embed_tokens.weight": ((V, D), "normal")}
+    for l in range(s["num_hidden_layers"]):
+        p = f"model.layers.{l}."
+        out[p + "input_layernorm.weight"] = ((D,), "ones")
+        out[p + "post_attention_layernorm.weight"] = ((D,), "ones")
+        for n, rows in (("q", q), ("k", kv), ("v", kv)):
+            out[p + f"self_attn.{n}_proj.weight"] = ((rows, D), "normal")
+            if family == "qwen2_moe":
+                out[p + f"self_attn.{n}_proj.bias"] = ((rows,), "bias")
+        out[p + "self_attn.o_proj.weight"] = ((D, q), "normal")
+        m = p + ("block_sparse_moe." if family == "mixtral" else "mlp.")
+        out[m + "gate.weight"] = ((s["num_experts"], D), "normal")
+        names = ("w1", "w3", "w2") if family == "mixtral" else ("gate_proj", "up_proj", "down_proj")
+        for e in range(s["num_experts"]):
+            out[m + f"experts.{e}.{names[0]}.weight"] = ((I, D), "normal")
+            out[m + f"experts.{e}.{names[1]}.weight"] = ((I, D), "normal")
+            out[m + f"experts.{e}.{names[2]}.weight"] = ((D, I), "normal")
+        if family == "qwen2_moe":
+            for n, shape in (("gate_proj", (I, D)), ("up_proj", (I, D)), ("down_proj", (D, I))):
+                out[m + f"shared_expert.{n}.weight"] = (shape, "normal")
+            out[m + "shared_expert_gate.weight"] = ((1, D), "normal")
+    out["model.norm.weight"] = ((D,), "ones")
+    out["lm_head.weight"] = ((V, D), "lm_head")
+    return out
+
+
+def _write_bpe_tokenizer(out: Path, vocab_size: int) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=1, show_progress=False,
+                                  special_tokens=["<unk>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(_CORPUS.splitlines(), trainer=trainer)
+    if tok.get_vocab_size() != vocab_size:   # the corpus must be rich enough to fill the vocabulary
+        raise RuntimeError(f"BPE trained {tok.get_vocab_size()} tokens, expected {vocab_size}")
+    tok.save(str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_text(json.dumps(dict(
+        tokenizer_class="PreTrainedTokenizerFast", bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+        model_max_length=4096), indent=2))
+
+
+def write_tokenizer(out_dir: str | Path, vocab_size: int) -> Path:
+    """A byte-level BPE of exactly `vocab_size` tokens (<unk>=0, <s>=1, </s>=2), trained locally,
+    for a checkpoint that has none (e.g. one written by transformers in a test)."""
+    out = Path(out_dir)
+    _write_bpe_tokenizer(out, vocab_size)
+    return out
+
+
+def _write_sentencepiece_tokenizer(out: Path) -> None:
+    src = resources.files("mistral_common") / "data" / "tokenizer.model.v1"
+    with resources.as_file(src) as path:
+        shutil.copyfile(path, out / "tokenizer.model")
+    (out / "tokenizer_config.json").write_text(json.dumps(dict(
+        tokenizer_class="LlamaTokenizer", bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+        add_bos_token=True, add_eos_token=False, legacy=False, model_max_length=4096), indent=2))
+
+
+def write_checkpoint(family: str, size: str, out_dir: str | Path, seed: int = 0,
+                     dtype: torch.dtype = torch.float32) -> Path:
+    """Write a seeded random `family` checkpoint of `size` (tiny | small) to `out_dir`; returns the dir."""
+    if size not in SIZES:
+        raise ValueError(f"unsupported size {size!r} ({' | '.join(SIZES)})")
+    s = SIZES[size]
+    config = _hf_config(family, s)
+    config["dtype"] = str(dtype).removeprefix("torch.")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    gen = torch.Generator().manual_seed(seed)
+    tensors: dict[str, torch.Tensor] = {}
+    for name, (shape, init) in sorted(_tensor_shapes(family, s).items()):
+        if init == "ones":
+            t = torch.ones(shape)
+        else:
+            std = {"normal": STD, "lm_head": LM_HEAD_STD, "bias": STD}[init]
+            t = torch.randn(shape, generator=gen).mul_(std)
+        tensors[name] = t.to(dtype)
+
+    for stale in (*out.glob("*.safetensors"), out / "model.safetensors.index.json"):
+        stale.unlink(missing_ok=True)
+    if size == "small":   # two shards + index, so the sharded path is exercised
+        half, acc, shards = sum(t.numel() for t in tensors.values()) // 2, 0, ({}, {})
+        for n, t in tensors.items():
+            shards[0 if acc < half else 1][n] = t
+            acc += t.numel()
+        files = [f"model-0000{i + 1}-of-00002.safetensors" for i in range(2)]
+        for f, shard in zip(files, shards):
+            save_file(shard, str(out / f), metadata={"format": "pt"})
+        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
+                 "weight_map": {n: files[i] for i, shard in enumerate(shards) for n in shard}}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        _write_sentencepiece_tokenizer(out)
+    else:
+        save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+        _write_bpe_tokenizer(out, s["vocab_size"])
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    (out / "generation_config.json").write_text(json.dumps(
+        {"bos_token_id": 1, "eos_token_id": 2, "transformers_version": "5.24.0"}, indent=2))
+    return out

@@ -1,0 +1,74 @@
+"""The MoE decoder (Mixtral / Qwen2-MoE): dense math here, routed experts behind an injected dispatch.
+
+Shape legend: T new tokens of the step (all sequences concatenated), B sequences, D hidden,
+V vocab, E experts, K top-k.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from serving.model.config import MoEConfig
+from serving.model.kv_cache import KVCache
+from serving.model.layers import AttentionMetadata, RotaryEmbedding, attention, rms_norm, swiglu
+from serving.model.moe import ExpertDispatch, route
+from serving.model.weights import CheckpointReader, DenseWeights, load_dense_weights
+
+__all__ = ["BatchLayout", "ExpertDispatch", "MoEModel"]
+
+
+@dataclass(frozen=True, slots=True)
+class BatchLayout:
+    """One engine step: B sequences, their new tokens concatenated into T (prefill and decode mixed)."""
+    slots: tuple[int, ...]        # KV-cache slot of each sequence      (len B)
+    start_pos: tuple[int, ...]    # tokens already in the cache for it  (len B) = position of its first new token
+    q_lens: tuple[int, ...]       # new tokens of each sequence in this step (len B), sum = T
+
+    @classmethod
+    def single(cls, slot: int, start_pos: int, q_len: int) -> "BatchLayout":
+        return cls((slot,), (start_pos,), (q_len,))
+
+
+class MoEModel:
+    def __init__(self, config: MoEConfig, weights: DenseWeights):
+        self.config, self.weights = config, weights
+        self.device = weights.embed.device
+        self.dtype = weights.embed.dtype
+        self.rope = RotaryEmbedding(config.head_dim, config.rope_theta, self.device)
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint_dir: str | Path, dtype: torch.dtype = torch.float32,
+                        device: str | torch.device = "cpu") -> "MoEModel":
+        """Config + dense weights only; routed experts are loaded by whoever serves them."""
+        config = MoEConfig.from_dir(checkpoint_dir)
+        return cls(config, load_dense_weights(CheckpointReader(checkpoint_dir), config, dtype, device))
+
+    @torch.inference_mode()
+    def forward(self, input_ids_T: torch.Tensor, batch: BatchLayout, kv: KVCache, dispatch: ExpertDispatch,
+                all_logits: bool = False) -> torch.Tensor:
+        """Logits (fp32) of the last new token of each sequence [B, V], or of every new token [T, V]."""
+        c, w = self.config, self.weights
+        if sum(batch.q_lens) != input_ids_T.numel() or min(batch.q_lens) < 1:
+            raise ValueError(f"BatchLayout q_lens {batch.q_lens} do not cover {input_ids_T.numel()} tokens")
+        meta = AttentionMetadata.build(batch.slots, batch.start_pos, batch.q_lens, c.sliding_window, self.device)
+        if meta.ctx_len > kv.max_seq_len:
+            raise ValueError(f"sequence length {meta.ctx_len} exceeds KV cache max_seq_len {kv.max_seq_len}")
+        x_TD = F.embedding(input_ids_T.to(self.device), w.embed)
+        cos, sin = self.rope.cos_sin(meta.pos_T, self.dtype)
+        for l, lw in enumerate(w.layers):
+            x_TD = x_TD + attention(rms_norm(x_TD, lw.attn_norm, c.rms_norm_eps), lw, l, cos, sin, meta, kv, c.head_dim)
+            h_TD = rms_norm(x_TD, lw.mlp_norm, c.rms_norm_eps)
+            if lw.router is None:
+                x_TD = x_TD + swiglu(h_TD, lw.dense_mlp)
+                continue
+            topk_weights_TK, topk_ids_TK = route(F.linear(h_TD, lw.router), c.top_k, c.norm_topk_prob)  # [T, E] -> [T, K]
+            y_TD = dispatch(l, h_TD, topk_ids_TK, topk_weights_TK)
+            if lw.shared_expert is not None:
+                y_TD = y_TD + torch.sigmoid(F.linear(h_TD, lw.shared_expert_gate)) * swiglu(h_TD, lw.shared_expert)
+            x_TD = x_TD + y_TD
+        if not all_logits:
+            x_TD = x_TD[torch.cumsum(torch.tensor(batch.q_lens, device=self.device), 0) - 1]   # [B, D]
+        return F.linear(rms_norm(x_TD, w.final_norm, c.rms_norm_eps), w.lm_head).float()

@@ -1,0 +1,72 @@
+"""Per-request sampling: greedy, or temperature -> top-k -> top-p (HF order and semantics) -> multinomial.
+
+Shape legend: B rows (one per sequence), V vocab, S rows that sample (not greedy).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 1.0   # 0 => greedy
+    top_p: float = 1.0
+    top_k: int = 0             # 0 => off
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    logprobs: bool = False
+    ignore_eos: bool = False
+
+    def __post_init__(self):
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+class Sampler:
+    def sample(self, logits_BV: torch.Tensor, params: Sequence[SamplingParams],
+               generators: Sequence[torch.Generator | None]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (token_ids_B int64, logprobs_B fp32 = log_softmax(raw logits) at the chosen token)."""
+        logits_BV = logits_BV.float()
+        token_ids_B = logits_BV.argmax(dim=-1)
+        sampled = [i for i, p in enumerate(params) if not p.greedy]
+        if sampled:
+            rows = torch.tensor(sampled, device=logits_BV.device)
+            probs_SV = self._filtered_probs(logits_BV[rows], [params[i] for i in sampled])
+            for j, i in enumerate(sampled):
+                token_ids_B[i] = torch.multinomial(probs_SV[j], 1, generator=generators[i])[0]
+        logprobs_B = torch.log_softmax(logits_BV, dim=-1).gather(1, token_ids_B[:, None])[:, 0]
+        return token_ids_B, logprobs_B
+
+    @staticmethod
+    def _filtered_probs(logits_SV: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+        dev, V = logits_SV.device, logits_SV.shape[-1]
+        temp_S1 = torch.tensor([p.temperature for p in params], device=dev)[:, None]
+        logits_SV = logits_SV / temp_S1
+        if any(p.top_k > 0 or p.top_p < 1 for p in params):
+            sorted_SV, order_SV = logits_SV.sort(dim=-1, descending=True)
+            rank_V = torch.arange(V, device=dev)
+            top_k_S1 = torch.tensor([p.top_k if p.top_k > 0 else V for p in params], device=dev)[:, None]
+            sorted_SV = sorted_SV.masked_fill(rank_V >= top_k_S1, float("-inf"))
+            # top-p (HF): drop a token when the mass strictly before it (in descending order) is >= top_p;
+            # the most likely token always stays.
+            probs_SV = sorted_SV.softmax(dim=-1)
+            mass_before_SV = probs_SV.cumsum(dim=-1) - probs_SV
+            top_p_S1 = torch.tensor([p.top_p if p.top_p < 1 else 2.0 for p in params], device=dev)[:, None]  # 1 = off
+            drop_SV = (mass_before_SV >= top_p_S1) & (rank_V > 0)
+            sorted_SV = sorted_SV.masked_fill(drop_SV, float("-inf"))
+            logits_SV = torch.full_like(logits_SV, float("-inf")).scatter(1, order_SV, sorted_SV)
+        return logits_SV.softmax(dim=-1)

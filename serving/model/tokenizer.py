@@ -1,0 +1,106 @@
+"""Tokenizer over `tokenizer.json` (HF `tokenizers`) or `tokenizer.model` (sentencepiece), plus a streaming detokenizer."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+_BOS_NAMES = ("<s>", "<|begin_of_text|>", "<|startoftext|>")
+_EOS_NAMES = ("</s>", "<|endoftext|>", "<|end_of_text|>", "<|im_end|>")
+
+
+def _special_str(value) -> str | None:
+    return value.get("content") if isinstance(value, dict) else value
+
+
+class Tokenizer:
+    """encode/decode with explicit BOS handling; special tokens are skipped when decoding."""
+
+    def __init__(self, backend, kind: str, bos_id: int | None, eos_id: int | None):
+        self._tok, self.kind, self.bos_id, self.eos_id = backend, kind, bos_id, eos_id
+
+    @classmethod
+    def from_dir(cls, tokenizer_dir: str | Path) -> "Tokenizer":
+        d = Path(tokenizer_dir)
+        if (d / "tokenizer.json").exists():
+            from tokenizers import Tokenizer as HFTokenizer
+            tok = HFTokenizer.from_file(str(d / "tokenizer.json"))
+            cfg = _read_json(d / "tokenizer_config.json")
+            model_cfg = _read_json(d / "config.json")
+
+            def find(key: str, names: tuple[str, ...]) -> int | None:
+                for name in (_special_str(cfg.get(key)), *names):
+                    if name is not None and tok.token_to_id(name) is not None:
+                        return tok.token_to_id(name)
+                ids = model_cfg.get(key + "_id")
+                return ids[0] if isinstance(ids, list) else ids
+
+            return cls(tok, "tokenizers", find("bos_token", _BOS_NAMES), find("eos_token", _EOS_NAMES))
+        if (d / "tokenizer.model").exists():
+            import sentencepiece as spm
+            sp = spm.SentencePieceProcessor(model_file=str(d / "tokenizer.model"))
+            bos, eos = sp.bos_id(), sp.eos_id()
+            return cls(sp, "sentencepiece", bos if bos >= 0 else None, eos if eos >= 0 else None)
+        raise ValueError(f"no tokenizer.json or tokenizer.model in {d}")
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size() if self.kind == "tokenizers" else self._tok.get_piece_size()
+
+    def encode(self, text: str, add_bos: bool = True) -> list[int]:
+        if self.kind == "tokenizers":
+            ids = self._tok.encode(text, add_special_tokens=False).ids
+        else:
+            ids = self._tok.encode(text)
+        return [self.bos_id, *ids] if add_bos and self.bos_id is not None else list(ids)
+
+    def decode(self, ids: list[int]) -> str:
+        ids = [int(i) for i in ids]
+        if self.kind == "tokenizers":
+            return self._tok.decode(ids, skip_special_tokens=True)
+        return self._tok.decode(ids)   # sentencepiece drops control tokens (<s>, </s>) itself
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+class IncrementalDetokenizer:
+    """Turns a token stream into text deltas.
+
+    Decodes a short window (the previously emitted token(s) plus the new ones) and diffs against the
+    window's old text, so multi-token characters and sentencepiece's leading-space rule come out
+    exactly as a full decode would; a delta ending in an incomplete UTF-8 sequence ("\\ufffd") is held back.
+    """
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self.token_ids: list[int] = []
+        self._prefix_offset = 0   # window start
+        self._read_offset = 0     # tokens up to here are already emitted as text
+        self._text: list[str] = []
+
+    @property
+    def text(self) -> str:
+        return "".join(self._text)
+
+    def push(self, token_id: int) -> str:
+        self.token_ids.append(int(token_id))
+        ids = self.token_ids
+        prefix_text = self.tokenizer.decode(ids[self._prefix_offset:self._read_offset])
+        new_text = self.tokenizer.decode(ids[self._prefix_offset:])
+        if len(new_text) <= len(prefix_text) or new_text.endswith("\ufffd"):
+            return ""
+        delta = new_text[len(prefix_text):]
+        self._prefix_offset, self._read_offset = self._read_offset, len(ids)
+        self._text.append(delta)
+        return delta
+
+    def flush(self) -> str:
+        """Emit whatever is still held back (end of stream)."""
+        ids = self.token_ids
+        prefix_text = self.tokenizer.decode(ids[self._prefix_offset:self._read_offset])
+        new_text = self.tokenizer.decode(ids[self._prefix_offset:])
+        delta = new_text[len(prefix_text):] if len(new_text) > len(prefix_text) else ""
+        self._prefix_offset = self._read_offset = len(ids)
+        self._text.append(delta)
+        return delta

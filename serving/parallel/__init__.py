@@ -1,0 +1,1 @@
+"""Expert parallelism: placement of experts on shards, dispatch/combine, transports."""

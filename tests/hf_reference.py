@@ -1,0 +1,114 @@
+"""Test-only reference: checkpoints built and run by transformers itself, and our model loaded from them.
+
+Reuse from any test:  path, hf = build_hf_checkpoint(tmp_path, "mixtral", num_local_experts=4)
+                      model, dispatch = load_ours(path)
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import torch
+import transformers
+
+from serving.model.config import MoEConfig
+from serving.model.kv_cache import KVCache
+from serving.model.model import BatchLayout, MoEModel
+from serving.model.moe import ExpertDispatch, local_dispatch
+from serving.model.weights import CheckpointReader, load_all_experts
+
+transformers.logging.set_verbosity_error()
+transformers.utils.logging.disable_progress_bar()
+
+_CLASSES = {
+    "mixtral": (transformers.MixtralConfig, transformers.MixtralForCausalLM),
+    "qwen2_moe": (transformers.Qwen2MoeConfig, transformers.Qwen2MoeForCausalLM),
+}
+# Small, deliberately odd defaults: head_dim (16) != hidden / heads (12), GQA 4:2.
+_DEFAULTS = dict(vocab_size=96, hidden_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 head_dim=16, max_position_embeddings=128, initializer_range=0.1, bos_token_id=1, eos_token_id=2)
+_FAMILY_DEFAULTS = {
+    "mixtral": dict(intermediate_size=40, num_local_experts=4, num_experts_per_tok=2),
+    "qwen2_moe": dict(intermediate_size=56, moe_intermediate_size=40, shared_expert_intermediate_size=44,
+                      num_experts=4, num_experts_per_tok=2),
+}
+
+
+def hf_config(family: str, **overrides) -> transformers.PretrainedConfig:
+    config_cls, _ = _CLASSES[family]
+    return config_cls(**{**_DEFAULTS, **_FAMILY_DEFAULTS[family], **overrides})
+
+
+def build_hf_checkpoint(out_dir: str | Path, family: str, seed: int = 0, max_shard_size: str | None = None,
+                        legacy_config: bool = False, **overrides):
+    """Seeded transformers model saved with `save_pretrained`; returns (dir, model in eval mode, fp32).
+
+    Norm weights and q/k/v biases are perturbed away from 1 / 0 so they are really tested.
+    `legacy_config` rewrites config.json with v4 keys (`rope_theta`, no `head_dim` when it's the default).
+    """
+    _, model_cls = _CLASSES[family]
+    torch.manual_seed(seed)
+    model = model_cls(hf_config(family, **overrides)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1 + 0.2 * torch.randn_like(p))
+            elif name.endswith(".bias"):
+                p.copy_(0.1 * torch.randn_like(p))
+    out = Path(out_dir)
+    model.save_pretrained(out, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
+    if legacy_config:
+        cfg_path = out / "config.json"
+        cfg = json.loads(cfg_path.read_text())
+        cfg["rope_theta"] = cfg.pop("rope_parameters")["rope_theta"]
+        if cfg.get("head_dim") == cfg["hidden_size"] // cfg["num_attention_heads"]:
+            cfg.pop("head_dim")
+        cfg_path.write_text(json.dumps(cfg))
+    return out, model
+
+
+def load_ours(checkpoint_dir: str | Path, dtype: torch.dtype = torch.float32) -> tuple[MoEModel, ExpertDispatch]:
+    """Our model (dense weights) plus the local dispatch over all experts."""
+    model = MoEModel.from_checkpoint(checkpoint_dir, dtype=dtype)
+    return model, local_dispatch(load_all_experts(CheckpointReader(checkpoint_dir), model.config, dtype))
+
+
+@torch.no_grad()
+def hf_logits(model, ids: list[int]) -> torch.Tensor:
+    """[T, V] fp32 logits of one full forward."""
+    return model(torch.tensor([ids])).logits[0].float()
+
+
+@torch.no_grad()
+def hf_greedy(model, ids: list[int], max_new_tokens: int) -> list[int]:
+    """Token ids of `generate(do_sample=False)`, never stopping at EOS."""
+    saved = model.generation_config.eos_token_id
+    model.generation_config.eos_token_id = None
+    try:
+        out = model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=0)
+    finally:
+        model.generation_config.eos_token_id = saved
+    return out[0, len(ids):].tolist()
+
+
+def our_prefill_logits(model: MoEModel, dispatch: ExpertDispatch, ids: list[int]) -> torch.Tensor:
+    kv = KVCache(model.config, 1, len(ids), model.dtype)
+    return model.forward(torch.tensor(ids), BatchLayout((0,), (0,), (len(ids),)), kv, dispatch, all_logits=True)
+
+
+def our_greedy(model: MoEModel, dispatch: ExpertDispatch, ids: list[int], max_new_tokens: int) -> list[int]:
+    kv = KVCache(model.config, 1, len(ids) + max_new_tokens, model.dtype)
+    logits = model.forward(torch.tensor(ids), BatchLayout((0,), (0,), (len(ids),)), kv, dispatch)
+    out = []
+    for _ in range(max_new_tokens):
+        out.append(int(logits[0].argmax()))
+        logits = model.forward(torch.tensor(out[-1:]), BatchLayout((0,), (len(ids) + len(out) - 1,), (1,)), kv, dispatch)
+    return out
+
+
+def config_of(checkpoint_dir: str | Path) -> MoEConfig:
+    return MoEConfig.from_dir(checkpoint_dir)

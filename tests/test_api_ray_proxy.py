@@ -1,0 +1,134 @@
+"""GenerateService behind Ray Serve's real gRPC proxy: do the status codes reach the client?
+
+The proxy only copies a code set on the replica's grpc_context when a result comes back,
+so a streaming method that fails before its first chunk must raise (GenerateService does).
+This checks that end to end, on loopback, with an echo engine. Slow: marked `cluster`.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import time
+
+import grpc
+import pytest
+
+pytestmark = pytest.mark.cluster
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def serve_target():
+    ray = pytest.importorskip("ray")
+    from ray import serve
+    from ray.serve.config import gRPCOptions
+
+    from serving.api.protos import SERVICER_FUNCTIONS
+
+    os.environ["PYTHONPATH"] = REPO + os.pathsep + os.environ.get("PYTHONPATH", "")
+    port = _free_port()
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+             _node_ip_address="127.0.0.1")
+    serve.start(http_options={"host": "127.0.0.1", "port": _free_port()},
+                grpc_options=gRPCOptions(port=port, grpc_servicer_functions=SERVICER_FUNCTIONS))
+
+    @serve.deployment(ray_actor_options={"num_cpus": 0})
+    class Ingress:
+        def __init__(self):
+            from serving.api.errors import Overloaded
+            from serving.api.local_server import ByteTokenizer, EchoEngine
+            from serving.api.service import GenerateService
+            from serving.api.validation import ApiLimits
+
+            class Engine(EchoEngine):
+                async def stream(self, request):
+                    if request.request_id.startswith("busy"):
+                        raise Overloaded("busy", retry_after_s=0.25)
+                    async for ev in super().stream(request):
+                        yield ev
+
+            tok = ByteTokenizer()
+            self.svc = GenerateService(tok, ApiLimits(vocab_size=tok.vocab_size,
+                                                      max_model_len=64), Engine(tok))
+
+        async def Generate(self, request, grpc_context=None):
+            async for chunk in self.svc.generate(request, grpc_context):
+                yield chunk
+
+        async def Complete(self, request, grpc_context=None):
+            return await self.svc.complete(request, grpc_context)
+
+        def Check(self, request, grpc_context=None):
+            return self.svc.check(request, grpc_context)
+
+    serve.run(Ingress.bind(), name="moe", route_prefix="/moe")
+    target = f"127.0.0.1:{port}"
+    from serving.client import MoEClient
+    deadline = time.monotonic() + 60
+    with MoEClient(target, 5) as c:
+        while True:
+            try:
+                assert c.health() == "SERVING"
+                break
+            except grpc.RpcError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+    try:
+        yield target
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def test_stream_and_unary_ok(serve_target):
+    from serving.client import MoEClient
+    with MoEClient(serve_target, 30) as c:
+        chunks = list(c.generate(prompt="abc", max_tokens=4, logprobs=True))
+        assert "".join(ch.text for ch in chunks) == "abca"
+        assert chunks[-1].usage.completion_tokens == 4
+        done = c.complete(prompt="abc", max_tokens=4)
+        assert done.text == "abca" and len(done.token_ids) == 4
+
+
+@pytest.mark.parametrize("method", ["generate", "complete"])
+def test_invalid_argument_reaches_client(serve_target, method):
+    from serving.client import MoEClient
+    with MoEClient(serve_target, 30) as c:
+        with pytest.raises(grpc.RpcError) as ei:
+            r = getattr(c, method)(prompt="abc", max_tokens=0)
+            if method == "generate":
+                list(r)
+        assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert ei.value.details().startswith("max_tokens:")
+
+
+@pytest.mark.parametrize("method", ["generate", "complete"])
+def test_overloaded_reaches_client(serve_target, method):
+    from serving.client import MoEClient
+    with MoEClient(serve_target, 30) as c:
+        with pytest.raises(grpc.RpcError) as ei:
+            r = getattr(c, method)(prompt="abc", request_id="busy-1")
+            if method == "generate":
+                list(r)
+        err = ei.value
+        assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "retry after 250 ms" in err.details()
+        trailers = dict(err.trailing_metadata() or ())
+        if method == "complete":          # unary replies carry the trailer through Ray
+            assert trailers.get("grpc-retry-pushback-ms") == "250"
+
+
+def test_health_unknown_service(serve_target):
+    from serving.client import MoEClient
+    with MoEClient(serve_target, 30) as c:
+        with pytest.raises(grpc.RpcError) as ei:
+            c.health("nope")
+        assert ei.value.code() == grpc.StatusCode.NOT_FOUND

@@ -1,0 +1,348 @@
+"""GenerateService over real gRPC on loopback: a plain grpc.aio server (local_server.py),
+a fake deterministic engine, and the real client / CLI."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import threading
+import time
+from typing import AsyncIterator
+
+import grpc
+import pytest
+
+from serving.api.errors import Draining, Overloaded, RpcAbort
+from serving.api.local_server import ByteTokenizer, start_local_server
+from serving.api.protos import SERVICE_NAME, health_pb2, pb2
+from serving.api.service import GenerateService, RequestRecord
+from serving.api.validation import ApiLimits
+from serving.client import MoEClient, add_generate_arguments, build_request, run_generate
+from serving.engine.request import FinishReason, GenerationRequest, Priority, TokenEvent
+
+TOK = ByteTokenizer()
+LIMITS = ApiLimits(vocab_size=TOK.vocab_size, max_model_len=64, max_tokens_limit=32)
+WAIT_S = 10.0
+
+
+class FakeEngine:
+    """Token i of a request has id 98 + i, i.e. text "a", "b", ... (ByteTokenizer), logprob -0.5 * (i + 1).
+
+    request_id prefixes pick a behaviour: busy -> Overloaded, drain -> Draining,
+    boom -> RuntimeError, eos -> STOP after 2 tokens, slow -> 50 ms per token,
+    nofinish -> ends without a finish_reason.
+    """
+
+    def __init__(self):
+        self.closed: list[str] = []       # request ids whose stream was closed/finished
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
+        rid = request.request_id
+        try:
+            if rid.startswith("busy"):
+                raise Overloaded("engine queue full", retry_after_s=0.25)
+            if rid.startswith("drain"):
+                raise Draining("replica draining")
+            if rid.startswith("boom"):
+                raise RuntimeError("kaboom")
+            n = 2 if rid.startswith("eos") else request.sampling.max_tokens
+            for i in range(n):
+                if rid.startswith("slow"):
+                    await asyncio.sleep(0.05)
+                last = i == n - 1 and not rid.startswith("nofinish")
+                tok = 98 + (i % 26)
+                yield TokenEvent(
+                    request_id=rid, token_id=tok, text_delta=TOK.decode([tok]),
+                    logprob=-0.5 * (i + 1) if request.sampling.logprobs else None,
+                    finish_reason=(FinishReason.STOP if rid.startswith("eos")
+                                   else FinishReason.LENGTH) if last else None,
+                    prompt_tokens=len(request.prompt_token_ids), completion_tokens=i + 1)
+        finally:
+            self.closed.append(rid)
+
+
+class Harness:
+    """The server on its own event loop thread; tests use the blocking client."""
+
+    def __init__(self):
+        self.engine = FakeEngine()
+        self.records: list[RequestRecord] = []
+        self.service = GenerateService(TOK, LIMITS, self.engine, self.records.append)
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.server, self.port = self.run(start_local_server(self.service))
+        self.target = f"127.0.0.1:{self.port}"
+
+    def run(self, coro):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(WAIT_S)
+
+    def wait_records(self, n: int) -> list[RequestRecord]:
+        deadline = time.monotonic() + WAIT_S
+        while len(self.records) < n and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(self.records) >= n, self.records
+        return self.records
+
+    def close(self):
+        try:
+            self.run(self.server.stop(0))
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(WAIT_S)
+            self.loop.close()
+
+
+@pytest.fixture
+def h():
+    harness = Harness()
+    try:
+        yield harness
+    finally:
+        harness.close()
+
+
+@pytest.fixture
+def client(h):
+    with MoEClient(h.target, timeout_s=WAIT_S) as c:
+        yield c
+
+
+# ---- happy paths ------------------------------------------------------------------------
+
+def test_generate_streams_one_chunk_per_token(h, client):
+    chunks = list(client.generate(prompt="hi", max_tokens=3, request_id="r1"))
+    assert [c.text for c in chunks] == ["a", "b", "c"]
+    assert [list(c.token_ids) for c in chunks] == [[98], [99], [100]]
+    assert all(c.request_id == "r1" for c in chunks)
+    assert [c.finish_reason for c in chunks] == [0, 0, pb2.FINISH_REASON_LENGTH]
+    assert not chunks[0].HasField("usage")
+    assert (chunks[-1].usage.prompt_tokens, chunks[-1].usage.completion_tokens) == (3, 3)
+    assert all(not c.logprobs for c in chunks)            # not requested
+    rec = h.wait_records(1)[0]
+    assert (rec.request_id, rec.status, rec.priority, rec.method) == ("r1", "OK",
+                                                                      Priority.INTERACTIVE,
+                                                                      "Generate")
+    assert (rec.prompt_tokens, rec.completion_tokens) == (3, 3)
+    assert rec.ttft_s is not None and len(rec.itl_s) == 2 and rec.e2e_s >= rec.ttft_s
+
+
+def test_complete_and_logprobs(h, client):
+    resp = client.complete(prompt_ids=[5, 6], max_tokens=4, logprobs=True, priority="batch")
+    assert resp.text == "abcd" and list(resp.token_ids) == [98, 99, 100, 101]
+    assert list(resp.logprobs) == [-0.5, -1.0, -1.5, -2.0]
+    assert resp.finish_reason == pb2.FINISH_REASON_LENGTH
+    assert (resp.usage.prompt_tokens, resp.usage.completion_tokens) == (2, 4)
+    assert len(resp.request_id) == 32                       # server-generated
+    rec = h.wait_records(1)[0]
+    assert (rec.status, rec.method, rec.priority) == ("OK", "Complete", Priority.BATCH)
+
+
+def test_stream_logprobs_and_stop(client):
+    chunks = list(client.generate(prompt="x", max_tokens=8, request_id="eos-1", logprobs=True))
+    assert [list(c.logprobs) for c in chunks] == [[-0.5], [-1.0]]
+    assert chunks[-1].finish_reason == pb2.FINISH_REASON_STOP
+
+
+def test_build_request_accepts_prebuilt(client):
+    req = build_request("hi", max_tokens=2)
+    assert client.complete(req).text == "ab"
+    with pytest.raises(TypeError):
+        client.complete(req, max_tokens=3)
+
+
+# ---- invalid requests -----------------------------------------------------------------
+
+INVALID = [
+    (dict(prompt=""), "prompt"),
+    (dict(prompt_ids=[]), "prompt"),
+    (dict(prompt_ids=[1, 300]), "prompt.token_ids"),
+    (dict(prompt="a", max_tokens=0), "max_tokens"),
+    (dict(prompt="a", max_tokens=-1), "max_tokens"),
+    (dict(prompt="a", max_tokens=33), "max_tokens"),
+    (dict(prompt_ids=list(range(1, 41)), max_tokens=30), "max_tokens"),
+    (dict(prompt="a", temperature=-1.0), "temperature"),
+    (dict(prompt="a", temperature=float("nan")), "temperature"),
+    (dict(prompt="a", top_p=0.0), "top_p"),
+    (dict(prompt="a", top_p=1.5), "top_p"),
+    (dict(prompt="a", top_k=-2), "top_k"),
+    (dict(prompt="a", seed=-1), "seed"),
+    (dict(prompt="a", stop=[""]), "stop"),
+    (dict(prompt="a", request_id="x" * 200), "request_id"),
+    (dict(prompt="a", priority=9), "priority"),
+]
+
+
+@pytest.mark.parametrize("kwargs,field", INVALID, ids=[f for _, f in INVALID])
+@pytest.mark.parametrize("method", ["generate", "complete"])
+def test_invalid_argument_names_field(h, client, method, kwargs, field):
+    with pytest.raises(grpc.RpcError) as ei:
+        out = getattr(client, method)(**kwargs)
+        if method == "generate":
+            list(out)
+    assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert ei.value.details().startswith(f"{field}:"), ei.value.details()
+    assert h.wait_records(1)[0].status == "INVALID_ARGUMENT"
+    assert h.engine.closed == []                            # never reached the engine
+
+
+# ---- engine failures ------------------------------------------------------------------
+
+@pytest.mark.parametrize("method", ["generate", "complete"])
+def test_overload_is_resource_exhausted_with_pushback(h, client, method):
+    with pytest.raises(grpc.RpcError) as ei:
+        out = getattr(client, method)(prompt="a", request_id="busy-1")
+        if method == "generate":
+            list(out)
+    err = ei.value
+    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "retry after 250 ms" in err.details()
+    assert dict(err.trailing_metadata())["grpc-retry-pushback-ms"] == "250"
+    assert h.wait_records(1)[0].status == "RESOURCE_EXHAUSTED"
+
+
+def test_draining_is_unavailable(client):
+    with pytest.raises(grpc.RpcError) as ei:
+        client.complete(prompt="a", request_id="drain-1")
+    assert ei.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_engine_bug_is_internal_without_leaking(client):
+    with pytest.raises(grpc.RpcError) as ei:
+        list(client.generate(prompt="a", request_id="boom-1"))
+    assert ei.value.code() == grpc.StatusCode.INTERNAL
+    assert "boom-1" in ei.value.details() and "kaboom" not in ei.value.details()
+
+
+def test_stream_without_finish_is_internal_after_tokens(client):
+    got = []
+    with pytest.raises(grpc.RpcError) as ei:
+        for chunk in client.generate(prompt="a", max_tokens=2, request_id="nofinish-1"):
+            got.append(chunk)
+    assert ei.value.code() == grpc.StatusCode.INTERNAL and len(got) == 2
+
+
+def test_not_ready_rejects_and_reports_not_serving(h, client):
+    assert client.health() == "SERVING"
+    assert client.health(SERVICE_NAME) == "SERVING"
+    h.service.ready = False
+    assert client.health() == "NOT_SERVING"
+    with pytest.raises(grpc.RpcError) as ei:
+        client.complete(prompt="a")
+    assert ei.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_health_unknown_service(client):
+    with pytest.raises(grpc.RpcError) as ei:
+        client.health("no.such.Service")
+    assert ei.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_client_cancel_closes_engine_stream(h, client):
+    gen = client.generate(prompt="a", max_tokens=30, request_id="slow-1")
+    assert next(gen).text == "a"
+    gen.close()                                             # cancels the RPC
+    rec = h.wait_records(1)[0]
+    assert rec.status == "CANCELLED" and rec.completion_tokens < 30
+    assert h.engine.closed == ["slow-1"]
+
+
+# ---- the service without a transport ---------------------------------------------------
+
+class Ctx:
+    def __init__(self):
+        self.code = self.details = None
+        self.trailers = []
+
+    def set_code(self, c): self.code = c
+    def set_details(self, d): self.details = d
+    def set_trailing_metadata(self, md): self.trailers = md
+
+
+def test_service_direct_generate_raises_after_setting_status():
+    async def go():
+        svc = GenerateService(TOK, LIMITS, FakeEngine())
+        ctx = Ctx()
+        with pytest.raises(RpcAbort):
+            async for _ in svc.generate(build_request("a", request_id="busy-2"), ctx):
+                pass
+        assert ctx.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert ctx.trailers == [("grpc-retry-pushback-ms", "250")]   # a list, as Ray wants
+        # complete: empty reply with the status on the context; no context -> raises
+        ctx2 = Ctx()
+        assert await svc.complete(build_request("a", max_tokens=0), ctx2) == pb2.CompleteResponse()
+        assert ctx2.code == grpc.StatusCode.INVALID_ARGUMENT
+        with pytest.raises(RpcAbort):
+            await svc.complete(build_request("a", max_tokens=0))
+        assert svc.check(health_pb2.HealthCheckRequest()).status == \
+            health_pb2.HealthCheckResponse.SERVING
+    asyncio.run(asyncio.wait_for(go(), WAIT_S))
+
+
+def test_callback_failure_does_not_fail_request():
+    def bad(_):
+        raise RuntimeError("metrics down")
+
+    async def go():
+        svc = GenerateService(TOK, LIMITS, FakeEngine(), bad)
+        return await svc.complete(build_request("a", max_tokens=2))
+    assert asyncio.run(asyncio.wait_for(go(), WAIT_S)).text == "ab"
+
+
+# ---- CLI --------------------------------------------------------------------------------
+
+def cli(argv):
+    p = argparse.ArgumentParser()
+    add_generate_arguments(p)
+    return run_generate(p.parse_args(argv))
+
+
+def test_cli_json(h, capsys):
+    rc = cli(["--target", h.target, "--prompt", "hi", "--max-tokens", "3", "--json",
+              "--logprobs", "--request-id", "cli-1", "--temperature", "0"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    obj = json.loads(out)                                   # exactly one JSON object
+    assert obj == {"request_id": "cli-1", "token_ids": [98, 99, 100], "text": "abc",
+                   "finish_reason": "length",
+                   "usage": {"prompt_tokens": 3, "completion_tokens": 3},
+                   "logprobs": [-0.5, -1.0, -1.5]}
+
+
+def test_cli_stream_json_and_text(h, capsys):
+    assert cli(["--target", h.target, "--prompt-ids", "1,2", "--max-tokens", "2",
+                "--stream", "--json"]) == 0
+    obj = json.loads(capsys.readouterr().out)
+    assert obj["text"] == "ab" and "logprobs" not in obj
+    assert cli(["--target", h.target, "--prompt", "a", "--max-tokens", "3", "--stream"]) == 0
+    assert capsys.readouterr().out == "abc\n"
+
+
+@pytest.mark.parametrize("argv,rc,needle", [
+    (["--prompt", "a", "--max-tokens", "0"], 2, "error: INVALID_ARGUMENT: max_tokens:"),
+    (["--prompt", "a", "--request-id", "busy-3"], 3, "error: RESOURCE_EXHAUSTED:"),
+    (["--prompt", "a", "--request-id", "drain-3", "--stream"], 3, "error: UNAVAILABLE:"),
+    (["--prompt", "a", "--request-id", "boom-3"], 1, "error: INTERNAL:"),
+    (["--prompt-ids", "1,x"], 2, "error: --prompt-ids"),
+])
+def test_cli_errors(h, capsys, argv, rc, needle):
+    assert cli(["--target", h.target] + argv) == rc
+    assert needle in capsys.readouterr().err
+
+
+# ---- codegen ----------------------------------------------------------------------------
+
+def test_codegen_regenerates_when_proto_changes(tmp_path):
+    from serving.api import codegen
+    proto = tmp_path / "moe_serving.proto"
+    proto.write_text(codegen.PROTO_FILE.read_text())
+    gen = tmp_path / "gen"
+    assert not codegen.is_up_to_date(proto, gen)
+    codegen.generate_protos(proto_file=proto, gen_dir=gen)
+    assert codegen.is_up_to_date(proto, gen)
+    assert "from serving.api.gen import moe_serving_pb2" in (gen / "moe_serving_pb2_grpc.py").read_text()
+    proto.write_text(proto.read_text() + "\n// changed\n")
+    assert not codegen.is_up_to_date(proto, gen)
+    codegen.generate_protos(proto_file=proto, gen_dir=gen)
+    assert codegen.is_up_to_date(proto, gen)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gen", "moe_serving.proto"]

@@ -1,0 +1,82 @@
+"""Placement and dispatch/combine: sharding experts must not change the MoE output."""
+import pytest
+import torch
+
+from serving.model.config import MoEConfig
+from serving.model.moe import ExpertWeights, experts_forward
+from serving.parallel.dispatcher import ExpertDispatcher, LocalTransport
+from serving.parallel.expert_shard import ExpertShardWorker
+from serving.parallel.placement import Placement
+
+
+def _config(E: int = 6, layers: int = 2) -> MoEConfig:
+    return MoEConfig(family="mixtral", vocab_size=32, hidden_size=8, num_layers=layers, num_heads=2,
+                     num_kv_heads=1, head_dim=4, rms_norm_eps=1e-5, rope_theta=1e4,
+                     max_position_embeddings=64, num_experts=E, top_k=2, moe_intermediate_size=12,
+                     norm_topk_prob=True, moe_layers=(True,) * layers)
+
+
+def _experts(E: int, D: int = 8, I: int = 12, seed: int = 0) -> dict[int, ExpertWeights]:
+    g = torch.Generator().manual_seed(seed)
+    return {e: ExpertWeights(torch.randn(I, D, generator=g), torch.randn(I, D, generator=g),
+                             torch.randn(D, I, generator=g)) for e in range(E)}
+
+
+@pytest.mark.parametrize("strategy", ["contiguous", "round_robin"])
+def test_placement_partitions_every_layer(strategy):
+    cfg = _config(E=7, layers=3)
+    p = Placement.build(cfg, 3, strategy)
+    for layer in cfg.moe_layer_ids:
+        held = sorted(e for s in range(3) for e in p.experts_of(s)[layer])
+        assert held == list(range(7))                      # each expert on exactly one shard
+        assert all(p.experts_of(s)[layer] for s in range(3))  # no empty shard
+    assert Placement.from_json(p.to_json()) == p
+
+
+def test_placement_rejects_bad_shard_counts():
+    with pytest.raises(ValueError, match="expert_shards"):
+        Placement.build(_config(E=4), 5)
+    with pytest.raises(ValueError, match="strategy"):
+        Placement.build(_config(E=4), 2, "random")
+
+
+@pytest.mark.parametrize("num_shards", [1, 2, 3, 4])
+def test_dispatch_over_shards_equals_all_experts_in_one_place(num_shards):
+    E, T, K = 6, 37, 2
+    cfg = _config(E=E)
+    experts = _experts(E)
+    placement = Placement.build(cfg, num_shards, "round_robin")
+    workers = [ExpertShardWorker({layer: {e: experts[e] for e in ids}
+                                  for layer, ids in placement.experts_of(s).items()}, s)
+               for s in range(num_shards)]
+    dispatcher = ExpertDispatcher(placement, LocalTransport(workers), E)
+    g = torch.Generator().manual_seed(1)
+    x_TD = torch.randn(T, 8, generator=g)
+    ids_TK = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)])
+    w_TK = torch.softmax(torch.randn(T, K, generator=g), dim=-1)
+    expected = experts_forward(x_TD, ids_TK, w_TK, experts)
+    torch.testing.assert_close(dispatcher(0, x_TD, ids_TK, w_TK), expected, rtol=1e-5, atol=1e-5)
+    counts = dispatcher.take_routed_counts()
+    assert counts[0] == torch.bincount(ids_TK.flatten(), minlength=E).tolist()
+    assert sum(counts[1]) == 0 and sum(dispatcher.take_routed_counts()[0]) == 0   # reset after take
+
+
+def test_shard_only_receives_tokens_routed_to_its_experts():
+    E = 4
+    cfg = _config(E=E, layers=1)
+    experts = _experts(E)
+    placement = Placement.build(cfg, 2, "contiguous")          # shard 0: {0,1}, shard 1: {2,3}
+    seen = {}
+
+    class Recording(LocalTransport):
+        def run(self, layer, calls):
+            for c in calls:
+                seen[c.shard] = c.topk_ids_NK.clone()
+            return super().run(layer, calls)
+
+    workers = [ExpertShardWorker({0: {e: experts[e] for e in placement.experts_of(s)[0]}}, s) for s in range(2)]
+    d = ExpertDispatcher(placement, Recording(workers), E)
+    ids_TK = torch.tensor([[0, 1], [0, 1], [2, 3], [1, 2]])
+    d(0, torch.randn(4, 8), ids_TK, torch.full((4, 2), 0.5))
+    assert seen[0].tolist() == [[0, 1], [0, 1], [1, 2]]       # tokens 0, 1, 3
+    assert seen[1].tolist() == [[2, 3], [1, 2]]               # tokens 2, 3
