@@ -84,6 +84,14 @@ def resolve_serve_config(config_path: Path, *, checkpoint: str, expert_shards: i
     return cfg
 
 
+def _keep_ray_logs(ray_tmp: Path, state_dir: Path) -> None:
+    """Move the Ray session's logs (replica stdout/stderr) to <state-dir>/ray_logs for post-mortems."""
+    logs = Path(ray_tmp) / "ray" / "session_latest" / "logs"
+    if logs.is_dir():
+        shutil.rmtree(state_dir / "ray_logs", ignore_errors=True)
+        shutil.move(str(logs.resolve()), str(state_dir / "ray_logs"))
+
+
 # ---- the host process ------------------------------------------------------------------
 def run_host(state_dir: Path, serve_config: dict, nodes: int) -> int:
     """Runs inside the detached host process until SIGTERM/SIGINT."""
@@ -154,6 +162,7 @@ def run_host(state_dir: Path, serve_config: dict, nodes: int) -> int:
         ray.shutdown()
         if cluster is not None:
             cluster.shutdown()
+        _keep_ray_logs(ray_tmp, state_dir)
         shutil.rmtree(ray_tmp, ignore_errors=True)
         state = read_state(state_dir) or base
         if state.get("status") != "failed":
@@ -261,7 +270,8 @@ def down(*, state_dir: Path = DEFAULT_STATE_DIR, timeout_s: float = 60.0) -> boo
                 os.kill(p, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-    if state.get("ray_tmp"):
+    if state.get("ray_tmp") and Path(state["ray_tmp"]).exists():
+        _keep_ray_logs(Path(state["ray_tmp"]), state_dir)
         shutil.rmtree(state["ray_tmp"], ignore_errors=True)
     state["status"] = "stopped"
     _write_state(state_dir, **state)

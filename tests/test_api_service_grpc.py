@@ -267,7 +267,13 @@ def test_service_direct_generate_raises_after_setting_status():
             async for _ in svc.generate(build_request("a", request_id="busy-2"), ctx):
                 pass
         assert ctx.code == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert ctx.trailers == [("grpc-retry-pushback-ms", "250")]   # a list, as Ray wants
+        assert ctx.trailers[0] == ("grpc-retry-pushback-ms", "250")   # a list, as Ray wants
+        from google.rpc import error_details_pb2, status_pb2
+        key, raw = ctx.trailers[1]
+        status = status_pb2.Status.FromString(raw)
+        info = error_details_pb2.RetryInfo()
+        assert key == "grpc-status-details-bin" and status.details[0].Unpack(info)
+        assert info.retry_delay.ToMilliseconds() == 250
         # complete: empty reply with the status on the context; no context -> raises
         ctx2 = Ctx()
         assert await svc.complete(build_request("a", max_tokens=0), ctx2) == pb2.CompleteResponse()

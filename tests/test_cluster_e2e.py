@@ -182,3 +182,46 @@ def test_metrics_after_traffic(cluster):
         pytest.fail("promtool not found: `make test` installs Debian's prometheus package")
     check = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True)
     assert check.returncode == 0, check.stdout + check.stderr
+
+
+def _gauge_sum(text: str, name: str) -> float:
+    return sum(float(l.rsplit(" ", 1)[1]) for l in text.splitlines() if l.startswith(name + "{"))
+
+
+def test_overload_sheds_batch_first_with_pushback_and_cancel_frees_slots(cluster):
+    """Batch requests fill batch's share of the token budget (16 slots x 256 = 4096 tokens,
+    batch share 2048): the next batch request is shed with RESOURCE_EXHAUSTED and a retry
+    hint while an interactive one is still served; cancelling the streams frees their slots."""
+    import time
+    long_req = build_request(prompt_ids=[5, 6, 7, 8, 9, 10], max_tokens=240, temperature=0, ignore_eos=True,
+                             priority="batch")                                          # 246 tokens each
+    with grpc.insecure_channel(cluster["grpc_target"]) as ch:
+        stub = pb2_grpc.MoEServingStub(ch)
+        streams = [stub.Generate(long_req, timeout=120) for _ in range(8)]             # 1968 reserved
+        for s in streams:
+            next(s)                                                                     # all admitted
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Complete(long_req, timeout=30)
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        trailers = dict(err.value.trailing_metadata() or ())
+        assert int(trailers["grpc-retry-pushback-ms"]) > 0
+        from google.rpc import error_details_pb2
+        from grpc_status import rpc_status
+        info = error_details_pb2.RetryInfo()
+        assert rpc_status.from_call(err.value).details[0].Unpack(info)
+        assert info.retry_delay.ToMilliseconds() == int(trailers["grpc-retry-pushback-ms"])
+        with pytest.raises(grpc.RpcError) as err:
+            list(stub.Generate(long_req, timeout=30))
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "retry after" in err.value.details()
+        ok = stub.Complete(build_request(prompt_ids=[5, 6], max_tokens=4, temperature=0), timeout=60)
+        assert len(ok.token_ids) == 4                                                  # interactive admitted
+        for s in streams:
+            s.cancel()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            text = _scrape(cluster["metrics_url"])
+            if _gauge_sum(text, "moe_serve_kv_slots_used") == 0:
+                break
+            time.sleep(0.25)
+        assert _gauge_sum(text, "moe_serve_kv_slots_used") == 0
+        assert 'status="RESOURCE_EXHAUSTED"' in text and 'status="CANCELLED"' in text

@@ -17,6 +17,22 @@ import grpc
 
 #: Trailing-metadata key of gRPC's retry throttling/pushback (milliseconds, as a string).
 RETRY_PUSHBACK_KEY = "grpc-retry-pushback-ms"
+#: Trailing-metadata key of the rich status (google.rpc.Status, serialized).
+STATUS_DETAILS_KEY = "grpc-status-details-bin"
+
+
+def retry_trailers(code: grpc.StatusCode, message: str, retry_after_ms: int) -> list[tuple[str, str | bytes]]:
+    """Retry pushback for an overloaded call, both ways clients read it: gRPC's
+    `grpc-retry-pushback-ms` trailer and a google.rpc.RetryInfo in the rich status details."""
+    from google.protobuf import any_pb2, duration_pb2
+    from google.rpc import error_details_pb2, status_pb2
+
+    info = error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(
+        seconds=retry_after_ms // 1000, nanos=(retry_after_ms % 1000) * 1_000_000))
+    detail = any_pb2.Any()
+    detail.Pack(info)
+    status = status_pb2.Status(code=code.value[0], message=message, details=[detail])
+    return [(RETRY_PUSHBACK_KEY, str(retry_after_ms)), (STATUS_DETAILS_KEY, status.SerializeToString())]
 
 
 class InvalidRequest(ValueError):

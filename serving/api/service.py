@@ -31,8 +31,7 @@ from typing import Any, AsyncIterator, Callable, Protocol
 
 import grpc
 
-from serving.api.errors import (RETRY_PUSHBACK_KEY, Draining, InvalidRequest, Overloaded,
-                                RpcAbort)
+from serving.api.errors import Draining, InvalidRequest, Overloaded, RpcAbort, retry_trailers
 from serving.api.protos import SERVICE_NAME, health_pb2, pb2
 from serving.api.validation import ApiLimits, Tokenizer, validate_request
 from serving.engine.request import FinishReason, GenerationRequest, Priority, TokenEvent
@@ -92,12 +91,12 @@ def _failure_for(exc: BaseException, request_id: str) -> _Failure:
     if isinstance(exc, InvalidRequest):
         return _Failure(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
     if isinstance(exc, Overloaded):
-        ms = exc.retry_after_ms
-        return _Failure(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                        f"{exc.message}; retry after {ms} ms", [(RETRY_PUSHBACK_KEY, str(ms))])
+        ms, code = exc.retry_after_ms, grpc.StatusCode.RESOURCE_EXHAUSTED
+        details = f"{exc.message}; retry after {ms} ms"
+        return _Failure(code, details, retry_trailers(code, details, ms))
     if type(exc).__name__ == "BackPressureError":      # ray.serve.exceptions, not imported
-        return _Failure(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                        "server overloaded; retry after 1000 ms", [(RETRY_PUSHBACK_KEY, "1000")])
+        code, details = grpc.StatusCode.RESOURCE_EXHAUSTED, "server overloaded; retry after 1000 ms"
+        return _Failure(code, details, retry_trailers(code, details, 1000))
     if isinstance(exc, Draining):
         return _Failure(grpc.StatusCode.UNAVAILABLE, exc.message)
     logger.error("request %s failed", request_id, exc_info=exc)

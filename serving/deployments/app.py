@@ -16,6 +16,7 @@ from serving.deployments.metrics_hub import MetricsHubDeployment
 from serving.model.config import MoEConfig
 from serving.parallel.placement import Placement
 
+INGRESS_MAX_ONGOING = 1000   # streams one ingress replica relays; the engine admits or sheds
 NODE_PIN = 0.001     # a sliver of the node's custom resource: pins without limiting count
 
 
@@ -38,6 +39,10 @@ def build_app(args: dict) -> Application:
         ).bind(cfg.checkpoint, placement.to_json(), s, cfg.dtype) for s in range(cfg.expert_shards)]
     engine = EngineReplica.options(
         ray_actor_options={"num_cpus": cfg.engine_num_cpus, "resources": {node_resource(0): NODE_PIN}},
+        # Serve must hand every request to the replica's own admission control, which sheds
+        # with a retry hint; its router queue would only hide the backlog.
+        max_ongoing_requests=cfg.max_num_seqs + cfg.max_queued + 8,
     ).bind(cfg.to_args(), placement.to_json(), shards, hub)
-    return Ingress.options(ray_actor_options={"num_cpus": cfg.ingress_num_cpus}).bind(
+    return Ingress.options(ray_actor_options={"num_cpus": cfg.ingress_num_cpus},
+                           max_ongoing_requests=INGRESS_MAX_ONGOING).bind(
         cfg.to_args(), engine, hub)

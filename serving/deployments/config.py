@@ -22,6 +22,9 @@ class AppConfig:
     max_model_len: int = 1024            # clamped to the model's max_position_embeddings
     max_num_batched_tokens: int = 2048
     max_tokens_limit: int = 1024          # largest max_tokens a request may ask for
+    max_queued: int = 32                  # admission: requests waiting for a KV slot, per engine replica
+    token_budget: int = 0                 # admission: prompt+max_tokens reserved per replica (0 = slots x model len)
+    batch_share: float = 0.5              # admission: share of queue and budget `batch` may use
     metrics_port: int = 9464
     metrics_host: str = "127.0.0.1"
     report_interval_s: float = 0.5        # how often replicas push metrics to the hub

@@ -14,6 +14,7 @@ from ray import serve
 
 from serving.deployments.config import AppConfig
 from serving.deployments.reporter import MetricsReporter
+from serving.engine.admission import AdmissionConfig, AdmissionController
 from serving.engine.async_engine import AsyncEngine
 from serving.engine.engine import Engine
 from serving.engine.request import GenerationRequest, TokenEvent
@@ -25,6 +26,11 @@ from serving.parallel.dispatcher import ExpertDispatcher, LocalTransport
 from serving.parallel.expert_shard import ExpertShardWorker
 from serving.parallel.placement import Placement
 from serving.parallel.serve_transport import ServeTransport
+
+
+# A shard replica restarting or moving: the step is retried until Serve has it back.
+SHARD_UNREACHABLE = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError,
+                     serve.exceptions.DeploymentUnavailableError, serve.exceptions.ReplicaUnavailableError)
 
 
 def build_engine(cfg: AppConfig, placement: Placement, shard_handles=None) -> tuple[Engine, ExpertDispatcher]:
@@ -73,14 +79,22 @@ class EngineReplica:
         torch.set_num_threads(max(1, int(os.environ.get("MOE_ENGINE_THREADS", "1"))))
         cfg = AppConfig.from_args(args)
         self.engine, self.dispatcher = build_engine(cfg, Placement.from_json(placement_json), shard_handles)
-        self.async_engine = AsyncEngine(self.engine)
+        self.async_engine = AsyncEngine(self.engine, retryable=SHARD_UNREACHABLE)
+        sched = self.engine.config
+        self.admission = AdmissionController(AdmissionConfig(
+            max_running=sched.max_num_seqs, max_queued=cfg.max_queued, batch_share=cfg.batch_share,
+            token_budget=cfg.token_budget or sched.max_num_seqs * sched.max_model_len))
         replica = serve.get_replica_context().replica_id.unique_id
         self.reporter = MetricsReporter(metrics_hub, f"engine-{replica}", cfg.report_interval_s,
                                         collect_engine=EngineSampler(self.engine, self.dispatcher))
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
-        async for event in self.async_engine.stream(request):
-            yield event
+        self.admission.admit(request)            # raises Overloaded: shed before any work is done
+        try:
+            async for event in self.async_engine.stream(request):
+                yield event
+        finally:
+            self.admission.release(request.request_id)
 
     def ready(self) -> dict:
         return {"node_id": ray.get_runtime_context().get_node_id(),

@@ -23,9 +23,11 @@ class EngineError(RuntimeError):
 
 
 class AsyncEngine:
-    def __init__(self, engine: Engine, step_retry_s: float = 60.0):
+    def __init__(self, engine: Engine, step_retry_s: float = 60.0,
+                 retryable: tuple[type[BaseException], ...] = ()):
         self.engine = engine
         self.step_retry_s = step_retry_s    # how long a failing step is retried before giving up
+        self.retryable = retryable          # transport errors worth retrying (a shard restarting)
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="engine-step-loop", daemon=True)
@@ -67,7 +69,7 @@ class AsyncEngine:
             try:
                 self.engine.step()
                 failing_since = None
-            except Exception as exc:   # a shard call failed: retry the step (K/V rewrites are idempotent)
+            except self.retryable as exc:   # a shard is restarting: retry (K/V rewrites are idempotent)
                 now = time.monotonic()
                 failing_since = failing_since or now
                 log.warning("engine step failed (%s); retrying", exc)
@@ -76,3 +78,6 @@ class AsyncEngine:
                     failing_since = None
                 else:
                     time.sleep(0.2)
+            except Exception as exc:        # a bug, not a transient fault: fail fast, keep serving
+                log.exception("engine step failed")
+                self.engine.fail_all(EngineError(f"engine step failed: {type(exc).__name__}: {exc}"))

@@ -27,7 +27,8 @@ class _RequestState:
     emit: Emit
     generator: torch.Generator | None
     detok: IncrementalDetokenizer
-    text_sent: int = 0          # characters of detok.text already streamed
+    text: str = ""              # detokenized output so far
+    text_sent: int = 0          # characters of `text` already streamed
 
 
 @dataclass(slots=True)
@@ -99,6 +100,7 @@ class Engine:
         """Run one engine step. Returns the number of tokens processed (0 if idle)."""
         self._drain_inbox()
         out = self.scheduler.schedule()
+        self._refresh_gauges()
         if not out.seqs:
             return 0
         t0 = time.perf_counter()
@@ -133,20 +135,22 @@ class Engine:
 
     def _emit_token(self, seq: Sequence, tok: int, logprob: float) -> None:
         sp, st = seq.request.sampling, seq.state
-        st.detok.push(tok)
-        text = st.detok.text
-        reason, end = None, len(text)
+        st.text += st.detok.push(tok)
+        reason, end = None, None
         if tok in self.eos_ids and not sp.ignore_eos:
             reason = FinishReason.STOP
         elif sp.stop:
             window = max(0, st.text_sent - max(len(x) for x in sp.stop))
-            hits = [p for p in (text.find(x, window) for x in sp.stop) if p >= 0]
+            hits = [p for p in (st.text.find(x, window) for x in sp.stop) if p >= 0]
             if hits:
                 reason, end = FinishReason.STOP, max(min(hits), st.text_sent)
         if reason is None and (seq.num_generated >= sp.max_tokens
                                or len(seq.token_ids) >= self.config.max_model_len):
             reason = FinishReason.LENGTH
-        delta = text[st.text_sent:end]
+        if reason is not None and end is None:
+            st.text += st.detok.flush()          # the last, possibly held-back, characters
+        end = len(st.text) if end is None else end
+        delta = st.text[st.text_sent:end]
         st.text_sent = end
         if reason is not None:
             self.scheduler.finish(seq, reason)

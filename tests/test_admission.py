@@ -1,0 +1,73 @@
+"""Admission control unit tests (pure: no engine, no Ray)."""
+import pytest
+
+from serving.api.errors import Overloaded
+from serving.engine.admission import AdmissionConfig, AdmissionController
+from serving.engine.request import GenerationRequest, Priority
+from serving.model.sampling import SamplingParams
+
+
+def _req(rid, prompt=10, max_tokens=10, priority=Priority.INTERACTIVE):
+    return GenerationRequest(request_id=rid, prompt_token_ids=(1,) * prompt,
+                             sampling=SamplingParams(max_tokens=max_tokens), priority=priority)
+
+
+def test_bounded_queue_then_release_frees_room():
+    ac = AdmissionController(AdmissionConfig(max_running=2, max_queued=2, token_budget=10_000))
+    for i in range(4):
+        ac.admit(_req(str(i)))
+    with pytest.raises(Overloaded) as err:
+        ac.admit(_req("x"))
+    assert err.value.retry_after_s > 0 and "queue" in err.value.message
+    ac.release("0")
+    ac.admit(_req("x"))
+    assert ac.stats.in_flight == 4 and ac.stats.rejected_total == 1
+
+
+def test_token_budget_reserves_prompt_plus_max_tokens():
+    ac = AdmissionController(AdmissionConfig(max_running=8, max_queued=8, token_budget=100))
+    ac.admit(_req("a", prompt=30, max_tokens=40))          # 70 reserved
+    with pytest.raises(Overloaded, match="token budget"):
+        ac.admit(_req("b", prompt=20, max_tokens=20))      # 110 > 100
+    ac.admit(_req("c", prompt=10, max_tokens=20))          # 100 == budget: fits
+    ac.release("a")
+    assert ac.stats.reserved_tokens == 30
+
+
+def test_batch_is_shed_first_while_interactive_is_admitted():
+    ac = AdmissionController(AdmissionConfig(max_running=2, max_queued=4, token_budget=10_000, batch_share=0.5))
+    ac.admit(_req("b0", priority=Priority.BATCH))
+    ac.admit(_req("b1", priority=Priority.BATCH))
+    ac.admit(_req("b2", priority=Priority.BATCH))
+    ac.admit(_req("b3", priority=Priority.BATCH))            # 2 running + 2 of 4 queued: batch's share
+    with pytest.raises(Overloaded):
+        ac.admit(_req("b4", priority=Priority.BATCH))
+    ac.admit(_req("i0"))                                     # interactive still gets in
+    ac.admit(_req("i1"))
+    with pytest.raises(Overloaded):
+        ac.admit(_req("i2"))
+
+
+def test_retry_after_grows_with_backlog_and_is_bounded():
+    now = [0.0]
+    cfg = AdmissionConfig(max_running=1, max_queued=50, token_budget=10**6, max_retry_after_s=5.0)
+    ac = AdmissionController(cfg, clock=lambda: now[0])
+    for i in range(10):                 # drain rate ~ 2 requests/s
+        ac.admit(_req(f"w{i}"))
+    for i in range(10):
+        now[0] += 0.5
+        ac.release(f"w{i}")
+    short = ac._retry_after(in_flight=2)
+    long = ac._retry_after(in_flight=40)
+    assert 0.2 <= short < long <= 5.0
+
+
+def test_release_of_unknown_request_is_harmless():
+    ac = AdmissionController(AdmissionConfig())
+    ac.release("never-admitted")
+    assert ac.stats.in_flight == 0
+
+
+def test_bad_config_is_rejected():
+    with pytest.raises(ValueError, match="batch_share"):
+        AdmissionConfig(batch_share=0)
