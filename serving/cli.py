@@ -1,10 +1,13 @@
 """`moe-serve`: the command line.
 
-  moe-serve checkpoint --family mixtral|qwen2_moe --size tiny|small --out DIR
+  moe-serve checkpoint --family mixtral|qwen2_moe|qwen3_moe|deepseek_v3|hunyuan_v1_moe|olmoe|gpt_oss
+                      --size tiny|small --out DIR
   moe-serve up --checkpoint DIR [--expert-shards S] [--nodes N] [--grpc-port P] [--metrics-port M]
   moe-serve down | status
   moe-serve generate --target HOST:PORT (--prompt TEXT | --prompt-ids 1,2,3) [...]
   moe-serve run       (the demo behind `make run`: checkpoint if missing, up, stream, wait, down)
+  moe-serve simulate --trace spike|diurnal|poisson|FILE.csv --gpus 1000 [--json]
+  moe-serve calibrate --out FILE
 """
 from __future__ import annotations
 
@@ -117,12 +120,13 @@ def cmd_run(a: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     from serving.client import add_generate_arguments
+    from serving.model.checkpoint import CHECKPOINT_FAMILIES
     parser = argparse.ArgumentParser(prog="moe-serve", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("checkpoint", help="write a seeded random HF-format checkpoint")
-    p.add_argument("--family", choices=["mixtral", "qwen2_moe"], required=True)
+    p.add_argument("--family", choices=CHECKPOINT_FAMILIES, required=True)
     p.add_argument("--size", choices=["tiny", "small"], required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
@@ -144,6 +148,15 @@ def main(argv: list[str] | None = None) -> int:
         p = sub.add_parser(name, help=help_)
         p.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR)
         p.set_defaults(fn=fn)
+
+    from serving.autoscaling.calibration import add_calibrate_arguments, run_calibrate
+    from serving.autoscaling.simulator import add_simulate_arguments, run_simulate
+    p = sub.add_parser("simulate", help="fleet simulation: our autoscaling policy vs Ray Serve's default")
+    add_simulate_arguments(p)
+    p.set_defaults(fn=run_simulate)
+    p = sub.add_parser("calibrate", help="measure engine step and replica start times for the simulator")
+    add_calibrate_arguments(p)
+    p.set_defaults(fn=run_calibrate)
 
     p = sub.add_parser("generate", help="send one request to a running cluster")
     add_generate_arguments(p)

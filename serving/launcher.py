@@ -81,7 +81,21 @@ def resolve_serve_config(config_path: Path, *, checkpoint: str, expert_shards: i
         args["transport"] = transport
     if dtype:
         args["dtype"] = dtype
+    app["deployments"] = _expand_shard_template(app.get("deployments", []), expert_shards,
+                                                args.get("transport", "serve"))
     return cfg
+
+
+def _expand_shard_template(deployments: list[dict], shards: int, transport: str) -> list[dict]:
+    """The `ExpertShard` entry is a template for every shard deployment ExpertShard0..S-1."""
+    from serving.deployments.app import shard_deployment_name
+    out = []
+    for d in deployments:
+        if d.get("name") != "ExpertShard":
+            out.append(d)
+        elif transport == "serve":
+            out.extend({**d, "name": shard_deployment_name(s)} for s in range(shards))
+    return out
 
 
 def _keep_ray_logs(ray_tmp: Path, state_dir: Path) -> None:

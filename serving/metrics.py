@@ -7,6 +7,8 @@ Prometheus conventions: base units (seconds), `_total` on counters, no colons.
 """
 from __future__ import annotations
 
+import json
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -76,6 +78,40 @@ class Metrics:
                               namespace=ns, buckets=ITL_BUCKETS_S, registry=r)
         self.routed = Counter("expert_routed_tokens", "Tokens routed to each expert",
                               ["layer", "expert", "shard"], namespace=ns, registry=r)
+        self.desired_replicas = Gauge("autoscaling_desired_replicas", "Replicas the autoscaling policy asks for",
+                                      ["deployment"], namespace=ns, registry=r)
+        self.replicas = Gauge("deployment_replicas", "Running replicas when the policy last decided",
+                              ["deployment"], namespace=ns, registry=r)
+        self.decisions = Counter("autoscaling_decisions", "Autoscaling policy decisions by reason",
+                                 ["deployment", "reason"], namespace=ns, registry=r)
+
+
+# ---- autoscaling decisions: taken inside the Serve controller, published through Ray's GCS KV ----
+AUTOSCALING_KV_NAMESPACE = "moe_serve"
+AUTOSCALING_KV_PREFIX = "autoscaling:"
+_decision_lock = threading.Lock()
+_decision_counts: dict[str, dict[str, int]] = {}    # deployment -> reason -> decisions (this process)
+_decision_published: dict[str, tuple[float, int]] = {}
+
+
+def record_autoscaling_decision(deployment: str, desired: int, current: int, reason: str) -> None:
+    """The policies' `on_decision` hook (runs in the Serve controller, every policy tick).
+
+    It counts decisions by reason and publishes a snapshot to Ray's GCS key-value store,
+    from which the MetricsHub exports them; at most every 0.25 s unless `desired` changes.
+    """
+    now = time.monotonic()
+    with _decision_lock:
+        counts = _decision_counts.setdefault(deployment, {})
+        counts[reason] = counts.get(reason, 0) + 1
+        last_t, last_desired = _decision_published.get(deployment, (-1e9, -1))
+        if now - last_t < 0.25 and desired == last_desired:
+            return
+        _decision_published[deployment] = (now, desired)
+        snapshot = json.dumps({"deployment": deployment, "desired": desired, "current": current,
+                               "reason": reason, "counts": dict(counts)})
+    from ray.experimental.internal_kv import _internal_kv_put
+    _internal_kv_put(AUTOSCALING_KV_PREFIX + deployment, snapshot, namespace=AUTOSCALING_KV_NAMESPACE)
 
 
 class MetricsHub:
@@ -84,6 +120,19 @@ class MetricsHub:
     def __init__(self, metrics: Metrics | None = None):
         self.metrics = metrics or Metrics()
         self._last_seen: dict[str, float] = {}
+        self._decisions_seen: dict[tuple[str, str], int] = {}
+
+    def apply_autoscaling(self, snapshot: dict) -> None:
+        """One deployment's latest decision snapshot (see record_autoscaling_decision)."""
+        m, dep = self.metrics, snapshot["deployment"]
+        m.desired_replicas.labels(dep).set(snapshot["desired"])
+        m.replicas.labels(dep).set(snapshot["current"])
+        for reason, total in snapshot["counts"].items():
+            seen = self._decisions_seen.get((dep, reason), 0)
+            delta = total - seen if total >= seen else total     # the controller restarted
+            if delta:
+                m.decisions.labels(dep, reason).inc(delta)
+            self._decisions_seen[(dep, reason)] = total
 
     def apply(self, report: MetricsReport) -> None:
         m = self.metrics

@@ -27,6 +27,11 @@ transformers.utils.logging.disable_progress_bar()
 _CLASSES = {
     "mixtral": (transformers.MixtralConfig, transformers.MixtralForCausalLM),
     "qwen2_moe": (transformers.Qwen2MoeConfig, transformers.Qwen2MoeForCausalLM),
+    "qwen3_moe": (transformers.Qwen3MoeConfig, transformers.Qwen3MoeForCausalLM),
+    "deepseek_v3": (transformers.DeepseekV3Config, transformers.DeepseekV3ForCausalLM),
+    "hunyuan_v1_moe": (transformers.HunYuanMoEV1Config, transformers.HunYuanMoEV1ForCausalLM),
+    "olmoe": (transformers.OlmoeConfig, transformers.OlmoeForCausalLM),
+    "gpt_oss": (transformers.GptOssConfig, transformers.GptOssForCausalLM),
 }
 # Small, deliberately odd defaults: head_dim (16) != hidden / heads (12), GQA 4:2.
 _DEFAULTS = dict(vocab_size=96, hidden_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -35,19 +40,31 @@ _FAMILY_DEFAULTS = {
     "mixtral": dict(intermediate_size=40, num_local_experts=4, num_experts_per_tok=2),
     "qwen2_moe": dict(intermediate_size=56, moe_intermediate_size=40, shared_expert_intermediate_size=44,
                       num_experts=4, num_experts_per_tok=2),
+    "qwen3_moe": dict(intermediate_size=56, moe_intermediate_size=40, num_experts=4, num_experts_per_tok=2),
+    # MLA: q_lora 24, kv_lora 16, nope 12 + rope 8 (qk 20), v 10; head_dim / num_key_value_heads are derived
+    "deepseek_v3": dict(head_dim=None, num_key_value_heads=4, intermediate_size=56, moe_intermediate_size=40,
+                        n_routed_experts=4, num_experts_per_tok=2, n_group=2, topk_group=1, n_shared_experts=1,
+                        routed_scaling_factor=2.5, q_lora_rank=24, kv_lora_rank=16, qk_nope_head_dim=12,
+                        qk_rope_head_dim=8, v_head_dim=10, first_k_dense_replace=1),
+    "hunyuan_v1_moe": dict(intermediate_size=40, num_experts=4, moe_topk=2),
+    # olmoe's q_norm spans hidden_size, so head_dim is hidden / heads
+    "olmoe": dict(head_dim=None, intermediate_size=40, num_experts=4, num_experts_per_tok=2, eos_token_id=2),
+    "gpt_oss": dict(intermediate_size=40, num_local_experts=4, num_experts_per_tok=2, sliding_window=4),
 }
 
 
 def hf_config(family: str, **overrides) -> transformers.PretrainedConfig:
     config_cls, _ = _CLASSES[family]
-    return config_cls(**{**_DEFAULTS, **_FAMILY_DEFAULTS[family], **overrides})
+    kwargs = {**_DEFAULTS, **_FAMILY_DEFAULTS[family], **overrides}
+    return config_cls(**{k: v for k, v in kwargs.items() if v is not None})   # None: leave the family default
 
 
 def build_hf_checkpoint(out_dir: str | Path, family: str, seed: int = 0, max_shard_size: str | None = None,
                         legacy_config: bool = False, **overrides):
     """Seeded transformers model saved with `save_pretrained`; returns (dir, model in eval mode, fp32).
 
-    Norm weights and q/k/v biases are perturbed away from 1 / 0 so they are really tested.
+    Norm weights, biases (incl. gpt_oss expert biases) and deepseek's e_score_correction_bias are perturbed
+    away from 1 / 0 so they are really tested.
     `legacy_config` rewrites config.json with v4 keys (`rope_theta`, no `head_dim` when it's the default).
     """
     _, model_cls = _CLASSES[family]
@@ -57,8 +74,11 @@ def build_hf_checkpoint(out_dir: str | Path, family: str, seed: int = 0, max_sha
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
                 p.copy_(1 + 0.2 * torch.randn_like(p))
-            elif name.endswith(".bias"):
+            elif name.endswith("bias"):
                 p.copy_(0.1 * torch.randn_like(p))
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.copy_(0.1 * torch.randn_like(b))
     out = Path(out_dir)
     model.save_pretrained(out, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
     if legacy_config:

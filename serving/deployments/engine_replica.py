@@ -6,6 +6,7 @@ lm_head, KV cache) and reaches the experts through the ExpertDispatcher.
 from __future__ import annotations
 
 import os
+import time
 from typing import AsyncIterator
 
 import ray
@@ -16,6 +17,8 @@ from serving.deployments.config import AppConfig
 from serving.deployments.reporter import MetricsReporter
 from serving.engine.admission import AdmissionConfig, AdmissionController
 from serving.engine.async_engine import AsyncEngine
+from serving.engine.load_window import LoadWindow
+from serving.autoscaling.signals import engine_autoscaling_stats
 from serving.engine.engine import Engine
 from serving.engine.request import GenerationRequest, TokenEvent
 from serving.engine.scheduler import SchedulerConfig
@@ -84,17 +87,32 @@ class EngineReplica:
         self.admission = AdmissionController(AdmissionConfig(
             max_running=sched.max_num_seqs, max_queued=cfg.max_queued, batch_share=cfg.batch_share,
             token_budget=cfg.token_budget or sched.max_num_seqs * sched.max_model_len))
+        self.load = LoadWindow()
         replica = serve.get_replica_context().replica_id.unique_id
         self.reporter = MetricsReporter(metrics_hub, f"engine-{replica}", cfg.report_interval_s,
                                         collect_engine=EngineSampler(self.engine, self.dispatcher))
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
+        self.load.add("arrivals")                # offered load, shed requests included
         self.admission.admit(request)            # raises Overloaded: shed before any work is done
+        t0, first = time.monotonic(), True
         try:
             async for event in self.async_engine.stream(request):
+                if first:
+                    self.load.add("ttft_s", time.monotonic() - t0)
+                    first = False
                 yield event
         finally:
             self.admission.release(request.request_id)
+            self.load.add("completed")
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve's custom-autoscaling hook: this replica's load (see serving/autoscaling/signals.py)."""
+        s = self.engine.stats
+        return engine_autoscaling_stats(
+            queue_depth=s.num_waiting, running=s.num_running,
+            ttft_p90_s=self.load.quantile("ttft_s", 0.9), ttft_p99_s=self.load.quantile("ttft_s", 0.99),
+            arrivals_per_s=self.load.rate("arrivals"), completed_per_s=self.load.rate("completed"))
 
     def ready(self) -> dict:
         return {"node_id": ray.get_runtime_context().get_node_id(),

@@ -1,10 +1,14 @@
 """ExpertShard deployment: a shim around ExpertShardWorker (one deployment per shard)."""
 from __future__ import annotations
 
+import time
+
 import ray
 import torch
 from ray import serve
 
+from serving.autoscaling.signals import shard_autoscaling_stats
+from serving.engine.load_window import LoadWindow
 from serving.parallel.expert_shard import ExpertShardWorker
 from serving.parallel.placement import Placement
 
@@ -16,10 +20,20 @@ class ExpertShard:
         torch.set_num_threads(1)
         self.worker = ExpertShardWorker.from_checkpoint(
             checkpoint, Placement.from_json(placement_json), shard_id, DTYPES[dtype])
+        self.load = LoadWindow()
 
     def forward(self, layer: int, x_ND: torch.Tensor, topk_ids_NK: torch.Tensor,
                 topk_weights_NK: torch.Tensor) -> torch.Tensor:
-        return self.worker.forward(layer, x_ND, topk_ids_NK, topk_weights_NK)
+        t0 = time.perf_counter()
+        y_ND = self.worker.forward(layer, x_ND, topk_ids_NK, topk_weights_NK)
+        self.load.add("busy_s", time.perf_counter() - t0)
+        self.load.add("tokens", x_ND.shape[0])
+        return y_ND
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve's custom-autoscaling hook: the token load on this shard replica."""
+        return shard_autoscaling_stats(tokens_per_s=self.load.rate("tokens"),
+                                       busy_fraction=min(1.0, self.load.rate("busy_s")))
 
     def describe(self) -> dict:
         """Where this shard runs and what it holds (tests assert node ids from this)."""

@@ -5,6 +5,11 @@
 `small`: hidden 512, 4 layers, 8 experts top-2, expert I 1024, 8 heads / 2 KV heads, head_dim 64,
          vocab 32000, Mixtral's sentencepiece tokenizer from mistral-common; weights in 2 shards.
 qwen2_moe adds a shared expert of the expert size, q/k/v biases and norm_topk_prob=False (as Qwen1.5-MoE).
+The other families (CHECKPOINT_FAMILIES) keep these dims and add their own structure, as their real models do:
+qwen3_moe q/k norms; deepseek_v3 MLA (tiny: q_lora 32, kv_lora 32, nope 16 + rope 8, v 16; small: 256, 128,
+64 + 32, 64), sigmoid routing over 2 (4) groups, a shared expert and a dense first layer (I 256 / 2048);
+hunyuan_v1_moe q/k norms after rope and an ungated shared MLP; olmoe full-projection q/k norms; gpt_oss
+attention sinks, sliding window 8 (128) on even layers, yarn rope, biased router and fused clamped-SwiGLU experts.
 """
 from __future__ import annotations
 
@@ -61,6 +66,21 @@ A gentle breeze moved through the tall grass as the sun slowly disappeared behin
 """
 
 
+CHECKPOINT_FAMILIES: tuple[str, ...] = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "hunyuan_v1_moe", "olmoe",
+                                         "gpt_oss")
+
+# family-specific dims on top of SIZES (DeepSeek MLA ranks / head split, its dense-layer MLP; gpt_oss window)
+_EXTRA = {
+    "deepseek_v3": {
+        "tiny": dict(q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
+                     n_group=2, topk_group=1, dense_intermediate=256),
+        "small": dict(q_lora_rank=256, kv_lora_rank=128, qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64,
+                      n_group=4, topk_group=2, dense_intermediate=2048),
+    },
+    "gpt_oss": {"tiny": dict(sliding_window=8), "small": dict(sliding_window=128)},
+}
+
+
 def _hf_config(family: str, s: dict) -> dict:
     common = dict(
         vocab_size=s["vocab_size"], hidden_size=s["hidden_size"], num_hidden_layers=s["num_hidden_layers"],
@@ -70,47 +90,124 @@ def _hf_config(family: str, s: dict) -> dict:
         pad_token_id=None, attention_dropout=0.0, use_cache=True, output_router_logits=False,
         router_aux_loss_coef=0.001, dtype="float32", transformers_version="5.24.0",
     )
+    L, E, I = s["num_hidden_layers"], s["num_experts"], s["intermediate"]
     if family == "mixtral":
         return dict(architectures=["MixtralForCausalLM"], model_type="mixtral", **common,
-                    intermediate_size=s["intermediate"], num_local_experts=s["num_experts"], rms_norm_eps=1e-5,
+                    intermediate_size=I, num_local_experts=E, rms_norm_eps=1e-5,
                     rope_parameters={"rope_theta": 1e6, "rope_type": "default"},
                     sliding_window=None, router_jitter_noise=0.0)
     if family == "qwen2_moe":
-        L = s["num_hidden_layers"]
         return dict(architectures=["Qwen2MoeForCausalLM"], model_type="qwen2_moe", **common,
-                    intermediate_size=s["intermediate"], moe_intermediate_size=s["intermediate"],
-                    shared_expert_intermediate_size=s["intermediate"], num_experts=s["num_experts"],
+                    intermediate_size=I, moe_intermediate_size=I, shared_expert_intermediate_size=I, num_experts=E,
                     rms_norm_eps=1e-6, rope_parameters={"rope_theta": 1e4, "rope_type": "default"},
                     norm_topk_prob=False, decoder_sparse_step=1, mlp_only_layers=[], qkv_bias=True,
                     use_sliding_window=False, sliding_window=None, max_window_layers=L,
                     layer_types=["full_attention"] * L)
-    raise ValueError(f"unsupported family {family!r} (mixtral | qwen2_moe)")
+    if family == "qwen3_moe":   # as Qwen3-30B-A3B: q/k per-head RMSNorm, normalised top-k, no biases
+        return dict(architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", **common,
+                    intermediate_size=2 * I, moe_intermediate_size=I, num_experts=E, rms_norm_eps=1e-6,
+                    rope_parameters={"rope_theta": 1e6, "rope_type": "default"}, norm_topk_prob=True,
+                    decoder_sparse_step=1, mlp_only_layers=[], attention_bias=False, use_sliding_window=False,
+                    sliding_window=None)
+    if family == "deepseek_v3":   # MLA, sigmoid group-limited routing, 1 shared expert, first layer dense
+        x = _EXTRA["deepseek_v3"][s["size"]]
+        cfg = {**common, "num_key_value_heads": s["num_attention_heads"], "head_dim": x["qk_rope_head_dim"]}
+        return dict(architectures=["DeepseekV3ForCausalLM"], model_type="deepseek_v3", **cfg,
+                    intermediate_size=x["dense_intermediate"], moe_intermediate_size=I, n_routed_experts=E,
+                    n_shared_experts=1, routed_scaling_factor=2.5, n_group=x["n_group"], topk_group=x["topk_group"],
+                    norm_topk_prob=True, first_k_dense_replace=1, q_lora_rank=x["q_lora_rank"],
+                    kv_lora_rank=x["kv_lora_rank"], qk_nope_head_dim=x["qk_nope_head_dim"],
+                    qk_rope_head_dim=x["qk_rope_head_dim"], v_head_dim=x["v_head_dim"], rope_interleave=True,
+                    rms_norm_eps=1e-6, rope_parameters={"rope_theta": 1e4, "rope_type": "default"},
+                    attention_bias=False)
+    if family == "hunyuan_v1_moe":   # q/k per-head RMSNorm after rope, ungated shared MLP of the expert size
+        cfg = {k: v for k, v in common.items() if k != "num_experts_per_tok"}
+        return dict(architectures=["HunYuanMoEV1ForCausalLM"], model_type="hunyuan_v1_moe", **cfg,
+                    intermediate_size=I, num_experts=E, moe_topk=s["top_k"], rms_norm_eps=1e-5,
+                    rope_parameters={"rope_theta": 1e4, "rope_type": "default"}, attention_bias=False)
+    if family == "olmoe":   # q/k RMSNorm over the whole projection, un-normalised top-k
+        return dict(architectures=["OlmoeForCausalLM"], model_type="olmoe", **common,
+                    intermediate_size=I, num_experts=E, norm_topk_prob=False, clip_qkv=None, rms_norm_eps=1e-5,
+                    rope_parameters={"rope_theta": 1e4, "rope_type": "default"}, attention_bias=False)
+    if family == "gpt_oss":   # sinks, alternating sliding/full layers, biased router + clamped-SwiGLU experts, yarn
+        cfg = {**common, "max_position_embeddings": 131072}
+        return dict(architectures=["GptOssForCausalLM"], model_type="gpt_oss", **cfg,
+                    intermediate_size=I, num_local_experts=E, rms_norm_eps=1e-5, attention_bias=True,
+                    sliding_window=_EXTRA["gpt_oss"][s["size"]]["sliding_window"],
+                    layer_types=["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(L)],
+                    swiglu_alpha=1.702, swiglu_limit=7.0,
+                    rope_parameters={"rope_type": "yarn", "rope_theta": 150000.0, "factor": 32.0, "beta_fast": 32.0,
+                                     "beta_slow": 1.0, "truncate": False, "original_max_position_embeddings": 4096})
+    raise ValueError(f"unsupported family {family!r} ({' | '.join(CHECKPOINT_FAMILIES)})")
 
 
 def _tensor_shapes(family: str, s: dict) -> dict[str, tuple[tuple[int, ...], str]]:
-    """HF tensor name -> (shape, init) with init one of normal | ones | lm_head | bias."""
-    D, V, I, hd = s["hidden_size"], s["vocab_size"], s["intermediate"], s["head_dim"]
-    q, kv = s["num_attention_heads"] * hd, s["num_key_value_heads"] * hd
+    """HF tensor name -> (shape, init) with init one of normal | ones | lm_head | bias.
+
+    Names and layouts are what transformers 5.24 `save_pretrained` writes: per-expert tensors, except
+    gpt_oss whose experts stay fused (`gate_up_proj` [E, D, 2I] gate/up interleaved, `down_proj` [E, I, D]).
+    """
+    D, V, I, hd, E = s["hidden_size"], s["vocab_size"], s["intermediate"], s["head_dim"], s["num_experts"]
+    H, Hkv = s["num_attention_heads"], s["num_key_value_heads"]
+    q, kv = H * hd, Hkv * hd
     out: dict[str, tuple[tuple[int, ...], str]] = {"model.embed_tokens.weight": ((V, D), "normal")}
     for l in range(s["num_hidden_layers"]):
         p = f"model.layers.{l}."
+        a = p + "self_attn."
         out[p + "input_layernorm.weight"] = ((D,), "ones")
         out[p + "post_attention_layernorm.weight"] = ((D,), "ones")
-        for n, rows in (("q", q), ("k", kv), ("v", kv)):
-            out[p + f"self_attn.{n}_proj.weight"] = ((rows, D), "normal")
-            if family == "qwen2_moe":
-                out[p + f"self_attn.{n}_proj.bias"] = ((rows,), "bias")
-        out[p + "self_attn.o_proj.weight"] = ((D, q), "normal")
+        if family == "deepseek_v3":
+            x = _EXTRA["deepseek_v3"][s["size"]]
+            ql, R, dn, dr, dv = (x[k] for k in ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
+                                                "v_head_dim"))
+            out[a + "q_a_proj.weight"] = ((ql, D), "normal")
+            out[a + "q_a_layernorm.weight"] = ((ql,), "ones")
+            out[a + "q_b_proj.weight"] = ((H * (dn + dr), ql), "normal")
+            out[a + "kv_a_proj_with_mqa.weight"] = ((R + dr, D), "normal")
+            out[a + "kv_a_layernorm.weight"] = ((R,), "ones")
+            out[a + "kv_b_proj.weight"] = ((H * (dn + dv), R), "normal")
+            out[a + "o_proj.weight"] = ((D, H * dv), "normal")
+        else:
+            for n, rows in (("q", q), ("k", kv), ("v", kv)):
+                out[a + f"{n}_proj.weight"] = ((rows, D), "normal")
+                if family in ("qwen2_moe", "gpt_oss"):
+                    out[a + f"{n}_proj.bias"] = ((rows,), "bias")
+            out[a + "o_proj.weight"] = ((D, q), "normal")
+        if family == "gpt_oss":
+            out[a + "o_proj.bias"] = ((D,), "bias")
+            out[a + "sinks"] = ((H,), "normal")
+        if family == "qwen3_moe":
+            out[a + "q_norm.weight"], out[a + "k_norm.weight"] = ((hd,), "ones"), ((hd,), "ones")
+        if family == "hunyuan_v1_moe":
+            out[a + "query_layernorm.weight"], out[a + "key_layernorm.weight"] = ((hd,), "ones"), ((hd,), "ones")
+        if family == "olmoe":
+            out[a + "q_norm.weight"], out[a + "k_norm.weight"] = ((q,), "ones"), ((kv,), "ones")
         m = p + ("block_sparse_moe." if family == "mixtral" else "mlp.")
-        out[m + "gate.weight"] = ((s["num_experts"], D), "normal")
+        if family == "deepseek_v3" and l == 0:   # first_k_dense_replace = 1
+            dI = _EXTRA["deepseek_v3"][s["size"]]["dense_intermediate"]
+            for n, shape in (("gate_proj", (dI, D)), ("up_proj", (dI, D)), ("down_proj", (D, dI))):
+                out[m + f"{n}.weight"] = (shape, "normal")
+            continue
+        if family == "gpt_oss":
+            out[m + "router.weight"], out[m + "router.bias"] = ((E, D), "normal"), ((E,), "bias")
+            out[m + "experts.gate_up_proj"] = ((E, D, 2 * I), "normal")
+            out[m + "experts.gate_up_proj_bias"] = ((E, 2 * I), "bias")
+            out[m + "experts.down_proj"] = ((E, I, D), "normal")
+            out[m + "experts.down_proj_bias"] = ((E, D), "bias")
+            continue
+        out[m + ("gate.wg.weight" if family == "hunyuan_v1_moe" else "gate.weight")] = ((E, D), "normal")
+        if family == "deepseek_v3":
+            out[m + "gate.e_score_correction_bias"] = ((E,), "bias")
         names = ("w1", "w3", "w2") if family == "mixtral" else ("gate_proj", "up_proj", "down_proj")
-        for e in range(s["num_experts"]):
+        for e in range(E):
             out[m + f"experts.{e}.{names[0]}.weight"] = ((I, D), "normal")
             out[m + f"experts.{e}.{names[1]}.weight"] = ((I, D), "normal")
             out[m + f"experts.{e}.{names[2]}.weight"] = ((D, I), "normal")
-        if family == "qwen2_moe":
+        shared = {"qwen2_moe": "shared_expert.", "deepseek_v3": "shared_experts.", "hunyuan_v1_moe": "shared_mlp."}
+        if family in shared:
             for n, shape in (("gate_proj", (I, D)), ("up_proj", (I, D)), ("down_proj", (D, I))):
-                out[m + f"shared_expert.{n}.weight"] = (shape, "normal")
+                out[m + shared[family] + f"{n}.weight"] = (shape, "normal")
+        if family == "qwen2_moe":
             out[m + "shared_expert_gate.weight"] = ((1, D), "normal")
     out["model.norm.weight"] = ((D,), "ones")
     out["lm_head.weight"] = ((V, D), "lm_head")
@@ -156,7 +253,9 @@ def write_checkpoint(family: str, size: str, out_dir: str | Path, seed: int = 0,
     """Write a seeded random `family` checkpoint of `size` (tiny | small) to `out_dir`; returns the dir."""
     if size not in SIZES:
         raise ValueError(f"unsupported size {size!r} ({' | '.join(SIZES)})")
-    s = SIZES[size]
+    if family not in CHECKPOINT_FAMILIES:
+        raise ValueError(f"unsupported family {family!r} ({' | '.join(CHECKPOINT_FAMILIES)})")
+    s = {**SIZES[size], "size": size}
     config = _hf_config(family, s)
     config["dtype"] = str(dtype).removeprefix("torch.")
     out = Path(out_dir)

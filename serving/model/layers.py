@@ -1,45 +1,85 @@
-"""Dense building blocks: RMSNorm, rotary embedding, batched attention over the KV cache, SwiGLU MLP.
+"""Dense building blocks: RMSNorm, rotary embedding, batched attention (GQA and MLA) over the KV cache.
 
-Op order follows transformers' Mixtral / Qwen2-MoE so fp32 logits match to ~1e-6.
+Op order follows transformers 5.24 per family so fp32 logits match to ~1e-6.
 Shape legend: T new tokens (all sequences concatenated), B sequences, Q longest new-token run,
-C context (longest sequence incl. new tokens), D hidden, H query heads, Hkv KV heads, hd head_dim.
+C context (longest sequence incl. new tokens), D hidden, H query heads, Hkv KV heads, hd head_dim,
+R MLA kv_lora_rank, dn / dr / dv MLA nope / rope / value head dims.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 
+from serving.model.config import MoEConfig, RopeConfig
 from serving.model.kv_cache import KVCache
 from serving.model.moe import ExpertWeights
 
+MLA_NORM_EPS = 1e-6   # transformers builds DeepSeek's q_a_layernorm / kv_a_layernorm with the RMSNorm default eps
+
 
 def rms_norm(x_TD: torch.Tensor, weight_D: torch.Tensor, eps: float) -> torch.Tensor:
-    """Normalise in fp32, cast back, then scale (HF order)."""
+    """Normalise in fp32, cast back, then scale (HF order). A fp32 weight on low-precision activations
+    (gpt_oss keeps its norms fp32) scales in fp32 first and then casts, as transformers does there."""
     x = x_TD.float()
     x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    if weight_D.dtype == torch.float32 and x_TD.dtype != torch.float32:
+        return (weight_D * x).to(x_TD.dtype)
     return weight_D * x.to(x_TD.dtype)
 
 
 def swiglu(x_TD: torch.Tensor, w: ExpertWeights) -> torch.Tensor:
     """down(silu(gate(x)) * up(x)): dense MLP layers and the shared expert."""
-    return F.linear(F.silu(F.linear(x_TD, w.gate_ID)) * F.linear(x_TD, w.up_ID), w.down_DI)
+    return w(x_TD)
 
 
 class RotaryEmbedding:
-    """Default (unscaled) RoPE with HF's rotate_half layout."""
+    """RoPE with HF's rotate_half layout: default, yarn (scaled frequencies + cos/sin scale) or HunYuan ntk_alpha."""
 
-    def __init__(self, head_dim: int, theta: float, device: str | torch.device = "cpu"):
-        self.inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float, device=device) / head_dim))
+    def __init__(self, head_dim: int, theta: float, device: str | torch.device = "cpu",
+                 rope: RopeConfig | None = None):
+        rope = rope or RopeConfig(theta=theta, dim=head_dim)
+        self.interleave, self.attention_scaling = rope.interleave, rope.attention_factor
+        dim, base = rope.dim, rope.theta
+        if rope.rope_type == "ntk_alpha":
+            base = base * rope.alpha ** (dim / (dim - 2))
+        pos_freqs = base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim)
+        inv_freq = 1.0 / pos_freqs
+        if rope.rope_type == "yarn":   # transformers `_compute_yarn_parameters`
+            def correction_dim(rotations: float) -> float:
+                return (dim * math.log(rope.original_max_position_embeddings / (rotations * 2 * math.pi))
+                        ) / (2 * math.log(base))
+            low, high = correction_dim(rope.beta_fast), correction_dim(rope.beta_slow)
+            if rope.truncate:
+                low, high = math.floor(low), math.ceil(high)
+            low, high = max(low, 0), min(high, dim - 1)
+            if low == high:
+                high += 0.001
+            ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+            extrapolation = 1 - ramp
+            inv_freq = (1.0 / (rope.factor * pos_freqs)) * (1 - extrapolation) + inv_freq * extrapolation
+        elif rope.rope_type not in ("default", "ntk_alpha"):
+            raise ValueError(f"unsupported rope_type {rope.rope_type!r}")
+        self.inv_freq = inv_freq.to(device)
+
+    @classmethod
+    def from_config(cls, config: MoEConfig, device: str | torch.device = "cpu") -> "RotaryEmbedding":
+        return cls(config.rope.dim, config.rope.theta, device, config.rope)
 
     def cos_sin(self, pos_T: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         freqs_Th = pos_T[:, None].float() * self.inv_freq
         emb_Thd = torch.cat((freqs_Th, freqs_Th), dim=-1)
-        return emb_Thd.cos().to(dtype), emb_Thd.sin().to(dtype)
+        return (emb_Thd.cos() * self.attention_scaling).to(dtype), (emb_Thd.sin() * self.attention_scaling).to(dtype)
 
 
-def apply_rope(x_THd: torch.Tensor, cos_Thd: torch.Tensor, sin_Thd: torch.Tensor) -> torch.Tensor:
+def apply_rope(x_THd: torch.Tensor, cos_Thd: torch.Tensor, sin_Thd: torch.Tensor,
+               interleave: bool = False) -> torch.Tensor:
+    """rotate_half RoPE. `interleave` (DeepSeek) first de-interleaves pairs (x0,x1),(x2,x3).. into halves,
+    which is exactly transformers' `apply_rotary_pos_emb_interleave` (its output is in half layout too)."""
+    if interleave:
+        x_THd = torch.cat((x_THd[..., 0::2], x_THd[..., 1::2]), dim=-1)
     x1, x2 = x_THd.chunk(2, dim=-1)
     return x_THd * cos_Thd[:, None] + torch.cat((-x2, x1), dim=-1) * sin_Thd[:, None]
 
@@ -54,6 +94,7 @@ class AttentionMetadata:
     unpad_index_T: torch.Tensor  # row of the flattened [B*Q] padded layout holding each token
     mask_B1QC: torch.Tensor     # True = may attend (causal, per-sequence length, sliding window)
     ctx_len: int                # C
+    qpos_BQ: torch.Tensor | None = None   # position of each padded query row
 
     @classmethod
     def build(cls, slots: tuple[int, ...], start_pos: tuple[int, ...], q_lens: tuple[int, ...],
@@ -76,21 +117,87 @@ class AttentionMetadata:
             mask_BQC &= kpos_C[None, None] > qpos_BQ[:, :, None] - sliding_window
         return cls(slots_T=slots_B[seq_T], pos_T=start_B[seq_T] + offset_T, slots_B=slots_B,
                    pad_index_BQ=pad_index_BQ, unpad_index_T=seq_T * Q + offset_T,
-                   mask_B1QC=mask_BQC[:, None], ctx_len=C)
+                   mask_B1QC=mask_BQC[:, None], ctx_len=C, qpos_BQ=qpos_BQ)
+
+    def with_window(self, window: int | None) -> "AttentionMetadata":
+        """The same step with a sliding window applied on top of this mask (None: unchanged)."""
+        if not window:
+            return self
+        kpos_C = torch.arange(self.ctx_len, device=self.mask_B1QC.device)
+        in_window_BQC = kpos_C[None, None] > self.qpos_BQ[:, :, None] - window
+        return replace(self, mask_B1QC=self.mask_B1QC & in_window_BQC[:, None])
 
 
 def attention(x_TD: torch.Tensor, lw, layer: int, cos_Thd: torch.Tensor, sin_Thd: torch.Tensor,
-              meta: AttentionMetadata, kv: KVCache, head_dim: int) -> torch.Tensor:
-    """GQA self-attention for a mixed prefill/decode batch: write new K/V, one SDPA over padded queries."""
-    T = x_TD.shape[0]
-    q_THd = F.linear(x_TD, lw.wq, lw.bq).view(T, -1, head_dim)
-    k_THd = F.linear(x_TD, lw.wk, lw.bk).view(T, -1, head_dim)
-    v_THd = F.linear(x_TD, lw.wv, lw.bv).view(T, -1, head_dim)
+              meta: AttentionMetadata, kv: KVCache, config: MoEConfig) -> torch.Tensor:
+    """GQA self-attention for a mixed prefill/decode batch: write new K/V, one SDPA over padded queries.
+
+    Family switches: q/k RMSNorm (per head before / after rope, or over the whole projection),
+    clip_qkv, o_proj bias, and attention sinks.
+    """
+    c, T, hd, eps = config, x_TD.shape[0], config.head_dim, config.rms_norm_eps
+    q_TX, k_TX, v_TX = F.linear(x_TD, lw.wq, lw.bq), F.linear(x_TD, lw.wk, lw.bk), F.linear(x_TD, lw.wv, lw.bv)
+    if c.qk_norm == "full":   # olmoe: over all heads at once
+        q_TX, k_TX = rms_norm(q_TX, lw.q_norm, eps), rms_norm(k_TX, lw.k_norm, eps)
+    if c.clip_qkv is not None:
+        q_TX, k_TX, v_TX = (t.clamp(min=-c.clip_qkv, max=c.clip_qkv) for t in (q_TX, k_TX, v_TX))
+    q_THd, k_THd, v_THd = q_TX.view(T, -1, hd), k_TX.view(T, -1, hd), v_TX.view(T, -1, hd)
+    if c.qk_norm == "head":
+        q_THd, k_THd = rms_norm(q_THd, lw.q_norm, eps), rms_norm(k_THd, lw.k_norm, eps)
     q_THd, k_THd = apply_rope(q_THd, cos_Thd, sin_Thd), apply_rope(k_THd, cos_Thd, sin_Thd)
+    if c.qk_norm == "head_after_rope":   # hunyuan
+        q_THd, k_THd = rms_norm(q_THd, lw.q_norm, eps), rms_norm(k_THd, lw.k_norm, eps)
     kv.write(layer, meta.slots_T, meta.pos_T, k_THd, v_THd)
     k_BHCd, v_BHCd = kv.read(layer, meta.slots_B, meta.ctx_len)
     q_BHQd = q_THd[meta.pad_index_BQ].transpose(1, 2)
-    o_BHQd = F.scaled_dot_product_attention(q_BHQd, k_BHCd, v_BHCd, attn_mask=meta.mask_B1QC,
-                                            scale=head_dim ** -0.5, enable_gqa=True)
+    mask = meta.mask_B1QC
+    if lw.sinks is not None:
+        # A sink is one extra softmax column per head: a virtual key with q.k = 0 and v = 0 whose additive
+        # bias is the head's sink logit, so exp(sink) joins only the denominator (transformers drops it after).
+        B, Hkv, C, _ = k_BHCd.shape
+        H, Q = q_BHQd.shape[1], q_BHQd.shape[2]
+        k_BHCd = torch.cat((k_BHCd, k_BHCd.new_zeros(B, Hkv, 1, hd)), dim=2)
+        v_BHCd = torch.cat((v_BHCd, v_BHCd.new_zeros(B, Hkv, 1, hd)), dim=2)
+        bias = torch.zeros(B, H, Q, C + 1, dtype=q_BHQd.dtype, device=q_BHQd.device)
+        bias[..., :C].masked_fill_(~mask, float("-inf"))
+        bias[..., C] = lw.sinks[None, :, None].to(q_BHQd.dtype)
+        mask = bias
+    o_BHQd = F.scaled_dot_product_attention(q_BHQd, k_BHCd, v_BHCd, attn_mask=mask, scale=hd ** -0.5,
+                                            enable_gqa=True)
     o_TD = o_BHQd.transpose(1, 2).flatten(0, 1)[meta.unpad_index_T].flatten(1)
-    return F.linear(o_TD, lw.wo)
+    return F.linear(o_TD, lw.wo, lw.bo)
+
+
+def mla_attention(x_TD: torch.Tensor, lw, layer: int, cos_Thd: torch.Tensor, sin_Thd: torch.Tensor,
+                  meta: AttentionMetadata, kv: KVCache, config: MoEConfig) -> torch.Tensor:
+    """DeepSeek multi-head latent attention over a cache of (normed latent [R], rope'd k_pe [dr]) per token.
+
+    The up-projection kv_b_proj = [W_uk; W_uv] per head is absorbed instead of expanding the cache:
+      score(q, j) = (q_nope W_uk) . latent_j + q_pe . k_pe_j      (one shared "KV head" of width R + dr)
+      out         = (sum_j p_j latent_j) W_uv^T                    (values are the latents themselves)
+    which equals transformers' expand-then-attend up to float reassociation.
+    """
+    m, T, H = config.mla, x_TD.shape[0], config.num_heads
+    dn, dr, dv, R = m.qk_nope_head_dim, m.qk_rope_head_dim, m.v_head_dim, m.kv_lora_rank
+    mw = lw.mla
+    if mw.wq is not None:
+        q_TX = F.linear(x_TD, mw.wq)
+    else:
+        q_TX = F.linear(rms_norm(F.linear(x_TD, mw.wq_a, mw.bq_a), mw.q_a_norm, MLA_NORM_EPS), mw.wq_b)
+    q_nope_THd, q_pe_THd = q_TX.view(T, H, dn + dr).split((dn, dr), dim=-1)
+    latent_TR, k_pe_Tr = F.linear(x_TD, mw.wkv_a, mw.bkv_a).split((R, dr), dim=-1)
+    latent_TR = rms_norm(latent_TR, mw.kv_a_norm, MLA_NORM_EPS)
+    interleave = config.rope.interleave
+    q_pe_THd = apply_rope(q_pe_THd, cos_Thd, sin_Thd, interleave)
+    k_pe_T1r = apply_rope(k_pe_Tr[:, None], cos_Thd, sin_Thd, interleave)
+    kv.write(layer, meta.slots_T, meta.pos_T, latent_TR[:, None], k_pe_T1r)
+    latent_B1CR, k_pe_B1Cr = kv.read(layer, meta.slots_B, meta.ctx_len)
+    w_kvb_HXR = mw.wkv_b.view(H, dn + dv, R)
+    q_lat_THR = torch.einsum("thd,hdr->thr", q_nope_THd, w_kvb_HXR[:, :dn])      # absorb W_uk into q
+    q_BHQX = torch.cat((q_lat_THR, q_pe_THd), dim=-1)[meta.pad_index_BQ].transpose(1, 2)
+    k_B1CX = torch.cat((latent_B1CR, k_pe_B1Cr), dim=-1)
+    o_BHQR = F.scaled_dot_product_attention(q_BHQX, k_B1CX, latent_B1CR, attn_mask=meta.mask_B1QC,
+                                            scale=m.softmax_scale, enable_gqa=True)
+    o_BHQv = torch.einsum("bhqr,hvr->bhqv", o_BHQR, w_kvb_HXR[:, dn:])            # W_uv after attention
+    o_TD = o_BHQv.transpose(1, 2).flatten(0, 1)[meta.unpad_index_T].flatten(1)
+    return F.linear(o_TD, lw.wo, lw.bo)

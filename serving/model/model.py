@@ -1,4 +1,4 @@
-"""The MoE decoder (Mixtral / Qwen2-MoE): dense math here, routed experts behind an injected dispatch.
+"""The MoE decoder (every SUPPORTED_FAMILIES member): dense math here, routed experts behind an injected dispatch.
 
 Shape legend: T new tokens of the step (all sequences concatenated), B sequences, D hidden,
 V vocab, E experts, K top-k.
@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from serving.model.config import MoEConfig
 from serving.model.kv_cache import KVCache
-from serving.model.layers import AttentionMetadata, RotaryEmbedding, attention, rms_norm, swiglu
+from serving.model.layers import AttentionMetadata, RotaryEmbedding, attention, mla_attention, rms_norm, swiglu
 from serving.model.moe import ExpertDispatch, route
 from serving.model.weights import CheckpointReader, DenseWeights, load_dense_weights
 
@@ -37,7 +37,7 @@ class MoEModel:
         self.config, self.weights = config, weights
         self.device = weights.embed.device
         self.dtype = weights.embed.dtype
-        self.rope = RotaryEmbedding(config.head_dim, config.rope_theta, self.device)
+        self.rope = RotaryEmbedding.from_config(config, self.device)
 
     @classmethod
     def from_checkpoint(cls, checkpoint_dir: str | Path, dtype: torch.dtype = torch.float32,
@@ -53,21 +53,31 @@ class MoEModel:
         c, w = self.config, self.weights
         if sum(batch.q_lens) != input_ids_T.numel() or min(batch.q_lens) < 1:
             raise ValueError(f"BatchLayout q_lens {batch.q_lens} do not cover {input_ids_T.numel()} tokens")
-        meta = AttentionMetadata.build(batch.slots, batch.start_pos, batch.q_lens, c.sliding_window, self.device)
-        if meta.ctx_len > kv.max_seq_len:
-            raise ValueError(f"sequence length {meta.ctx_len} exceeds KV cache max_seq_len {kv.max_seq_len}")
+        # per-layer sliding windows (gpt_oss) get their own mask; a model-wide window is baked into the base mask
+        base = AttentionMetadata.build(batch.slots, batch.start_pos, batch.q_lens,
+                                       None if c.layer_windows else c.sliding_window, self.device)
+        if base.ctx_len > kv.max_seq_len:
+            raise ValueError(f"sequence length {base.ctx_len} exceeds KV cache max_seq_len {kv.max_seq_len}")
+        metas = {win: base.with_window(win) for win in set(c.layer_windows)}
+        attend = mla_attention if c.mla is not None else attention
         x_TD = F.embedding(input_ids_T.to(self.device), w.embed)
-        cos, sin = self.rope.cos_sin(meta.pos_T, self.dtype)
+        cos, sin = self.rope.cos_sin(base.pos_T, self.dtype)
         for l, lw in enumerate(w.layers):
-            x_TD = x_TD + attention(rms_norm(x_TD, lw.attn_norm, c.rms_norm_eps), lw, l, cos, sin, meta, kv, c.head_dim)
+            meta = metas[c.layer_windows[l]] if c.layer_windows else base
+            x_TD = x_TD + attend(rms_norm(x_TD, lw.attn_norm, c.rms_norm_eps), lw, l, cos, sin, meta, kv, c)
             h_TD = rms_norm(x_TD, lw.mlp_norm, c.rms_norm_eps)
             if lw.router is None:
                 x_TD = x_TD + swiglu(h_TD, lw.dense_mlp)
                 continue
-            topk_weights_TK, topk_ids_TK = route(F.linear(h_TD, lw.router), c.top_k, c.norm_topk_prob)  # [T, E] -> [T, K]
+            router_in_TD = h_TD.float() if lw.router.dtype == torch.float32 else h_TD
+            router_logits_TE = F.linear(router_in_TD, lw.router, lw.router_bias)
+            topk_weights_TK, topk_ids_TK = route(router_logits_TE, c.router, lw.router_score_bias)  # [T, K]
             y_TD = dispatch(l, h_TD, topk_ids_TK, topk_weights_TK)
             if lw.shared_expert is not None:
-                y_TD = y_TD + torch.sigmoid(F.linear(h_TD, lw.shared_expert_gate)) * swiglu(h_TD, lw.shared_expert)
+                shared_TD = swiglu(h_TD, lw.shared_expert)
+                if lw.shared_expert_gate is not None:
+                    shared_TD = torch.sigmoid(F.linear(h_TD, lw.shared_expert_gate)) * shared_TD
+                y_TD = y_TD + shared_TD
             x_TD = x_TD + y_TD
         if not all_logits:
             x_TD = x_TD[torch.cumsum(torch.tensor(batch.q_lens, device=self.device), 0) - 1]   # [B, D]

@@ -1,6 +1,6 @@
 """Router and routed-expert math (SwiGLU experts), written for batches.
 
-Shape legend: T tokens, D hidden, E experts, K top-k, I expert intermediate,
+Shape legend: T tokens, D hidden, E experts, K top-k, I expert intermediate, G router groups,
 N = T*K (token, slot) pairs, n the pairs routed to one expert.
 The model calls `route` locally; the routed experts run wherever the dispatcher
 (serving/parallel/) puts them, via `experts_forward`.
@@ -13,26 +13,76 @@ from typing import Callable, Mapping
 import torch
 import torch.nn.functional as F
 
+from serving.model.config import RouterConfig
+
 # dispatch(layer_idx, x_TD, topk_ids_TK, topk_weights_TK) -> y_TD (routed-expert output only)
 ExpertDispatch = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True, slots=True)
 class ExpertWeights:
-    """One routed expert's SwiGLU FFN: down(silu(gate(x)) * up(x))."""
+    """One routed expert's FFN: down(act(gate(x), up(x))).
+
+    act is silu(g) * u, or with `swiglu_limit` set gpt_oss's clamped SwiGLU
+    (g <- min(g, limit), u <- clamp(u, -limit, limit), (u + 1) * g * sigmoid(alpha * g)).
+    Biases (gpt_oss) belong to the expert, so they only reach tokens routed to it.
+    """
     gate_ID: torch.Tensor   # HF w1 / gate_proj  [I, D]
     up_ID: torch.Tensor     # HF w3 / up_proj    [I, D]
     down_DI: torch.Tensor   # HF w2 / down_proj  [D, I]
+    gate_bias_I: torch.Tensor | None = None
+    up_bias_I: torch.Tensor | None = None
+    down_bias_D: torch.Tensor | None = None
+    swiglu_limit: float | None = None
+    swiglu_alpha: float = 1.702
+
+    def __call__(self, x_nD: torch.Tensor) -> torch.Tensor:
+        g_nI, u_nI = F.linear(x_nD, self.gate_ID, self.gate_bias_I), F.linear(x_nD, self.up_ID, self.up_bias_I)
+        if self.swiglu_limit is None:
+            h_nI = F.silu(g_nI) * u_nI
+        else:
+            g_nI = g_nI.clamp(max=self.swiglu_limit)
+            u_nI = u_nI.clamp(min=-self.swiglu_limit, max=self.swiglu_limit)
+            h_nI = (u_nI + 1) * (g_nI * torch.sigmoid(g_nI * self.swiglu_alpha))
+        return F.linear(h_nI, self.down_DI, self.down_bias_D)
 
 
-def route(router_logits_TE: torch.Tensor, top_k: int, norm_topk_prob: bool
+def route(router_logits_TE: torch.Tensor, router: RouterConfig, score_bias_E: torch.Tensor | None = None
           ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax top-k routing. Returns (topk_weights_TK fp32, topk_ids_TK int64)."""
-    probs_TE = torch.softmax(router_logits_TE.float(), dim=-1)
-    topk_weights_TK, topk_ids_TK = torch.topk(probs_TE, top_k, dim=-1)
-    if norm_topk_prob:
-        topk_weights_TK = topk_weights_TK / topk_weights_TK.sum(dim=-1, keepdim=True)
-    return topk_weights_TK, topk_ids_TK
+    """Router logits -> (topk_weights_TK fp32, topk_ids_TK int64), as `router.scoring` says:
+
+    softmax:      softmax over E, top-k, optionally renormalised        (mixtral, qwen*, olmoe, hunyuan)
+    topk_softmax: top-k of the logits, softmax over those k             (gpt_oss)
+    sigmoid:      sigmoid scores; selection on scores + score_bias_E restricted to the best `topk_group`
+                  of `n_group` groups (a group scores the sum of its best 2), weights are the plain
+                  scores, optionally renormalised, times routed_scaling_factor  (deepseek_v3)
+    """
+    logits_TE = router_logits_TE.float()
+    K = router.top_k
+    if router.scoring == "topk_softmax":
+        top_TK, ids_TK = torch.topk(logits_TE, K, dim=-1)
+        return torch.softmax(top_TK, dim=-1), ids_TK
+    if router.scoring == "softmax":
+        weights_TK, ids_TK = torch.topk(torch.softmax(logits_TE, dim=-1), K, dim=-1)
+        if router.norm_topk_prob:
+            weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
+        return weights_TK, ids_TK
+    if router.scoring != "sigmoid":
+        raise ValueError(f"unknown router scoring {router.scoring!r}")
+    T, E = logits_TE.shape
+    G = router.n_group
+    scores_TE = logits_TE.sigmoid()
+    choice_TE = scores_TE if score_bias_E is None else scores_TE + score_bias_E.float()
+    group_scores_TG = choice_TE.view(T, G, E // G).topk(2, dim=-1)[0].sum(dim=-1)
+    group_idx = torch.topk(group_scores_TG, k=router.topk_group, dim=-1, sorted=False)[1]
+    group_mask_TG = torch.zeros_like(group_scores_TG).scatter_(1, group_idx, 1)
+    expert_mask_TE = group_mask_TG.unsqueeze(-1).expand(T, G, E // G).reshape(T, E)
+    choice_TE = choice_TE.masked_fill(~expert_mask_TE.bool(), float("-inf"))
+    ids_TK = torch.topk(choice_TE, k=K, dim=-1, sorted=False)[1]
+    weights_TK = scores_TE.gather(1, ids_TK)
+    if router.norm_topk_prob:
+        weights_TK = weights_TK / (weights_TK.sum(dim=-1, keepdim=True) + 1e-20)
+    return weights_TK * router.routed_scaling_factor, ids_TK
 
 
 def experts_forward(x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor,
@@ -55,14 +105,11 @@ def experts_forward(x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_
     weights_N = topk_weights_TK.reshape(-1).float()
     start = 0
     for e, n in enumerate(counts):
-        # 2. one SwiGLU GEMM chain per expert held here over its tokens, 3. weighted scatter-add back
+        # 2. one FFN GEMM chain per expert held here over its tokens, 3. weighted scatter-add back
         if n and e in experts:
-            w = experts[e]
             pairs_n = order_N[start:start + n]
             tok_n = pairs_n // K
-            x_nD = x_TD.index_select(0, tok_n)
-            h_nI = F.silu(F.linear(x_nD, w.gate_ID)) * F.linear(x_nD, w.up_ID)
-            out_nD = F.linear(h_nI, w.down_DI)
+            out_nD = experts[e](x_TD.index_select(0, tok_n))
             y_TD.index_add_(0, tok_n, out_nD.float() * weights_N[pairs_n, None])
         start += n
     return y_TD.to(x_TD.dtype)

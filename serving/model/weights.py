@@ -64,21 +64,42 @@ class CheckpointReader:
         return f.get_tensor(name) if index is None else f.get_slice(name)[index]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, kw_only=True, slots=True)
+class MLAWeights:
+    """DeepSeek MLA projections (R kv_lora_rank, Rq q_lora_rank, X = H * (dn + dr), Y = H * (dn + dv))."""
+    wq: torch.Tensor | None              # [X, D]   q_lora_rank None
+    wq_a: torch.Tensor | None            # [Rq, D]
+    bq_a: torch.Tensor | None            # [Rq]     attention_bias
+    q_a_norm: torch.Tensor | None        # [Rq]
+    wq_b: torch.Tensor | None            # [X, Rq]
+    wkv_a: torch.Tensor                  # [R + dr, D]  kv_a_proj_with_mqa
+    bkv_a: torch.Tensor | None           # [R + dr]
+    kv_a_norm: torch.Tensor              # [R]
+    wkv_b: torch.Tensor                  # [Y, R]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class LayerWeights:
     attn_norm: torch.Tensor              # [D]
-    wq: torch.Tensor                     # [H*hd, D]
-    wk: torch.Tensor                     # [Hkv*hd, D]
-    wv: torch.Tensor                     # [Hkv*hd, D]
-    wo: torch.Tensor                     # [D, H*hd]
-    bq: torch.Tensor | None              # [H*hd]   (qwen2_moe)
-    bk: torch.Tensor | None              # [Hkv*hd]
-    bv: torch.Tensor | None              # [Hkv*hd]
     mlp_norm: torch.Tensor               # [D]
-    router: torch.Tensor | None          # [E, D]   MoE layers
-    shared_expert: MLPWeights | None     # qwen2_moe MoE layers
-    shared_expert_gate: torch.Tensor | None  # [1, D]
-    dense_mlp: MLPWeights | None         # dense (non-MoE) layers
+    wo: torch.Tensor                     # [D, H*hd] (MLA: [D, H*dv])
+    bo: torch.Tensor | None = None       # [D]
+    wq: torch.Tensor | None = None       # [H*hd, D]   GQA attention ...
+    wk: torch.Tensor | None = None       # [Hkv*hd, D]
+    wv: torch.Tensor | None = None       # [Hkv*hd, D]
+    bq: torch.Tensor | None = None       # [H*hd]
+    bk: torch.Tensor | None = None       # [Hkv*hd]
+    bv: torch.Tensor | None = None       # [Hkv*hd]
+    q_norm: torch.Tensor | None = None   # [hd] per head, or [H*hd] (olmoe)
+    k_norm: torch.Tensor | None = None   # [hd] per head, or [Hkv*hd] (olmoe)
+    sinks: torch.Tensor | None = None    # [H]  gpt_oss
+    mla: MLAWeights | None = None        # ... or DeepSeek MLA
+    router: torch.Tensor | None = None   # [E, D]   MoE layers
+    router_bias: torch.Tensor | None = None        # [E]  gpt_oss
+    router_score_bias: torch.Tensor | None = None  # [E]  deepseek_v3 e_score_correction_bias
+    shared_expert: MLPWeights | None = None        # qwen2_moe / deepseek_v3 / hunyuan MoE layers
+    shared_expert_gate: torch.Tensor | None = None  # [1, D]  qwen2_moe
+    dense_mlp: MLPWeights | None = None  # dense (non-MoE) layers
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,14 +132,25 @@ def _load(reader: CheckpointReader, name: str, shape: tuple[int, ...], dtype: to
     return t.to(device=device, dtype=dtype)
 
 
+_ROUTER_NAME = {"hunyuan_v1_moe": "gate.wg.weight", "gpt_oss": "router.weight"}
+_SHARED_NAME = {"qwen2_moe": "shared_expert.", "deepseek_v3": "shared_experts.", "hunyuan_v1_moe": "shared_mlp."}
+_QK_NORM_NAMES = {"hunyuan_v1_moe": ("query_layernorm", "key_layernorm")}
+
+
 def load_dense_weights(reader: CheckpointReader, config: MoEConfig, dtype: torch.dtype = torch.float32,
                        device: str | torch.device = "cpu") -> DenseWeights:
-    """Everything except the routed experts, shape-checked against `config`."""
-    c = config
-    D, V, q_out, kv_out = c.hidden_size, c.vocab_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+    """Everything except the routed experts, shape-checked against `config`.
 
-    def get(name: str, *shape: int) -> torch.Tensor:
-        return _load(reader, name, shape, dtype, device)
+    Kept in fp32 whatever `dtype` is, as transformers keeps them: the deepseek_v3 / hunyuan router
+    (and e_score_correction_bias) and gpt_oss's RMSNorm weights.
+    """
+    c = config
+    D, V, H, hd = c.hidden_size, c.vocab_size, c.num_heads, c.head_dim
+    q_out, kv_out = H * hd, c.num_kv_heads * hd
+    norm_dtype = torch.float32 if c.family == "gpt_oss" else dtype
+
+    def get(name: str, *shape: int, dt: torch.dtype = dtype) -> torch.Tensor:
+        return _load(reader, name, shape, dt, device)
 
     def mlp(prefix: str, inter: int) -> MLPWeights:
         return MLPWeights(gate_ID=get(prefix + "gate_proj.weight", inter, D),
@@ -129,36 +161,76 @@ def load_dense_weights(reader: CheckpointReader, config: MoEConfig, dtype: torch
     for l, sparse in enumerate(c.moe_layers):
         p = f"model.layers.{l}."
         a = p + "self_attn."
-        bias = c.attention_bias
-        router = shared = shared_gate = dense = None
+        ffn: dict = {}
         if sparse:
-            router = get(_first_present(reader, tuple(m + "gate.weight" for m in _moe_prefixes(c, l))), c.num_experts, D)
+            router_dtype = torch.float32 if c.router.fp32 else dtype
+            if c.family in _ROUTER_NAME:
+                ffn["router"] = get(p + "mlp." + _ROUTER_NAME[c.family], c.num_experts, D, dt=router_dtype)
+            else:
+                ffn["router"] = get(_first_present(reader, tuple(m + "gate.weight" for m in _moe_prefixes(c, l))),
+                                    c.num_experts, D, dt=router_dtype)
+            if c.router.bias:
+                ffn["router_bias"] = get(p + "mlp.router.bias", c.num_experts)
+            if c.router.score_correction_bias:
+                ffn["router_score_bias"] = get(p + "mlp.gate.e_score_correction_bias", c.num_experts,
+                                               dt=torch.float32)
             if c.shared_expert_intermediate_size:
-                shared = mlp(p + "mlp.shared_expert.", c.shared_expert_intermediate_size)
-                shared_gate = get(p + "mlp.shared_expert_gate.weight", 1, D)
+                ffn["shared_expert"] = mlp(p + "mlp." + _SHARED_NAME[c.family], c.shared_expert_intermediate_size)
+                if c.shared_expert_gated:
+                    ffn["shared_expert_gate"] = get(p + "mlp.shared_expert_gate.weight", 1, D)
         else:
-            dense = mlp(p + "mlp.", c.dense_intermediate_size)
+            ffn["dense_mlp"] = mlp(p + "mlp.", c.dense_intermediate_size)
+        attn: dict = {}
+        if c.mla is not None:
+            m = c.mla
+            X, R, dr = H * m.qk_head_dim, m.kv_lora_rank, m.qk_rope_head_dim
+            b = c.attention_bias
+            lora = m.q_lora_rank
+            attn["mla"] = MLAWeights(
+                wq=get(a + "q_proj.weight", X, D) if lora is None else None,
+                wq_a=get(a + "q_a_proj.weight", lora, D) if lora else None,
+                bq_a=get(a + "q_a_proj.bias", lora) if lora and b else None,
+                q_a_norm=get(a + "q_a_layernorm.weight", lora) if lora else None,
+                wq_b=get(a + "q_b_proj.weight", X, lora) if lora else None,
+                wkv_a=get(a + "kv_a_proj_with_mqa.weight", R + dr, D),
+                bkv_a=get(a + "kv_a_proj_with_mqa.bias", R + dr) if b else None,
+                kv_a_norm=get(a + "kv_a_layernorm.weight", R),
+                wkv_b=get(a + "kv_b_proj.weight", H * (m.qk_nope_head_dim + m.v_head_dim), R))
+            o_in = H * m.v_head_dim
+        else:
+            o_in = q_out
+            attn.update(wq=get(a + "q_proj.weight", q_out, D), wk=get(a + "k_proj.weight", kv_out, D),
+                        wv=get(a + "v_proj.weight", kv_out, D))
+            if c.attention_bias:
+                attn.update(bq=get(a + "q_proj.bias", q_out), bk=get(a + "k_proj.bias", kv_out),
+                            bv=get(a + "v_proj.bias", kv_out))
+            if c.qk_norm is not None:
+                qn, kn = _QK_NORM_NAMES.get(c.family, ("q_norm", "k_norm"))
+                full = c.qk_norm == "full"   # olmoe: k_norm spans (D // H) * Hkv
+                attn.update(q_norm=get(a + qn + ".weight", q_out if full else hd),
+                            k_norm=get(a + kn + ".weight", (D // H) * c.num_kv_heads if full else hd))
+            if c.attention_sinks:
+                attn["sinks"] = get(a + "sinks", H, dt=torch.float32)
         layers.append(LayerWeights(
-            attn_norm=get(p + "input_layernorm.weight", D),
-            wq=get(a + "q_proj.weight", q_out, D), wk=get(a + "k_proj.weight", kv_out, D),
-            wv=get(a + "v_proj.weight", kv_out, D), wo=get(a + "o_proj.weight", D, q_out),
-            bq=get(a + "q_proj.bias", q_out) if bias else None,
-            bk=get(a + "k_proj.bias", kv_out) if bias else None,
-            bv=get(a + "v_proj.bias", kv_out) if bias else None,
-            mlp_norm=get(p + "post_attention_layernorm.weight", D),
-            router=router, shared_expert=shared, shared_expert_gate=shared_gate, dense_mlp=dense))
+            attn_norm=get(p + "input_layernorm.weight", D, dt=norm_dtype),
+            mlp_norm=get(p + "post_attention_layernorm.weight", D, dt=norm_dtype),
+            wo=get(a + "o_proj.weight", D, o_in), bo=get(a + "o_proj.bias", D) if c.o_proj_bias else None,
+            **attn, **ffn))
     embed = get("model.embed_tokens.weight", V, D)
     lm_head = embed if c.tie_word_embeddings else get("lm_head.weight", V, D)
-    return DenseWeights(embed=embed, layers=tuple(layers), final_norm=get("model.norm.weight", D), lm_head=lm_head)
+    return DenseWeights(embed=embed, layers=tuple(layers), final_norm=get("model.norm.weight", D, dt=norm_dtype),
+                        lm_head=lm_head)
 
 
 def load_expert(reader: CheckpointReader, config: MoEConfig, layer: int, expert: int,
                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> ExpertWeights:
-    """One routed expert, from per-expert tensors or from the fused v5 stacks (reading only its slice)."""
+    """One routed expert, from per-expert tensors or from fused stacks (reading only its slice)."""
     c = config
     if not c.moe_layers[layer] or not 0 <= expert < c.num_experts:
         raise ValueError(f"layer {layer} expert {expert}: not a routed expert of this {c.family} model")
     D, I = c.hidden_size, c.moe_intermediate_size
+    if c.family == "gpt_oss":
+        return _load_gpt_oss_expert(reader, c, layer, expert, dtype, device)
     legacy = ("w1", "w3", "w2") if c.family == "mixtral" else ("gate_proj", "up_proj", "down_proj")
     for m in _moe_prefixes(c, layer):
         e = f"{m}experts.{expert}."
@@ -181,6 +253,23 @@ def load_expert(reader: CheckpointReader, config: MoEConfig, layer: int, expert:
                                  down_DI=down.contiguous())
     raise KeyError(f"tensor {_moe_prefixes(c, layer)[0]}experts.{expert}.{legacy[0]}.weight "
                    f"(or fused experts.gate_up_proj) not found in checkpoint {reader.dir}")
+
+
+def _load_gpt_oss_expert(reader: CheckpointReader, c: MoEConfig, layer: int, expert: int, dtype: torch.dtype,
+                         device) -> ExpertWeights:
+    """gpt_oss stores experts fused (save_pretrained keeps them so): `gate_up_proj` [E, D, 2I] applied as x @ W with
+    gate/up interleaved in the last dim (even = gate, odd = up), `gate_up_proj_bias` [E, 2I], `down_proj` [E, I, D],
+    `down_proj_bias` [E, D]. Only row `expert` of each is read."""
+    D, I = c.hidden_size, c.moe_intermediate_size
+    m = f"model.layers.{layer}.mlp.experts."
+    gate_up_DX = _load(reader, m + "gate_up_proj", (D, 2 * I), dtype, device, expert)
+    gate_up_bias_X = _load(reader, m + "gate_up_proj_bias", (2 * I,), dtype, device, expert)
+    down_ID = _load(reader, m + "down_proj", (I, D), dtype, device, expert)
+    down_bias_D = _load(reader, m + "down_proj_bias", (D,), dtype, device, expert)
+    return ExpertWeights(gate_ID=gate_up_DX[:, 0::2].T.contiguous(), up_ID=gate_up_DX[:, 1::2].T.contiguous(),
+                         down_DI=down_ID.T.contiguous(), gate_bias_I=gate_up_bias_X[0::2].contiguous(),
+                         up_bias_I=gate_up_bias_X[1::2].contiguous(), down_bias_D=down_bias_D.contiguous(),
+                         swiglu_limit=c.swiglu_limit, swiglu_alpha=c.swiglu_alpha)
 
 
 def load_all_experts(reader: CheckpointReader, config: MoEConfig, dtype: torch.dtype = torch.float32,

@@ -33,7 +33,8 @@ class ExpertShardWorker:
 
     def num_parameters(self) -> int:
         return sum(w.numel() for ex in self.experts.values() for ew in ex.values()
-                   for w in (ew.gate_ID, ew.up_ID, ew.down_DI))
+                   for w in (ew.gate_ID, ew.up_ID, ew.down_DI, ew.gate_bias_I, ew.up_bias_I, ew.down_bias_D)
+                   if w is not None)
 
     @torch.inference_mode()
     def forward(self, layer: int, x_ND: torch.Tensor, topk_ids_NK: torch.Tensor,
