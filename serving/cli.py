@@ -8,6 +8,7 @@
   moe-serve run       (the demo behind `make run`: checkpoint if missing, up, stream, wait, down)
   moe-serve simulate --trace spike|diurnal|poisson|FILE.csv --gpus 1000 [--json]
   moe-serve calibrate --out FILE
+  moe-serve placement --checkpoint DIR --expert-shards S [--strategy load_aware] [--metrics-url URL]
 """
 from __future__ import annotations
 
@@ -80,6 +81,41 @@ def cmd_checkpoint(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_placement(a: argparse.Namespace) -> int:
+    """Show a placement plan per layer and shard, and its predicted imbalance (max shard load / mean)."""
+    import urllib.request
+    from serving.metrics import observed_expert_load
+    from serving.model.config import MoEConfig
+    from serving.parallel.placement import Placement
+    config = MoEConfig.from_dir(a.checkpoint)
+    load = {layer: [1.0] * config.num_experts for layer in config.moe_layer_ids}
+    source = "uniform load (no --metrics-url)"
+    if a.metrics_url:
+        with urllib.request.urlopen(a.metrics_url, timeout=10) as r:
+            observed = observed_expert_load(r.read().decode(), config.num_experts)
+        if observed:
+            load.update(observed)
+            source = f"observed routed tokens from {a.metrics_url}"
+    current = Placement.build(config, a.expert_shards, a.current)
+    plan = Placement.build(config, a.expert_shards, a.strategy, load=load, redundant=a.redundant)
+    before, after = current.predicted_imbalance(load), plan.predicted_imbalance(load)
+    if a.json:
+        print(json.dumps({"strategy": a.strategy, "load_source": source, "placement": json.loads(plan.to_json()),
+                          "predicted_imbalance": {str(k): v for k, v in after.items()},
+                          "current_strategy": a.current,
+                          "current_imbalance": {str(k): v for k, v in before.items()}}))
+        return 0
+    print(f"{a.strategy} placement over {a.expert_shards} shards; load: {source}")
+    shard_load = plan.predicted_shard_load(load)
+    for layer in plan.layers:
+        print(f"layer {layer}: imbalance {a.current} {before[layer]:.3f} -> {a.strategy} {after[layer]:.3f}")
+        for s, experts in sorted((s, plan.experts_of(s)[layer]) for s in range(plan.num_shards)):
+            marks = [f"{e}{'*' if len(plan.copies[layer][e]) > 1 else ''}" for e in experts]
+            print(f"  shard {s}: experts [{', '.join(marks)}]  predicted tokens {shard_load[layer][s]:.0f}")
+    print("(* = a redundant expert: its tokens are spread over its copies)")
+    return 0
+
+
 def cmd_generate(a: argparse.Namespace) -> int:
     from serving.client import run_generate
     return run_generate(a)
@@ -87,6 +123,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
 
 def cmd_run(a: argparse.Namespace) -> int:
     """The `make run` demo: a 2-node cluster on the demo checkpoint, one streamed completion."""
+    from serving.api.protos import pb2
     from serving.client import MoEClient, build_request
     from serving.launcher import down
     if not (Path(a.checkpoint) / "config.json").exists():
@@ -101,7 +138,8 @@ def cmd_run(a: argparse.Namespace) -> int:
                                                        temperature=0.8, seed=0)):
                 print(chunk.text, end="", flush=True)
                 if chunk.finish_reason:
-                    print(f"\n[finish_reason={chunk.finish_reason} usage: prompt={chunk.usage.prompt_tokens} "
+                    reason = pb2.FinishReason.Name(chunk.finish_reason).removeprefix("FINISH_REASON_").lower()
+                    print(f"\n[finish_reason={reason} usage: prompt={chunk.usage.prompt_tokens} "
                           f"completion={chunk.usage.completion_tokens}]", flush=True)
         if a.exit_after_demo:
             return 0
@@ -148,6 +186,17 @@ def main(argv: list[str] | None = None) -> int:
         p = sub.add_parser(name, help=help_)
         p.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR)
         p.set_defaults(fn=fn)
+
+    p = sub.add_parser("placement", help="show an expert placement plan and its predicted imbalance")
+    p.add_argument("--checkpoint", default=str(DEMO_CHECKPOINT))
+    p.add_argument("--expert-shards", type=int, default=2)
+    p.add_argument("--strategy", choices=["contiguous", "round_robin", "load_aware"], default="load_aware")
+    p.add_argument("--current", choices=["contiguous", "round_robin"], default="contiguous",
+                   help="the strategy deployed now, to compare against")
+    p.add_argument("--redundant", type=int, default=None, help="extra expert copies per layer (load_aware)")
+    p.add_argument("--metrics-url", default=None, help="read observed tokens per expert from here")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_placement)
 
     from serving.autoscaling.calibration import add_calibrate_arguments, run_calibrate
     from serving.autoscaling.simulator import add_simulate_arguments, run_simulate

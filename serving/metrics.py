@@ -17,7 +17,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 NAMESPACE = "moe_serve"
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 ITL_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
-STALE_REPORTER_S = 15.0       # a replica silent this long is dropped from the per-replica gauges
+STALE_REPORTER_S = 15.0
+SHARD_LOAD_DECAY = 0.9        # per engine report: the shard-load gauge forgets old traffic       # a replica silent this long is dropped from the per-replica gauges
 
 
 @dataclass(slots=True)
@@ -78,6 +79,10 @@ class Metrics:
                               namespace=ns, buckets=ITL_BUCKETS_S, registry=r)
         self.routed = Counter("expert_routed_tokens", "Tokens routed to each expert",
                               ["layer", "expert", "shard"], namespace=ns, registry=r)
+        self.shard_load = Gauge("expert_shard_load_tokens", "Recent tokens routed to each shard (decayed sum)",
+                                ["layer", "shard"], namespace=ns, registry=r)
+        self.imbalance = Gauge("expert_shard_imbalance", "Max shard load over mean shard load, per MoE layer",
+                               ["layer"], namespace=ns, registry=r)
         self.desired_replicas = Gauge("autoscaling_desired_replicas", "Replicas the autoscaling policy asks for",
                                       ["deployment"], namespace=ns, registry=r)
         self.replicas = Gauge("deployment_replicas", "Running replicas when the policy last decided",
@@ -121,6 +126,7 @@ class MetricsHub:
         self.metrics = metrics or Metrics()
         self._last_seen: dict[str, float] = {}
         self._decisions_seen: dict[tuple[str, str], int] = {}
+        self._shard_load: dict[int, dict[int, float]] = {}     # layer -> shard -> decayed tokens
 
     def apply_autoscaling(self, snapshot: dict) -> None:
         """One deployment's latest decision snapshot (see record_autoscaling_decision)."""
@@ -157,8 +163,25 @@ class MetricsHub:
                 m.step.observe(dt)
             for (layer, expert, shard), n in e.routed_tokens.items():
                 m.routed.labels(str(layer), str(expert), str(shard)).inc(n)
+            self._update_shard_load(e.routed_tokens)
             self._last_seen[rid] = time.monotonic()
         self._drop_stale()
+
+    def _update_shard_load(self, routed: dict[tuple[int, int, int], int]) -> None:
+        """Decay every shard's recent load (half-life ~7 reports), add the new tokens, and
+        export the load and the per-layer imbalance (max / mean over shards)."""
+        for per_shard in self._shard_load.values():
+            for shard in per_shard:
+                per_shard[shard] *= SHARD_LOAD_DECAY
+        for (layer, _expert, shard), n in routed.items():
+            per_shard = self._shard_load.setdefault(layer, {})
+            per_shard[shard] = per_shard.get(shard, 0.0) + n
+        for layer, per_shard in self._shard_load.items():
+            for shard, load in per_shard.items():
+                self.metrics.shard_load.labels(str(layer), str(shard)).set(load)
+            mean = sum(per_shard.values()) / len(per_shard)
+            if mean > 0:
+                self.metrics.imbalance.labels(str(layer)).set(max(per_shard.values()) / mean)
 
     def _drop_stale(self) -> None:
         now = time.monotonic()
@@ -167,3 +190,17 @@ class MetricsHub:
             for g in (self.metrics.queue_depth, self.metrics.running,
                       self.metrics.kv_used, self.metrics.kv_total):
                 g.remove(rid)
+
+
+def observed_expert_load(exposition: str, num_experts: int) -> dict[int, list[float]]:
+    """layer -> tokens routed to each expert (all shards), parsed from a scrape of the hub."""
+    prefix = f"{NAMESPACE}_expert_routed_tokens_total{{"
+    load: dict[int, list[float]] = {}
+    for line in exposition.splitlines():
+        if not line.startswith(prefix):
+            continue
+        labels, value = line[len(prefix):].rsplit("} ", 1)
+        kv = dict(part.split("=", 1) for part in labels.split(","))
+        layer, expert = int(kv["layer"].strip('"')), int(kv["expert"].strip('"'))
+        load.setdefault(layer, [0.0] * num_experts)[expert] += float(value)
+    return load

@@ -15,7 +15,7 @@ class AppConfig:
     checkpoint: str                       # HF-format checkpoint directory
     expert_shards: int = 2                # S: ExpertShard deployments
     nodes: int = 1                        # Ray nodes carrying a `moe_node_<i>` resource
-    placement: str = "contiguous"         # contiguous | round_robin
+    placement: str = "contiguous"         # contiguous | round_robin | load_aware (uniform load at deploy)
     transport: str = "serve"              # serve (ExpertShard deployments) | local (in the engine)
     dtype: str = "fp32"
     max_num_seqs: int = 16                # KV slots per engine replica

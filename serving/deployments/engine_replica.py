@@ -61,7 +61,6 @@ class EngineSampler:
 
     def __call__(self) -> EngineSample:
         s = self.engine.stats
-        owners = self.dispatcher.placement.owners
         steps = s.recent_step_seconds[-(s.steps_total - self._steps):] if s.steps_total > self._steps else []
         sample = EngineSample(
             num_waiting=s.num_waiting, num_running=s.num_running,
@@ -69,9 +68,9 @@ class EngineSampler:
             prompt_tokens=s.prompt_tokens_total - self._prompt,
             generated_tokens=s.generated_tokens_total - self._generated,
             step_seconds=list(steps),
-            routed_tokens={(layer, e, owners[layer][e]): n
-                           for layer, counts in self.dispatcher.take_routed_counts().items()
-                           for e, n in enumerate(counts) if n})
+            routed_tokens={(layer, e, shard): n
+                           for layer, per_shard in self.dispatcher.take_routed_counts().items()
+                           for shard, counts in enumerate(per_shard) for e, n in enumerate(counts) if n})
         self._prompt, self._generated, self._steps = s.prompt_tokens_total, s.generated_tokens_total, s.steps_total
         return sample
 

@@ -1,13 +1,16 @@
 """Expert-parallel dispatch and combine, independent of how shards are reached.
 
-Shape legend: T tokens in the step, N tokens sent to one shard, D hidden, K top-k, E experts.
+Shape legend: T tokens in the step, N tokens sent to one shard, D hidden, K top-k, E experts,
+C copies of an expert (redundant experts live on several shards).
 
 For every MoE layer of every step (`ExpertDispatcher.__call__`):
-  1. look up the shard owning each routed (token, k) slot:      owner_TK = owner_E[topk_ids_TK]
-  2. for each shard s, pick the tokens with >= 1 slot on s:     idx_N = nonzero(any(owner_TK == s))
-  3. send shard s only those tokens, with their top-k ids and weights; every shard is
-     called at once through the transport (a shard ignores slots of experts it lacks)
-  4. combine: scatter-add each shard's partial sums back:       y_TD[idx_N] += y_ND
+  1. pick the copy serving each routed (token, k) slot, spreading a replicated expert's
+     tokens over its copies by token index:   shard_TK = copies_EC[ids_TK, t mod ncopies_E[ids_TK]]
+  2. for each shard s, pick the tokens with >= 1 slot on s:      idx_N = nonzero(any(shard_TK == s))
+  3. send shard s only those tokens, their top-k weights, and their top-k ids with the slots
+     served elsewhere replaced by the sentinel E (no shard holds it); every shard is called
+     at once through the transport
+  4. combine: scatter-add each shard's partial sums back:        y_TD[idx_N] += y_ND
 The model never knows which transport it runs on; a transport only runs step 3.
 """
 from __future__ import annotations
@@ -39,46 +42,53 @@ class Transport(Protocol):
 class ExpertDispatcher:
     """dispatch(layer, x_TD, topk_ids_TK, topk_weights_TK) -> y_TD, via any transport.
 
-    It also counts the tokens routed to each expert; `take_routed_counts` hands them to
-    the engine's stats (metrics, load-aware placement) and resets them.
+    It also counts the tokens routed to each expert on each shard; `take_routed_counts`
+    hands them to the engine's stats (metrics, load-aware placement) and resets them.
+    `set_placement` swaps the placement; the engine calls it between steps.
     """
 
     def __init__(self, placement: Placement, transport: Transport, num_experts: int):
-        self.placement = placement
         self.transport = transport
         self.num_experts = num_experts
-        self._owner_E = {layer: placement.owner_table(layer) for layer in placement.owners}
         self._lock = threading.Lock()
-        self._routed_LE = {layer: torch.zeros(num_experts, dtype=torch.int64)
-                           for layer in placement.owners}
+        self.set_placement(placement)
+
+    def set_placement(self, placement: Placement) -> None:
+        tables = {layer: placement.copy_table(layer) for layer in placement.layers}
+        with self._lock:
+            self.placement, self._tables = placement, tables
+            self._routed_LSE = {layer: torch.zeros(placement.num_shards, self.num_experts, dtype=torch.int64)
+                                for layer in placement.layers}
 
     def __call__(self, layer: int, x_TD: torch.Tensor, topk_ids_TK: torch.Tensor,
                  topk_weights_TK: torch.Tensor) -> torch.Tensor:
-        counts_E = torch.bincount(topk_ids_TK.flatten(), minlength=self.num_experts)
+        E, S = self.num_experts, self.placement.num_shards
+        copies_EC, ncopies_E = self._tables[layer]
+        t_T1 = torch.arange(x_TD.shape[0]).unsqueeze(1)
+        shard_TK = copies_EC[topk_ids_TK, t_T1 % ncopies_E[topk_ids_TK]]                 # 1
+        counts_SE = torch.bincount((shard_TK * E + topk_ids_TK).flatten(), minlength=S * E).view(S, E)
         with self._lock:
-            self._routed_LE[layer] += counts_E
-        owner_TK = self._owner_E[layer][topk_ids_TK]                                   # 1
+            self._routed_LSE[layer] += counts_SE
         calls, indices = [], []
-        for s in range(self.placement.num_shards):
-            idx_N = torch.nonzero((owner_TK == s).any(dim=1)).flatten()               # 2
+        for s in range(S):
+            mine_TK = shard_TK == s
+            idx_N = torch.nonzero(mine_TK.any(dim=1)).flatten()                          # 2
             if idx_N.numel() == 0:
                 continue
-            if idx_N.numel() == x_TD.shape[0]:   # every token: send views, skip the gathers
-                calls.append(ShardCall(s, x_TD, topk_ids_TK, topk_weights_TK))
-            else:
-                calls.append(ShardCall(s, x_TD[idx_N], topk_ids_TK[idx_N], topk_weights_TK[idx_N]))
+            ids_NK = torch.where(mine_TK, topk_ids_TK, E)[idx_N]                          # 3
+            calls.append(ShardCall(s, x_TD[idx_N], ids_NK, topk_weights_TK[idx_N]))
             indices.append(idx_N)
-        partials = self.transport.run(layer, calls)                                    # 3
+        partials = self.transport.run(layer, calls)
         y_TD = torch.zeros_like(x_TD)
         for idx_N, y_ND in zip(indices, partials):                                     # 4
             y_TD.index_add_(0, idx_N, y_ND.to(x_TD.dtype))
         return y_TD
 
-    def take_routed_counts(self) -> dict[int, list[int]]:
-        """layer -> tokens routed to each expert since the last call (then reset)."""
+    def take_routed_counts(self) -> dict[int, list[list[int]]]:
+        """layer -> [shard][expert] tokens routed since the last call (then reset)."""
         with self._lock:
-            out = {layer: c.tolist() for layer, c in self._routed_LE.items()}
-            for c in self._routed_LE.values():
+            out = {layer: c.tolist() for layer, c in self._routed_LSE.items()}
+            for c in self._routed_LSE.values():
                 c.zero_()
         return out
 
