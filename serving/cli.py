@@ -32,7 +32,7 @@ def _add_cluster_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nodes", type=int, default=2, help="local Ray nodes to start")
     p.add_argument("--grpc-port", type=int, default=50051)
     p.add_argument("--metrics-port", type=int, default=9464)
-    p.add_argument("--transport", choices=["serve", "local"], default=None,
+    p.add_argument("--transport", choices=["serve", "local", "collective"], default=None,
                    help="expert transport (default: the config file's)")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default=None)
     p.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="Serve config file")
@@ -87,6 +87,13 @@ def cmd_placement(a: argparse.Namespace) -> int:
     from serving.metrics import observed_expert_load
     from serving.model.config import MoEConfig
     from serving.parallel.placement import Placement
+    state = None
+    if a.apply:
+        from serving.launcher import read_state
+        state = read_state(a.state_dir)
+        if not state or state.get("status") != "ready":
+            raise RuntimeError(f"--apply: no ready cluster in {a.state_dir}")
+        a.metrics_url = a.metrics_url or state["metrics_url"]
     config = MoEConfig.from_dir(a.checkpoint)
     load = {layer: [1.0] * config.num_experts for layer in config.moe_layer_ids}
     source = "uniform load (no --metrics-url)"
@@ -99,6 +106,8 @@ def cmd_placement(a: argparse.Namespace) -> int:
     current = Placement.build(config, a.expert_shards, a.current)
     plan = Placement.build(config, a.expert_shards, a.strategy, load=load, redundant=a.redundant)
     before, after = current.predicted_imbalance(load), plan.predicted_imbalance(load)
+    if state is not None:
+        plan = _publish_placement(state, plan)
     if a.json:
         print(json.dumps({"strategy": a.strategy, "load_source": source, "placement": json.loads(plan.to_json()),
                           "predicted_imbalance": {str(k): v for k, v in after.items()},
@@ -113,7 +122,22 @@ def cmd_placement(a: argparse.Namespace) -> int:
             marks = [f"{e}{'*' if len(plan.copies[layer][e]) > 1 else ''}" for e in experts]
             print(f"  shard {s}: experts [{', '.join(marks)}]  predicted tokens {shard_load[layer][s]:.0f}")
     print("(* = a redundant expert: its tokens are spread over its copies)")
+    if state is not None:
+        print(f"applied as placement version {plan.version}: engines switch within ~1 s, "
+              "shards load only the experts they newly serve")
     return 0
+
+
+def _publish_placement(state: dict, plan):
+    """Attach to the running cluster and publish `plan` (serving/deployments/placement_sync.py)."""
+    os.environ["RAY_TMPDIR"] = state["ray_tmp"]
+    import ray
+    from serving.deployments.placement_sync import publish_placement
+    ray.init(address=state["gcs_address"], logging_level="ERROR", log_to_driver=False)
+    try:
+        return publish_placement(plan)
+    finally:
+        ray.shutdown()
 
 
 def cmd_generate(a: argparse.Namespace) -> int:
@@ -196,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--redundant", type=int, default=None, help="extra expert copies per layer (load_aware)")
     p.add_argument("--metrics-url", default=None, help="read observed tokens per expert from here")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--apply", action="store_true", help="rebalance the running cluster to this plan, live")
+    p.add_argument("--state-dir", type=Path, default=Path(".moe-serve"), help="with --apply: the cluster `up` started")
     p.set_defaults(fn=cmd_placement)
 
     from serving.autoscaling.calibration import add_calibrate_arguments, run_calibrate

@@ -37,6 +37,7 @@ def running_cluster(checkpoint: Path, state_dir: Path, *, shards: int, nodes: in
                   "--state-dir", str(state_dir), timeout=600)
         state = read_state(state_dir)
         state["pids_at_start"] = _descendants([state["pid"], *state["ray_pids"]])
+        state["state_dir"] = str(state_dir)
         yield state
     finally:
         moe_serve("down", "--state-dir", str(state_dir), timeout=120, check=False)

@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 import threading
+import time
 import urllib.request
 
 import grpc
@@ -225,3 +226,51 @@ def test_overload_sheds_batch_first_with_pushback_and_cancel_frees_slots(cluster
             time.sleep(0.25)
         assert _gauge_sum(text, "moe_serve_kv_slots_used") == 0
         assert 'status="RESOURCE_EXHAUSTED"' in text and 'status="CANCELLED"' in text
+
+
+def test_live_rebalance_keeps_in_flight_tokens_and_loads_only_new_experts(cluster, ckpt):
+    """Runs last in this file: it changes the placement. A load-aware plan (hot experts
+    replicated) is applied while a request streams; its tokens do not change."""
+    ids = [11, 22, 33, 44, 55]
+    req = build_request(prompt_ids=ids, max_tokens=64, temperature=0, ignore_eos=True)
+    with MoEClient(cluster["grpc_target"]) as c:
+        baseline = list(c.complete(req).token_ids)
+        streamed, errors = [], []
+
+        def stream():
+            try:
+                for chunk in c.generate(req):
+                    streamed.extend(chunk.token_ids)
+            except Exception as exc:   # surfaced below
+                errors.append(exc)
+
+        t = threading.Thread(target=stream)
+        t.start()
+        out = moe_serve("placement", "--checkpoint", str(ckpt[0]), "--expert-shards", "2", "--apply",
+                        "--state-dir", cluster["state_dir"], "--json")
+        plan = json.loads(out.stdout)["placement"]
+        assert plan["version"] >= 1
+        t.join(timeout=300)
+        assert not errors and streamed == baseline
+        info = ray_query(cluster, """
+import time
+deadline = time.monotonic() + 30
+while time.monotonic() < deadline:
+    engine = serve.get_deployment_handle("EngineReplica", app_name="moe").ready.remote().result()
+    if engine["placement_version"] >= 1:
+        break
+    time.sleep(0.5)
+print(json.dumps({"engine": engine}))
+""")
+        assert info["engine"]["placement_version"] == plan["version"]
+        assert list(c.complete(req).token_ids) == baseline        # served by the new placement
+    time.sleep(6)                                                 # shards drop experts after a grace period
+    shards = ray_query(cluster, """
+print(json.dumps([serve.get_deployment_handle(f"ExpertShard{s}", app_name="moe").describe.remote().result()
+                  for s in range(2)]))
+""")
+    for d in shards:
+        for layer, held in d["experts"].items():
+            planned = {e for e, copies in enumerate(plan["copies"][layer]) if d["shard_id"] in copies}
+            assert set(held) <= planned, (d["shard_id"], layer, held, planned)
+    assert sum(d["experts_loaded_since_start"] for d in shards) > 0

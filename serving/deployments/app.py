@@ -2,13 +2,15 @@
 
 Graph: Ingress -> EngineReplica -> ExpertShard0..S-1, and every replica -> MetricsHub.
 ExpertShard s is pinned to local Ray node (s mod nodes) by its `moe_node_<i>` resource,
-so with nodes >= S every shard runs on a different node.
+so with nodes >= S every shard runs on a different node. With transport `collective` there
+are no ExpertShard deployments: each EngineReplica starts its own shard actors, pinned the
+same way (serving/parallel/collective_transport.py).
 """
 from __future__ import annotations
 
 from ray.serve import Application
 
-from serving.deployments.config import AppConfig, node_resource
+from serving.deployments.config import NODE_PIN, AppConfig, node_resource
 from serving.deployments.engine_replica import EngineReplica
 from serving.deployments.expert_shard import ExpertShard
 from serving.deployments.ingress import Ingress
@@ -17,7 +19,6 @@ from serving.model.config import MoEConfig
 from serving.parallel.placement import Placement
 
 INGRESS_MAX_ONGOING = 1000   # streams one ingress replica relays; the engine admits or sheds
-NODE_PIN = 0.001     # a sliver of the node's custom resource: pins without limiting count
 
 
 def shard_deployment_name(shard: int) -> str:

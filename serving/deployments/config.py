@@ -7,7 +7,8 @@ from dataclasses import asdict, dataclass, fields
 import torch
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
-TRANSPORTS = ("serve", "local")
+TRANSPORTS = ("serve", "local", "collective")
+NODE_PIN = 0.001     # a sliver of a node's custom resource: pins a replica or actor without limiting count
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -17,6 +18,7 @@ class AppConfig:
     nodes: int = 1                        # Ray nodes carrying a `moe_node_<i>` resource
     placement: str = "contiguous"         # contiguous | round_robin | load_aware (uniform load at deploy)
     transport: str = "serve"              # serve (ExpertShard deployments) | local (in the engine)
+                                          # | collective (shard actors in one gloo group with the engine)
     dtype: str = "fp32"
     max_num_seqs: int = 16                # KV slots per engine replica
     max_model_len: int = 1024            # clamped to the model's max_position_embeddings
@@ -31,6 +33,7 @@ class AppConfig:
     ingress_num_cpus: float = 0.1
     engine_num_cpus: float = 0.25
     shard_num_cpus: float = 0.1
+    collective_timeout_s: float = 60.0    # collective: one MoE layer's round trip, at most
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:

@@ -13,7 +13,8 @@ import ray
 import torch
 from ray import serve
 
-from serving.deployments.config import AppConfig
+from serving.deployments.config import NODE_PIN, AppConfig, node_resource
+from serving.deployments.placement_sync import PlacementWatcher
 from serving.deployments.reporter import MetricsReporter
 from serving.engine.admission import AdmissionConfig, AdmissionController
 from serving.engine.async_engine import AsyncEngine
@@ -25,6 +26,7 @@ from serving.engine.scheduler import SchedulerConfig
 from serving.metrics import EngineSample
 from serving.model.model import MoEModel
 from serving.model.tokenizer import Tokenizer
+from serving.parallel.collective_transport import CollectiveGroupError, CollectiveTransport
 from serving.parallel.dispatcher import ExpertDispatcher, LocalTransport
 from serving.parallel.expert_shard import ExpertShardWorker
 from serving.parallel.placement import Placement
@@ -32,15 +34,23 @@ from serving.parallel.serve_transport import ServeTransport
 
 
 # A shard replica restarting or moving: the step is retried until Serve has it back.
+# A broken collective group: the next step rebuilds it (new shard actors, a new gloo group).
 SHARD_UNREACHABLE = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError,
-                     serve.exceptions.DeploymentUnavailableError, serve.exceptions.ReplicaUnavailableError)
+                     serve.exceptions.DeploymentUnavailableError, serve.exceptions.ReplicaUnavailableError,
+                     CollectiveGroupError)
 
 
 def build_engine(cfg: AppConfig, placement: Placement, shard_handles=None) -> tuple[Engine, ExpertDispatcher]:
-    """The plain engine for `cfg`: experts in-process (`local`) or behind Serve handles."""
+    """The plain engine for `cfg`: experts in-process (`local`), behind Serve handles (`serve`),
+    or in shard actors this engine starts and owns (`collective`; shard s on node s mod nodes)."""
     model = MoEModel.from_checkpoint(cfg.checkpoint, dtype=cfg.torch_dtype)
     if cfg.transport == "serve":
         transport = ServeTransport(shard_handles)
+    elif cfg.transport == "collective":
+        transport = CollectiveTransport(
+            cfg.checkpoint, placement, cfg.torch_dtype, num_cpus=cfg.shard_num_cpus,
+            shard_resources=[{node_resource(s % cfg.nodes): NODE_PIN} for s in range(placement.num_shards)],
+            timeout_s=cfg.collective_timeout_s)
     else:
         transport = LocalTransport([ExpertShardWorker.from_checkpoint(cfg.checkpoint, placement, s, cfg.torch_dtype)
                                     for s in range(placement.num_shards)])
@@ -88,6 +98,7 @@ class EngineReplica:
             token_budget=cfg.token_budget or sched.max_num_seqs * sched.max_model_len))
         self.load = LoadWindow()
         replica = serve.get_replica_context().replica_id.unique_id
+        self.placement_watcher = PlacementWatcher(self.dispatcher.set_placement)
         self.reporter = MetricsReporter(metrics_hub, f"engine-{replica}", cfg.report_interval_s,
                                         collect_engine=EngineSampler(self.engine, self.dispatcher))
 
@@ -115,8 +126,16 @@ class EngineReplica:
 
     def ready(self) -> dict:
         return {"node_id": ray.get_runtime_context().get_node_id(),
-                "transport": self.dispatcher.transport.name}
+                "transport": self.dispatcher.transport.name,
+                "placement_version": self.dispatcher.placement.version}
+
+    def describe_shards(self) -> list[dict]:
+        """The collective transport's shard actors (shard id, node id, experts); [] otherwise."""
+        return list(getattr(self.dispatcher.transport, "shard_info", []))
 
     def __del__(self):
         self.async_engine.shutdown()
         self.reporter.stop()
+        close = getattr(self.dispatcher.transport, "close", None)
+        if close is not None:      # collective: stop and kill the shard actors this replica owns
+            close()

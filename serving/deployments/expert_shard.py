@@ -8,9 +8,13 @@ import torch
 from ray import serve
 
 from serving.autoscaling.signals import shard_autoscaling_stats
+from serving.deployments.placement_sync import PlacementWatcher
 from serving.engine.load_window import LoadWindow
 from serving.parallel.expert_shard import ExpertShardWorker
 from serving.parallel.placement import Placement
+
+
+RETAIN_GRACE_S = 5.0
 
 
 @serve.deployment
@@ -21,6 +25,13 @@ class ExpertShard:
         self.worker = ExpertShardWorker.from_checkpoint(
             checkpoint, Placement.from_json(placement_json), shard_id, DTYPES[dtype])
         self.load = LoadWindow()
+        self.placement_watcher = PlacementWatcher(self._on_placement)
+
+    def _on_placement(self, placement: Placement) -> None:
+        """A rebalance: new experts load on first use; drop the ones taken away, once the
+        engines (which poll at the same rate) have surely switched."""
+        time.sleep(RETAIN_GRACE_S)
+        self.worker.retain(placement.experts_of(self.worker.shard_id))
 
     def forward(self, layer: int, x_ND: torch.Tensor, topk_ids_NK: torch.Tensor,
                 topk_weights_NK: torch.Tensor) -> torch.Tensor:
@@ -40,4 +51,5 @@ class ExpertShard:
         return {"shard_id": self.worker.shard_id,
                 "node_id": ray.get_runtime_context().get_node_id(),
                 "experts": self.worker.expert_ids(),
+                "experts_loaded_since_start": self.worker.loads_total,
                 "num_parameters": self.worker.num_parameters()}

@@ -5,7 +5,8 @@ C copies of an expert (redundant experts live on several shards).
 
 For every MoE layer of every step (`ExpertDispatcher.__call__`):
   1. pick the copy serving each routed (token, k) slot, spreading a replicated expert's
-     tokens over its copies by token index:   shard_TK = copies_EC[ids_TK, t mod ncopies_E[ids_TK]]
+     tokens over its copies by token index and call count c:
+                                         shard_TK = copies_EC[ids_TK, (t + c) mod ncopies_E[ids_TK]]
   2. for each shard s, pick the tokens with >= 1 slot on s:      idx_N = nonzero(any(shard_TK == s))
   3. send shard s only those tokens, their top-k weights, and their top-k ids with the slots
      served elsewhere replaced by the sentinel E (no shard holds it); every shard is called
@@ -51,6 +52,7 @@ class ExpertDispatcher:
         self.transport = transport
         self.num_experts = num_experts
         self._lock = threading.Lock()
+        self._calls = 0               # rotates which copy of a replicated expert serves a token
         self.set_placement(placement)
 
     def set_placement(self, placement: Placement) -> None:
@@ -64,7 +66,8 @@ class ExpertDispatcher:
                  topk_weights_TK: torch.Tensor) -> torch.Tensor:
         E, S = self.num_experts, self.placement.num_shards
         copies_EC, ncopies_E = self._tables[layer]
-        t_T1 = torch.arange(x_TD.shape[0]).unsqueeze(1)
+        self._calls += 1
+        t_T1 = torch.arange(self._calls, self._calls + x_TD.shape[0]).unsqueeze(1)
         shard_TK = copies_EC[topk_ids_TK, t_T1 % ncopies_E[topk_ids_TK]]                 # 1
         counts_SE = torch.bincount((shard_TK * E + topk_ids_TK).flatten(), minlength=S * E).view(S, E)
         with self._lock:

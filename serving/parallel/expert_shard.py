@@ -1,10 +1,14 @@
 """ExpertShardWorker: the plain object behind one expert shard (in-process or a Serve replica).
 
 It holds only the weights of its own experts, read tensor by tensor from the checkpoint.
+After a rebalance it loads, on first use, only the experts it newly serves (`loader`), and
+`retain` drops the ones the new placement no longer gives it.
 """
 from __future__ import annotations
 
+import threading
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -14,19 +18,47 @@ from serving.model.weights import CheckpointReader, load_expert
 from serving.parallel.placement import Placement
 
 
+ExpertLoader = Callable[[int, int], ExpertWeights]      # (layer, expert) -> weights
+
+
 class ExpertShardWorker:
-    def __init__(self, experts: dict[int, dict[int, ExpertWeights]], shard_id: int = 0):
+    def __init__(self, experts: dict[int, dict[int, ExpertWeights]], shard_id: int = 0,
+                 loader: ExpertLoader | None = None, num_experts: int = 0):
         self.shard_id = shard_id
         self.experts = experts        # layer id -> expert id -> weights (only this shard's)
+        self.loader = loader          # reads one expert from the checkpoint, for rebalancing
+        self.num_experts = num_experts  # ids >= this are the dispatcher's "no expert" sentinel
+        self.loads_total = 0          # experts loaded after start (each one newly needed)
+        self._lock = threading.Lock()
 
     @classmethod
     def from_checkpoint(cls, checkpoint_dir: str | Path, placement: Placement, shard_id: int,
                         dtype: torch.dtype = torch.float32) -> "ExpertShardWorker":
         config = MoEConfig.from_dir(checkpoint_dir)
         reader = CheckpointReader(checkpoint_dir)
-        experts = {layer: {e: load_expert(reader, config, layer, e, dtype) for e in ids}
+        load = lambda layer, e: load_expert(reader, config, layer, e, dtype)    # noqa: E731
+        experts = {layer: {e: load(layer, e) for e in ids}
                    for layer, ids in placement.experts_of(shard_id).items()}
-        return cls(experts, shard_id)
+        return cls(experts, shard_id, loader=load, num_experts=config.num_experts)
+
+    def retain(self, keep: dict[int, tuple[int, ...]]) -> None:
+        """Drop the experts not in `keep` (layer -> experts this shard serves now)."""
+        with self._lock:
+            for layer, ex in self.experts.items():
+                for e in [e for e in ex if e not in keep.get(layer, ())]:
+                    del ex[e]
+
+    def _ensure(self, layer: int, topk_ids_NK: torch.Tensor) -> dict[int, ExpertWeights]:
+        held = self.experts.setdefault(layer, {})
+        if self.loader is None:
+            return held
+        wanted = [e for e in torch.unique(topk_ids_NK).tolist() if e not in held and 0 <= e < self.num_experts]
+        if wanted:
+            with self._lock:
+                for e in wanted:
+                    held[e] = self.loader(layer, e)
+                    self.loads_total += 1
+        return held
 
     def expert_ids(self) -> dict[int, list[int]]:
         return {layer: sorted(ex) for layer, ex in self.experts.items()}
@@ -39,5 +71,5 @@ class ExpertShardWorker:
     @torch.inference_mode()
     def forward(self, layer: int, x_ND: torch.Tensor, topk_ids_NK: torch.Tensor,
                 topk_weights_NK: torch.Tensor) -> torch.Tensor:
-        """Partial MoE output y_ND: the weighted sum over this shard's experts only."""
-        return experts_forward(x_ND, topk_ids_NK, topk_weights_NK, self.experts[layer])
+        """Partial MoE output y_ND: the weighted sum over the experts sent to this shard."""
+        return experts_forward(x_ND, topk_ids_NK, topk_weights_NK, self._ensure(layer, topk_ids_NK))

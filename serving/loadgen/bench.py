@@ -1,0 +1,303 @@
+"""`moe-serve bench`: throughput and latency of a gRPC endpoint, or of the engine in-process.
+
+  moe-serve bench --target 127.0.0.1:50051 --concurrency 64 --num-requests 64 --max-tokens 64 --json
+  moe-serve bench --in-process --checkpoint DIR --concurrency 64 --num-requests 64 --max-tokens 64 --json
+
+Every request has `--prompt-len` random token ids (seeded, ids in [3, --vocab-size)), is
+greedy and ignores EOS, so it produces exactly `--max-tokens` tokens. Arrivals:
+`--mode concurrency` keeps C requests in flight; `poisson` / `gamma` send at `--rate` req/s
+(gamma gaps with shape `--burstiness`) with at most C in flight.
+
+`--in-process` drives `Engine.step()` directly on this thread (no Ray, no gRPC, no
+asyncio), experts in-process over the `local` transport: the engine's own speed, to
+compare with the full path. Token timestamps are taken in the engine's emit callback.
+
+Output: a table, or with `--json` exactly one JSON object (the command line and the
+machine included).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+from collections import deque
+from typing import Any
+
+import numpy as np
+
+from serving.loadgen import arrivals
+from serving.loadgen.driver import RequestResult
+from serving.loadgen.stats import command_line, format_table, machine_info, parse_slo, summarize
+
+
+def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--target", help="HOST:PORT of the gRPC endpoint (loopback only)")
+    where.add_argument("--in-process", action="store_true",
+                       help="drive the engine in this process (needs --checkpoint)")
+    parser.add_argument("--checkpoint", help="checkpoint dir (with --in-process)")
+    parser.add_argument("--concurrency", type=int, default=64,
+                        help="requests in flight (the cap, in poisson/gamma mode)")
+    parser.add_argument("--num-requests", type=int, default=64)
+    parser.add_argument("--max-tokens", type=int, default=64, help="tokens generated per request")
+    parser.add_argument("--prompt-len", type=int, default=32, help="prompt tokens per request")
+    parser.add_argument("--vocab-size", type=int, default=256,
+                        help="prompt ids are drawn from [3, VOCAB_SIZE) (valid for any served model)")
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
+                        help="engine dtype (--in-process; a cluster serves its own)")
+    parser.add_argument("--mode", choices=arrivals.MODES, default="concurrency")
+    parser.add_argument("--rate", type=float, default=None, help="req/s (poisson, gamma)")
+    parser.add_argument("--burstiness", type=float, default=1.0,
+                        help="gamma shape: 1 = Poisson, < 1 burstier")
+    parser.add_argument("--priority", choices=["interactive", "batch"], default="interactive")
+    parser.add_argument("--slo", default=None,
+                        help="goodput bounds in seconds, e.g. ttft=0.5,tpot=0.1 (also e2e, itl)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--warmup", type=int, default=None,
+                        help="untimed warm-up requests first (default: concurrency, of 2 tokens)")
+    parser.add_argument("--max-duration-s", type=float, default=600.0,
+                        help="hard bound: requests still running then are cancelled")
+    parser.add_argument("--timeout-s", type=float, default=300.0, help="per-request gRPC deadline")
+    parser.add_argument("--expert-shards", type=int, default=1,
+                        help="--in-process: shards behind the local transport")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=None,
+                        help="--in-process: scheduler token budget per step (default: the AppConfig's)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="--in-process: torch intra-op threads (default: torch's)")
+    parser.add_argument("--json", action="store_true", help="print exactly one JSON object")
+
+
+def _check(args: argparse.Namespace) -> None:
+    if args.in_process and not args.checkpoint:
+        raise ValueError("--in-process needs --checkpoint")
+    for name in ("concurrency", "num_requests", "max_tokens", "prompt_len"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+    if args.vocab_size < 4:
+        raise ValueError("--vocab-size must be >= 4")
+    if args.mode != "concurrency" and not (args.rate and args.rate > 0):
+        raise ValueError(f"--mode {args.mode} needs --rate > 0")
+
+
+def make_prompts(n: int, prompt_len: int, vocab_size: int, seed: int) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return rng.integers(3, vocab_size, size=(n, prompt_len)).tolist()
+
+
+def arrival_times(args: argparse.Namespace) -> np.ndarray | None:
+    """Arrival schedule (seconds) for poisson/gamma, None for closed-loop concurrency."""
+    if args.mode == "concurrency":
+        return None
+    rng = np.random.default_rng(args.seed + 1)
+    shape = 1.0 if args.mode == "poisson" else args.burstiness
+    return arrivals.gamma_arrivals(args.rate, shape, args.num_requests, rng)
+
+
+# ---- over gRPC --------------------------------------------------------------------------
+
+async def _bench_grpc(args: argparse.Namespace, prompts: list[list[int]]
+                      ) -> tuple[list[RequestResult], float, dict]:
+    from serving.client import build_request
+    from serving.loadgen.driver import GrpcDriver
+
+    def make(i: int, max_tokens: int = args.max_tokens, tag: str = "bench") -> tuple[Any, str]:
+        return build_request(prompt_ids=prompts[i % len(prompts)], max_tokens=max_tokens,
+                             temperature=0.0, ignore_eos=True, priority=args.priority,
+                             request_id=f"{tag}-{i}"), args.priority
+
+    async with GrpcDriver(args.target, timeout_s=args.timeout_s,
+                          max_in_flight=args.concurrency) as drv:
+        await drv.wait_ready(timeout_s=30.0)
+        warm = args.concurrency if args.warmup is None else args.warmup
+        if warm:
+            wres, _ = await drv.closed_loop(lambda i: make(i, 2, "warmup"), concurrency=min(warm, args.concurrency),
+                                            num_requests=warm, max_duration_s=args.max_duration_s)
+            bad = [r for r in wres if not r.ok]
+            if bad:
+                raise RuntimeError(f"warm-up request failed: {bad[0].code}: {bad[0].details}")
+        times = arrival_times(args)
+        if times is None:
+            results, wall = await drv.closed_loop(make, concurrency=args.concurrency,
+                                                  num_requests=args.num_requests,
+                                                  max_duration_s=args.max_duration_s)
+        else:
+            results, wall = await drv.open_loop(make, times, max_duration_s=args.max_duration_s,
+                                                when_full="wait")
+    return results, wall, {}
+
+
+# ---- in-process ---------------------------------------------------------------------------
+
+def build_inprocess_engine(args: argparse.Namespace):
+    """An Engine for --checkpoint with the local transport (no Ray)."""
+    from serving.deployments.config import AppConfig
+    from serving.deployments.engine_replica import build_engine
+    from serving.model.config import MoEConfig
+    from serving.parallel.placement import Placement
+
+    extra = {} if args.max_num_batched_tokens is None else {
+        "max_num_batched_tokens": args.max_num_batched_tokens}
+    cfg = AppConfig(checkpoint=args.checkpoint, expert_shards=args.expert_shards, transport="local",
+                    dtype=args.dtype, max_num_seqs=args.concurrency,
+                    max_model_len=args.prompt_len + args.max_tokens,
+                    max_tokens_limit=args.max_tokens, **extra)
+    placement = Placement.build(MoEConfig.from_dir(args.checkpoint), args.expert_shards, "contiguous")
+    engine, _ = build_engine(cfg, placement)
+    return engine
+
+
+def drive_engine(engine, prompts: list[list[int]], *, max_tokens: int, concurrency: int,
+                 priority: str = "interactive", times: np.ndarray | None = None,
+                 max_duration_s: float = 600.0, tag: str = "bench"
+                 ) -> tuple[list[RequestResult], float, dict]:
+    """Run len(prompts) requests through `engine.step()`: closed loop at `concurrency`,
+    or at the arrival `times` (seconds) with at most `concurrency` in flight."""
+    from serving.engine.request import GenerationRequest, Priority
+    from serving.model.sampling import SamplingParams
+
+    prio = Priority.BATCH if priority == "batch" else Priority.INTERACTIVE
+    sampling = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    results = [RequestResult(index=i, priority=priority, start_s=0.0) for i in range(len(prompts))]
+    done: deque[int] = deque()
+    t0 = time.perf_counter()
+
+    def add(i: int) -> None:
+        r = results[i]
+        start = time.perf_counter()
+        r.start_s = start - t0
+        last = [start]
+
+        def emit(ev: Any) -> None:
+            now = time.perf_counter()
+            if isinstance(ev, BaseException):
+                r.code, r.details, r.e2e_s = "INTERNAL", str(ev), now - start
+                done.append(i)
+                return
+            if ev.token_id >= 0:
+                if r.ttft_s is None:
+                    r.ttft_s = now - start
+                else:
+                    r.itl_s.append(now - last[0])
+                last[0] = now
+                r.tokens += 1
+            if ev.finish_reason is not None:
+                r.code, r.e2e_s = "OK", now - start
+                r.finish_reason = getattr(ev.finish_reason, "value", str(ev.finish_reason))
+                done.append(i)
+
+        engine.add_request(GenerationRequest(request_id=f"{tag}-{i}", prompt_token_ids=tuple(prompts[i]),
+                                             sampling=sampling, priority=prio,
+                                             arrival_time=time.time()), emit)
+
+    n = len(prompts)
+    next_i, in_flight, steps = 0, 0, 0
+    deadline = t0 + max_duration_s
+    while next_i < n or in_flight:
+        now = time.perf_counter()
+        if now > deadline:
+            break
+        while next_i < n and in_flight < concurrency and (times is None or t0 + times[next_i] <= now):
+            add(next_i)
+            next_i += 1
+            in_flight += 1
+        if engine.has_work():
+            engine.step()
+            steps += 1
+            while done:
+                done.popleft()
+                in_flight -= 1
+        elif in_flight:
+            raise RuntimeError("engine went idle with requests in flight")
+        elif next_i < n:         # open loop, nothing to do until the next arrival
+            time.sleep(max(0.0, min(0.05, t0 + times[next_i] - time.perf_counter())))
+    wall = time.perf_counter() - t0
+    sent = results[:next_i]
+    for r in sent:
+        if r.code == "PENDING":
+            r.code, r.details, r.e2e_s = "CANCELLED", "max duration reached", wall - r.start_s
+    return sent, wall, {"engine_steps": steps}
+
+
+def _bench_inprocess(args: argparse.Namespace, prompts: list[list[int]]
+                     ) -> tuple[list[RequestResult], float, dict]:
+    import torch
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    t_load = time.perf_counter()
+    engine = build_inprocess_engine(args)
+    load_s = time.perf_counter() - t_load
+    warm = args.concurrency if args.warmup is None else args.warmup
+    if warm:
+        wprompts = make_prompts(warm, args.prompt_len, args.vocab_size, args.seed + 7)
+        drive_engine(engine, wprompts, max_tokens=2, concurrency=args.concurrency, tag="warmup")
+    st = engine.stats
+    steps0, step_s0 = st.steps_total, st.step_seconds_total
+    with torch.inference_mode():
+        results, wall, extra = drive_engine(
+            engine, prompts, max_tokens=args.max_tokens, concurrency=args.concurrency,
+            priority=args.priority, times=arrival_times(args), max_duration_s=args.max_duration_s)
+    steps = st.steps_total - steps0
+    extra.update(load_s=load_s, mean_step_s=(st.step_seconds_total - step_s0) / steps if steps else None)
+    return results, wall, extra
+
+
+def _loadavg() -> float | None:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
+
+
+# ---- entry ------------------------------------------------------------------------------
+
+def run_bench(args: argparse.Namespace) -> int:
+    """`moe-serve bench`: 0 if every request finished OK, 1 if some failed, 2 on bad arguments."""
+    try:
+        _check(args)
+        slo = parse_slo(args.slo)
+        if args.target:
+            from serving.loadgen.driver import ensure_loopback
+            ensure_loopback(args.target)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    load_at_start = _loadavg()
+    prompts = make_prompts(args.num_requests, args.prompt_len, args.vocab_size, args.seed)
+    if args.in_process:
+        results, wall, extra = _bench_inprocess(args, prompts)
+    else:
+        results, wall, extra = asyncio.run(_bench_grpc(args, prompts))
+    summary = summarize(results, wall, slo)
+    report: dict[str, Any] = {
+        "command": command_line(),
+        "machine": {**machine_info(), "load_avg_1m_at_start": load_at_start},
+        "path": "in-process" if args.in_process else "grpc",
+        "config": {k: getattr(args, k) for k in (
+            "target", "checkpoint", "concurrency", "num_requests", "max_tokens", "prompt_len",
+            "dtype", "mode", "rate", "burstiness", "priority", "seed", "expert_shards", "threads")},
+        **summary, **extra}
+    if args.json:
+        print(json.dumps(report))
+    else:
+        where = f"engine in-process ({args.checkpoint}, {args.dtype})" if args.in_process else args.target
+        print(f"command   {report['command']}\nmachine   {report['machine']['cpu_model']}, "
+              f"{report['machine'].get('cores_available', report['machine']['cpu_count'])} cores, "
+              f"load average {load_at_start} at start, torch threads "
+              f"{report['machine'].get('torch_threads', '-')}\n"
+              f"path      {where}   mode {args.mode}   C={args.concurrency} "
+              f"N={args.num_requests} prompt={args.prompt_len} T={args.max_tokens}")
+        print(format_table(summary))
+    return 0 if summary["failed"] == 0 else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="moe-serve bench", description=__doc__.split("\n\n")[0])
+    add_bench_arguments(parser)
+    return run_bench(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

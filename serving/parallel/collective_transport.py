@@ -1,0 +1,281 @@
+"""The `collective` transport: expert shards are plain Ray actors that share one gloo process
+group with the engine; tokens move over it point to point, with no Ray call per layer.
+
+Ranks: 0 is the engine (the only producer), rank s+1 is shard s (an `ExpertShardActor`).
+Ray only creates, places, probes and kills the actors. The data path is torch.distributed.
+
+For every MoE layer (`CollectiveTransport.run`), for every shard s that gets tokens:
+  1. post irecv of y_ND from rank s+1 (bytes, in x's dtype)
+  2. isend header_H = [OP_FORWARD, layer, N, D, K, dtype code]                     (int64[6])
+  3. isend one payload: topk_ids_NK (int64) | topk_weights_NK (fp32) | x_ND (dtype), as bytes
+  4. shard s (its serving loop, a thread in the actor) receives 2 and 3, runs
+     ExpertShardWorker.forward, and sends y_ND back
+  5. wait for every send and every y_ND, all under one deadline (`timeout_s`)
+A shard that gets no tokens this layer is not contacted at all.
+
+The group is ours alone. It is built from its own TCPStore and ProcessGroupGloo, not through
+`init_process_group`, so an engine process that already has a default group is untouched.
+Gloo runs on CPU tensors. NCCL would need the experts on GPU, which this codebase does not
+do yet.
+
+Faults. A dead collective group cannot be repaired in place, so any failure breaks the group.
+When a shard process dies, gloo sees the connection close within milliseconds. When a shard
+hangs, or its node is cut off, the deadline expires. When a shard's forward raises, the shard
+drops its side of the group, which the engine sees as a closed connection. In every case
+`run` then:
+  - probes each actor through Ray (is it alive? its last error),
+  - drops the group and kills every shard actor,
+  - raises `CollectiveGroupError` naming the shards at fault.
+The next `run` rebuilds the whole gang (new actors, a new group on a fresh port), within
+`connect_timeout_s`, and raises `CollectiveGroupError` again if it cannot. The AsyncEngine
+lists this error as retryable, so a step is retried until the rebuild succeeds or its retry
+budget runs out. This transport is not elastic: S is fixed, and there are no per-shard
+replicas or autoscaling. Those live in the `serve` transport.
+"""
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import threading
+import time
+from typing import Sequence
+
+import ray
+import torch
+import torch.distributed as dist
+
+from serving.parallel.dispatcher import ShardCall
+from serving.parallel.expert_shard import ExpertShardWorker
+from serving.parallel.placement import Placement
+
+log = logging.getLogger(__name__)
+
+OP_STOP, OP_FORWARD = 0, 1
+HEADER_LEN = 6                                   # op, layer, N, D, K, dtype code
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+CODE_DTYPES = {c: d for d, c in DTYPE_CODES.items()}
+TAG = 0                                          # one engine<->shard stream, FIFO per pair
+FOREVER = datetime.timedelta(days=3650)          # a shard waits for the next layer indefinitely
+
+
+class CollectiveGroupError(RuntimeError):
+    """The collective group broke (a shard died, hung, or failed). The next run rebuilds it."""
+
+
+def _td(seconds: float) -> datetime.timedelta:
+    return datetime.timedelta(seconds=max(seconds, 0.001))
+
+
+def _node_ip() -> str:
+    return ray.util.get_node_ip_address() if ray.is_initialized() else "127.0.0.1"
+
+
+def _gloo_group(store: dist.Store, rank: int, world_size: int, host: str,
+                timeout_s: float) -> dist.ProcessGroup:
+    """A private gloo group (never the default one). It binds to this node's IP.
+    `timeout_s` bounds only the rendezvous: every wait below passes its own timeout."""
+    opts = dist.ProcessGroupGloo._Options()
+    opts._timeout = _td(timeout_s)
+    opts._devices = [dist.ProcessGroupGloo.create_device(hostname=host)]
+    return dist.ProcessGroupGloo(store, rank, world_size, opts)
+
+
+def _as_bytes(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(-1).view(torch.uint8)
+
+
+class ExpertShardActor:
+    """One expert shard as a plain Ray actor (rank shard_id + 1), serving in a background thread."""
+
+    def __init__(self, checkpoint: str, placement_json: str, shard_id: int, dtype: torch.dtype):
+        torch.set_num_threads(1)
+        self.worker = ExpertShardWorker.from_checkpoint(checkpoint, Placement.from_json(placement_json),
+                                                        shard_id, dtype)
+        self._thread: threading.Thread | None = None
+        self._pg = None
+        self.error: str | None = None
+        self.calls = self.tokens = 0
+
+    def describe(self) -> dict:
+        return {"shard_id": self.worker.shard_id, "node_id": ray.get_runtime_context().get_node_id(),
+                "pid": os.getpid(), "experts": self.worker.expert_ids(),
+                "num_parameters": self.worker.num_parameters()}
+
+    def start(self, store_host: str, store_port: int, world_size: int, timeout_s: float) -> None:
+        """Join the group (blocks until every rank has joined), then serve in a thread."""
+        rank = self.worker.shard_id + 1
+        store = dist.TCPStore(store_host, store_port, world_size, False, timeout=_td(timeout_s))
+        self._pg = _gloo_group(store, rank, world_size, _node_ip(), timeout_s)
+        self._thread = threading.Thread(target=self._serve, args=(timeout_s,),
+                                        name=f"expert-shard-{self.worker.shard_id}", daemon=True)
+        self._thread.start()
+
+    def status(self) -> dict:
+        return {"serving": self._thread is not None and self._thread.is_alive(), "error": self.error,
+                "calls": self.calls, "tokens": self.tokens}
+
+    def _serve(self, timeout_s: float) -> None:
+        try:
+            self._serve_loop(self._pg, _td(timeout_s))
+        except Exception as exc:              # noqa: BLE001 -- reported through status()
+            self.error = f"{type(exc).__name__}: {exc}"
+            log.error("expert shard %d stopped: %s", self.worker.shard_id, self.error)
+        finally:
+            self._pg = None                   # the last reference: closes our connections,
+                                              # so the engine sees this shard gone at once
+
+    def _serve_loop(self, pg, timeout: datetime.timedelta) -> None:
+        while True:
+            header_H = torch.empty(HEADER_LEN, dtype=torch.int64)
+            pg.recv([header_H], 0, TAG).wait(FOREVER)
+            op, layer, N, D, K, code = header_H.tolist()
+            if op == OP_STOP:
+                return
+            dtype = CODE_DTYPES[code]
+            n_ids, n_w = N * K * 8, N * K * 4
+            payload = torch.empty(n_ids + n_w + N * D * dtype.itemsize, dtype=torch.uint8)
+            pg.recv([payload], 0, TAG).wait(timeout)
+            topk_ids_NK = payload[:n_ids].view(torch.int64).view(N, K)
+            topk_weights_NK = payload[n_ids:n_ids + n_w].view(torch.float32).view(N, K)
+            x_ND = payload[n_ids + n_w:].view(dtype).view(N, D)
+            y_ND = self.worker.forward(layer, x_ND, topk_ids_NK, topk_weights_NK).to(dtype)
+            pg.send([_as_bytes(y_ND)], 0, TAG).wait(timeout)
+            self.calls += 1
+            self.tokens += N
+
+
+_RemoteShard = ray.remote(ExpertShardActor)
+
+
+class CollectiveTransport:
+    """Engine side (rank 0). It owns the shard actors: created here, killed by `close`."""
+    name = "collective"
+
+    def __init__(self, checkpoint: str, placement: Placement, dtype: torch.dtype = torch.float32, *,
+                 shard_resources: Sequence[dict] | None = None, num_cpus: float = 0.1,
+                 timeout_s: float = 60.0, connect_timeout_s: float = 180.0):
+        self.checkpoint, self.placement, self.dtype = str(checkpoint), placement, dtype
+        self.num_shards = placement.num_shards
+        self.shard_resources = list(shard_resources or [{}] * self.num_shards)  # shard s -> actor resources
+        self.num_cpus = num_cpus
+        self.timeout_s = timeout_s              # one layer's round trip, worst case
+        self.connect_timeout_s = connect_timeout_s
+        self.generation = 0                     # groups built so far (1 + rebuilds)
+        self.actors: list = []
+        self.shard_info: list[dict] = []        # describe() of each shard, at connect time
+        self._pg = None
+        self._closed = False
+        self._lock = threading.Lock()
+        self._connect()
+
+    # ---- the data path ----------------------------------------------------------------
+    def run(self, layer: int, calls: Sequence[ShardCall]) -> list[torch.Tensor]:
+        with self._lock:
+            if self._closed:
+                raise CollectiveGroupError("the collective transport is closed")
+            if self._pg is None:
+                self._connect()               # the group broke earlier: rebuild the whole gang
+            pg, deadline = self._pg, time.monotonic() + self.timeout_s
+            out: list[torch.Tensor] = []
+            pending = []                      # (shard, work, tensors the work reads or writes)
+            try:
+                for c in calls:
+                    N, D = c.x_ND.shape
+                    y_ND = torch.empty(N, D, dtype=c.x_ND.dtype)
+                    out.append(y_ND)
+                    if N == 0:
+                        continue
+                    rank = c.shard + 1
+                    pending.append((c.shard, pg.recv([_as_bytes(y_ND)], rank, TAG), None))        # 1
+                    header_H = torch.tensor([OP_FORWARD, layer, N, D, c.topk_ids_NK.shape[1],
+                                             DTYPE_CODES[c.x_ND.dtype]], dtype=torch.int64)
+                    payload = torch.cat([_as_bytes(c.topk_ids_NK.to(torch.int64)),
+                                         _as_bytes(c.topk_weights_NK.float()), _as_bytes(c.x_ND)])
+                    pending.append((c.shard, pg.send([header_H], rank, TAG), header_H))          # 2
+                    pending.append((c.shard, pg.send([payload], rank, TAG), payload))            # 3
+                for shard, work, _ in pending:                                                  # 5
+                    try:
+                        work.wait(_td(deadline - time.monotonic()))
+                    except RuntimeError as exc:
+                        raise self._broken(shard, exc) from exc
+            finally:
+                pending.clear()
+            return out
+
+    # ---- lifecycle ----------------------------------------------------------------------
+    def _connect(self) -> None:
+        """Start S shard actors, wait until they are loaded, then form the group with them."""
+        self._teardown()
+        self.generation += 1
+        try:
+            self.actors = [_RemoteShard.options(
+                num_cpus=self.num_cpus, resources=self.shard_resources[s], max_restarts=0).remote(self.checkpoint, self.placement.to_json(), s, self.dtype)
+                for s in range(self.num_shards)]
+            self.shard_info = ray.get([a.describe.remote() for a in self.actors],
+                                      timeout=self.connect_timeout_s)
+            host, world = _node_ip(), self.num_shards + 1
+            store = dist.TCPStore(host, 0, world, True, timeout=_td(self.connect_timeout_s),
+                                  wait_for_workers=False)
+            started = [a.start.remote(host, store.port, world, self.connect_timeout_s) for a in self.actors]
+            self._pg = _gloo_group(store, 0, world, host, self.connect_timeout_s)
+            ray.get(started, timeout=self.connect_timeout_s)
+            self._store = store
+        except Exception as exc:
+            self._teardown()
+            raise CollectiveGroupError(
+                f"could not build the collective group of {self.num_shards} expert shards "
+                f"(generation {self.generation}): {type(exc).__name__}: {exc}") from exc
+        log.info("collective group %d up: %d shards on nodes %s", self.generation, self.num_shards,
+                 [i["node_id"][:8] for i in self.shard_info])
+
+    def _broken(self, shard: int, exc: BaseException) -> CollectiveGroupError:
+        """Say which shards are at fault, then drop the group and every actor."""
+        faults = []
+        probes = [a.status.remote() for a in self.actors]
+        for s, ref in enumerate(probes):
+            try:
+                st = ray.get(ref, timeout=2.0)
+                if st["error"] or not st["serving"]:
+                    faults.append(f"shard {s} stopped serving: {st['error']}")
+            except ray.exceptions.GetTimeoutError:
+                faults.append(f"shard {s} unresponsive")
+            except ray.exceptions.RayError as e:
+                faults.append(f"shard {s} actor dead ({type(e).__name__})")
+        self._teardown()
+        return CollectiveGroupError(
+            f"collective group {self.generation} broke waiting on shard {shard}: "
+            f"{'; '.join(faults) or 'no shard reports a fault'}; gloo: {str(exc).splitlines()[0][:200]}. "
+            "The next call rebuilds the group.")
+
+    def _teardown(self) -> None:
+        self._pg = None          # the last reference: closes the connections; shards' loops exit
+        self._store = None
+        for a in self.actors:
+            try:
+                ray.kill(a, no_restart=True)
+            except Exception:    # noqa: BLE001 -- already gone
+                pass
+        self.actors = []
+
+    def close(self) -> None:
+        """Stop every shard's loop (best effort), then kill the actors. Idempotent."""
+        with self._lock:
+            self._closed = True
+            if self._pg is not None:
+                works = []
+                try:
+                    for s in range(self.num_shards):
+                        stop_H = torch.tensor([OP_STOP, 0, 0, 0, 0, 0], dtype=torch.int64)
+                        works.append((self._pg.send([stop_H], s + 1, TAG), stop_H))
+                    for work, _ in works:
+                        work.wait(_td(1.0))
+                except RuntimeError:
+                    pass
+            self._teardown()
+
+    def __del__(self):
+        try:
+            self._teardown()
+        except Exception:        # noqa: BLE001 -- interpreter shutdown
+            pass

@@ -1,0 +1,437 @@
+"""Load generator: stats math, arrivals, the metrics parser, and the gRPC driver, `bench` and
+`loadtest` against the plain grpc.aio server (serving/api/local_server.py) with a fake
+echo engine on 127.0.0.1. No Ray. Every run is bounded to a few seconds."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import csv
+import http.server
+import json
+import math
+import threading
+from typing import AsyncIterator
+
+import numpy as np
+import pytest
+
+from serving.api.errors import Overloaded
+from serving.api.local_server import ByteTokenizer, EchoEngine, start_local_server
+from serving.api.service import GenerateService
+from serving.api.validation import ApiLimits
+from serving.client import build_request
+from serving.engine.request import GenerationRequest, Priority, TokenEvent
+from serving.loadgen import arrivals, stats
+from serving.loadgen.bench import add_bench_arguments, run_bench
+from serving.loadgen.driver import (GrpcDriver, RequestResult, ensure_loopback, pushback_ms_of,
+                                    pushback_of)
+from serving.loadgen.loadtest import add_loadtest_arguments, run_loadtest
+from serving.loadgen.scrape import ClusterSnapshot, engine_deployment, parse_exposition
+
+TOK = ByteTokenizer()
+
+
+# ---- fixtures: an echo server on loopback, in its own thread and event loop ---------------
+
+class SheddingEcho:
+    """EchoEngine with `slots` concurrent streams: batch is shed once half the slots are
+    busy, interactive only when all are (Overloaded -> RESOURCE_EXHAUSTED + pushback)."""
+
+    def __init__(self, slots: int = 4, delay_s: float = 0.01):
+        self.echo = EchoEngine(TOK, delay_s)
+        self.slots = slots
+        self.active = 0
+        self.peak = 0
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
+        limit = self.slots // 2 if request.priority == Priority.BATCH else self.slots
+        if self.active >= limit:
+            raise Overloaded("busy", retry_after_s=0.2)
+        self.active += 1
+        self.peak = max(self.peak, self.active)
+        try:
+            async for ev in self.echo.stream(request):
+                yield ev
+        finally:
+            self.active -= 1
+
+
+class EchoServer:
+    def __init__(self, engine):
+        self.engine = engine
+        self.loop = asyncio.new_event_loop()
+        self.ready = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+        assert self.ready.wait(10)
+        self.target = f"127.0.0.1:{self.port}"
+
+    def _run(self):
+        asyncio.set_event_loop(self.loop)
+        service = GenerateService(TOK, ApiLimits(vocab_size=TOK.vocab_size, max_model_len=512,
+                                                 max_tokens_limit=256), self.engine)
+        self.server, self.port = self.loop.run_until_complete(start_local_server(service, port=0))
+        self.ready.set()
+        self.loop.run_forever()
+
+    def stop(self):
+        asyncio.run_coroutine_threadsafe(self.server.stop(0), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+@pytest.fixture
+def echo_server():
+    srv = EchoServer(EchoEngine(TOK, delay_s=0.002))
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+def shedding_server():
+    srv = EchoServer(SheddingEcho(slots=4, delay_s=0.01))
+    yield srv
+    srv.stop()
+
+
+class FakeMetrics:
+    """A /metrics endpoint on loopback whose engine replicas follow the shedding engine."""
+
+    def __init__(self, engine: SheddingEcho):
+        fake = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                body = fake.text().encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "text/plain; version=0.0.4")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *a):
+                pass
+
+        self.engine = engine
+        self.desired = 1
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/metrics"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def text(self) -> str:
+        if self.engine.active >= self.engine.slots // 2:
+            self.desired = 2
+        elif self.engine.active == 0:
+            self.desired = 1
+        return ("# HELP moe_serve_queue_depth Requests waiting\n# TYPE moe_serve_queue_depth gauge\n"
+                f'moe_serve_queue_depth{{replica="engine-a"}} {self.engine.active}\n'
+                f'moe_serve_deployment_replicas{{deployment="EngineReplica"}} {self.desired}\n'
+                f'moe_serve_autoscaling_desired_replicas{{deployment="EngineReplica"}} {self.desired}\n'
+                'moe_serve_deployment_replicas{deployment="ExpertShard0"} 1\n')
+
+    def stop(self):
+        self.httpd.shutdown()
+
+
+# ---- stats ----------------------------------------------------------------------------------
+
+def _result(i, ttft, itls, code="OK", prio="interactive", start=0.0):
+    tokens = 0 if ttft is None else 1 + len(itls)
+    e2e = None if ttft is None else ttft + sum(itls)
+    return RequestResult(index=i, priority=prio, start_s=start, ttft_s=ttft, itl_s=list(itls),
+                         e2e_s=e2e if e2e is not None else 0.01, tokens=tokens, code=code)
+
+
+def test_percentiles_and_summary_math():
+    assert stats.percentile([], 50) is None
+    assert stats.percentile([1, 2, 3, 4], 50) == 2.5
+    assert stats.percentile(range(101), 99) == pytest.approx(99.0)
+    rs = [_result(0, 0.1, [0.05] * 9), _result(1, 0.3, [0.1] * 9),
+          _result(2, None, [], code="RESOURCE_EXHAUSTED")]
+    s = stats.summarize(rs, wall_s=2.0, slo=stats.parse_slo("ttft=0.2,tpot=0.08"))
+    assert (s["num_requests"], s["completed"], s["failed"]) == (3, 2, 1)
+    assert s["output_tokens"] == 20 and s["output_tokens_per_s"] == pytest.approx(10.0)
+    assert s["requests_per_s"] == pytest.approx(1.0)
+    assert s["ttft_p50_s"] == pytest.approx(0.2)
+    assert s["tpot_mean_s"] == pytest.approx(0.075)       # (0.05 + 0.1) / 2
+    assert s["itl_p50_s"] == pytest.approx(0.075)         # pooled: 9 x 0.05, 9 x 0.1
+    assert s["e2e_p99_s"] == pytest.approx(0.55 + 0.99 * (1.2 - 0.55))   # OK requests only
+    assert s["goodput_requests_per_s"] == pytest.approx(0.5)   # only request 0 meets both
+    assert s["slo_attainment"] == pytest.approx(1 / 3)
+    assert rs[0].tpot_s == pytest.approx(0.05)
+    assert rs[1].token_times()[-1] == pytest.approx(1.2)
+    assert "TTFT" in stats.format_table(s)
+
+
+def test_parse_slo_rejects_bad_input():
+    assert stats.parse_slo("ttft=0.5, tpot_s=0.1,e2e=3") == {"ttft": 0.5, "tpot": 0.1, "e2e": 3.0}
+    for bad in ("ttft", "foo=1", "ttft=-1", "ttft=abc"):
+        with pytest.raises(ValueError, match="--slo"):
+            stats.parse_slo(bad)
+
+
+def test_machine_info_and_command():
+    m = stats.machine_info()
+    assert m["cpu_model"] and m["cpu_count"] >= 1
+    assert stats.command_line(["x", "--a", "b c"], prog="moe-serve") == "moe-serve --a 'b c'"
+
+
+# ---- arrivals --------------------------------------------------------------------------------
+
+def test_arrival_processes_have_the_requested_rate():
+    rng = np.random.default_rng(0)
+    t = arrivals.poisson_arrivals(20.0, 4000, rng)
+    assert t[0] == 0 and np.all(np.diff(t) >= 0)
+    assert len(t) / t[-1] == pytest.approx(20.0, rel=0.08)
+    g = arrivals.gamma_arrivals(20.0, 0.25, 4000, rng)        # bursty: same mean, larger spread
+    assert len(g) / g[-1] == pytest.approx(20.0, rel=0.2)
+    assert np.std(np.diff(g)) > 1.5 * np.std(np.diff(t))
+    with pytest.raises(ValueError):
+        arrivals.gamma_arrivals(0.0, 1.0, 3, rng)
+
+
+def test_profiles():
+    p = arrivals.make_profile("spike", 40, 5.0, 10.0, 0.25, 0.5)
+    assert (p.spike_start_s, p.spike_end_s) == (10, 30)
+    assert [p.rate(t) for t in (5, 10, 29.9, 30, 41)] == [5, 50, 50, 5, 0]
+    assert p.phase(5) == "baseline" and p.phase(15) == "spike" and p.phase(35) == "recovery"
+    times = p.arrivals(np.random.default_rng(1))
+    assert len(times) == pytest.approx(p.expected_count(), rel=0.1)   # 10*5 + 20*50 + 10*5
+    assert np.sum((times >= 10) & (times < 30)) > 8 * np.sum(times < 10)
+    assert len(p.arrivals(np.random.default_rng(1), max_count=7)) == 7
+    ramp = arrivals.make_profile("ramp", 10, 1.0, 5.0)
+    assert ramp.rate(0) == 1.0 and ramp.rate(9.99) == pytest.approx(5.0, rel=0.01)
+    d = arrivals.make_profile("diurnal", 10, 1.0, 3.0)
+    assert d.rate(0) == pytest.approx(1.0) and d.rate(5) == pytest.approx(3.0)
+    assert arrivals.make_profile("poisson", 10, 2.0).rate(7) == 2.0
+    with pytest.raises(ValueError):
+        arrivals.make_profile("flat", 10, 1.0)
+
+
+# ---- scrape ---------------------------------------------------------------------------------
+
+def test_parse_exposition_ours_and_ray_fallbacks():
+    text = """# HELP moe_serve_queue_depth x
+# TYPE moe_serve_queue_depth gauge
+moe_serve_queue_depth{replica="engine-a"} 3
+moe_serve_queue_depth{replica="engine-b"} 4.0
+moe_serve_deployment_replicas{deployment="EngineReplica",app="x\\"y"} 2
+moe_serve_autoscaling_desired_replicas{deployment="EngineReplica"} 5 1700000000000
+garbage line here
+moe_serve_running_requests NaN
+"""
+    samples = parse_exposition(text)
+    assert any(s.labels.get("app") == 'x"y' for s in samples)
+    snap = ClusterSnapshot.from_samples(samples)
+    assert snap.queue_depth == 7 and snap.replicas == {"EngineReplica": 2}
+    assert snap.desired == {"EngineReplica": 5} and snap.running is None
+    ray_text = ('ray_serve_deployment_replica_healthy{deployment="EngineReplica",replica="r1"} 1\n'
+                'ray_serve_deployment_replica_healthy{deployment="EngineReplica",replica="r2"} 1\n'
+                'ray_serve_deployment_queued_queries{deployment="Ingress"} 6\n')
+    snap = ClusterSnapshot.from_text(ray_text)
+    assert snap.replicas == {"EngineReplica": 2} and snap.queue_depth == 6 and snap.desired == {}
+    empty = ClusterSnapshot.from_text(None)
+    assert empty.queue_depth is None and empty.replicas == {}
+    assert engine_deployment(["ExpertShard0", "EngineReplica", "Ingress"]) == "EngineReplica"
+    assert engine_deployment(["Ingress"]) is None
+
+
+def test_loopback_only_and_pushback_parsing():
+    for ok in ("127.0.0.1:1", "localhost:5", "[::1]:7", "127.1.2.3:9"):
+        assert ensure_loopback(ok) == ok
+    for bad in ("10.0.0.1:50051", "example.com:80", "127.0.0.1", "0.0.0.0:1"):
+        with pytest.raises(ValueError):
+            ensure_loopback(bad)
+    assert pushback_ms_of([("grpc-retry-pushback-ms", "250")], "") == 250
+    assert pushback_ms_of([], "server overloaded; retry after 1000 ms") == 1000
+    assert pushback_ms_of(None, "nope") is None
+    from serving.api.errors import retry_trailers
+    import grpc
+    rich = [kv for kv in retry_trailers(grpc.StatusCode.RESOURCE_EXHAUSTED, "busy", 1500)
+            if kv[0] != "grpc-retry-pushback-ms"]
+    assert pushback_of(rich, "") == (1500.0, "retry_info")
+
+
+# ---- the driver over real gRPC ------------------------------------------------------------------
+
+def test_driver_closed_loop_and_shedding(shedding_server):
+    async def go():
+        def make(i):
+            prio = "batch" if i >= 100 else "interactive"
+            return build_request(prompt_ids=[5, 6, 7], max_tokens=5, temperature=0,
+                                 ignore_eos=True, priority=prio), prio
+
+        async with GrpcDriver(shedding_server.target, timeout_s=10, max_in_flight=8) as drv:
+            await drv.wait_ready()
+            ok, wall = await drv.closed_loop(make, concurrency=4, num_requests=8, max_duration_s=10)
+            # 8 batch requests at once: at most 2 run, the rest are shed with pushback
+            burst, _ = await drv.open_loop(lambda i: make(100 + i), [0.0] * 8, max_duration_s=10)
+        return ok, wall, burst
+
+    ok, wall, burst = asyncio.run(go())
+    assert [r.code for r in ok] == ["OK"] * 8 and wall > 0
+    for r in ok:
+        assert r.tokens == 5 and len(r.itl_s) == 4 and r.finish_reason == "length"
+        assert 0 < r.ttft_s <= r.e2e_s and r.admitted
+    shed = [r for r in burst if r.shed]
+    assert shed and all(r.pushback_ms == 200 and r.pushback_source == "trailer" for r in shed)
+    assert all(r.ok for r in burst if not r.shed)
+
+
+def test_driver_cancels_at_the_deadline(echo_server):
+    async def go():
+        make = lambda i: (build_request(prompt_ids=[5], max_tokens=200, temperature=0,   # noqa: E731
+                                        ignore_eos=True), "interactive")
+        async with GrpcDriver(echo_server.target, timeout_s=10, max_in_flight=2) as drv:
+            return await drv.closed_loop(make, concurrency=2, num_requests=50, max_duration_s=0.3)
+
+    results, wall = asyncio.run(go())
+    assert wall < 3 and len(results) == 2
+    assert all(r.code == "CANCELLED" and r.e2e_s is not None for r in results)
+
+
+# ---- bench ----------------------------------------------------------------------------------
+
+def _bench(argv):
+    p = argparse.ArgumentParser()
+    add_bench_arguments(p)
+    return run_bench(p.parse_args(argv))
+
+
+BENCH_KEYS = ("output_tokens_per_s", "requests_per_s", "ttft_p50_s", "ttft_p99_s", "itl_p50_s",
+              "tpot_p50_s", "e2e_p99_s", "command", "machine")
+
+
+def test_bench_grpc_json(echo_server, capsys):
+    rc = _bench(["--target", echo_server.target, "--concurrency", "4", "--num-requests", "12",
+                 "--max-tokens", "6", "--prompt-len", "8", "--slo", "ttft=5,tpot=1", "--json"])
+    out = capsys.readouterr().out
+    assert rc == 0 and len(out.strip().splitlines()) == 1
+    rep = json.loads(out)
+    for k in BENCH_KEYS:
+        assert k in rep
+    assert rep["completed"] == 12 and rep["output_tokens"] == 72 and rep["slo_attainment"] == 1.0
+    assert rep["path"] == "grpc" and rep["machine"]["cpu_count"] >= 1
+
+
+def test_bench_grpc_poisson_table(echo_server, capsys):
+    rc = _bench(["--target", echo_server.target, "--concurrency", "2", "--num-requests", "6",
+                 "--max-tokens", "3", "--mode", "gamma", "--rate", "40", "--burstiness", "0.5",
+                 "--warmup", "0"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "TTFT" in out and "machine" in out and "6/6 OK" in out
+
+
+def test_bench_rejects_bad_arguments(capsys):
+    assert _bench(["--target", "10.1.2.3:50051", "--json"]) == 2
+    assert _bench(["--in-process", "--json"]) == 2
+    assert _bench(["--target", "127.0.0.1:1", "--mode", "poisson"]) == 2
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    from serving.model.checkpoint import write_checkpoint
+    return write_checkpoint("mixtral", "tiny", tmp_path_factory.mktemp("lg") / "tiny")
+
+
+def test_bench_in_process_tiny(tiny_checkpoint, capsys):
+    rc = _bench(["--in-process", "--checkpoint", str(tiny_checkpoint), "--concurrency", "4",
+                 "--num-requests", "6", "--max-tokens", "5", "--prompt-len", "7", "--json"])
+    rep = json.loads(capsys.readouterr().out)
+    assert rc == 0 and rep["path"] == "in-process"
+    for k in BENCH_KEYS:
+        assert k in rep
+    assert rep["completed"] == 6 and rep["output_tokens"] == 30
+    assert rep["engine_steps"] >= 5 and rep["ttft_p50_s"] > 0 and rep["tpot_p50_s"] > 0
+
+
+def test_dispatch_bench_local_smoke(tiny_checkpoint, capsys):
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "dispatch_bench.py"
+    spec = importlib.util.spec_from_file_location("dispatch_bench", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--checkpoint", str(tiny_checkpoint), "--transports", "local", "--tokens", "1,8",
+                     "--shards", "2", "--iters", "5", "--warmup", "1"]) == 0
+    rep = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert rep["machine"]["cpu_model"] and rep["command"]
+    assert [(r["transport"], r["shards"], r["tokens"]) for r in rep["results"]] == [
+        ("local", 2, 1), ("local", 2, 8)]
+    assert all(r["dispatch_p50_ms"] > 0 for r in rep["results"])
+
+
+# ---- loadtest -------------------------------------------------------------------------------
+
+def test_loadtest_spike_against_a_shedding_echo(tmp_path, capsys):
+    engine = SheddingEcho(slots=4, delay_s=0.01)
+    srv, metrics = EchoServer(engine), None
+    try:
+        metrics = FakeMetrics(engine)
+        p = argparse.ArgumentParser()
+        add_loadtest_arguments(p)
+        args = p.parse_args(["--target", srv.target, "--profile", "spike", "--duration", "6",
+                             "--out", str(tmp_path / "run"), "--metrics-url", metrics.url,
+                             "--measure-s", "1", "--measure-concurrency", "4",
+                             "--baseline-load", "0.15", "--spike-multiplier", "10",
+                             "--max-tokens", "8", "--prompt-len", "4", "--drain-s", "5",
+                             "--ttft-slo-s", "0.5", "--scrape-interval-s", "0.25",
+                             "--max-requests", "3000"])
+        assert run_loadtest(args) == 0
+    finally:
+        srv.stop()
+        if metrics:
+            metrics.stop()
+    out = capsys.readouterr().out
+    assert "check" in out and "interactive admitted" in out
+    run = tmp_path / "run"
+    for name in ("timeline.csv", "timeline.png", "summary.json", "requests.csv"):
+        assert (run / name).stat().st_size > 0
+    s = json.loads((run / "summary.json").read_text())
+    for k in ("offered", "admitted", "completed", "shed", "errors_by_code",
+              "ttft_p99_admitted_interactive_s", "interactive_admit_ratio",
+              "seconds_to_first_upscale_decision", "max_engine_replicas", "final_engine_replicas",
+              "admitted_not_completed", "command", "machine", "verdict"):
+        assert k in s, k
+    # the accounting adds up
+    not_admitted_errors = s["offered"] - s["admitted"] - s["shed"]
+    assert not_admitted_errors == 0 and s["errors_by_code"] == {}
+    assert s["admitted"] == s["completed"] + s["admitted_not_completed"]
+    assert s["admitted_not_completed"] == 0 and s["completed"] > 0
+    assert s["shed"] > 0 and s["shed_batch"] >= s["shed_interactive"]      # batch is shed first
+    assert s["shed_with_pushback"] == s["shed"]
+    assert s["offered"] == s["offered_interactive"] + s["offered_batch"]
+    assert 0 <= s["interactive_admit_ratio"] <= 1
+    assert s["engine_deployment"] == "EngineReplica" and s["max_engine_replicas"] == 2
+    assert s["seconds_to_first_upscale_decision"] is not None
+    assert s["seconds_to_first_upscale_decision"] >= 0
+    with open(run / "timeline.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) >= 6 and "replicas_EngineReplica" in rows[0] and "queue_depth" in rows[0]
+    assert sum(int(r["offered"]) for r in rows) == s["offered"]
+    assert sum(int(r["shed"]) for r in rows) == s["shed"]
+    assert sum(int(r["completed"]) for r in rows) == s["completed"]
+    spike = [r for r in rows if r["phase"] == "spike"]
+    base = [r for r in rows if r["phase"] == "baseline"]
+    assert sum(int(r["offered"]) for r in spike) / len(spike) > 3 * sum(int(r["offered"]) for r in base) / len(base)
+    assert len(s["timeline"]) == len(rows)
+    assert not math.isnan(s["output_tokens_per_s"])
+
+
+def test_loadtest_without_metrics_and_fixed_rate(echo_server, tmp_path, capsys):
+    p = argparse.ArgumentParser()
+    add_loadtest_arguments(p)
+    args = p.parse_args(["--target", echo_server.target, "--profile", "poisson", "--duration", "2",
+                         "--out", str(tmp_path / "p"), "--base-rate", "20", "--max-tokens", "4",
+                         "--drain-s", "3", "--json"])
+    assert run_loadtest(args) == 0
+    s = json.loads(capsys.readouterr().out)
+    assert s["offered"] == s["completed"] > 10 and s["shed"] == 0
+    assert s["seconds_to_first_upscale_decision"] is None and s["max_engine_replicas"] is None
+    assert s["interactive_admit_ratio"] == 1.0
+    with open(tmp_path / "p" / "timeline.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert rows[0]["queue_depth"] == ""
+    assert (tmp_path / "p" / "timeline.png").exists()
+    bad = p.parse_args(["--target", "192.168.1.1:50051", "--duration", "1", "--out", str(tmp_path)])
+    assert run_loadtest(bad) == 2
