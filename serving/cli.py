@@ -6,6 +6,8 @@
   moe-serve down | status
   moe-serve generate --target HOST:PORT (--prompt TEXT | --prompt-ids 1,2,3) [...]
   moe-serve run       (the demo behind `make run`: checkpoint if missing, up, stream, wait, down)
+  moe-serve bench (--target HOST:PORT | --in-process --checkpoint DIR) --concurrency C --num-requests N --max-tokens T
+  moe-serve loadtest --target HOST:PORT --profile spike --duration SECONDS --out DIR
   moe-serve simulate --trace spike|diurnal|poisson|FILE.csv --gpus 1000 [--json]
   moe-serve calibrate --out FILE
   moe-serve placement --checkpoint DIR --expert-shards S [--strategy load_aware] [--metrics-url URL]
@@ -223,6 +225,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--apply", action="store_true", help="rebalance the running cluster to this plan, live")
     p.add_argument("--state-dir", type=Path, default=Path(".moe-serve"), help="with --apply: the cluster `up` started")
     p.set_defaults(fn=cmd_placement)
+
+    from serving.loadgen import add_bench_arguments, add_loadtest_arguments, run_bench, run_loadtest
+    p = sub.add_parser("bench", help="load generator over gRPC, or the engine in-process")
+    add_bench_arguments(p)
+    p.set_defaults(fn=run_bench)
+    p = sub.add_parser("loadtest", help="rehearse a traffic profile (spike, ramp, diurnal, poisson)")
+    add_loadtest_arguments(p)
+    p.set_defaults(fn=run_loadtest)
 
     from serving.autoscaling.calibration import add_calibrate_arguments, run_calibrate
     from serving.autoscaling.simulator import add_simulate_arguments, run_simulate

@@ -71,3 +71,18 @@ def test_release_of_unknown_request_is_harmless():
 def test_bad_config_is_rejected():
     with pytest.raises(ValueError, match="batch_share"):
         AdmissionConfig(batch_share=0)
+
+
+def test_interactive_is_shed_when_its_predicted_wait_exceeds_max_wait():
+    now = [0.0]
+    cfg = AdmissionConfig(max_running=2, max_queued=100, token_budget=10**6, max_wait_s=3.0)
+    ac = AdmissionController(cfg, clock=lambda: now[0])
+    ac.admit(_req("a"))
+    now[0] = 2.0
+    ac.release("a")                                  # service time 2 s: one batch of 2 per 2 s
+    for i in range(4):                                # 2 running + 2 waiting
+        ac.admit(_req(f"i{i}"))
+    ac.admit(_req("i4"))                              # 3 ahead of a slot: 3 / 2 * 2 s = 3.0 s <= 3 s
+    with pytest.raises(Overloaded, match="predicted wait"):
+        ac.admit(_req("i5"))                          # 4 ahead: 4.0 s > 3 s
+    ac.admit(_req("b0", priority=Priority.BATCH))      # batch is governed by its share, not the wait

@@ -60,3 +60,18 @@ def test_cancel_of_waiting_and_running_sequences():
     s.finish(run, FinishReason.CANCELLED)
     assert not s.has_work() and s.free_slots == [0]
     assert run.finish_reason is FinishReason.CANCELLED
+
+
+def test_interactive_requests_join_before_waiting_batch_requests():
+    from serving.engine.request import Priority
+    s = Scheduler(SchedulerConfig(max_num_seqs=1, max_num_batched_tokens=100, max_model_len=64))
+    first = s.add(_req("running", 2))
+    _advance(s.schedule())
+    batch = GenerationRequest(request_id="batch", prompt_token_ids=(3, 4),
+                              sampling=SamplingParams(max_tokens=4), priority=Priority.BATCH)
+    s.add(batch)
+    s.add(_req("interactive", 2))                     # arrives later, joins first
+    assert [q.request_id for q in s.waiting] == ["interactive", "batch"]
+    s.finish(first, FinishReason.LENGTH)
+    out = s.schedule()
+    assert [q.request_id for q in out.seqs] == ["interactive"]

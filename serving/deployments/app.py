@@ -18,6 +18,7 @@ from serving.deployments.metrics_hub import MetricsHubDeployment
 from serving.model.config import MoEConfig
 from serving.parallel.placement import Placement
 
+ENGINE_ROUTER_QUEUE = 64    # requests a caller may queue for busy engine replicas before Serve sheds
 INGRESS_MAX_ONGOING = 1000   # streams one ingress replica relays; the engine admits or sheds
 
 
@@ -43,6 +44,7 @@ def build_app(args: dict) -> Application:
         # Serve must hand every request to the replica's own admission control, which sheds
         # with a retry hint; its router queue would only hide the backlog.
         max_ongoing_requests=cfg.max_num_seqs + cfg.max_queued + 8,
+        max_queued_requests=ENGINE_ROUTER_QUEUE,   # beyond: BackPressureError -> RESOURCE_EXHAUSTED
     ).bind(cfg.to_args(), placement.to_json(), shards, hub)
     return Ingress.options(ray_actor_options={"num_cpus": cfg.ingress_num_cpus},
                            max_ongoing_requests=INGRESS_MAX_ONGOING).bind(

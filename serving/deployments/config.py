@@ -27,6 +27,7 @@ class AppConfig:
     max_queued: int = 32                  # admission: requests waiting for a KV slot, per engine replica
     token_budget: int = 0                 # admission: prompt+max_tokens reserved per replica (0 = slots x model len)
     batch_share: float = 0.5              # admission: share of queue and budget `batch` may use
+    ttft_slo_s: float = 2.0               # admission: shed interactive whose predicted wait exceeds this
     metrics_port: int = 9464
     metrics_host: str = "127.0.0.1"
     report_interval_s: float = 0.5        # how often replicas push metrics to the hub

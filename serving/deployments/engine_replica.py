@@ -95,12 +95,19 @@ class EngineReplica:
         sched = self.engine.config
         self.admission = AdmissionController(AdmissionConfig(
             max_running=sched.max_num_seqs, max_queued=cfg.max_queued, batch_share=cfg.batch_share,
+            max_wait_s=cfg.ttft_slo_s,
             token_budget=cfg.token_budget or sched.max_num_seqs * sched.max_model_len))
         self.load = LoadWindow()
         replica = serve.get_replica_context().replica_id.unique_id
-        self.placement_watcher = PlacementWatcher(self.dispatcher.set_placement)
+        self.placement_watcher = PlacementWatcher(self._on_placement)
         self.reporter = MetricsReporter(metrics_hub, f"engine-{replica}", cfg.report_interval_s,
                                         collect_engine=EngineSampler(self.engine, self.dispatcher))
+
+    def _on_placement(self, placement: Placement) -> None:
+        self.dispatcher.set_placement(placement)
+        on_change = getattr(self.dispatcher.transport, "set_placement", None)
+        if on_change is not None:     # collective: this replica's own shard actors follow it
+            on_change(placement)
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
         self.load.add("arrivals")                # offered load, shed requests included

@@ -3,7 +3,9 @@
 Each replica has a bounded queue and a token budget: an admitted request reserves its
 prompt + max_tokens until it finishes. Priority classes share the capacity unequally:
 `batch` may only use `batch_share` of the queue and of the budget, so under load batch is
-shed first while interactive is still admitted. A rejection is `Overloaded` carrying a
+shed first while interactive is still admitted. With `max_wait_s`, an interactive request
+is also shed when the interactive requests ahead of it (the engine schedules interactive
+first) would keep it waiting longer than that: admitted work keeps its TTFT objective. A rejection is `Overloaded` carrying a
 retry delay estimated from how fast this replica is draining. Once admitted, a request is
 never dropped for load.
 """
@@ -24,6 +26,7 @@ class AdmissionConfig:
     max_queued: int = 32             # admitted requests waiting for a slot, per replica
     token_budget: int = 1 << 16      # prompt + max_tokens reserved by admitted, unfinished requests
     batch_share: float = 0.5         # share of queue and budget that `batch` requests may use
+    max_wait_s: float = 0.0          # interactive: shed if the predicted wait for a slot exceeds this (0 = off)
     min_retry_after_s: float = 0.2
     max_retry_after_s: float = 10.0
 
@@ -51,6 +54,9 @@ class AdmissionController:
         self.stats = AdmissionStats()
         self._lock = threading.Lock()
         self._reserved: dict[str, int] = {}
+        self._admitted_at: dict[str, tuple[float, Priority]] = {}
+        self._interactive = 0                 # interactive requests in flight
+        self._service_s = 0.0                 # admit -> release time of a request (EWMA)
         self._done_rate = 0.0                 # finished requests per second (EWMA)
         self._last_done = clock()
 
@@ -62,12 +68,17 @@ class AdmissionController:
             in_flight = len(self._reserved)
             queue_cap = c.max_running + math.floor(c.max_queued * share)
             budget = math.floor(c.token_budget * share)
-            if in_flight >= queue_cap or self.stats.reserved_tokens + need > budget:
+            wait_s = self._predicted_wait_s() if request.priority is not Priority.BATCH else 0.0
+            too_slow = c.max_wait_s > 0 and wait_s > c.max_wait_s
+            if in_flight >= queue_cap or self.stats.reserved_tokens + need > budget or too_slow:
                 self.stats.rejected_total += 1
-                what = "queue" if in_flight >= queue_cap else "token budget"
+                what = ("queue" if in_flight >= queue_cap else "token budget" if not too_slow
+                        else f"predicted wait {wait_s:.1f}s > {c.max_wait_s:g}s, queue")
                 raise Overloaded(f"engine replica {what} full for {request.priority.name.lower()} "
                                  f"requests ({in_flight} in flight)", retry_after_s=self._retry_after(in_flight))
             self._reserved[request.request_id] = need
+            self._admitted_at[request.request_id] = (self.clock(), request.priority)
+            self._interactive += request.priority is not Priority.BATCH
             self.stats.reserved_tokens += need
             self.stats.admitted_total += 1
             self.stats.in_flight = len(self._reserved)
@@ -80,9 +91,18 @@ class AdmissionController:
             self.stats.reserved_tokens -= need
             self.stats.in_flight = len(self._reserved)
             now = self.clock()
+            t0, priority = self._admitted_at.pop(request_id)
+            self._interactive -= priority is not Priority.BATCH
+            self._service_s = now - t0 if self._service_s == 0 else 0.8 * self._service_s + 0.2 * (now - t0)
             dt = max(now - self._last_done, 1e-3)
             self._done_rate = 0.8 * self._done_rate + 0.2 * (1.0 / dt)
             self._last_done = now
+
+    def _predicted_wait_s(self) -> float:
+        """Wait of a new interactive request for a slot: the interactive requests beyond the
+        running batch go first, a batch's worth per service time. 0 until one finished."""
+        ahead = self._interactive - self.config.max_running + 1
+        return max(0, ahead) / self.config.max_running * self._service_s
 
     def _retry_after(self, in_flight: int) -> float:
         """Time for the backlog beyond the running batch to drain, at the observed rate."""

@@ -4,6 +4,7 @@ Invariant: there is no decoding phase nor prefill phase. Every step, each runnin
 sequence is given the tokens it still needs (its whole prompt the first time, then one
 token), new requests join at the step boundary while a KV slot and the token budget
 allow, and finished or cancelled sequences leave (and free their slot) at once.
+Waiting requests join by priority class (interactive before batch), FIFO within a class.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from serving.engine.request import FinishReason, GenerationRequest
+from serving.engine.request import FinishReason, GenerationRequest, Priority
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -62,7 +63,7 @@ class SchedulerOutput:
 class Scheduler:
     def __init__(self, config: SchedulerConfig):
         self.config = config
-        self.waiting: deque[Sequence] = deque()
+        self._waiting: dict[Priority, deque[Sequence]] = {p: deque() for p in sorted(Priority)}
         self.running: list[Sequence] = []
         self.free_slots: list[int] = list(range(config.max_num_seqs - 1, -1, -1))
         self.num_preempted = 0
@@ -74,8 +75,16 @@ class Scheduler:
                              f"max_model_len ({self.config.max_model_len})")
         seq = Sequence(request=request, token_ids=list(request.prompt_token_ids), num_prompt=n,
                        state=state)
-        self.waiting.append(seq)
+        self._waiting[request.priority].append(seq)
         return seq
+
+    @property
+    def waiting(self) -> list[Sequence]:
+        """Waiting sequences in the order they will be admitted."""
+        return [seq for q in self._waiting.values() for seq in q]
+
+    def _next_waiting(self) -> deque[Sequence] | None:
+        return next((q for q in self._waiting.values() if q), None)
 
     def schedule(self) -> SchedulerOutput:
         budget = self.config.max_num_batched_tokens
@@ -86,12 +95,12 @@ class Scheduler:
             q_lens.append(q)
             budget -= q
         num_prefill = 0
-        while self.waiting and self.free_slots:        # then admit new sequences, FIFO
-            seq = self.waiting[0]
+        while self.free_slots and (queue := self._next_waiting()) is not None:   # then new ones
+            seq = queue[0]
             q = len(seq.token_ids) - seq.num_cached
             if q > budget and seqs:                    # a lone prompt always fits eventually
                 break
-            self.waiting.popleft()
+            queue.popleft()
             seq.slot = self.free_slots.pop()
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
@@ -110,17 +119,17 @@ class Scheduler:
             self.free_slots.append(seq.slot)
             seq.slot = -1
         else:
-            self.waiting.remove(seq)
+            self._waiting[seq.request.priority].remove(seq)
         seq.status = SeqStatus.FINISHED
         seq.finish_reason = reason
 
     @property
     def num_waiting(self) -> int:
-        return len(self.waiting)
+        return sum(len(q) for q in self._waiting.values())
 
     @property
     def num_running(self) -> int:
         return len(self.running)
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.running) or self.num_waiting > 0

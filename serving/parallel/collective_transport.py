@@ -6,12 +6,16 @@ Ray only creates, places, probes and kills the actors. The data path is torch.di
 
 For every MoE layer (`CollectiveTransport.run`), for every shard s that gets tokens:
   1. post irecv of y_ND from rank s+1 (bytes, in x's dtype)
-  2. isend header_H = [OP_FORWARD, layer, N, D, K, dtype code]                     (int64[6])
-  3. isend one payload: topk_ids_NK (int64) | topk_weights_NK (fp32) | x_ND (dtype), as bytes
-  4. shard s (its serving loop, a thread in the actor) receives 2 and 3, runs
-     ExpertShardWorker.forward, and sends y_ND back
-  5. wait for every send and every y_ND, all under one deadline (`timeout_s`)
-A shard that gets no tokens this layer is not contacted at all.
+  2. isend one message: header_H = [op, layer, N, D, K, dtype code] (int64[6]), then
+     topk_ids_NK (int64) | topk_weights_NK (fp32) | x_ND (dtype), all as bytes
+  3. shard s (a serving-loop thread in the actor) has already posted a recv for it into a
+     reused INLINE_BYTES buffer. It runs ExpertShardWorker.forward, posts the recv for the
+     next message, and sends y_ND back
+  4. wait for every send and every y_ND, all under one deadline (`timeout_s`)
+A shard that gets no tokens this layer is not contacted at all. Both recvs are posted before
+their data is sent, so gloo moves each message at once, with no rendezvous. A message larger
+than INLINE_BYTES (a long prefill) goes as the header alone (op OP_FORWARD_SPLIT), then the
+payload. That split costs one extra rendezvous, which is small next to that much compute.
 
 The group is ours alone. It is built from its own TCPStore and ProcessGroupGloo, not through
 `init_process_group`, so an engine process that already has a default group is untouched.
@@ -51,8 +55,10 @@ from serving.parallel.placement import Placement
 
 log = logging.getLogger(__name__)
 
-OP_STOP, OP_FORWARD = 0, 1
+OP_STOP, OP_FORWARD, OP_FORWARD_SPLIT = 0, 1, 2
 HEADER_LEN = 6                                   # op, layer, N, D, K, dtype code
+HEADER_BYTES = HEADER_LEN * 8
+INLINE_BYTES = 1 << 20                           # header + payload up to this go as one message
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 CODE_DTYPES = {c: d for d, c in DTYPE_CODES.items()}
 TAG = 0                                          # one engine<->shard stream, FIFO per pair
@@ -111,6 +117,10 @@ class ExpertShardActor:
                                         name=f"expert-shard-{self.worker.shard_id}", daemon=True)
         self._thread.start()
 
+    def retain(self, keep: dict[int, tuple[int, ...]]) -> None:
+        """After a rebalance: drop the experts the new placement took away from this shard."""
+        self.worker.retain(keep)
+
     def status(self) -> dict:
         return {"serving": self._thread is not None and self._thread.is_alive(), "error": self.error,
                 "calls": self.calls, "tokens": self.tokens}
@@ -126,20 +136,26 @@ class ExpertShardActor:
                                               # so the engine sees this shard gone at once
 
     def _serve_loop(self, pg, timeout: datetime.timedelta) -> None:
+        inbox = torch.empty(INLINE_BYTES, dtype=torch.uint8)    # reused: every message lands here
+        pending = pg.recv([inbox], 0, TAG)
         while True:
-            header_H = torch.empty(HEADER_LEN, dtype=torch.int64)
-            pg.recv([header_H], 0, TAG).wait(FOREVER)
-            op, layer, N, D, K, code = header_H.tolist()
+            pending.wait(FOREVER)
+            op, layer, N, D, K, code = inbox[:HEADER_BYTES].view(torch.int64).tolist()
             if op == OP_STOP:
                 return
             dtype = CODE_DTYPES[code]
             n_ids, n_w = N * K * 8, N * K * 4
-            payload = torch.empty(n_ids + n_w + N * D * dtype.itemsize, dtype=torch.uint8)
-            pg.recv([payload], 0, TAG).wait(timeout)
+            size = n_ids + n_w + N * D * dtype.itemsize
+            if op == OP_FORWARD:
+                payload = inbox[HEADER_BYTES:HEADER_BYTES + size]
+            else:                                               # too big to inline: it follows
+                payload = torch.empty(size, dtype=torch.uint8)
+                pg.recv([payload], 0, TAG).wait(timeout)
             topk_ids_NK = payload[:n_ids].view(torch.int64).view(N, K)
             topk_weights_NK = payload[n_ids:n_ids + n_w].view(torch.float32).view(N, K)
             x_ND = payload[n_ids + n_w:].view(dtype).view(N, D)
-            y_ND = self.worker.forward(layer, x_ND, topk_ids_NK, topk_weights_NK).to(dtype)
+            y_ND = self.worker.forward(layer, x_ND, topk_ids_NK, topk_weights_NK).to(dtype).contiguous()
+            pending = pg.recv([inbox], 0, TAG)                  # x_ND is consumed: ready for the next
             pg.send([_as_bytes(y_ND)], 0, TAG).wait(timeout)
             self.calls += 1
             self.tokens += N
@@ -179,6 +195,7 @@ class CollectiveTransport:
             pg, deadline = self._pg, time.monotonic() + self.timeout_s
             out: list[torch.Tensor] = []
             pending = []                      # (shard, work, tensors the work reads or writes)
+            shard = -1
             try:
                 for c in calls:
                     N, D = c.x_ND.shape
@@ -186,22 +203,39 @@ class CollectiveTransport:
                     out.append(y_ND)
                     if N == 0:
                         continue
-                    rank = c.shard + 1
-                    pending.append((c.shard, pg.recv([_as_bytes(y_ND)], rank, TAG), None))        # 1
-                    header_H = torch.tensor([OP_FORWARD, layer, N, D, c.topk_ids_NK.shape[1],
-                                             DTYPE_CODES[c.x_ND.dtype]], dtype=torch.int64)
-                    payload = torch.cat([_as_bytes(c.topk_ids_NK.to(torch.int64)),
-                                         _as_bytes(c.topk_weights_NK.float()), _as_bytes(c.x_ND)])
-                    pending.append((c.shard, pg.send([header_H], rank, TAG), header_H))          # 2
-                    pending.append((c.shard, pg.send([payload], rank, TAG), payload))            # 3
-                for shard, work, _ in pending:                                                  # 5
-                    try:
-                        work.wait(_td(deadline - time.monotonic()))
-                    except RuntimeError as exc:
-                        raise self._broken(shard, exc) from exc
-            finally:
+                    shard, rank = c.shard, c.shard + 1
+                    pending.append((shard, pg.recv([_as_bytes(y_ND)], rank, TAG), None))          # 1
+                    parts = [_as_bytes(c.topk_ids_NK.to(torch.int64)), _as_bytes(c.topk_weights_NK.float()),
+                             _as_bytes(c.x_ND)]
+                    inline = HEADER_BYTES + sum(p.numel() for p in parts) <= INLINE_BYTES
+                    header_H = torch.tensor([OP_FORWARD if inline else OP_FORWARD_SPLIT, layer, N, D,
+                                             c.topk_ids_NK.shape[1], DTYPE_CODES[c.x_ND.dtype]], dtype=torch.int64)
+                    if inline:                                                                  # 2
+                        msg = torch.cat([_as_bytes(header_H), *parts])
+                        pending.append((shard, pg.send([msg], rank, TAG), msg))
+                    else:
+                        payload = torch.cat(parts)
+                        pending.append((shard, pg.send([header_H], rank, TAG), header_H))
+                        pending.append((shard, pg.send([payload], rank, TAG), payload))
+                for shard, work, _ in pending:                                                  # 4
+                    work.wait(_td(deadline - time.monotonic()))
+            except RuntimeError as exc:       # gloo: a peer closed its connection, or the deadline passed
                 pending.clear()
+                raise self._broken(shard, exc) from exc
+            pending.clear()
             return out
+
+    def set_placement(self, placement: Placement, retain_after_s: float = 5.0) -> None:
+        """A live rebalance. Shards load newly routed experts on first use (ExpertShardWorker),
+        and drop the ones taken away once `retain_after_s` has passed. A rebuild loads `placement`."""
+        self.placement = placement
+
+        def retain() -> None:
+            for s, a in enumerate(list(self.actors)):
+                a.retain.remote(placement.experts_of(s))
+        timer = threading.Timer(retain_after_s, retain)
+        timer.daemon = True
+        timer.start()
 
     # ---- lifecycle ----------------------------------------------------------------------
     def _connect(self) -> None:
@@ -209,9 +243,9 @@ class CollectiveTransport:
         self._teardown()
         self.generation += 1
         try:
-            self.actors = [_RemoteShard.options(
-                num_cpus=self.num_cpus, resources=self.shard_resources[s], max_restarts=0).remote(self.checkpoint, self.placement.to_json(), s, self.dtype)
-                for s in range(self.num_shards)]
+            self.actors = [_RemoteShard.options(num_cpus=self.num_cpus, resources=self.shard_resources[s],
+                                                max_restarts=0).remote(
+                self.checkpoint, self.placement.to_json(), s, self.dtype) for s in range(self.num_shards)]
             self.shard_info = ray.get([a.describe.remote() for a in self.actors],
                                       timeout=self.connect_timeout_s)
             host, world = _node_ip(), self.num_shards + 1
@@ -233,13 +267,15 @@ class CollectiveTransport:
         """Say which shards are at fault, then drop the group and every actor."""
         faults = []
         probes = [a.status.remote() for a in self.actors]
+        answered, _ = ray.wait(probes, num_returns=len(probes), timeout=2.0)
         for s, ref in enumerate(probes):
+            if ref not in answered:
+                faults.append(f"shard {s} unresponsive")
+                continue
             try:
-                st = ray.get(ref, timeout=2.0)
+                st = ray.get(ref)
                 if st["error"] or not st["serving"]:
                     faults.append(f"shard {s} stopped serving: {st['error']}")
-            except ray.exceptions.GetTimeoutError:
-                faults.append(f"shard {s} unresponsive")
             except ray.exceptions.RayError as e:
                 faults.append(f"shard {s} actor dead ({type(e).__name__})")
         self._teardown()
