@@ -1,4 +1,4 @@
-"""Greedy parity through the whole cluster at S = 1 and 4 expert shards (S = 2 is in
+"""Greedy parity through the whole cluster, for every family (Mixtral at S = 2 is in
 test_cluster_e2e.py): `moe-serve generate --json --temperature 0` returns transformers' greedy
 tokens, alone and with concurrent requests of different lengths in one continuous batch."""
 from __future__ import annotations
@@ -13,17 +13,24 @@ from cluster_harness import moe_serve, ray_query, running_cluster
 from hf_reference import build_hf_checkpoint
 from serving.client import MoEClient, build_request
 from serving.model.checkpoint import write_tokenizer
+from serving.model.config import MoEConfig
 
 pytestmark = pytest.mark.cluster
 VOCAB = 300
 
-CASES = {
-    # S=1: Mixtral, top-1 of 3 experts, head_dim 20 != 48/4
-    1: ("mixtral", dict(num_local_experts=3, num_experts_per_tok=1, head_dim=20)),
-    # S=4: Qwen2-MoE, 8 experts top-4 without renormalisation, a dense first layer, shared expert
-    4: ("qwen2_moe", dict(num_experts=8, num_experts_per_tok=4, norm_topk_prob=False, mlp_only_layers=[0],
+CASES = [
+    # Mixtral at S=1: top-1 of 3 experts, head_dim 20 != 48/4
+    ("mixtral", 1, dict(num_local_experts=3, num_experts_per_tok=1, head_dim=20)),
+    # Qwen2-MoE at S=4: 8 experts top-4 without renormalisation, a dense first layer, shared expert
+    ("qwen2_moe", 4, dict(num_experts=8, num_experts_per_tok=4, norm_topk_prob=False, mlp_only_layers=[0],
                           num_hidden_layers=3)),
-}
+    # the other families, through the whole cluster too (shapes: tests/hf_reference.py)
+    ("qwen3_moe", 4, {}),
+    ("deepseek_v3", 2, {}),          # MLA, latent KV cache, group-limited sigmoid routing, dense first layer
+    ("hunyuan_v1_moe", 1, {}),
+    ("olmoe", 2, {}),
+    ("gpt_oss", 4, {}),              # sinks, sliding-window layers, fused experts
+]
 
 
 def _hf_greedy(hf, ids, n=32):
@@ -31,9 +38,8 @@ def _hf_greedy(hf, ids, n=32):
                        attention_mask=torch.ones(1, len(ids), dtype=torch.long))[0, len(ids):].tolist()
 
 
-@pytest.mark.parametrize("shards", sorted(CASES))
-def test_greedy_parity_through_the_cluster(shards, tmp_path):
-    family, overrides = CASES[shards]
+@pytest.mark.parametrize("family,shards,overrides", CASES, ids=[f"{f}-S{s}" for f, s, _ in CASES])
+def test_greedy_parity_through_the_cluster(family, shards, overrides, tmp_path):
     path, hf = build_hf_checkpoint(tmp_path / "ckpt", family, seed=shards, vocab_size=VOCAB,
                                    max_position_embeddings=256, **overrides)
     write_tokenizer(path, VOCAB)
@@ -61,7 +67,7 @@ print(json.dumps([serve.get_deployment_handle(f"ExpertShard{{s}}", app_name="moe
         for d in info:
             for layer, experts in d["experts"].items():
                 held.setdefault(layer, []).extend(experts)
-        n_experts = overrides.get("num_local_experts", overrides.get("num_experts"))
+        n_experts = MoEConfig.from_dir(path).num_experts
         for layer, experts in held.items():      # every expert held exactly once across shards
             assert sorted(experts) == list(range(n_experts)), layer
         if shards > 1:

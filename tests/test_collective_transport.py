@@ -173,8 +173,11 @@ def test_killed_shard_raises_fast_then_group_rebuilds(cluster, ckpt, coll2):
             coll(0, x, ids, w)
             time.sleep(0.05)
     assert time.monotonic() - t0 < 10
-    with pytest.raises(ray.exceptions.RayActorError):   # the survivor is killed with the group
-        ray.get(survivor.status.remote(), timeout=30)
+    deadline = time.monotonic() + 30                   # the survivor is killed with the group
+    with pytest.raises(ray.exceptions.RayActorError):  # (ray.kill is asynchronous: poll, bounded)
+        while time.monotonic() < deadline:
+            ray.get(survivor.status.remote(), timeout=30)
+            time.sleep(0.2)
     torch.testing.assert_close(coll(0, x, ids, w), before)   # next call: a new group, same output
     assert transport.generation == 2
     assert [i["node_id"] for i in transport.shard_info] == [cluster[0], cluster[1]]
