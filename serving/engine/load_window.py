@@ -29,26 +29,24 @@ class LoadWindow:
         return self.total(kind) / self.window_s
 
     def total(self, kind: str) -> float:
-        now = self.clock()
-        with self._lock:
-            q = self._events.get(kind)
-            if not q:
-                return 0.0
-            self._trim(q, now)
-            return sum(v for _, v in q)
+        return sum(self._values(kind))
 
     def quantile(self, kind: str, q: float) -> float:
         """The q-quantile of `kind` values in the window (0.0 when there are none)."""
+        vals = sorted(self._values(kind))
+        if not vals:
+            return 0.0
+        return vals[min(len(vals) - 1, int(q * len(vals)))]
+
+    def _values(self, kind: str) -> list[float]:
+        """The `kind` values still inside the window."""
         now = self.clock()
         with self._lock:
             events = self._events.get(kind)
             if not events:
-                return 0.0
+                return []
             self._trim(events, now)
-            vals = sorted(v for _, v in events)
-        if not vals:
-            return 0.0
-        return vals[min(len(vals) - 1, int(q * len(vals)))]
+            return [v for _, v in events]
 
     def _trim(self, q: deque, now: float) -> None:
         while q and q[0][0] < now - self.window_s:

@@ -48,7 +48,8 @@ class Sampler:
             probs_SV = self._filtered_probs(logits_BV[rows], [params[i] for i in sampled])
             for j, i in enumerate(sampled):
                 token_ids_B[i] = torch.multinomial(probs_SV[j], 1, generator=generators[i])[0]
-        logprobs_B = torch.log_softmax(logits_BV, dim=-1).gather(1, token_ids_B[:, None])[:, 0]
+        # log_softmax at the chosen token only: no [B, V] log-prob tensor on the per-step path
+        logprobs_B = logits_BV.gather(1, token_ids_B[:, None])[:, 0] - torch.logsumexp(logits_BV, dim=-1)
         return token_ids_B, logprobs_B
 
     @staticmethod
