@@ -38,6 +38,9 @@ class EngineSample:
     num_running: int = 0
     kv_slots_used: int = 0
     kv_slots_total: int = 0
+    kv_blocks_used: int = 0
+    kv_blocks_total: int = 0
+    preemptions: int = 0                         # delta
     prompt_tokens: int = 0                       # delta
     generated_tokens: int = 0                    # delta
     step_seconds: list[float] = field(default_factory=list)
@@ -71,6 +74,11 @@ class Metrics:
                              ["replica"], namespace=ns, registry=r)
         self.kv_used = Gauge("kv_slots_used", "KV-cache slots in use", ["replica"], namespace=ns, registry=r)
         self.kv_total = Gauge("kv_slots", "KV-cache slots", ["replica"], namespace=ns, registry=r)
+        self.kv_blocks_used = Gauge("kv_blocks_used", "Paged KV-cache blocks in use", ["replica"],
+                                    namespace=ns, registry=r)
+        self.kv_blocks = Gauge("kv_blocks", "Paged KV-cache blocks", ["replica"], namespace=ns, registry=r)
+        self.preemptions = Counter("preemptions", "Running sequences preempted (KV cache full) and recomputed later",
+                                   namespace=ns, registry=r)
         self.prompt_tokens = Counter("prompt_tokens", "Prompt tokens prefilled",
                                      namespace=ns, registry=r)
         self.generated_tokens = Counter("generation_tokens", "Tokens generated",
@@ -157,6 +165,9 @@ class MetricsHub:
             m.running.labels(rid).set(e.num_running)
             m.kv_used.labels(rid).set(e.kv_slots_used)
             m.kv_total.labels(rid).set(e.kv_slots_total)
+            m.kv_blocks_used.labels(rid).set(e.kv_blocks_used)
+            m.kv_blocks.labels(rid).set(e.kv_blocks_total)
+            m.preemptions.inc(e.preemptions)
             m.prompt_tokens.inc(e.prompt_tokens)
             m.generated_tokens.inc(e.generated_tokens)
             for dt in e.step_seconds:

@@ -291,6 +291,11 @@ def overview() -> Dashboard:
                    "{{replica}}"),
             Target(f"sum(moe_serve_kv_slots_used{{{J}}}) / sum(moe_serve_kv_slots{{{J}}})", "all replicas")],
             unit="percentunit", steps=[(None, "green"), (0.9, "red")], w=8),
+        timeseries("KV blocks used", [
+            Target(f"sum by (replica) (moe_serve_kv_blocks_used{{{J}}}) / sum by (replica) (moe_serve_kv_blocks{{{J}}})",
+                   "{{replica}}")], unit="percentunit", steps=[(None, "green"), (0.95, "red")], w=12),
+        timeseries("Preemptions (KV cache full, recomputed)",
+                   [Target(f"sum(rate(moe_serve_preemptions_total{{{J}}}[1m]))", "preemptions/s")], w=12),
     ]
     return Dashboard("moe-serve-overview", "moe-serve / Overview & SLOs",
                      "Request rates, SLO burn, latency and engine load of a moe-serve cluster.", panels)

@@ -29,13 +29,18 @@ def ckpt(tmp_path_factory):
     return path, hf
 
 
-def _engine(path, shards=2, max_num_seqs=8) -> Engine:
+def _engine(path, shards=2, max_num_seqs=8, **sched) -> Engine:
     model = MoEModel.from_checkpoint(path)
     placement = Placement.build(model.config, shards, "round_robin")
     workers = [ExpertShardWorker.from_checkpoint(path, placement, s) for s in range(shards)]
     dispatcher = ExpertDispatcher(placement, LocalTransport(workers), model.config.num_experts)
-    return Engine(model, dispatcher, Tokenizer.from_dir(path),
-                  SchedulerConfig(max_num_seqs=max_num_seqs, max_model_len=256, max_num_batched_tokens=512))
+    sched = {"max_model_len": 256, "max_num_batched_tokens": 512, **sched}
+    return Engine(model, dispatcher, Tokenizer.from_dir(path), SchedulerConfig(max_num_seqs=max_num_seqs, **sched))
+
+
+def _hf_greedy(hf, ids, n):
+    return hf.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False,
+                       attention_mask=torch.ones(1, len(ids), dtype=torch.long))[0, len(ids):].tolist()
 
 
 def _req(rid, ids, **sp):
@@ -69,6 +74,24 @@ def test_concurrent_requests_match_transformers_greedy(ckpt):
         assert ours == ref, f"prompt {i}"
         assert events[str(i)][-1].finish_reason is FinishReason.LENGTH
         assert [e.completion_tokens for e in events[str(i)]] == list(range(1, 25))
+
+
+def test_chunked_prefill_and_preemption_keep_every_token(ckpt):
+    """A 10-token step budget splits prompts into chunks mixed with decodes, and a KV cache of
+    10 blocks of 8 tokens cannot hold all five sequences: some are preempted and recomputed.
+    Every request still streams exactly transformers' greedy tokens, each once."""
+    path, hf = ckpt
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in (23, 4, 31, 12, 7)]
+    engine = _engine(path, shards=2, max_num_seqs=5, max_model_len=64, max_num_batched_tokens=10,
+                     block_size=8, num_kv_blocks=10)
+    assert engine.kv.num_blocks == 10
+    events = _run(engine, [_req(str(i), p, max_tokens=20) for i, p in enumerate(prompts)], max_steps=2000)
+    for i, p in enumerate(prompts):
+        assert [e.token_id for e in events[str(i)]] == _hf_greedy(hf, p, 20), f"prompt {i}"
+        assert [e.completion_tokens for e in events[str(i)]] == list(range(1, 21))
+    assert engine.stats.preempted_total > 0
+    assert engine.stats.kv_blocks_used == 0 and engine.stats.kv_blocks_total == 10
 
 
 def test_late_joiners_do_not_change_running_tokens(ckpt):

@@ -174,14 +174,14 @@ def test_small_writer_shapes_match_transformers(family):
 def test_mla_cache_stores_the_latent(case):
     path, _, model, _ = case
     c = model.config
-    kv = KVCache(c, num_slots=3, max_seq_len=20)
+    kv = KVCache(c, num_slots=3, max_seq_len=20, block_size=4)    # 3 slots x 5 blocks of 4 tokens
     if c.mla is None:
-        assert kv.layout == "gqa" and kv.k[0].shape == (3, c.num_kv_heads, 20, c.head_dim)
+        assert kv.layout == "gqa" and kv.k[0].shape == (15, 4, c.num_kv_heads, c.head_dim)
         return
     m = c.mla
     assert kv.layout == "mla"
-    assert [t.shape for t in kv.latent] == [(3, 1, 20, m.kv_lora_rank)] * c.num_layers
-    assert [t.shape for t in kv.k_pe] == [(3, 1, 20, m.qk_rope_head_dim)] * c.num_layers
+    assert [t.shape for t in kv.latent] == [(15, 4, 1, m.kv_lora_rank)] * c.num_layers
+    assert [t.shape for t in kv.k_pe] == [(15, 4, 1, m.qk_rope_head_dim)] * c.num_layers
     per_token = m.kv_lora_rank + m.qk_rope_head_dim
     assert kv.nbytes == c.num_layers * 3 * 20 * per_token * 4
     full_kv_per_token = c.num_heads * (m.qk_head_dim + m.v_head_dim)   # what caching expanded K and V would take

@@ -186,7 +186,9 @@ def _report(rng: random.Random, replica: str) -> MetricsReport:
         for e in range(EXPERTS):    # expert 0 is hot; contiguous placement: experts 0-3 on shard 0
             routed[(layer, e, e * SHARDS // EXPERTS)] = rng.randint(40, 60) * (4 if e == 0 else 1)
     engine = EngineSample(num_waiting=rng.randint(0, 12), num_running=rng.randint(1, 16), kv_slots_used=rng.randint(1, 16),
-                          kv_slots_total=16, prompt_tokens=rng.randint(100, 400), generated_tokens=rng.randint(50, 200),
+                          kv_slots_total=16, kv_blocks_used=rng.randint(8, 60), kv_blocks_total=64,
+                          preemptions=rng.randint(0, 2),
+                          prompt_tokens=rng.randint(100, 400), generated_tokens=rng.randint(50, 200),
                           step_seconds=[rng.uniform(0.01, 0.08) for _ in range(5)], routed_tokens=routed)
     return MetricsReport(reporter=replica, requests=reqs, engine=engine)
 

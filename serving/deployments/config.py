@@ -22,7 +22,9 @@ class AppConfig:
     dtype: str = "fp32"
     max_num_seqs: int = 16                # KV slots per engine replica
     max_model_len: int = 1024            # clamped to the model's max_position_embeddings
-    max_num_batched_tokens: int = 2048
+    max_num_batched_tokens: int = 2048    # tokens per engine step; longer prompts are prefilled in chunks
+    kv_block_size: int = 16               # tokens per paged KV-cache block
+    kv_cache_tokens: int = 0              # KV-cache size in tokens (0 = max_num_seqs x model len: never preempts)
     max_tokens_limit: int = 1024          # largest max_tokens a request may ask for
     max_queued: int = 32                  # admission: requests waiting for a KV slot, per engine replica
     token_budget: int = 0                 # admission: prompt+max_tokens reserved per replica (0 = slots x model len)

@@ -57,7 +57,8 @@ def build_engine(cfg: AppConfig, placement: Placement, shard_handles=None) -> tu
     dispatcher = ExpertDispatcher(placement, transport, model.config.num_experts)
     sched = SchedulerConfig(max_num_seqs=cfg.max_num_seqs,
                             max_model_len=cfg.model_len(model.config.max_position_embeddings),
-                            max_num_batched_tokens=cfg.max_num_batched_tokens)
+                            max_num_batched_tokens=cfg.max_num_batched_tokens, block_size=cfg.kv_block_size,
+                            num_kv_blocks=-(-cfg.kv_cache_tokens // cfg.kv_block_size) if cfg.kv_cache_tokens else None)
     engine = Engine(model, dispatcher, Tokenizer.from_dir(cfg.checkpoint), sched, dtype=cfg.torch_dtype)
     return engine, dispatcher
 
@@ -67,7 +68,7 @@ class EngineSampler:
 
     def __init__(self, engine: Engine, dispatcher: ExpertDispatcher):
         self.engine, self.dispatcher = engine, dispatcher
-        self._prompt = self._generated = self._steps = 0
+        self._prompt = self._generated = self._steps = self._preempted = 0
 
     def __call__(self) -> EngineSample:
         s = self.engine.stats
@@ -75,6 +76,8 @@ class EngineSampler:
         sample = EngineSample(
             num_waiting=s.num_waiting, num_running=s.num_running,
             kv_slots_used=s.kv_slots_used, kv_slots_total=s.kv_slots_total,
+            kv_blocks_used=s.kv_blocks_used, kv_blocks_total=s.kv_blocks_total,
+            preemptions=s.preempted_total - self._preempted,
             prompt_tokens=s.prompt_tokens_total - self._prompt,
             generated_tokens=s.generated_tokens_total - self._generated,
             step_seconds=list(steps),
@@ -82,6 +85,7 @@ class EngineSampler:
                            for layer, per_shard in self.dispatcher.take_routed_counts().items()
                            for shard, counts in enumerate(per_shard) for e, n in enumerate(counts) if n})
         self._prompt, self._generated, self._steps = s.prompt_tokens_total, s.generated_tokens_total, s.steps_total
+        self._preempted = s.preempted_total
         return sample
 
 
@@ -96,7 +100,7 @@ class EngineReplica:
         self.admission = AdmissionController(AdmissionConfig(
             max_running=sched.max_num_seqs, max_queued=cfg.max_queued, batch_share=cfg.batch_share,
             max_wait_s=cfg.ttft_slo_s,
-            token_budget=cfg.token_budget or sched.max_num_seqs * sched.max_model_len))
+            token_budget=cfg.token_budget or sched.kv_blocks * sched.block_size))
         self.load = LoadWindow()
         replica = serve.get_replica_context().replica_id.unique_id
         self.placement_watcher = PlacementWatcher(self._on_placement)

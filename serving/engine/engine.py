@@ -38,6 +38,9 @@ class EngineStats:
     num_running: int = 0
     kv_slots_total: int = 0
     kv_slots_used: int = 0
+    kv_blocks_total: int = 0
+    kv_blocks_used: int = 0
+    preempted_total: int = 0
     steps_total: int = 0
     step_seconds_total: float = 0.0
     prompt_tokens_total: int = 0
@@ -55,11 +58,12 @@ class Engine:
         self.model, self.dispatch, self.tokenizer = model, dispatch, tokenizer
         self.config = config
         self.device = device
-        self.kv = KVCache(model.config, config.max_num_seqs, config.max_model_len, dtype, device)
+        self.kv = KVCache(model.config, config.max_num_seqs, config.max_model_len, dtype, device,
+                          block_size=config.block_size, num_blocks=config.kv_blocks)
         self.scheduler = Scheduler(config)
         self.sampler = Sampler()
         self.eos_ids = frozenset(model.config.eos_token_ids)
-        self.stats = EngineStats(kv_slots_total=config.max_num_seqs)
+        self.stats = EngineStats(kv_slots_total=config.max_num_seqs, kv_blocks_total=config.kv_blocks)
         self._inbox_lock = threading.Lock()
         self._new: list[tuple[GenerationRequest, Emit]] = []
         self._aborts: set[str] = set()
@@ -119,16 +123,23 @@ class Engine:
         ids = [t for seq, q in zip(out.seqs, out.q_lens) for t in seq.token_ids[seq.num_cached:seq.num_cached + q]]
         layout = BatchLayout(slots=tuple(s.slot for s in out.seqs),
                              start_pos=tuple(s.num_cached for s in out.seqs),
-                             q_lens=out.q_lens)
+                             q_lens=out.q_lens, block_tables=out.block_tables)
         input_ids_T = torch.tensor(ids, dtype=torch.int64, device=self.device)
         return self.model.forward(input_ids_T, layout, self.kv, self.dispatch)   # [B, V]
 
     def _update(self, out: SchedulerOutput, logits_BV: torch.Tensor) -> None:
-        params = [s.request.sampling for s in out.seqs]
-        gens = [s.state.generator for s in out.seqs]
-        tokens_B, logprobs_B = self.sampler.sample(logits_BV, params, gens)
-        for seq, q, tok, lp in zip(out.seqs, out.q_lens, tokens_B.tolist(), logprobs_B.tolist()):
+        for seq, q in zip(out.seqs, out.q_lens):
             seq.num_cached += q
+        # a sequence whose prompt is only partly prefilled (chunked) samples nothing this step
+        rows = [i for i, seq in enumerate(out.seqs) if seq.num_uncached == 0]
+        if not rows:
+            return
+        seqs = [out.seqs[i] for i in rows]
+        if len(rows) < len(out.seqs):
+            logits_BV = logits_BV[rows]
+        tokens_B, logprobs_B = self.sampler.sample(logits_BV, [s.request.sampling for s in seqs],
+                                                   [s.state.generator for s in seqs])
+        for seq, tok, lp in zip(seqs, tokens_B.tolist(), logprobs_B.tolist()):
             seq.token_ids.append(tok)
             self.stats.generated_tokens_total += 1
             self._emit_token(seq, tok, lp)
@@ -180,3 +191,5 @@ class Engine:
         self.stats.num_waiting = self.scheduler.num_waiting
         self.stats.num_running = self.scheduler.num_running
         self.stats.kv_slots_used = self.config.max_num_seqs - len(self.scheduler.free_slots)
+        self.stats.kv_blocks_used = self.scheduler.blocks.num_used
+        self.stats.preempted_total = self.scheduler.num_preempted

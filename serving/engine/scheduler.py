@@ -1,10 +1,18 @@
-"""Continuous-batching scheduler: a CPU-only object, tested without Ray or a model.
+"""Continuous-batching scheduler with chunked prefill and a paged KV cache: a CPU-only object,
+tested without Ray or a model.
 
-Invariant: there is no decoding phase nor prefill phase. Every step, each running
-sequence is given the tokens it still needs (its whole prompt the first time, then one
-token), new requests join at the step boundary while a KV slot and the token budget
-allow, and finished or cancelled sequences leave (and free their slot) at once.
-Waiting requests join by priority class (interactive before batch), FIFO within a class.
+Invariant: there is no decoding phase nor prefill phase. Every step, under a token budget
+(`max_num_batched_tokens`):
+  1. each running sequence that is decoding gets its one token (the budget is reserved for
+     these first, so a long prompt never stalls the decoders);
+  2. each running sequence still prefilling gets the next chunk of its prompt that fits;
+  3. waiting requests join while a batch slot, KV blocks and budget allow, by priority class
+     (interactive before batch), FIFO within a class; a prompt longer than what is left of the
+     budget starts with a chunk and continues next step.
+KV blocks are taken as sequences grow. When the cache is full, the newest running sequence of
+the lowest priority class is preempted: its blocks are freed, and it goes back to the front of
+its waiting queue to be recomputed (prompt + tokens generated so far) when there is room again.
+Nothing it streamed is lost or repeated. Finished or cancelled sequences leave at once.
 """
 from __future__ import annotations
 
@@ -13,6 +21,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+from serving.engine.block_manager import BlockManager, blocks_for
 from serving.engine.request import FinishReason, GenerationRequest, Priority
 
 
@@ -21,6 +30,21 @@ class SchedulerConfig:
     max_num_seqs: int = 16               # KV slots = sequences decoded together
     max_num_batched_tokens: int = 4096   # new tokens per step (prefill + decode)
     max_model_len: int = 2048            # prompt + generated tokens per sequence
+    block_size: int = 16                 # tokens per KV-cache block
+    num_kv_blocks: int | None = None     # KV-cache size; None: every slot can hold max_model_len (no preemption)
+
+    def __post_init__(self) -> None:
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError(f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= max_num_seqs "
+                             f"({self.max_num_seqs}): every running sequence decodes one token per step")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < blocks_for(self.max_model_len, self.block_size):
+            raise ValueError(f"num_kv_blocks ({self.num_kv_blocks}) cannot hold one sequence of max_model_len "
+                             f"({self.max_model_len}) tokens in blocks of {self.block_size}")
+
+    @property
+    def kv_blocks(self) -> int:
+        return (self.max_num_seqs * blocks_for(self.max_model_len, self.block_size)
+                if self.num_kv_blocks is None else self.num_kv_blocks)
 
 
 class SeqStatus(enum.Enum):
@@ -41,6 +65,11 @@ class Sequence:
     state: Any = None                    # engine-owned per-request state (sampler rng, detokenizer)
 
     @property
+    def num_uncached(self) -> int:
+        """Tokens still to run through the model: the (rest of the) prompt, or the last sampled token."""
+        return len(self.token_ids) - self.num_cached
+
+    @property
     def num_generated(self) -> int:
         return len(self.token_ids) - self.num_prompt
 
@@ -52,8 +81,9 @@ class Sequence:
 @dataclass(frozen=True, slots=True)
 class SchedulerOutput:
     seqs: tuple[Sequence, ...]           # B sequences in this step, in batch order
-    q_lens: tuple[int, ...]              # new tokens of each (prompt length, or 1)
+    q_lens: tuple[int, ...]              # new tokens of each (a prompt chunk, or 1)
     num_prefill: int                     # how many of them are prefilling
+    block_tables: tuple[tuple[int, ...], ...] = ()   # each one's KV blocks
 
     @property
     def num_tokens(self) -> int:
@@ -67,6 +97,7 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.free_slots: list[int] = list(range(config.max_num_seqs - 1, -1, -1))
         self.num_preempted = 0
+        self.blocks = BlockManager(config.kv_blocks, config.block_size)
 
     def add(self, request: GenerationRequest, state: Any = None) -> Sequence:
         n = len(request.prompt_token_ids)
@@ -88,27 +119,55 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         budget = self.config.max_num_batched_tokens
-        seqs, q_lens = [], []
-        for seq in self.running:                       # decodes first: never starve them
-            q = len(seq.token_ids) - seq.num_cached
-            seqs.append(seq)
-            q_lens.append(q)
-            budget -= q
-        num_prefill = 0
-        while self.free_slots and (queue := self._next_waiting()) is not None:   # then new ones
+        chosen: list[tuple[Sequence, int]] = []
+        decoding = [s for s in self.running if s.num_uncached == 1]
+        prefilling = [s for s in self.running if s.num_uncached > 1]
+        for seq in decoding:                                       # 1. decodes first: never starve them
+            if seq.status is SeqStatus.RUNNING and self._reserve(seq, 1, chosen):
+                chosen.append((seq, 1))
+                budget -= 1
+        for seq in prefilling:                                     # 2. prompts under way, a chunk each
+            q = min(seq.num_uncached, budget)
+            if q > 0 and seq.status is SeqStatus.RUNNING and self._reserve(seq, q, chosen):
+                chosen.append((seq, q))
+                budget -= q
+        num_prefill = len(chosen) - len([s for s in decoding if s.status is SeqStatus.RUNNING])
+        while budget > 0 and self.free_slots and (queue := self._next_waiting()) is not None:   # 3. new ones
             seq = queue[0]
-            q = len(seq.token_ids) - seq.num_cached
-            if q > budget and seqs:                    # a lone prompt always fits eventually
-                break
+            q = min(seq.num_uncached, budget)
+            if blocks_for(q, self.config.block_size) > self.blocks.num_free:
+                break                                              # no room: wait (never preempt for a newcomer)
             queue.popleft()
             seq.slot = self.free_slots.pop()
             seq.status = SeqStatus.RUNNING
+            self.blocks.ensure(seq.slot, seq.num_cached + q)
             self.running.append(seq)
-            seqs.append(seq)
-            q_lens.append(q)
+            chosen.append((seq, q))
             budget -= q
             num_prefill += 1
-        return SchedulerOutput(tuple(seqs), tuple(q_lens), num_prefill)
+        return SchedulerOutput(tuple(s for s, _ in chosen), tuple(q for _, q in chosen), num_prefill,
+                               tuple(tuple(self.blocks.table(s.slot)) for s, _ in chosen))
+
+    def _reserve(self, seq: Sequence, q: int, chosen: list[tuple[Sequence, int]]) -> bool:
+        """KV blocks for `seq`'s next q tokens, preempting others if the cache is full.
+        False if `seq` itself had to be preempted."""
+        scheduled = {id(s) for s, _ in chosen}
+        while not self.blocks.ensure(seq.slot, seq.num_cached + q):
+            victims = [s for s in self.running if id(s) not in scheduled]   # never one already in this step
+            victim = max(victims, key=lambda s: (s.request.priority, self.running.index(s)))
+            self.preempt(victim)
+            if victim is seq:
+                return False
+        return True
+
+    def preempt(self, seq: Sequence) -> None:
+        """Free a running sequence's slot and blocks; it waits at the front of its queue to be recomputed."""
+        self.running.remove(seq)
+        self.blocks.free(seq.slot)
+        self.free_slots.append(seq.slot)
+        seq.slot, seq.num_cached, seq.status = -1, 0, SeqStatus.WAITING
+        self._waiting[seq.request.priority].appendleft(seq)
+        self.num_preempted += 1
 
     def finish(self, seq: Sequence, reason: FinishReason) -> None:
         """Remove a sequence now (finished or cancelled) and free its KV slot."""
@@ -116,6 +175,7 @@ class Scheduler:
             return
         if seq.status is SeqStatus.RUNNING:
             self.running.remove(seq)
+            self.blocks.free(seq.slot)
             self.free_slots.append(seq.slot)
             seq.slot = -1
         else:

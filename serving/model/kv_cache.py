@@ -1,7 +1,12 @@
-"""Preallocated per-slot KV cache. The engine owns slot assignment; a slot holds one sequence.
+"""Paged KV cache: fixed-size blocks, preallocated; a sequence's tokens live in the blocks of its table.
 
-Shape legend: S slots, Hkv KV heads, L max_seq_len, hd head_dim, T new tokens, B sequences, C context,
-R MLA kv_lora_rank, dr MLA qk_rope_head_dim.
+Shape legend: N blocks, bs block_size, Hkv KV heads, hd head_dim, T new tokens, B sequences,
+nb blocks per sequence in this step, C context, R MLA kv_lora_rank, dr MLA qk_rope_head_dim.
+
+Token p of a sequence with block table tbl sits at block tbl[p // bs], offset p % bs.
+Who owns which block is the engine's business (serving/engine/block_manager.py); tests and
+single-sequence callers can use the static layout instead, where slot s owns the contiguous
+blocks [s * nbps, (s + 1) * nbps) (`static_table`).
 
 The layout follows the config: GQA families cache full K/V per KV head; DeepSeek MLA caches only
 the compressed latent (R, already RMS-normed) and the rope'd shared k_pe (dr) per token, one
@@ -13,33 +18,38 @@ import torch
 
 from serving.model.config import MoEConfig
 
+DEFAULT_BLOCK_SIZE = 16
+
 
 class KVCache:
-    """k[layer], v[layer]: [S, Hkv, L, hd] (GQA) or latent/k_pe [S, 1, L, R] / [S, 1, L, dr] (MLA, aliased
-    as k/v so write/read are shared), zero-initialised (masked reads must never see NaN)."""
+    """k[layer], v[layer]: [N, bs, Hkv, hd] (GQA) or latent / k_pe [N, bs, 1, R] / [N, bs, 1, dr] (MLA,
+    aliased as k / v so write / read are shared), zero-initialised (masked reads must never see NaN)."""
 
     def __init__(self, config: MoEConfig, num_slots: int, max_seq_len: int,
-                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
-        self.num_slots, self.max_seq_len = num_slots, max_seq_len
+                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                 block_size: int = DEFAULT_BLOCK_SIZE, num_blocks: int | None = None):
+        self.num_slots, self.max_seq_len, self.block_size = num_slots, max_seq_len, block_size
+        self.blocks_per_seq = -(-max_seq_len // block_size)
+        self.num_blocks = num_slots * self.blocks_per_seq if num_blocks is None else num_blocks
         if config.mla is not None:
             self.layout = "mla"
-            k_shape = (num_slots, 1, max_seq_len, config.mla.kv_lora_rank)
-            v_shape = (num_slots, 1, max_seq_len, config.mla.qk_rope_head_dim)
+            k_tail, v_tail = (1, config.mla.kv_lora_rank), (1, config.mla.qk_rope_head_dim)
         else:
             self.layout = "gqa"
-            k_shape = v_shape = (num_slots, config.num_kv_heads, max_seq_len, config.head_dim)
-        self.k = [torch.zeros(k_shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
-        self.v = [torch.zeros(v_shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
+            k_tail = v_tail = (config.num_kv_heads, config.head_dim)
+        N, bs = self.num_blocks, block_size
+        self.k = [torch.zeros((N, bs, *k_tail), dtype=dtype, device=device) for _ in range(config.num_layers)]
+        self.v = [torch.zeros((N, bs, *v_tail), dtype=dtype, device=device) for _ in range(config.num_layers)]
 
     @property
     def latent(self) -> list[torch.Tensor]:
-        """MLA: the per-layer normed latent caches [S, 1, L, R]."""
+        """MLA: the per-layer normed latent caches [N, bs, 1, R]."""
         assert self.layout == "mla"
         return self.k
 
     @property
     def k_pe(self) -> list[torch.Tensor]:
-        """MLA: the per-layer rope'd k_pe caches [S, 1, L, dr]."""
+        """MLA: the per-layer rope'd k_pe caches [N, bs, 1, dr]."""
         assert self.layout == "mla"
         return self.v
 
@@ -47,13 +57,22 @@ class KVCache:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
-    def write(self, layer: int, slots_T: torch.Tensor, pos_T: torch.Tensor,
-              k_THd: torch.Tensor, v_THd: torch.Tensor) -> None:
-        """Store the new tokens' K/V ([T, Hkv, hd]; MLA: latent [T, 1, R], k_pe [T, 1, dr]) at (slot, position)."""
-        self.k[layer][slots_T, :, pos_T] = k_THd
-        self.v[layer][slots_T, :, pos_T] = v_THd
+    def static_table(self, slot: int) -> tuple[int, ...]:
+        """The blocks slot `slot` owns in the static layout (the default num_blocks holds every slot)."""
+        if not 0 <= slot < self.num_slots or (slot + 1) * self.blocks_per_seq > self.num_blocks:
+            raise ValueError(f"slot {slot} is outside the static layout of this KV cache")
+        return tuple(range(slot * self.blocks_per_seq, (slot + 1) * self.blocks_per_seq))
 
-    def read(self, layer: int, slots_B: torch.Tensor, ctx_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """K/V of the first `ctx_len` positions of each slot: [B, Hkv, C, hd] (MLA: [B, 1, C, R], [B, 1, C, dr])."""
-        return (self.k[layer][:, :, :ctx_len].index_select(0, slots_B),
-                self.v[layer][:, :, :ctx_len].index_select(0, slots_B))
+    def write(self, layer: int, block_T: torch.Tensor, offset_T: torch.Tensor,
+              k_THd: torch.Tensor, v_THd: torch.Tensor) -> None:
+        """Store the new tokens' K/V ([T, Hkv, hd]; MLA: latent [T, 1, R], k_pe [T, 1, dr]) at (block, offset)."""
+        self.k[layer][block_T, offset_T] = k_THd
+        self.v[layer][block_T, offset_T] = v_THd
+
+    def read(self, layer: int, table_Bn: torch.Tensor, ctx_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K/V of the first `ctx_len` positions of each sequence: [B, Hkv, C, hd] (MLA: [B, 1, C, R], [B, 1, C, dr]).
+        Gathers the sequences' blocks (one copy) and returns strided views."""
+        B, nb = table_Bn.shape
+        k = self.k[layer][table_Bn].flatten(1, 2)[:, :ctx_len]      # [B, nb*bs, Hkv, hd] -> [B, C, Hkv, hd]
+        v = self.v[layer][table_Bn].flatten(1, 2)[:, :ctx_len]
+        return k.transpose(1, 2), v.transpose(1, 2)

@@ -86,10 +86,11 @@ def apply_rope(x_THd: torch.Tensor, cos_Thd: torch.Tensor, sin_Thd: torch.Tensor
 
 @dataclass(frozen=True, slots=True)
 class AttentionMetadata:
-    """Index tensors for one engine step, shared by every layer."""
-    slots_T: torch.Tensor       # KV slot of each new token
+    """Index tensors for one engine step, shared by every layer (nb = ceil(C / block_size))."""
+    block_T: torch.Tensor       # KV-cache block holding each new token ...
+    offset_T: torch.Tensor      # ... and its offset in that block
     pos_T: torch.Tensor         # its position in its sequence
-    slots_B: torch.Tensor
+    table_Bn: torch.Tensor      # each sequence's first nb blocks (padded with block 0, masked)
     pad_index_BQ: torch.Tensor  # token index feeding each padded query row (0 for padding)
     unpad_index_T: torch.Tensor  # row of the flattened [B*Q] padded layout holding each token
     mask_B1QC: torch.Tensor     # True = may attend (causal, per-sequence length, sliding window)
@@ -97,16 +98,23 @@ class AttentionMetadata:
     qpos_BQ: torch.Tensor | None = None   # position of each padded query row
 
     @classmethod
-    def build(cls, slots: tuple[int, ...], start_pos: tuple[int, ...], q_lens: tuple[int, ...],
-              sliding_window: int | None, device: str | torch.device = "cpu") -> "AttentionMetadata":
+    def build(cls, block_tables: tuple[tuple[int, ...], ...], start_pos: tuple[int, ...], q_lens: tuple[int, ...],
+              sliding_window: int | None, block_size: int, device: str | torch.device = "cpu"
+              ) -> "AttentionMetadata":
         B, Q = len(q_lens), max(q_lens)
         C = max(s + q for s, q in zip(start_pos, q_lens))
+        nb = -(-C // block_size)
+        for tbl, s, q in zip(block_tables, start_pos, q_lens):
+            if len(tbl) * block_size < s + q:
+                raise ValueError(f"block table of {len(tbl)} blocks cannot hold {s + q} tokens")
+        table_Bn = torch.tensor([tuple(t[:nb]) + (0,) * (nb - min(nb, len(t))) for t in block_tables],
+                                dtype=torch.int64, device=device)
         q_lens_B = torch.tensor(q_lens, device=device)
         start_B = torch.tensor(start_pos, device=device)
-        slots_B = torch.tensor(slots, device=device)
         seq_T = torch.repeat_interleave(torch.arange(B, device=device), q_lens_B)
         first_T = torch.cumsum(q_lens_B, 0)[seq_T] - q_lens_B[seq_T]
         offset_T = torch.arange(len(seq_T), device=device) - first_T   # index within its sequence's new tokens
+        pos_T = start_B[seq_T] + offset_T
         ar_Q = torch.arange(Q, device=device)
         valid_BQ = ar_Q[None] < q_lens_B[:, None]
         pad_index_BQ = torch.where(valid_BQ, (torch.cumsum(q_lens_B, 0) - q_lens_B)[:, None] + ar_Q[None], 0)
@@ -115,8 +123,8 @@ class AttentionMetadata:
         mask_BQC = kpos_C[None, None] <= qpos_BQ[:, :, None]
         if sliding_window:
             mask_BQC &= kpos_C[None, None] > qpos_BQ[:, :, None] - sliding_window
-        return cls(slots_T=slots_B[seq_T], pos_T=start_B[seq_T] + offset_T, slots_B=slots_B,
-                   pad_index_BQ=pad_index_BQ, unpad_index_T=seq_T * Q + offset_T,
+        return cls(block_T=table_Bn[seq_T, pos_T // block_size], offset_T=pos_T % block_size, pos_T=pos_T,
+                   table_Bn=table_Bn, pad_index_BQ=pad_index_BQ, unpad_index_T=seq_T * Q + offset_T,
                    mask_B1QC=mask_BQC[:, None], ctx_len=C, qpos_BQ=qpos_BQ)
 
     def with_window(self, window: int | None) -> "AttentionMetadata":
@@ -136,7 +144,7 @@ def attention(x_TD: torch.Tensor, lw, layer: int, cos_Thd: torch.Tensor, sin_Thd
     clip_qkv, o_proj bias, and attention sinks.
     """
     c, T, hd, eps = config, x_TD.shape[0], config.head_dim, config.rms_norm_eps
-    q_TX, k_TX, v_TX = F.linear(x_TD, lw.wq, lw.bq), F.linear(x_TD, lw.wk, lw.bk), F.linear(x_TD, lw.wv, lw.bv)
+    q_TX, k_TX, v_TX = lw.qkv(x_TD).split((lw.wq.shape[0], lw.wk.shape[0], lw.wv.shape[0]), dim=-1)
     if c.qk_norm == "full":   # olmoe: over all heads at once
         q_TX, k_TX = rms_norm(q_TX, lw.q_norm, eps), rms_norm(k_TX, lw.k_norm, eps)
     if c.clip_qkv is not None:
@@ -147,8 +155,8 @@ def attention(x_TD: torch.Tensor, lw, layer: int, cos_Thd: torch.Tensor, sin_Thd
     q_THd, k_THd = apply_rope(q_THd, cos_Thd, sin_Thd), apply_rope(k_THd, cos_Thd, sin_Thd)
     if c.qk_norm == "head_after_rope":   # hunyuan
         q_THd, k_THd = rms_norm(q_THd, lw.q_norm, eps), rms_norm(k_THd, lw.k_norm, eps)
-    kv.write(layer, meta.slots_T, meta.pos_T, k_THd, v_THd)
-    k_BHCd, v_BHCd = kv.read(layer, meta.slots_B, meta.ctx_len)
+    kv.write(layer, meta.block_T, meta.offset_T, k_THd, v_THd)
+    k_BHCd, v_BHCd = kv.read(layer, meta.table_Bn, meta.ctx_len)
     q_BHQd = q_THd[meta.pad_index_BQ].transpose(1, 2)
     mask = meta.mask_B1QC
     if lw.sinks is not None:
@@ -165,7 +173,7 @@ def attention(x_TD: torch.Tensor, lw, layer: int, cos_Thd: torch.Tensor, sin_Thd
     o_BHQd = F.scaled_dot_product_attention(q_BHQd, k_BHCd, v_BHCd, attn_mask=mask, scale=hd ** -0.5,
                                             enable_gqa=True)
     o_TD = o_BHQd.transpose(1, 2).flatten(0, 1)[meta.unpad_index_T].flatten(1)
-    return F.linear(o_TD, lw.wo, lw.bo)
+    return lw.o(o_TD)
 
 
 def mla_attention(x_TD: torch.Tensor, lw, layer: int, cos_Thd: torch.Tensor, sin_Thd: torch.Tensor,
@@ -190,8 +198,8 @@ def mla_attention(x_TD: torch.Tensor, lw, layer: int, cos_Thd: torch.Tensor, sin
     interleave = config.rope.interleave
     q_pe_THd = apply_rope(q_pe_THd, cos_Thd, sin_Thd, interleave)
     k_pe_T1r = apply_rope(k_pe_Tr[:, None], cos_Thd, sin_Thd, interleave)
-    kv.write(layer, meta.slots_T, meta.pos_T, latent_TR[:, None], k_pe_T1r)
-    latent_B1CR, k_pe_B1Cr = kv.read(layer, meta.slots_B, meta.ctx_len)
+    kv.write(layer, meta.block_T, meta.offset_T, latent_TR[:, None], k_pe_T1r)
+    latent_B1CR, k_pe_B1Cr = kv.read(layer, meta.table_Bn, meta.ctx_len)
     w_kvb_HXR = mw.wkv_b.view(H, dn + dv, R)
     q_lat_THR = torch.einsum("thd,hdr->thr", q_nope_THd, w_kvb_HXR[:, :dn])      # absorb W_uk into q
     q_BHQX = torch.cat((q_lat_THR, q_pe_THd), dim=-1)[meta.pad_index_BQ].transpose(1, 2)
@@ -200,4 +208,4 @@ def mla_attention(x_TD: torch.Tensor, lw, layer: int, cos_Thd: torch.Tensor, sin
                                             scale=m.softmax_scale, enable_gqa=True)
     o_BHQv = torch.einsum("bhqr,hvr->bhqv", o_BHQR, w_kvb_HXR[:, dn:])            # W_uv after attention
     o_TD = o_BHQv.transpose(1, 2).flatten(0, 1)[meta.unpad_index_T].flatten(1)
-    return F.linear(o_TD, lw.wo, lw.bo)
+    return lw.o(o_TD)

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from serving.model.config import MoEConfig
 from serving.model.kv_cache import KVCache
+from serving.model.linear import Linear
 from serving.model.layers import AttentionMetadata, RotaryEmbedding, attention, mla_attention, rms_norm, swiglu
 from serving.model.moe import ExpertDispatch, route
 from serving.model.weights import CheckpointReader, DenseWeights, load_dense_weights
@@ -23,9 +24,11 @@ __all__ = ["BatchLayout", "ExpertDispatch", "MoEModel"]
 @dataclass(frozen=True, slots=True)
 class BatchLayout:
     """One engine step: B sequences, their new tokens concatenated into T (prefill and decode mixed)."""
-    slots: tuple[int, ...]        # KV-cache slot of each sequence      (len B)
+    slots: tuple[int, ...]        # batch slot of each sequence          (len B)
     start_pos: tuple[int, ...]    # tokens already in the cache for it  (len B) = position of its first new token
     q_lens: tuple[int, ...]       # new tokens of each sequence in this step (len B), sum = T
+    # KV-cache blocks of each sequence (the engine's paged tables); None: the cache's static per-slot layout
+    block_tables: tuple[tuple[int, ...], ...] | None = None
 
     @classmethod
     def single(cls, slot: int, start_pos: int, q_len: int) -> "BatchLayout":
@@ -38,6 +41,7 @@ class MoEModel:
         self.device = weights.embed.device
         self.dtype = weights.embed.dtype
         self.rope = RotaryEmbedding.from_config(config, self.device)
+        self.lm_head = Linear(weights.lm_head)      # [V, D], prepacked on CPU fp32
 
     @classmethod
     def from_checkpoint(cls, checkpoint_dir: str | Path, dtype: torch.dtype = torch.float32,
@@ -54,10 +58,12 @@ class MoEModel:
         if sum(batch.q_lens) != input_ids_T.numel() or min(batch.q_lens) < 1:
             raise ValueError(f"BatchLayout q_lens {batch.q_lens} do not cover {input_ids_T.numel()} tokens")
         # per-layer sliding windows (gpt_oss) get their own mask; a model-wide window is baked into the base mask
-        base = AttentionMetadata.build(batch.slots, batch.start_pos, batch.q_lens,
-                                       None if c.layer_windows else c.sliding_window, self.device)
-        if base.ctx_len > kv.max_seq_len:
-            raise ValueError(f"sequence length {base.ctx_len} exceeds KV cache max_seq_len {kv.max_seq_len}")
+        tables = batch.block_tables or tuple(kv.static_table(s) for s in batch.slots)
+        ctx_len = max(s + q for s, q in zip(batch.start_pos, batch.q_lens))
+        if ctx_len > kv.max_seq_len:
+            raise ValueError(f"sequence length {ctx_len} exceeds KV cache max_seq_len {kv.max_seq_len}")
+        base = AttentionMetadata.build(tables, batch.start_pos, batch.q_lens,
+                                       None if c.layer_windows else c.sliding_window, kv.block_size, self.device)
         metas = {win: base.with_window(win) for win in set(c.layer_windows)}
         attend = mla_attention if c.mla is not None else attention
         x_TD = F.embedding(input_ids_T.to(self.device), w.embed)
@@ -81,4 +87,4 @@ class MoEModel:
             x_TD = x_TD + y_TD
         if not all_logits:
             x_TD = x_TD[torch.cumsum(torch.tensor(batch.q_lens, device=self.device), 0) - 1]   # [B, D]
-        return F.linear(rms_norm(x_TD, w.final_norm, c.rms_norm_eps), w.lm_head).float()
+        return self.lm_head(rms_norm(x_TD, w.final_norm, c.rms_norm_eps)).float()

@@ -7,13 +7,14 @@ The model calls `route` locally; the routed experts run wherever the dispatcher
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
 
 from serving.model.config import RouterConfig
+from serving.model.linear import Linear
 
 # dispatch(layer_idx, x_TD, topk_ids_TK, topk_weights_TK) -> y_TD (routed-expert output only)
 ExpertDispatch = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -35,16 +36,24 @@ class ExpertWeights:
     down_bias_D: torch.Tensor | None = None
     swiglu_limit: float | None = None
     swiglu_alpha: float = 1.702
+    # derived once: gate and up as one GEMM [2I, D], and down, both prepacked where the CPU allows
+    gate_up: Linear = field(init=False, repr=False, compare=False)
+    down: Linear = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "gate_up", Linear.fused((self.gate_ID, self.up_ID),
+                                                         (self.gate_bias_I, self.up_bias_I)))
+        object.__setattr__(self, "down", Linear(self.down_DI, self.down_bias_D))
 
     def __call__(self, x_nD: torch.Tensor) -> torch.Tensor:
-        g_nI, u_nI = F.linear(x_nD, self.gate_ID, self.gate_bias_I), F.linear(x_nD, self.up_ID, self.up_bias_I)
+        g_nI, u_nI = self.gate_up(x_nD).chunk(2, dim=-1)
         if self.swiglu_limit is None:
             h_nI = F.silu(g_nI) * u_nI
         else:
             g_nI = g_nI.clamp(max=self.swiglu_limit)
             u_nI = u_nI.clamp(min=-self.swiglu_limit, max=self.swiglu_limit)
             h_nI = (u_nI + 1) * (g_nI * torch.sigmoid(g_nI * self.swiglu_alpha))
-        return F.linear(h_nI, self.down_DI, self.down_bias_D)
+        return self.down(h_nI)
 
 
 def route(router_logits_TE: torch.Tensor, router: RouterConfig, score_bias_E: torch.Tensor | None = None

@@ -10,13 +10,14 @@ The engine loads `DenseWeights` (everything but routed experts); expert shards c
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
 from serving.model.config import MoEConfig
+from serving.model.linear import Linear
 from serving.model.moe import ExpertWeights
 
 MLPWeights = ExpertWeights   # a dense / shared-expert SwiGLU FFN has the same three matrices
@@ -100,6 +101,14 @@ class LayerWeights:
     shared_expert: MLPWeights | None = None        # qwen2_moe / deepseek_v3 / hunyuan MoE layers
     shared_expert_gate: torch.Tensor | None = None  # [1, D]  qwen2_moe
     dense_mlp: MLPWeights | None = None  # dense (non-MoE) layers
+    # derived once (GQA): q, k, v as one GEMM [H*hd + 2*Hkv*hd, D], and o, prepacked where the CPU allows
+    qkv: Linear | None = field(init=False, repr=False, compare=False)
+    o: Linear = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        qkv = None if self.wq is None else Linear.fused((self.wq, self.wk, self.wv), (self.bq, self.bk, self.bv))
+        object.__setattr__(self, "qkv", qkv)
+        object.__setattr__(self, "o", Linear(self.wo, self.bo))
 
 
 @dataclass(frozen=True, slots=True)
