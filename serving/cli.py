@@ -3,6 +3,7 @@
   moe-serve checkpoint --family mixtral|qwen2_moe|qwen3_moe|deepseek_v3|hunyuan_v1_moe|olmoe|gpt_oss
                       --size tiny|small --out DIR
   moe-serve up --checkpoint DIR [--expert-shards S] [--nodes N] [--grpc-port P] [--metrics-port M]
+  moe-serve redeploy [--checkpoint DIR] [--expert-shards S] [--transport T] [--dtype D]  (on the running cluster)
   moe-serve down | status
   moe-serve generate --target HOST:PORT (--prompt TEXT | --prompt-ids 1,2,3) [...]
   moe-serve run       (the demo behind `make run`: checkpoint if missing, up, stream, wait, down)
@@ -58,6 +59,17 @@ def _up(a: argparse.Namespace) -> dict:
 
 def cmd_up(a: argparse.Namespace) -> int:
     _up(a)
+    return 0
+
+
+def cmd_redeploy(a: argparse.Namespace) -> int:
+    from serving.launcher import redeploy
+    t0 = time.monotonic()
+    state = redeploy(state_dir=a.state_dir, checkpoint=a.checkpoint, expert_shards=a.expert_shards,
+                     transport=a.transport, dtype=a.dtype, config_path=a.config)
+    print(f"redeployed in {time.monotonic() - t0:.1f}s: {state['checkpoint']}, "
+          f"{state['expert_shards']} expert shard(s), transport {state['transport']}, "
+          f"at {state['grpc_target']}", flush=True)
     return 0
 
 
@@ -184,13 +196,13 @@ def cmd_run(a: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     from serving.client import add_generate_arguments
-    from serving.model.checkpoint import CHECKPOINT_FAMILIES
+    from serving.model.config import SUPPORTED_FAMILIES    # torch-free: every command starts fast
     parser = argparse.ArgumentParser(prog="moe-serve", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("checkpoint", help="write a seeded random HF-format checkpoint")
-    p.add_argument("--family", choices=CHECKPOINT_FAMILIES, required=True)
+    p.add_argument("--family", choices=SUPPORTED_FAMILIES, required=True)
     p.add_argument("--size", choices=["tiny", "small"], required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
@@ -207,6 +219,17 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(fn=cmd_run)
 
     from serving.launcher import DEFAULT_STATE_DIR
+    p = sub.add_parser("redeploy", help="serve another checkpoint / shard count on the running cluster, "
+                                         "without restarting Ray")
+    p.add_argument("--checkpoint", default=None, help="HF-format checkpoint dir (default: the deployed one)")
+    p.add_argument("--expert-shards", type=int, default=None, help="S (default: the deployed count)")
+    p.add_argument("--transport", choices=["serve", "local", "collective"], default=None,
+                   help="expert transport (default: the deployed one)")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default=None, help="(default: the deployed one)")
+    p.add_argument("--config", type=Path, default=None, help="Serve config file (default: the one `up` used)")
+    p.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR)
+    p.set_defaults(fn=cmd_redeploy)
+
     for name, fn, help_ in (("down", cmd_down, "stop what `up` started"),
                             ("status", cmd_status, "show the cluster `up` started")):
         p = sub.add_parser(name, help=help_)

@@ -1,4 +1,4 @@
-"""`moe-serve up` / `moe-serve down`: a local multi-node Ray cluster serving the app.
+"""`moe-serve up` / `redeploy` / `down`: a local multi-node Ray cluster serving the app.
 
 `up` starts a detached *host* process (its own session) that
   1. starts N local Ray nodes with ray.cluster_utils.Cluster; node i carries the custom
@@ -7,6 +7,9 @@
      (cluster/serve_config.yaml, with the flags filled in),
   3. writes `<state-dir>/state.json` (status, ports, pids) and waits for SIGTERM/SIGINT.
 `up` returns once the app answers grpc.health.v1 SERVING; the cluster keeps running.
+`redeploy` swaps the app on that running cluster (another checkpoint and/or shard count) without
+restarting Ray, Serve or the gRPC proxy: it attaches a driver to the cluster, deletes the app,
+deploys the new config and returns once the new app answers grpc.health.v1 SERVING.
 `down` signals that host process, which shuts Serve and its Ray nodes down; any process it
 started that is still alive afterwards is killed by PID. Nothing else is touched.
 """
@@ -30,6 +33,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO_ROOT / "cluster" / "serve_config.yaml"
 DEFAULT_STATE_DIR = Path(os.environ.get("MOE_SERVE_STATE_DIR", ".moe-serve"))
 APP_NAME = "moe"
+ORPHAN_GRACE_S = 2.0    # `down`: once the host and Ray's daemons exited, how long the rest may take
 
 
 # ---- shared helpers --------------------------------------------------------------------
@@ -106,8 +110,50 @@ def _keep_ray_logs(ray_tmp: Path, state_dir: Path) -> None:
         shutil.move(str(logs.resolve()), str(state_dir / "ray_logs"))
 
 
+# ---- deploying the app (in any driver attached to the cluster) -------------------------------
+def _deploy_app(serve_config: dict, deadline: float, stop=lambda: False) -> None:
+    """Apply the resolved Serve config's applications; return once the app is RUNNING."""
+    from ray import serve
+    from ray.serve.schema import ServeDeploySchema
+    schema = ServeDeploySchema.model_validate(serve_config) if hasattr(
+        ServeDeploySchema, "model_validate") else ServeDeploySchema.parse_obj(serve_config)
+    serve.context._get_global_client().deploy_apps(schema)
+    while not stop():
+        app = serve.status().applications.get(APP_NAME)
+        if app is not None and app.status == "RUNNING":
+            return
+        if app is not None and app.status in ("DEPLOY_FAILED", "UNHEALTHY"):
+            raise RuntimeError(f"app {APP_NAME} {app.status}: {app.message}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"app {APP_NAME} did not reach RUNNING in time "
+                               f"(last: {app.status if app else 'absent'})")
+        time.sleep(0.25)
+
+
+def _forget_app_state(serve_config: dict) -> None:
+    """Drop what the previous app left in the GCS key-value store: a placement published by
+    `moe-serve placement --apply` (new engines would adopt it, whatever their shard count), and
+    autoscaling snapshots of deployments the new app no longer has (stale gauges)."""
+    from ray.experimental.internal_kv import _internal_kv_del, _internal_kv_list
+    from serving.deployments.placement_sync import clear_published
+    from serving.metrics import AUTOSCALING_KV_NAMESPACE, AUTOSCALING_KV_PREFIX
+    clear_published()
+    keep = {d["name"] for d in serve_config["applications"][0].get("deployments", [])}
+    for key in _internal_kv_list(AUTOSCALING_KV_PREFIX, namespace=AUTOSCALING_KV_NAMESPACE):
+        name = (key.decode() if isinstance(key, bytes) else key)[len(AUTOSCALING_KV_PREFIX):]
+        if name not in keep:
+            _internal_kv_del(key, namespace=AUTOSCALING_KV_NAMESPACE)
+
+
 # ---- the host process ------------------------------------------------------------------
-def run_host(state_dir: Path, serve_config: dict, nodes: int) -> int:
+def _deployed(serve_config: dict) -> dict:
+    """What the state file says is deployed (from a resolved Serve config)."""
+    args = serve_config["applications"][0]["args"]
+    return dict(checkpoint=args["checkpoint"], expert_shards=args["expert_shards"],
+                transport=args.get("transport", "serve"), dtype=args.get("dtype", "fp32"))
+
+
+def run_host(state_dir: Path, serve_config: dict, nodes: int, config_path: str | None = None) -> int:
     """Runs inside the detached host process until SIGTERM/SIGINT."""
     ray_tmp = Path(tempfile.mkdtemp(prefix="moe-", dir="/tmp"))      # short: unix socket paths
     (ray_tmp / "ray").mkdir()
@@ -124,14 +170,13 @@ def run_host(state_dir: Path, serve_config: dict, nodes: int) -> int:
     from ray import serve
     from ray.cluster_utils import Cluster
     from ray.serve.config import gRPCOptions
-    from ray.serve.schema import ServeDeploySchema
 
     from serving.deployments.config import node_resource
 
     base = dict(pid=os.getpid(), pgid=os.getpgid(0), ray_tmp=str(ray_tmp),
                 grpc_target=f"127.0.0.1:{serve_config['grpc_options']['port']}",
                 metrics_url=f"http://127.0.0.1:{serve_config['applications'][0]['args']['metrics_port']}/metrics",
-                nodes=nodes)
+                nodes=nodes, config=config_path, **_deployed(serve_config))
     _write_state(state_dir, status="starting", **base)
     cluster = None
     try:
@@ -145,22 +190,10 @@ def run_host(state_dir: Path, serve_config: dict, nodes: int) -> int:
         base.update(gcs_address=cluster.address, ray_pids=pids)
         _write_state(state_dir, status="starting", **base)
 
-        schema = ServeDeploySchema.model_validate(serve_config) if hasattr(
-            ServeDeploySchema, "model_validate") else ServeDeploySchema.parse_obj(serve_config)
         serve.start(proxy_location=serve_config.get("proxy_location", "HeadOnly"),
                     http_options=serve_config["http_options"],
                     grpc_options=gRPCOptions(**serve_config["grpc_options"]))
-        serve.context._get_global_client().deploy_apps(schema)
-        deadline = time.monotonic() + 600
-        while not stop["now"]:
-            app = serve.status().applications.get(APP_NAME)
-            if app is not None and app.status == "RUNNING":
-                break
-            if app is not None and app.status in ("DEPLOY_FAILED", "UNHEALTHY"):
-                raise RuntimeError(f"app {APP_NAME} {app.status}: {app.message}")
-            if time.monotonic() > deadline:
-                raise TimeoutError("app did not reach RUNNING within 600 s")
-            time.sleep(0.5)
+        _deploy_app(serve_config, time.monotonic() + 600, stop=lambda: stop["now"])
         _write_state(state_dir, status="ready", **base)
         while not stop["now"]:
             time.sleep(0.2)
@@ -204,7 +237,7 @@ def up(*, checkpoint: str, expert_shards: int, nodes: int, grpc_port: int, metri
     log = open(state_dir / "host.log", "w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "serving.launcher", "host", "--state-dir", str(state_dir),
-         "--nodes", str(nodes)],
+         "--nodes", str(nodes), "--config", str(Path(config_path).resolve())],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=os.getcwd(),
         env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join(
             filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))})
@@ -240,6 +273,72 @@ def _wait_serving(target: str, deadline: float) -> None:
     raise TimeoutError(f"gRPC health at {target} never SERVING (last: {last})")
 
 
+def redeploy(*, state_dir: Path = DEFAULT_STATE_DIR, checkpoint: str | None = None,
+             expert_shards: int | None = None, transport: str | None = None, dtype: str | None = None,
+             config_path: Path | None = None, timeout_s: float = 600.0) -> dict:
+    """Serve another checkpoint and/or shard count on the cluster `up` started from `state_dir`,
+    without restarting Ray, Serve or the gRPC proxy (same ports, same nodes).
+
+    Unset arguments keep what is deployed now; the other knobs come from the Serve config file
+    `up` used (or `config_path`). The new config is checked (checkpoint, shards <= experts) before
+    the running app is touched. Then the app is deleted and the new one deployed, so no request
+    is ever served by old and new replicas mixed. Not a rolling update: drain traffic first (a
+    request in flight fails, and until the new app is up new ones get NOT_FOUND / UNAVAILABLE).
+    Returns once gRPC health says SERVING.
+    """
+    state_dir = Path(state_dir).resolve()
+    state = read_state(state_dir)
+    if not state or state.get("status") != "ready" or not pid_alive(state.get("pid", -1)):
+        raise RuntimeError(f"no ready cluster from {state_dir}; start one with `moe-serve up`")
+    deployed = yaml.safe_load((state_dir / "serve_config.resolved.yaml").read_text())
+    args = deployed["applications"][0]["args"]
+    now = {k: state.get(k) or args.get(k) for k in ("checkpoint", "expert_shards", "transport", "dtype")}
+    checkpoint = str(Path(checkpoint or now["checkpoint"]).resolve())
+    if not (Path(checkpoint) / "config.json").exists():
+        raise FileNotFoundError(f"--checkpoint {checkpoint}: no config.json there")
+    config_path = Path(config_path or state.get("config") or DEFAULT_CONFIG)
+    serve_config = resolve_serve_config(
+        config_path, checkpoint=checkpoint, expert_shards=expert_shards or now["expert_shards"],
+        nodes=state["nodes"], grpc_port=deployed["grpc_options"]["port"], metrics_port=args["metrics_port"],
+        http_port=deployed["http_options"]["port"], transport=transport or now["transport"],
+        dtype=dtype or now["dtype"])
+    _check_app_args(serve_config["applications"][0]["args"])
+
+    deadline = time.monotonic() + timeout_s
+    os.environ["RAY_TMPDIR"] = state["ray_tmp"]          # the cluster's session dir, never /tmp/ray
+    import logging
+    import ray
+    from ray import serve
+    ray.init(address=state["gcs_address"], logging_level="ERROR", log_to_driver=False)
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)
+    try:
+        _write_state(state_dir, **{**state, "app": "redeploying"})
+        serve.delete(APP_NAME)                           # blocks until every replica is gone
+        _forget_app_state(serve_config)
+        (state_dir / "serve_config.resolved.yaml").write_text(yaml.safe_dump(serve_config, sort_keys=False))
+        _deploy_app(serve_config, deadline)
+    except Exception as exc:
+        _write_state(state_dir, **{**state, "app": "failed", "error": f"{type(exc).__name__}: {exc}"})
+        raise
+    finally:
+        ray.shutdown()
+    _wait_serving(state["grpc_target"], deadline)
+    state = {k: v for k, v in state.items() if k != "error"}
+    state.update(app="running", config=str(config_path.resolve()), **_deployed(serve_config))
+    _write_state(state_dir, **state)
+    return state
+
+
+def _check_app_args(args: dict) -> None:
+    """Raise ValueError where the app builder would fail on the checkpoint or the shard count
+    (before the running app is touched; torch-free, so `redeploy` starts fast)."""
+    from serving.model.config import MoEConfig
+    config = MoEConfig.from_dir(args["checkpoint"])      # unsupported architecture / config field: fails here
+    if not 1 <= args["expert_shards"] <= config.num_experts:
+        raise ValueError(f"--expert-shards must be in 1..{config.num_experts} (the checkpoint's experts), "
+                         f"got {args['expert_shards']}")
+
+
 def _descendants(roots: list[int]) -> list[int]:
     """`roots` and every live process below them (Ray workers are children of raylets)."""
     children: dict[int, list[int]] = {}
@@ -271,12 +370,16 @@ def down(*, state_dir: Path = DEFAULT_STATE_DIR, timeout_s: float = 60.0) -> boo
     if not state or "pid" not in state:
         return False
     pid = state["pid"]
-    ours = _descendants([pid, *state.get("ray_pids", [])]) if pid_alive(pid) else \
-        _descendants([p for p in state.get("ray_pids", []) if pid_alive(p)])
+    roots = [pid, *state.get("ray_pids", [])]
+    ours = _descendants(roots) if pid_alive(pid) else _descendants([p for p in roots[1:] if pid_alive(p)])
     if pid_alive(pid):
         os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout_s
     while any(pid_alive(p) for p in ours) and time.monotonic() < deadline:
+        if not any(pid_alive(p) for p in roots):
+            # The host, GCS and raylets are gone. What is left (Ray's per-node dashboard and
+            # runtime-env agents, workers) only notices its raylet died after ~60 s: don't wait.
+            deadline = min(deadline, time.monotonic() + ORPHAN_GRACE_S)
         time.sleep(0.2)
     for p in ours:
         if pid_alive(p):
@@ -296,9 +399,10 @@ def _host_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="serving.launcher host")
     p.add_argument("--state-dir", type=Path, required=True)
     p.add_argument("--nodes", type=int, required=True)
+    p.add_argument("--config", default=None, help="the Serve config file (recorded for `redeploy`)")
     a = p.parse_args(argv)
     cfg = yaml.safe_load((a.state_dir / "serve_config.resolved.yaml").read_text())
-    return run_host(a.state_dir, cfg, a.nodes)
+    return run_host(a.state_dir, cfg, a.nodes, a.config)
 
 
 if __name__ == "__main__":

@@ -33,8 +33,10 @@ class ExpertShard:
         time.sleep(RETAIN_GRACE_S)
         self.worker.retain(placement.experts_of(self.worker.shard_id))
 
-    def forward(self, layer: int, x_ND: torch.Tensor, topk_ids_NK: torch.Tensor,
-                topk_weights_NK: torch.Tensor) -> torch.Tensor:
+    async def forward(self, layer: int, x_ND: torch.Tensor, topk_ids_NK: torch.Tensor,
+                      topk_weights_NK: torch.Tensor) -> torch.Tensor:
+        # async on purpose: Serve runs it on the replica's loop, skipping the thread-pool hop a sync
+        # method takes (the shard does nothing else; the computation is short and one at a time).
         t0 = time.perf_counter()
         y_ND = self.worker.forward(layer, x_ND, topk_ids_NK, topk_weights_NK)
         self.load.add("busy_s", time.perf_counter() - t0)

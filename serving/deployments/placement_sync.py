@@ -36,6 +36,12 @@ def publish_placement(placement: Placement) -> Placement:
     return versioned
 
 
+def clear_published() -> None:
+    """Forget the published placement (a redeploy: the new app starts from its own plan)."""
+    from ray.experimental.internal_kv import _internal_kv_del
+    _internal_kv_del(PLACEMENT_KEY, namespace=KV_NAMESPACE)
+
+
 class PlacementWatcher:
     """Calls `on_change(placement)` (on its own thread) whenever a newer version is published."""
 

@@ -1,0 +1,63 @@
+"""`moe-serve redeploy` checks what it is asked before it touches the running cluster (no Ray here:
+attaching to the cluster is made to fail the test). The redeploy itself runs 20 times in
+tests/test_cluster_parity.py."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import ray
+import yaml
+
+from serving.cli import main
+from serving.launcher import DEFAULT_CONFIG, read_state, resolve_serve_config
+from serving.model.checkpoint import write_checkpoint
+
+
+@pytest.fixture
+def fake_cluster(tmp_path, monkeypatch):
+    """A state dir that looks like a ready cluster (its host pid is this process)."""
+    ckpt = write_checkpoint("mixtral", "tiny", tmp_path / "ck")              # 4 experts
+    state_dir = tmp_path / "state"
+    state_dir.mkdir()
+    cfg = resolve_serve_config(DEFAULT_CONFIG, checkpoint=str(ckpt), expert_shards=2, nodes=2,
+                               grpc_port=1, metrics_port=2, http_port=3)
+    (state_dir / "serve_config.resolved.yaml").write_text(yaml.safe_dump(cfg))
+    (state_dir / "state.json").write_text(json.dumps(dict(
+        status="ready", pid=os.getpid(), nodes=2, ray_tmp=str(tmp_path), gcs_address="127.0.0.1:1",
+        grpc_target="127.0.0.1:1", checkpoint=str(ckpt), expert_shards=2, transport="serve", dtype="fp32")))
+
+    def attach(*a, **k):
+        raise AssertionError("redeploy attached to the cluster")
+    monkeypatch.setattr(ray, "init", attach)
+    return ckpt, state_dir
+
+
+def test_redeploy_rejects_more_shards_than_experts_before_touching_the_cluster(fake_cluster, capsys):
+    ckpt, state_dir = fake_cluster
+    before = (state_dir / "state.json").read_text()
+    assert main(["redeploy", "--state-dir", str(state_dir), "--expert-shards", "5"]) == 1
+    assert "--expert-shards must be in 1..4" in capsys.readouterr().err
+    assert (state_dir / "state.json").read_text() == before
+
+
+def test_redeploy_rejects_a_missing_checkpoint(fake_cluster, tmp_path, capsys):
+    _, state_dir = fake_cluster
+    assert main(["redeploy", "--state-dir", str(state_dir), "--checkpoint", str(tmp_path / "nope")]) == 1
+    assert "no config.json" in capsys.readouterr().err
+
+
+def test_redeploy_needs_a_ready_cluster(tmp_path, capsys):
+    assert main(["redeploy", "--state-dir", str(tmp_path)]) == 1
+    assert "no ready cluster" in capsys.readouterr().err
+    (tmp_path / "state.json").write_text(json.dumps({"status": "stopped", "pid": os.getpid()}))
+    assert main(["redeploy", "--state-dir", str(tmp_path)]) == 1
+    assert read_state(tmp_path)["status"] == "stopped"
+
+
+def test_a_valid_redeploy_goes_on_to_attach(fake_cluster):
+    _, state_dir = fake_cluster
+    with pytest.raises(AssertionError, match="attached"):
+        main(["redeploy", "--state-dir", str(state_dir), "--expert-shards", "4"])
+    assert read_state(state_dir)["expert_shards"] == 2          # nothing recorded until it is deployed
