@@ -19,7 +19,7 @@ def _gens(seed: int, B: int) -> list[torch.Generator]:
 
 def test_greedy_is_argmax_with_logprob():
     logits = _logits(6)
-    ids, logprobs = Sampler().sample(logits, [SamplingParams(temperature=0)] * 6, [None] * 6)
+    ids, logprobs = Sampler().sample(logits, [SamplingParams(temperature=0, logprobs=True)] * 6, [None] * 6)
     assert ids.dtype == torch.int64 and logprobs.dtype == torch.float32
     assert torch.equal(ids, logits.argmax(-1))
     torch.testing.assert_close(logprobs, torch.log_softmax(logits, -1).max(-1).values)
@@ -43,12 +43,14 @@ def test_top_k_1_and_tiny_top_p_are_greedy():
 
 def test_mixed_batch_greedy_and_sampled_rows():
     logits = _logits(4, seed=5)
-    params = [SamplingParams(temperature=0), SamplingParams(temperature=1.0, top_k=3),
-              SamplingParams(temperature=0), SamplingParams(temperature=0.7, top_p=0.5)]
+    params = [SamplingParams(temperature=0, logprobs=True), SamplingParams(temperature=1.0, top_k=3, logprobs=True),
+              SamplingParams(temperature=0), SamplingParams(temperature=0.7, top_p=0.5, logprobs=True)]
     ids, logprobs = Sampler().sample(logits, params, [None, *_gens(0, 1), None, *_gens(1, 1)])
     assert ids[0] == logits[0].argmax() and ids[2] == logits[2].argmax()
     assert ids[1] in logits[1].topk(3).indices
-    torch.testing.assert_close(logprobs, torch.log_softmax(logits, -1).gather(1, ids[:, None])[:, 0])
+    want = torch.log_softmax(logits, -1).gather(1, ids[:, None])[:, 0]
+    torch.testing.assert_close(logprobs[[0, 1, 3]], want[[0, 1, 3]])
+    assert torch.isnan(logprobs[2])         # row 2 did not ask for logprobs: no [V] pass for it
 
 
 def test_temperature_matches_softmax_frequencies():

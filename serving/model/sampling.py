@@ -39,7 +39,8 @@ class SamplingParams:
 class Sampler:
     def sample(self, logits_BV: torch.Tensor, params: Sequence[SamplingParams],
                generators: Sequence[torch.Generator | None]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns (token_ids_B int64, logprobs_B fp32 = log_softmax(raw logits) at the chosen token)."""
+        """Returns (token_ids_B int64, logprobs_B fp32 = log_softmax(raw logits) at the chosen token).
+        Logprobs cost a pass over [B, V]; only rows whose params ask for them get one (others are NaN)."""
         logits_BV = logits_BV.float()
         token_ids_B = logits_BV.argmax(dim=-1)
         sampled = [i for i, p in enumerate(params) if not p.greedy]
@@ -48,8 +49,13 @@ class Sampler:
             probs_SV = self._filtered_probs(logits_BV[rows], [params[i] for i in sampled])
             for j, i in enumerate(sampled):
                 token_ids_B[i] = torch.multinomial(probs_SV[j], 1, generator=generators[i])[0]
-        # log_softmax at the chosen token only: no [B, V] log-prob tensor on the per-step path
-        logprobs_B = logits_BV.gather(1, token_ids_B[:, None])[:, 0] - torch.logsumexp(logits_BV, dim=-1)
+        # log_softmax at the chosen token only, for the rows that want it: no [B, V] log-prob tensor
+        logprobs_B = torch.full(token_ids_B.shape, float("nan"), device=logits_BV.device)
+        want = [i for i, p in enumerate(params) if p.logprobs]
+        if want:
+            rows = torch.tensor(want, device=logits_BV.device)
+            lw_WV = logits_BV[rows]
+            logprobs_B[rows] = lw_WV.gather(1, token_ids_B[rows, None])[:, 0] - torch.logsumexp(lw_WV, dim=-1)
         return token_ids_B, logprobs_B
 
     @staticmethod

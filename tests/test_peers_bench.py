@@ -1,0 +1,35 @@
+"""benchmarks/peers.py helpers (no peer is run here): the cluster peer's derived Serve config
+must stay a valid app config as cluster/serve_config.yaml evolves, and the reported run is the best."""
+import importlib.util
+from pathlib import Path
+
+import yaml
+
+from serving.deployments.config import AppConfig
+from serving.engine.scheduler import SchedulerConfig
+
+REPO = Path(__file__).resolve().parent.parent
+_spec = importlib.util.spec_from_file_location("peers", REPO / "benchmarks" / "peers.py")
+peers = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(peers)
+
+
+def test_cluster_config_takes_the_whole_workload_in_one_unscaled_batch(tmp_path):
+    a = peers.parse_args(["--checkpoint", str(tmp_path), "--num-prompts", "64", "--prompt-len", "64",
+                          "--max-tokens", "64"])
+    cfg = yaml.safe_load(peers.cluster_config(a, tmp_path).read_text())
+    app = cfg["applications"][0]
+    args = AppConfig.from_args({**app["args"], "checkpoint": str(tmp_path)})   # unknown / invalid args raise
+    assert args.max_num_seqs == 64 and args.max_queued >= 64 and args.max_model_len >= 128
+    SchedulerConfig(max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
+                    max_num_batched_tokens=args.max_num_batched_tokens)       # the engine accepts it
+    scaled = [d for d in app["deployments"] if d.get("autoscaling_config")]
+    assert scaled and all(d["autoscaling_config"]["max_replicas"] == 1 for d in scaled)
+
+
+def test_best_and_median_report_the_fastest_run():
+    runs = [{"output_tokens_per_s": v, "ttft_p50_s": 1 / v, "duration_s": 4096 / v, "output_tokens": 4096}
+            for v in (120.0, 600.0, 300.0)]
+    r = peers.best_and_median(runs)
+    assert r["output_tokens_per_s"] == 600.0 and r["median_output_tokens_per_s"] == 300.0
+    assert r["ttft_p50_s"] == 1 / 600.0
