@@ -305,11 +305,18 @@ def redeploy(*, state_dir: Path = DEFAULT_STATE_DIR, checkpoint: str | None = No
     _check_app_args(serve_config["applications"][0]["args"])
 
     deadline = time.monotonic() + timeout_s
-    os.environ["RAY_TMPDIR"] = state["ray_tmp"]          # the cluster's session dir, never /tmp/ray
     import logging
     import ray
     from ray import serve
-    ray.init(address=state["gcs_address"], logging_level="ERROR", log_to_driver=False)
+    saved_tmpdir = os.environ.get("RAY_TMPDIR")
+    os.environ["RAY_TMPDIR"] = state["ray_tmp"]          # the cluster's session dir, never /tmp/ray
+    try:
+        ray.init(address=state["gcs_address"], logging_level="ERROR", log_to_driver=False)
+    finally:                                             # this process's own later ray.init is not ours to move
+        if saved_tmpdir is None:
+            os.environ.pop("RAY_TMPDIR", None)
+        else:
+            os.environ["RAY_TMPDIR"] = saved_tmpdir
     logging.getLogger("ray.serve").setLevel(logging.WARNING)
     try:
         _write_state(state_dir, **{**state, "app": "redeploying"})

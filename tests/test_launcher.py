@@ -56,8 +56,10 @@ def test_redeploy_needs_a_ready_cluster(tmp_path, capsys):
     assert read_state(tmp_path)["status"] == "stopped"
 
 
-def test_a_valid_redeploy_goes_on_to_attach(fake_cluster):
+def test_a_valid_redeploy_goes_on_to_attach(fake_cluster, monkeypatch):
     _, state_dir = fake_cluster
+    monkeypatch.delenv("RAY_TMPDIR", raising=False)
     with pytest.raises(AssertionError, match="attached"):
         main(["redeploy", "--state-dir", str(state_dir), "--expert-shards", "4"])
     assert read_state(state_dir)["expert_shards"] == 2          # nothing recorded until it is deployed
+    assert "RAY_TMPDIR" not in os.environ       # the cluster's session dir does not leak into this process
