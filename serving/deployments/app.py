@@ -19,6 +19,7 @@ from serving.model.config import MoEConfig
 from serving.parallel.placement import Placement
 
 ENGINE_ROUTER_QUEUE = 64    # requests a caller may queue for busy engine replicas before Serve sheds
+ENGINE_ADMISSION_HEADROOM = 256   # requests in transit to admission beyond what it can hold (shed at once)
 INGRESS_MAX_ONGOING = 1000   # streams one ingress replica relays; the engine admits or sheds
 
 
@@ -43,7 +44,7 @@ def build_app(args: dict) -> Application:
         ray_actor_options={"num_cpus": cfg.engine_num_cpus, "resources": {node_resource(0): NODE_PIN}},
         # Serve must hand every request to the replica's own admission control, which sheds
         # with a retry hint; its router queue would only hide the backlog.
-        max_ongoing_requests=cfg.max_num_seqs + cfg.max_queued + 8,
+        max_ongoing_requests=cfg.max_num_seqs + cfg.max_queued + ENGINE_ADMISSION_HEADROOM,
         max_queued_requests=ENGINE_ROUTER_QUEUE,   # beyond: BackPressureError -> RESOURCE_EXHAUSTED
     ).bind(cfg.to_args(), placement.to_json(), shards, hub)
     return Ingress.options(ray_actor_options={"num_cpus": cfg.ingress_num_cpus},
