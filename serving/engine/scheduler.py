@@ -151,10 +151,10 @@ class Scheduler:
     def _reserve(self, seq: Sequence, q: int, chosen: list[tuple[Sequence, int]]) -> bool:
         """KV blocks for `seq`'s next q tokens, preempting others if the cache is full.
         False if `seq` itself had to be preempted."""
-        scheduled = {id(s) for s, _ in chosen}
-        while not self.blocks.ensure(seq.slot, seq.num_cached + q):
-            victims = [s for s in self.running if id(s) not in scheduled]   # never one already in this step
-            victim = max(victims, key=lambda s: (s.request.priority, self.running.index(s)))
+        while not self.blocks.ensure(seq.slot, seq.num_cached + q):   # the common case: room, one check
+            scheduled = {id(s) for s, _ in chosen}                       # never preempt one already in this step
+            _, _, victim = max((s.request.priority, i, s) for i, s in enumerate(self.running)
+                               if id(s) not in scheduled)
             self.preempt(victim)
             if victim is seq:
                 return False
