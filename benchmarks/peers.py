@@ -78,6 +78,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cluster-transport", default=None,
                    help="cluster peer's expert transport(s), comma list of serve,collective,local "
                         "(default: the Serve config's, `serve`); each is its own row")
+    p.add_argument("--cluster-ping-pong", default="on",
+                   help="cluster peer's ping-pong micro-batches: on, off or on,off (a row each)")
     p.add_argument("--vllm-python", default=str(VLLM_PYTHON), help="python of the vLLM venv")
     p.add_argument("--vllm-threads-bind", default=None,
                    help="VLLM_CPU_OMP_THREADS_BIND (default: the first --threads cores, e.g. 0-1)")
@@ -89,6 +91,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     bad = sorted(set(a.peer_list) - set(PEERS))
     if bad:
         p.error(f"unknown peer(s) {bad}; choose from {PEERS}")
+    a.ping_pong_list = [x.strip() for x in a.cluster_ping_pong.split(",") if x.strip()]
+    if not a.ping_pong_list or set(a.ping_pong_list) - {"on", "off"}:
+        p.error("--cluster-ping-pong must be on, off or on,off")
     a.threads = a.threads or len(_cores())
     for name in ("num_prompts", "prompt_len", "max_tokens", "repeat", "threads"):
         if getattr(a, name) < 1:
@@ -251,7 +256,7 @@ def run_engine(a, ctx) -> dict:
             "torch_threads": reps[-1].get("machine", {}).get("torch_threads"), "bench_command": shlex.join(cmd)}
 
 
-def cluster_config(a, out_dir: Path) -> Path:
+def cluster_config(a, out_dir: Path, ping_pong: bool = True) -> Path:
     """cluster/serve_config.yaml, sized for this workload: every prompt in one batch of one engine
     replica (as the other peers run it), nothing shed, no autoscaling (the replicas would only
     share the same cores)."""
@@ -260,7 +265,8 @@ def cluster_config(a, out_dir: Path) -> Path:
     n, model_len = a.num_prompts, a.prompt_len + a.max_tokens
     app["args"].update(max_num_seqs=n, max_model_len=model_len, max_queued=n,
                        max_num_batched_tokens=max(app["args"].get("max_num_batched_tokens", 2048), model_len),
-                       max_tokens_limit=max(a.max_tokens, 2), token_budget=0, ttft_slo_s=1e6)
+                       max_tokens_limit=max(a.max_tokens, 2), token_budget=0, ttft_slo_s=1e6,
+                       ping_pong=ping_pong)
     for d in app.get("deployments", []):
         auto = d.get("autoscaling_config")
         if auto:
@@ -273,9 +279,9 @@ def cluster_config(a, out_dir: Path) -> Path:
     return path
 
 
-def run_cluster(a, ctx, transport: str | None) -> dict:
+def run_cluster(a, ctx, transport: str | None, ping_pong: bool = True) -> dict:
     state = Path(tempfile.mkdtemp(prefix="peers-cluster-"))
-    cfg = cluster_config(a, state)
+    cfg = cluster_config(a, state, ping_pong)
     grpc_port, metrics_port = _free_port(), _free_port()
     while metrics_port == grpc_port:
         metrics_port = _free_port()
@@ -306,7 +312,8 @@ def run_cluster(a, ctx, transport: str | None) -> dict:
             runs.append(_bench_run(rep))
         ok = True
         return {"runs": runs, "num_requests": rep["num_requests"], "up_s": up_s,
-                "transport": transport or _config_transport(), "bench_command": shlex.join(cmd)}
+                "transport": transport or _config_transport(), "ping_pong": ping_pong,
+                "bench_command": shlex.join(cmd)}
     finally:
         rc, _ = _run([*_cli(), "down", "--state-dir", str(state)], env=_env(), timeout_s=300,
                      log=ctx["log"], verbose=a.verbose)
@@ -406,8 +413,10 @@ def main(argv: list[str] | None = None) -> int:
         if peer == "cluster":
             transports = [t.strip() for t in (a.cluster_transport or "").split(",") if t.strip()] or [None]
             for t in transports:
-                label = f"cluster ({t or _config_transport()})"
-                jobs.append(("cluster", label, lambda a, ctx, t=t: run_cluster(a, ctx, t)))
+                for pp in a.ping_pong_list:
+                    label = f"cluster ({t or _config_transport()}{', no ping-pong' if pp == 'off' else ''})"
+                    jobs.append(("cluster", label,
+                                 lambda a, ctx, t=t, pp=pp: run_cluster(a, ctx, t, pp == "on")))
         else:
             label = {"engine": "engine (in-process)", "vllm": "vLLM-CPU",
                      "transformers": "transformers"}[peer]

@@ -90,7 +90,8 @@ def cmd_status(a: argparse.Namespace) -> int:
 
 def cmd_checkpoint(a: argparse.Namespace) -> int:
     from serving.model.checkpoint import write_checkpoint
-    out = write_checkpoint(a.family, a.size, a.out, seed=a.seed)
+    out = write_checkpoint(a.family, a.size, a.out, seed=a.seed, hot_experts=tuple(a.hot_experts),
+                           hot_gain=a.hot_gain)
     print(f"wrote {a.family}/{a.size} checkpoint to {out}")
     return 0
 
@@ -206,6 +207,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", choices=["tiny", "small"], required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--hot-experts", type=int, nargs="*", default=[],
+                   help="experts the router favours (their router rows x --hot-gain): a skewed load")
+    p.add_argument("--hot-gain", type=float, default=4.0)
     p.set_defaults(fn=cmd_checkpoint)
 
     p = sub.add_parser("up", help="start a local multi-node cluster serving a checkpoint")

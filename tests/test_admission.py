@@ -86,3 +86,18 @@ def test_interactive_is_shed_when_its_predicted_wait_exceeds_max_wait():
     with pytest.raises(Overloaded, match="predicted wait"):
         ac.admit(_req("i5"))                          # 4 ahead: 4.0 s > 3 s
     ac.admit(_req("b0", priority=Priority.BATCH))      # batch is governed by its share, not the wait
+
+
+def test_a_new_replica_uses_the_prior_service_time_until_one_request_finished():
+    now = [0.0]
+    cfg = AdmissionConfig(max_running=2, max_queued=100, token_budget=10**6, max_wait_s=2.0,
+                          prior_service_s=2.0)
+    ac = AdmissionController(cfg, clock=lambda: now[0])
+    for i in range(4):                                # 2 running + 2 waiting: 2 ahead -> 2 / 2 * 2 s
+        ac.admit(_req(f"i{i}"))
+    with pytest.raises(Overloaded, match="predicted wait"):
+        ac.admit(_req("i4"))                          # without the prior a burst would all get in
+    now[0] = 0.5
+    ac.release("i0")                                  # measured: 0.5 s replaces the prior
+    for i in range(5, 9):
+        ac.admit(_req(f"i{i}"))                       # 6 ahead at most: 6 / 2 * 0.5 s = 1.5 s

@@ -104,6 +104,12 @@ def test_dispatch_equals_local_on_distinct_nodes(cluster, ckpt, coll2):
         for layer in cfg.moe_layer_ids:
             x, ids, w = _routing(cfg, T, seed)
             torch.testing.assert_close(coll(layer, x, ids, w), ref(layer, x, ids, w), rtol=1e-5, atol=1e-6)
+    # two layers in flight at once (ping-pong micro-batches), completed in either order
+    assert coll.overlaps
+    (xa, ia, wa), (xb, ib, wb) = _routing(cfg, 5, 11), _routing(cfg, 9, 12)
+    pa, pb = coll.submit(0, xa, ia, wa), coll.submit(1, xb, ib, wb)
+    torch.testing.assert_close(pb.wait(), ref(1, xb, ib, wb), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(pa.wait(), ref(0, xa, ia, wa), rtol=1e-5, atol=1e-6)
     # only the shard owning expert 0 is contacted: the other one gets no message at all
     x, _, w = _routing(cfg, 3, 9)
     ids = torch.tensor([[0, 2]] * 3)            # round_robin: experts 0, 2 on shard 0
@@ -138,7 +144,8 @@ def _greedy(ckpt, transport, placement) -> list[list[int]]:
     model = MoEModel.from_checkpoint(ckpt)
     engine = Engine(model, ExpertDispatcher(placement, transport, model.config.num_experts),
                     Tokenizer.from_dir(ckpt),
-                    SchedulerConfig(max_num_seqs=4, max_model_len=128, max_num_batched_tokens=256))
+                    SchedulerConfig(max_num_seqs=4, max_model_len=128, max_num_batched_tokens=256),
+                    ping_pong=True)        # micro-batches where the transport overlaps (collective)
     prompts = [[5, 17, 300, 42], [9] * 11, [700]]
     events = {i: [] for i in range(len(prompts))}
     for i, ids in enumerate(prompts):

@@ -176,3 +176,17 @@ def test_cancelled_stream_frees_its_slot_within_one_step(ckpt):
         asyncio.run(asyncio.wait_for(main(), timeout=60))
     finally:
         async_engine.shutdown()
+
+
+@pytest.mark.parametrize("hot", [(), (0,)])
+def test_a_checkpoint_with_a_hot_expert_routes_most_tokens_to_it(tmp_path, hot):
+    from serving.model.checkpoint import write_checkpoint
+    path = write_checkpoint("mixtral", "tiny", tmp_path / "ckpt", hot_experts=hot, hot_gain=3.0)
+    engine = _engine(path, shards=2)
+    g = torch.Generator().manual_seed(1)
+    _run(engine, [_req(f"r{i}", torch.randint(3, 1000, (32,), generator=g).tolist(), max_tokens=1)
+                  for i in range(8)])                       # prefill only: 256 distinct tokens
+    for layer, counts_SE in engine.dispatch.take_routed_counts().items():
+        per_expert = torch.tensor(counts_SE).sum(0).float()
+        share0 = float(per_expert[0] / per_expert.sum())   # top-2 of 4: uniform is 0.25, always-picked is 0.5
+        assert (share0 > 0.45) if hot else (0.1 < share0 < 0.4), (layer, per_expert.tolist())

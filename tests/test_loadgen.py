@@ -435,3 +435,33 @@ def test_loadtest_without_metrics_and_fixed_rate(echo_server, tmp_path, capsys):
     assert (tmp_path / "p" / "timeline.png").exists()
     bad = p.parse_args(["--target", "192.168.1.1:50051", "--duration", "1", "--out", str(tmp_path)])
     assert run_loadtest(bad) == 2
+
+
+def test_the_summary_names_the_hottest_shard_and_whether_it_scaled_first():
+    from serving.loadgen.loadtest import Scrape, _scaling, hottest_shard_scaled_first, verdict
+    text = ('moe_serve_expert_routed_tokens_total{{layer="0",expert="0",shard="0"}} {a}\n'
+            'moe_serve_expert_routed_tokens_total{{layer="1",expert="3",shard="1"}} {b}\n'
+            'moe_serve_deployment_replicas{{deployment="EngineReplica"}} 1\n'
+            'moe_serve_autoscaling_desired_replicas{{deployment="EngineReplica"}} {e}\n'
+            'moe_serve_autoscaling_desired_replicas{{deployment="ExpertShard0"}} {s0}\n'
+            'moe_serve_autoscaling_desired_replicas{{deployment="ExpertShard1"}} {s1}\n')
+    timeline = [(0.0, dict(a=100, b=100, e=1, s0=1, s1=1)), (11.0, dict(a=900, b=300, e=2, s0=1, s1=1)),
+                (13.0, dict(a=2000, b=600, e=3, s0=2, s1=1)), (20.0, dict(a=3000, b=900, e=3, s0=2, s1=2))]
+    scrapes = [Scrape(t, ClusterSnapshot.from_text(text.format(**v))) for t, v in timeline]
+    assert scrapes[1].snap.routed_by_shard == {0: 900, 1: 300}
+    s = _scaling(scrapes, window_start=10.0)
+    assert s["routed_tokens_by_shard"] == {"0": 2900, "1": 800}
+    assert s["hottest_shard_deployment"] == "ExpertShard0"
+    assert s["first_upscale_decision_s_by_deployment"] == {"ExpertShard0": 3.0, "ExpertShard1": 10.0}
+    assert s["seconds_to_first_upscale_decision"] == 1.0
+    assert hottest_shard_scaled_first(s) is True
+    assert hottest_shard_scaled_first({**s, "hottest_shard_deployment": "ExpertShard1"}) is False
+    assert hottest_shard_scaled_first({**s, "first_upscale_decision_s_by_deployment":
+                                       {"ExpertShard0": None, "ExpertShard1": 4.0}}) is False
+    assert hottest_shard_scaled_first({"hottest_shard_deployment": None}) is None
+    summary = {**s, "errors_by_code": {}, "shed_with_pushback": 0, "shed": 0, "admitted_not_completed": 0,
+               "interactive_admit_ratio": 1.0, "ttft_p99_admitted_interactive_s": 0.5, "ttft_slo_s": 1.0,
+               "seconds_to_first_upscale": 16.0}
+    rows = {r["check"]: r["result"] for r in verdict(summary)}
+    assert rows["hottest expert shard scales first"] == "PASS"
+    assert rows["new engine replica serving after spike start"] == "FAIL"    # 16 s > 15 s

@@ -25,6 +25,12 @@ def test_cluster_config_takes_the_whole_workload_in_one_unscaled_batch(tmp_path)
                     max_num_batched_tokens=args.max_num_batched_tokens)       # the engine accepts it
     scaled = [d for d in app["deployments"] if d.get("autoscaling_config")]
     assert scaled and all(d["autoscaling_config"]["max_replicas"] == 1 for d in scaled)
+    assert args.ping_pong
+    off = yaml.safe_load(peers.cluster_config(a, tmp_path, ping_pong=False).read_text())
+    assert AppConfig.from_args({**off["applications"][0]["args"], "checkpoint": "x"}).ping_pong is False
+    import pytest
+    with pytest.raises(SystemExit):
+        peers.parse_args(["--cluster-ping-pong", "maybe"])
 
 
 def test_best_and_median_report_the_fastest_run():

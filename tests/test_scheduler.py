@@ -136,3 +136,46 @@ def test_interactive_requests_join_before_waiting_batch_requests():
     s.finish(first, FinishReason.LENGTH)
     out = s.schedule()
     assert [q.request_id for q in out.seqs] == ["interactive"]
+
+
+def _batch_req(rid: str, n_prompt: int, max_tokens: int = 4) -> GenerationRequest:
+    from serving.engine.request import Priority
+    return GenerationRequest(request_id=rid, prompt_token_ids=tuple(range(3, 3 + n_prompt)),
+                             sampling=SamplingParams(max_tokens=max_tokens, temperature=0),
+                             priority=Priority.BATCH)
+
+
+def test_an_interactive_request_takes_the_slot_of_the_newest_running_batch_sequence():
+    s = Scheduler(SchedulerConfig(max_num_seqs=3, max_num_batched_tokens=100, max_model_len=64))
+    inter = s.add(_req("i0", 2, max_tokens=8))
+    old, new = s.add(_batch_req("b-old", 2, 8)), s.add(_batch_req("b-new", 2, 8))
+    _advance(s.schedule())
+    _advance(s.schedule())
+    assert new.num_generated == 2 and not s.free_slots
+    late = s.add(_req("i1", 3))
+    out = s.schedule()                  # i1 joins now; the newest batch sequence gives way
+    assert [x.request_id for x in out.seqs] == ["i0", "b-old", "i1"] and out.q_lens == (1, 1, 3)
+    assert new.status is SeqStatus.WAITING and new.num_cached == 0 and s.num_preempted == 1
+    assert new.num_generated == 2       # kept: recomputed later, nothing streamed twice
+    assert late.slot >= 0 and inter.status is old.status is SeqStatus.RUNNING
+    s.finish(inter, FinishReason.LENGTH)
+    out = s.schedule()                  # a slot frees: the batch one is recomputed, prompt + 2 tokens
+    assert [x.request_id for x in out.seqs][-1] == "b-new" and out.q_lens[-1] == 4
+
+
+def test_priority_preemption_never_touches_interactive_work_and_can_be_turned_off():
+    s = Scheduler(SchedulerConfig(max_num_seqs=2, max_num_batched_tokens=100, max_model_len=64))
+    running = [s.add(_req(f"i{k}", 2)) for k in range(2)]
+    _advance(s.schedule())
+    s.add(_req("late", 2))
+    out = s.schedule()                  # all slots interactive: the newcomer waits
+    assert s.num_preempted == 0 and [x.request_id for x in out.seqs] == ["i0", "i1"]
+    assert all(x.status is SeqStatus.RUNNING for x in running)
+
+    off = Scheduler(SchedulerConfig(max_num_seqs=1, max_num_batched_tokens=100, max_model_len=64,
+                                    priority_preemption=False))
+    off.add(_batch_req("b", 2))
+    _advance(off.schedule())
+    off.add(_req("i", 2))
+    out = off.schedule()
+    assert off.num_preempted == 0 and [x.request_id for x in out.seqs] == ["b"]

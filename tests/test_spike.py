@@ -1,12 +1,18 @@
 """The outage night, rehearsed (shortened for CI): a real 2-node cluster, real gRPC over
 loopback, `moe-serve loadtest --profile spike` with interactive and batch traffic mixed.
 
-Asserted here: no INTERNAL/UNKNOWN/UNAVAILABLE, every request ends OK or RESOURCE_EXHAUSTED
-with retry pushback, every admitted request completes, batch is shed before interactive,
-the engine's desired replicas rise within 5 s of the spike, replicas return to the minimum
-afterwards, and the artifacts (CSV, JSON, PNG) exist. The TTFT and admit-ratio numbers are
-recorded in summary.json and reported, not asserted: on a shared 2-core machine they depend
-on what else runs (see the README and issue 5's note).
+The checkpoint has a hot expert (expert 0, on shard 0), so the expert shards see uneven load,
+as they do with real models. The loadtest first measures the cluster's sustainable rate
+(closed loop, more streams than the engine's batch); the baseline is 0.25 x that rate, and the
+spike 10x the baseline: 2.5x what one engine replica sustains, half of it batch.
+
+Asserted here, the checks of issue 5: no INTERNAL/UNKNOWN/UNAVAILABLE; every request ends OK,
+or RESOURCE_EXHAUSTED with retry pushback; every admitted request completes; batch is shed
+first and >= 90% of interactive requests are admitted during the spike; their p99 TTFT is
+within 2x the SLO; the engine's desired replicas rise within 5 s of the spike; the shard that
+takes the most tokens decides to scale first; replicas return to the minimum afterwards; the
+artifacts (CSV, JSON, PNG) exist. How fast a new replica serves is asserted looser than the
+15 s target (see below).
 """
 from __future__ import annotations
 
@@ -19,19 +25,27 @@ from serving.model.checkpoint import write_checkpoint
 
 pytestmark = pytest.mark.cluster
 
+TTFT_SLO_S = 2.0
+
 
 def test_spike_is_survived(tmp_path):
-    ckpt = write_checkpoint("mixtral", "tiny", tmp_path / "ckpt")
+    ckpt = write_checkpoint("mixtral", "tiny", tmp_path / "ckpt", hot_experts=(0,), hot_gain=3.0)
     out = tmp_path / "loadtest"
     with running_cluster(ckpt, tmp_path / "state", shards=2, nodes=2) as state:
         moe_serve("loadtest", "--target", state["grpc_target"], "--metrics-url", state["metrics_url"],
                   "--profile", "spike", "--duration", "60", "--out", str(out), "--max-tokens", "24",
-                  "--base-rate", "2.0", "--spike-multiplier", "10", "--batch-fraction", "0.5",
-                  "--ttft-slo-s", "2", "--tail-s", "60", "--settle-s", "0", timeout=600)
+                  "--baseline-load", "0.25", "--measure-concurrency", "24", "--measure-s", "8",
+                  "--spike-multiplier", "10", "--batch-fraction", "0.5", "--ttft-slo-s", str(TTFT_SLO_S),
+                  "--tail-s", "60", "--settle-s", "30", timeout=600)
     summary = json.loads((out / "summary.json").read_text())
+    print(json.dumps({k: summary[k] for k in (
+        "measured_rate", "base_rate", "offered", "admitted", "completed", "shed", "shed_interactive",
+        "shed_batch", "errors_by_code", "interactive_admit_ratio", "ttft_p99_admitted_interactive_s",
+        "seconds_to_first_upscale_decision", "seconds_to_first_upscale", "max_engine_replicas",
+        "final_engine_replicas", "routed_tokens_by_shard", "first_upscale_decision_s_by_deployment")}))
     for f in ("timeline.csv", "timeline.png", "summary.json"):
         assert (out / f).stat().st_size > 0, f
-    assert summary["offered"] > 300
+    assert summary["offered"] > 100
     bad = {c: n for c, n in summary["errors_by_code"].items() if c in ("INTERNAL", "UNKNOWN", "UNAVAILABLE")}
     assert not bad, summary["errors_by_code"]
     assert set(summary["codes"]) <= {"OK", "RESOURCE_EXHAUSTED"}, summary["codes"]
@@ -39,11 +53,17 @@ def test_spike_is_survived(tmp_path):
     assert summary["admitted_not_completed"] == 0 and summary["failed_after_first_token"] == 0
     assert summary["admitted"] == summary["completed"]
     assert summary["shed_batch"] > summary["shed_interactive"]        # batch is shed first
+    assert summary["interactive_admit_ratio"] >= 0.9
+    assert summary["ttft_p99_admitted_interactive_s"] <= 2 * TTFT_SLO_S
     assert summary["seconds_to_first_upscale_decision"] is not None
     assert summary["seconds_to_first_upscale_decision"] <= 5.0
     assert summary["max_engine_replicas"] > 1                         # new replicas came up
+    # Target 15 s. Measured 12-15 s here: ~9 s of it is the new worker process importing torch and
+    # Ray Serve while every core is busy with the spike (Ray runs workers at nice 15). Asserted at
+    # 20 s so CI on a noisier machine does not flake; the verdict row in summary.json uses 15 s.
+    assert summary["seconds_to_first_upscale"] is not None and summary["seconds_to_first_upscale"] <= 20.0
+    assert summary["hottest_shard_deployment"] == "ExpertShard0"      # the hot expert's shard
+    first = summary["first_upscale_decision_s_by_deployment"]
+    assert first["ExpertShard0"] is not None
+    assert first["ExpertShard1"] is None or first["ExpertShard0"] < first["ExpertShard1"]   # hot shard first
     assert summary["final_engine_replicas"] == 1                      # and went away again
-    print(json.dumps({k: summary[k] for k in (
-        "offered", "admitted", "completed", "shed", "shed_interactive", "shed_batch", "errors_by_code",
-        "interactive_admit_ratio", "ttft_p99_admitted_interactive_s", "seconds_to_first_upscale_decision",
-        "seconds_to_first_upscale", "max_engine_replicas", "final_engine_replicas")}))

@@ -25,6 +25,9 @@ class AppConfig:
     max_num_batched_tokens: int = 2048    # tokens per engine step; longer prompts are prefilled in chunks
     kv_block_size: int = 16               # tokens per paged KV-cache block
     kv_cache_tokens: int = 0              # KV-cache size in tokens (0 = max_num_seqs x model len: never preempts)
+    priority_preemption: bool = True      # a waiting interactive request takes a running batch one's slot
+    ping_pong: bool = True                # two micro-batches per step: attention overlaps the expert calls
+                                          # (serve and collective transports; nothing to overlap with local)
     max_tokens_limit: int = 1024          # largest max_tokens a request may ask for
     max_queued: int = 32                  # admission: requests waiting for a KV slot, per engine replica
     token_budget: int = 0                 # admission: prompt+max_tokens reserved per replica (0 = slots x model len)

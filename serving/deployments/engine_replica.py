@@ -25,6 +25,7 @@ from serving.engine.request import GenerationRequest, TokenEvent
 from serving.engine.scheduler import SchedulerConfig
 from serving.metrics import EngineSample
 from serving.model.model import MoEModel
+from serving.model.sampling import SamplingParams
 from serving.model.tokenizer import Tokenizer
 from serving.parallel.collective_transport import CollectiveGroupError, CollectiveTransport
 from serving.parallel.dispatcher import ExpertDispatcher, LocalTransport
@@ -58,17 +59,22 @@ def build_engine(cfg: AppConfig, placement: Placement, shard_handles=None) -> tu
     sched = SchedulerConfig(max_num_seqs=cfg.max_num_seqs,
                             max_model_len=cfg.model_len(model.config.max_position_embeddings),
                             max_num_batched_tokens=cfg.max_num_batched_tokens, block_size=cfg.kv_block_size,
-                            num_kv_blocks=-(-cfg.kv_cache_tokens // cfg.kv_block_size) if cfg.kv_cache_tokens else None)
-    engine = Engine(model, dispatcher, Tokenizer.from_dir(cfg.checkpoint), sched, dtype=cfg.torch_dtype)
+                            num_kv_blocks=-(-cfg.kv_cache_tokens // cfg.kv_block_size) if cfg.kv_cache_tokens else None,
+                            priority_preemption=cfg.priority_preemption)
+    engine = Engine(model, dispatcher, Tokenizer.from_dir(cfg.checkpoint), sched, dtype=cfg.torch_dtype,
+                    ping_pong=cfg.ping_pong)
     return engine, dispatcher
 
 
 class EngineSampler:
-    """Turns the engine's running totals into per-report deltas (an EngineSample)."""
+    """Turns the engine's running totals into per-report deltas (an EngineSample), counted
+    from its creation (a warm-up before it is not reported)."""
 
     def __init__(self, engine: Engine, dispatcher: ExpertDispatcher):
         self.engine, self.dispatcher = engine, dispatcher
-        self._prompt = self._generated = self._steps = self._preempted = 0
+        s = engine.stats
+        self._prompt, self._generated, self._steps = s.prompt_tokens_total, s.generated_tokens_total, s.steps_total
+        self._preempted = s.preempted_total
 
     def __call__(self) -> EngineSample:
         s = self.engine.stats
@@ -89,9 +95,21 @@ class EngineSampler:
         return sample
 
 
+WARM_UP_PROMPT = (1, 2, 3, 4, 5, 6, 7, 8)
+
+
 @serve.deployment
 class EngineReplica:
-    def __init__(self, args: dict, placement_json: str, shard_handles: list, metrics_hub):
+    async def __init__(self, args: dict, placement_json: str, shard_handles: list, metrics_hub):
+        """Build the engine, then warm it up before Serve routes any request here."""
+        cfg = self._build(args, placement_json, shard_handles)
+        await self._warm_up()
+        self.dispatcher.take_routed_counts()     # the warm-up's tokens are not traffic
+        replica = serve.get_replica_context().replica_id.unique_id
+        self.reporter = MetricsReporter(metrics_hub, f"engine-{replica}", cfg.report_interval_s,
+                                        collect_engine=EngineSampler(self.engine, self.dispatcher))
+
+    def _build(self, args: dict, placement_json: str, shard_handles: list) -> AppConfig:
         torch.set_num_threads(max(1, int(os.environ.get("MOE_ENGINE_THREADS", "1"))))
         cfg = AppConfig.from_args(args)
         self.engine, self.dispatcher = build_engine(cfg, Placement.from_json(placement_json), shard_handles)
@@ -99,13 +117,20 @@ class EngineReplica:
         sched = self.engine.config
         self.admission = AdmissionController(AdmissionConfig(
             max_running=sched.max_num_seqs, max_queued=cfg.max_queued, batch_share=cfg.batch_share,
-            max_wait_s=cfg.ttft_slo_s,
+            max_wait_s=cfg.ttft_slo_s, prior_service_s=cfg.ttft_slo_s,
             token_budget=cfg.token_budget or sched.kv_blocks * sched.block_size))
         self.load = LoadWindow()
-        replica = serve.get_replica_context().replica_id.unique_id
         self.placement_watcher = PlacementWatcher(self._on_placement)
-        self.reporter = MetricsReporter(metrics_hub, f"engine-{replica}", cfg.report_interval_s,
-                                        collect_engine=EngineSampler(self.engine, self.dispatcher))
+        return cfg
+
+    async def _warm_up(self) -> None:
+        """One short request through the whole path (shard handles, first steps, allocator): the
+        first real requests on a new replica, which arrive in a burst when it joins during a
+        spike, would otherwise pay for it in TTFT. Its tokens are not reported."""
+        request = GenerationRequest(request_id=f"warm-up-{id(self)}", prompt_token_ids=WARM_UP_PROMPT,
+                                    sampling=SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True))
+        async for _ in self.async_engine.stream(request):
+            pass
 
     def _on_placement(self, placement: Placement) -> None:
         self.dispatcher.set_placement(placement)
@@ -146,7 +171,8 @@ class EngineReplica:
 
     def __del__(self):
         self.async_engine.shutdown()
-        self.reporter.stop()
+        if hasattr(self, "reporter"):
+            self.reporter.stop()
         close = getattr(self.dispatcher.transport, "close", None)
         if close is not None:      # collective: stop and kill the shard actors this replica owns
             close()

@@ -27,6 +27,7 @@ class AdmissionConfig:
     token_budget: int = 1 << 16      # prompt + max_tokens reserved by admitted, unfinished requests
     batch_share: float = 0.5         # share of queue and budget that `batch` requests may use
     max_wait_s: float = 0.0          # interactive: shed if the predicted wait for a slot exceeds this (0 = off)
+    prior_service_s: float = 0.0     # how long a request holds its slot, until one has been measured
     min_retry_after_s: float = 0.2
     max_retry_after_s: float = 10.0
 
@@ -56,7 +57,8 @@ class AdmissionController:
         self._reserved: dict[str, int] = {}
         self._admitted_at: dict[str, tuple[float, Priority]] = {}
         self._interactive = 0                 # interactive requests in flight
-        self._service_s = 0.0                 # admit -> release time of a request (EWMA)
+        self._service_s = config.prior_service_s   # admit -> release time of a request (EWMA)
+        self._measured = False
         self._done_rate = 0.0                 # finished requests per second (EWMA)
         self._last_done = clock()
 
@@ -93,14 +95,16 @@ class AdmissionController:
             now = self.clock()
             t0, priority = self._admitted_at.pop(request_id)
             self._interactive -= priority is not Priority.BATCH
-            self._service_s = now - t0 if self._service_s == 0 else 0.8 * self._service_s + 0.2 * (now - t0)
+            self._service_s = now - t0 if not self._measured else 0.8 * self._service_s + 0.2 * (now - t0)
+            self._measured = True
             dt = max(now - self._last_done, 1e-3)
             self._done_rate = 0.8 * self._done_rate + 0.2 * (1.0 / dt)
             self._last_done = now
 
     def _predicted_wait_s(self) -> float:
         """Wait of a new interactive request for a slot: the interactive requests beyond the
-        running batch go first, a batch's worth per service time. 0 until one finished."""
+        running batch go first, a batch's worth per service time (the prior until one finished).
+        Running batch requests do not delay it: the scheduler preempts them for interactive ones."""
         ahead = self._interactive - self.config.max_running + 1
         return max(0, ahead) / self.config.max_running * self._service_s
 

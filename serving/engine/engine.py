@@ -12,6 +12,7 @@ from typing import Callable
 
 import torch
 
+from serving.engine.micro_batch import forward_ping_pong
 from serving.engine.request import FinishReason, GenerationRequest, TokenEvent
 from serving.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput, Sequence
 from serving.model.kv_cache import KVCache
@@ -51,11 +52,15 @@ class EngineStats:
 
 class Engine:
     def __init__(self, model: MoEModel, dispatch: ExpertDispatch, tokenizer: Tokenizer,
-                 config: SchedulerConfig, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+                 config: SchedulerConfig, dtype: torch.dtype = torch.float32, device: str = "cpu",
+                 ping_pong: bool = False):
         if config.max_model_len > model.config.max_position_embeddings:
             raise ValueError(f"max_model_len {config.max_model_len} exceeds the model's "
                              f"max_position_embeddings {model.config.max_position_embeddings}")
         self.model, self.dispatch, self.tokenizer = model, dispatch, tokenizer
+        # two micro-batches per step, overlapping attention with expert calls (micro_batch.py);
+        # only where the dispatcher can submit and return (experts in other processes)
+        self.ping_pong = ping_pong and getattr(dispatch, "overlaps", False)
         self.config = config
         self.device = device
         self.kv = KVCache(model.config, config.max_num_seqs, config.max_model_len, dtype, device,
@@ -125,6 +130,8 @@ class Engine:
                              start_pos=tuple(s.num_cached for s in out.seqs),
                              q_lens=out.q_lens, block_tables=out.block_tables)
         input_ids_T = torch.tensor(ids, dtype=torch.int64, device=self.device)
+        if self.ping_pong:
+            return forward_ping_pong(self.model, input_ids_T, layout, self.kv, self.dispatch)   # [B, V]
         return self.model.forward(input_ids_T, layout, self.kv, self.dispatch)   # [B, V]
 
     def _update(self, out: SchedulerOutput, logits_BV: torch.Tensor) -> None:

@@ -9,6 +9,9 @@ Invariant: there is no decoding phase nor prefill phase. Every step, under a tok
   3. waiting requests join while a batch slot, KV blocks and budget allow, by priority class
      (interactive before batch), FIFO within a class; a prompt longer than what is left of the
      budget starts with a chunk and continues next step.
+Before that, with `priority_preemption`, an interactive request that finds every slot taken
+takes the slot of the newest running batch sequence (vLLM's priority policy): batch work never
+holds an interactive request's time to first token hostage.
 KV blocks are taken as sequences grow. When the cache is full, the newest running sequence of
 the lowest priority class is preempted: its blocks are freed, and it goes back to the front of
 its waiting queue to be recomputed (prompt + tokens generated so far) when there is room again.
@@ -32,6 +35,7 @@ class SchedulerConfig:
     max_model_len: int = 2048            # prompt + generated tokens per sequence
     block_size: int = 16                 # tokens per KV-cache block
     num_kv_blocks: int | None = None     # KV-cache size; None: every slot can hold max_model_len (no preemption)
+    priority_preemption: bool = True     # a waiting interactive request preempts the newest running batch one
 
     def __post_init__(self) -> None:
         if self.max_num_batched_tokens < self.max_num_seqs:
@@ -118,6 +122,8 @@ class Scheduler:
         return next((q for q in self._waiting.values() if q), None)
 
     def schedule(self) -> SchedulerOutput:
+        if self.config.priority_preemption:
+            self._preempt_for_priority()
         budget = self.config.max_num_batched_tokens
         chosen: list[tuple[Sequence, int]] = []
         decoding = [s for s in self.running if s.num_uncached == 1]
@@ -147,6 +153,17 @@ class Scheduler:
             num_prefill += 1
         return SchedulerOutput(tuple(s for s, _ in chosen), tuple(q for _, q in chosen), num_prefill,
                                tuple(tuple(self.blocks.table(s.slot)) for s, _ in chosen))
+
+    def _preempt_for_priority(self) -> None:
+        """Free slots for the waiting requests of the highest waiting class by preempting the newest
+        running sequences of lower classes (they are recomputed when their turn comes)."""
+        queue = self._next_waiting()
+        if queue is None or len(queue) <= len(self.free_slots):
+            return
+        prio = queue[0].request.priority
+        for victim in reversed([s for s in self.running if s.request.priority > prio]
+                               [-(len(queue) - len(self.free_slots)):]):
+            self.preempt(victim)
 
     def _reserve(self, seq: Sequence, q: int, chosen: list[tuple[Sequence, int]]) -> bool:
         """KV blocks for `seq`'s next q tokens, preempting others if the cache is full.

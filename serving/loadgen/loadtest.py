@@ -69,8 +69,10 @@ def add_loadtest_arguments(parser: argparse.ArgumentParser) -> None:
                              "measured sustainable rate")
     parser.add_argument("--baseline-load", type=float, default=0.2,
                         help="base rate as a fraction of the measured sustainable rate")
-    parser.add_argument("--measure-s", type=float, default=5.0, help="seconds of rate measurement")
-    parser.add_argument("--measure-concurrency", type=int, default=8)
+    parser.add_argument("--measure-s", type=float, default=8.0, help="seconds of rate measurement")
+    parser.add_argument("--measure-concurrency", type=int, default=24,
+                        help="closed-loop streams while measuring: more than the engine's batch "
+                             "(max_num_seqs, 16 by default), so the measurement saturates it")
     parser.add_argument("--settle-s", type=float, default=30.0,
                         help="after measuring, wait up to this long (with --metrics-url) for the "
                              "engine to be back at its replica count from before, idle")
@@ -336,6 +338,7 @@ def _scaling(scrapes: Sequence[Scrape], window_start: float) -> dict[str, Any]:
         if vals:
             out["max_replicas_by_deployment"][d] = max(vals)
             out["final_replicas_by_deployment"][d] = vals[-1]
+    out.update(_shard_scaling(scrapes, window_start, names))
     if eng is None:
         return out
     reps = [(sc.t_s, sc.snap.replicas[eng]) for sc in scrapes if eng in sc.snap.replicas]
@@ -359,6 +362,38 @@ def _scaling(scrapes: Sequence[Scrape], window_start: float) -> dict[str, Any]:
     return out
 
 
+def _first_upscale_decision(scrapes: Sequence[Scrape], deployment: str, window_start: float) -> float | None:
+    """Seconds from the window start to the first scrape whose desired replicas exceed the
+    deployment's replicas at the window start (None if it never rises)."""
+    desired = [(sc.t_s, sc.snap.desired[deployment]) for sc in scrapes if deployment in sc.snap.desired]
+    base = [v for t, v in desired if t <= window_start] or [v for _, v in desired[:1]]
+    ups = [t for t, v in desired if t >= window_start and base and v > base[-1]]
+    return ups[0] - window_start if ups else None
+
+
+def _shard_scaling(scrapes: Sequence[Scrape], window_start: float, names: set[str]) -> dict[str, Any]:
+    """Which expert shard took the most routed tokens during the run, and when each shard
+    deployment (ExpertShard<i>) first decided to scale up."""
+    shards = {int(d.removeprefix("ExpertShard")): d for d in names
+              if d.startswith("ExpertShard") and d.removeprefix("ExpertShard").isdigit()}
+    routed = [sc.snap.routed_by_shard for sc in scrapes if sc.snap.routed_by_shard]
+    by_shard = ({s: routed[-1].get(s, 0.0) - routed[0].get(s, 0.0) for s in routed[-1]} if routed else {})
+    hot = max(by_shard, key=by_shard.get) if by_shard else None
+    return {"routed_tokens_by_shard": {str(k): v for k, v in sorted(by_shard.items())},
+            "hottest_shard_deployment": shards.get(hot) if hot is not None else None,
+            "first_upscale_decision_s_by_deployment": {
+                d: _first_upscale_decision(scrapes, d, window_start) for d in sorted(shards.values())}}
+
+
+def hottest_shard_scaled_first(s: dict[str, Any]) -> bool | None:
+    """The shard that took the most tokens decided to scale no later than any other (None: no data)."""
+    hot, first = s.get("hottest_shard_deployment"), s.get("first_upscale_decision_s_by_deployment") or {}
+    if hot is None or not first:
+        return None
+    t_hot = first.get(hot)
+    return t_hot is not None and all(t is None or t_hot <= t for t in first.values())
+
+
 def verdict(s: dict[str, Any]) -> list[dict[str, Any]]:
     """The spike-survival checks of issue 5: PASS, FAIL or N/A (no data)."""
     def row(name: str, value: Any, target: str, ok: bool | None) -> dict[str, Any]:
@@ -367,7 +402,7 @@ def verdict(s: dict[str, Any]) -> list[dict[str, Any]]:
 
     bad = sum(s["errors_by_code"].get(c, 0) for c in BAD_CODES)
     iar, ttft = s["interactive_admit_ratio"], s["ttft_p99_admitted_interactive_s"]
-    up = s["seconds_to_first_upscale_decision"]
+    up, serving = s["seconds_to_first_upscale_decision"], s["seconds_to_first_upscale"]
     final, start = s["final_engine_replicas"], s["replicas_at_spike_start"]
     return [
         row("no INTERNAL/UNKNOWN/UNAVAILABLE", bad, "0", bad == 0),
@@ -382,8 +417,13 @@ def verdict(s: dict[str, Any]) -> list[dict[str, Any]]:
         row("engine upscale decision after spike start",
             None if up is None else round(up, 2), "<= 5 s",
             None if s["replicas_at_spike_start"] is None else (up is not None and up <= 5.0)),
+        row("new engine replica serving after spike start",
+            None if serving is None else round(serving, 2), "<= 15 s",
+            None if s["replicas_at_spike_start"] is None else (serving is not None and serving <= 15.0)),
         row("engine replicas back to the start count", final, f"<= {start}",
             None if final is None or start is None else final <= start),
+        row("hottest expert shard scales first", s.get("hottest_shard_deployment"),
+            "first upscale decision", hottest_shard_scaled_first(s)),
     ]
 
 

@@ -73,6 +73,7 @@ class ClusterSnapshot:
     running: float | None = None
     replicas: dict[str, float] = field(default_factory=dict)
     desired: dict[str, float] = field(default_factory=dict)
+    routed_by_shard: dict[int, float] = field(default_factory=dict)   # tokens routed so far (counter)
 
     @classmethod
     def from_samples(cls, samples: list[Sample]) -> "ClusterSnapshot":
@@ -98,7 +99,12 @@ class ClusterSnapshot:
                     return dict(got)
             return {}
 
+        routed: dict[int, float] = defaultdict(float)
+        for smp in by_name.get("moe_serve_expert_routed_tokens_total", ()):
+            if smp.labels.get("shard", "").isdigit():
+                routed[int(smp.labels["shard"])] += smp.value
         return cls(
+            routed_by_shard=dict(routed),
             queue_depth=total("moe_serve_queue_depth", "ray_serve_deployment_queued_queries"),
             running=total("moe_serve_running_requests"),
             replicas=per_deployment("moe_serve_deployment_replicas",

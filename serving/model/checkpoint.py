@@ -248,9 +248,30 @@ def _write_sentencepiece_tokenizer(out: Path) -> None:
         add_bos_token=True, add_eos_token=False, legacy=False, model_max_length=4096), indent=2))
 
 
+ROUTER_WEIGHTS = (".gate.weight", ".gate.wg.weight", ".router.weight")   # [E, D] per family
+
+
+def _skew_router(tensors: dict[str, torch.Tensor], hot: list[int], gain: float, D: int,
+                 gen: torch.Generator) -> None:
+    u_D = torch.randn(D, generator=gen)
+    u_D /= u_D.norm()
+    row_norm = STD * D ** 0.5                     # norm of a random embedding / router row
+    tensors["model.embed_tokens.weight"] += row_norm * u_D
+    for name, w_ED in tensors.items():
+        if name.endswith(ROUTER_WEIGHTS):         # only the hot rows see u: the rest stay uniform
+            w_ED -= torch.outer(w_ED @ u_D, u_D)  # logit std ~ STD*sqrt(D); h.u ~ sqrt(D/2) after RMSNorm
+            w_ED[hot] += gain * STD * 2 ** 0.5 * u_D
+
+
 def write_checkpoint(family: str, size: str, out_dir: str | Path, seed: int = 0,
-                     dtype: torch.dtype = torch.float32) -> Path:
-    """Write a seeded random `family` checkpoint of `size` (tiny | small) to `out_dir`; returns the dir."""
+                     dtype: torch.dtype = torch.float32, hot_experts: tuple[int, ...] = (),
+                     hot_gain: float = 4.0) -> Path:
+    """Write a seeded random `family` checkpoint of `size` (tiny | small) to `out_dir`; returns the dir.
+
+    `hot_experts` skews the expert load, as real models have (placement and per-shard
+    autoscaling are exercised with it): every token embedding gets a shared direction u (real
+    hidden states have such a dominant direction), and the hot experts' router rows point
+    along it, so their logits are raised by about `hot_gain` logit standard deviations."""
     if size not in SIZES:
         raise ValueError(f"unsupported size {size!r} ({' | '.join(SIZES)})")
     if family not in CHECKPOINT_FAMILIES:
@@ -269,7 +290,10 @@ def write_checkpoint(family: str, size: str, out_dir: str | Path, seed: int = 0,
         else:
             std = {"normal": STD, "lm_head": LM_HEAD_STD, "bias": STD}[init]
             t = torch.randn(shape, generator=gen).mul_(std)
-        tensors[name] = t.to(dtype)
+        tensors[name] = t
+    if hot_experts:
+        _skew_router(tensors, list(hot_experts), hot_gain, s["hidden_size"], gen)
+    tensors = {n: t.to(dtype) for n, t in tensors.items()}
 
     for stale in (*out.glob("*.safetensors"), out / "model.safetensors.index.json"):
         stale.unlink(missing_ok=True)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Generator
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +19,16 @@ from serving.model.layers import AttentionMetadata, RotaryEmbedding, attention, 
 from serving.model.moe import ExpertDispatch, route
 from serving.model.weights import CheckpointReader, DenseWeights, load_dense_weights
 
-__all__ = ["BatchLayout", "ExpertDispatch", "MoEModel"]
+__all__ = ["BatchLayout", "ExpertCall", "ExpertDispatch", "MoEModel"]
+
+
+@dataclass(frozen=True, slots=True)
+class ExpertCall:
+    """What one MoE layer asks of the routed experts: y_TD for these tokens."""
+    layer: int
+    h_TD: torch.Tensor             # normed hidden states
+    topk_ids_TK: torch.Tensor
+    topk_weights_TK: torch.Tensor
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,10 +60,23 @@ class MoEModel:
         config = MoEConfig.from_dir(checkpoint_dir)
         return cls(config, load_dense_weights(CheckpointReader(checkpoint_dir), config, dtype, device))
 
-    @torch.inference_mode()
     def forward(self, input_ids_T: torch.Tensor, batch: BatchLayout, kv: KVCache, dispatch: ExpertDispatch,
                 all_logits: bool = False) -> torch.Tensor:
         """Logits (fp32) of the last new token of each sequence [B, V], or of every new token [T, V]."""
+        steps = self.forward_steps(input_ids_T, batch, kv, all_logits)
+        try:
+            call = next(steps)
+            while True:
+                call = steps.send(dispatch(call.layer, call.h_TD, call.topk_ids_TK, call.topk_weights_TK))
+        except StopIteration as done:
+            return done.value
+
+    @torch.inference_mode()
+    def forward_steps(self, input_ids_T: torch.Tensor, batch: BatchLayout, kv: KVCache,
+                      all_logits: bool = False) -> Generator[ExpertCall, torch.Tensor, torch.Tensor]:
+        """`forward`, paused at every MoE layer: it yields an ExpertCall, is sent the routed
+        experts' output y_TD, and returns the logits. Whoever drives it decides how the experts
+        are reached and what runs meanwhile (serving/engine/micro_batch.py overlaps two)."""
         c, w = self.config, self.weights
         if sum(batch.q_lens) != input_ids_T.numel() or min(batch.q_lens) < 1:
             raise ValueError(f"BatchLayout q_lens {batch.q_lens} do not cover {input_ids_T.numel()} tokens")
@@ -78,7 +101,7 @@ class MoEModel:
             router_in_TD = h_TD.float() if lw.router.dtype == torch.float32 else h_TD
             router_logits_TE = F.linear(router_in_TD, lw.router, lw.router_bias)
             topk_weights_TK, topk_ids_TK = route(router_logits_TE, c.router, lw.router_score_bias)  # [T, K]
-            y_TD = dispatch(l, h_TD, topk_ids_TK, topk_weights_TK)
+            y_TD = yield ExpertCall(l, h_TD, topk_ids_TK, topk_weights_TK)
             if lw.shared_expert is not None:
                 shared_TD = swiglu(h_TD, lw.shared_expert)
                 if lw.shared_expert_gate is not None:

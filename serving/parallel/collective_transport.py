@@ -187,6 +187,12 @@ class CollectiveTransport:
 
     # ---- the data path ----------------------------------------------------------------
     def run(self, layer: int, calls: Sequence[ShardCall]) -> list[torch.Tensor]:
+        return self.submit(layer, calls).wait()
+
+    def submit(self, layer: int, calls: Sequence[ShardCall]) -> "CollectivePending":
+        """Post every send and receive of this layer and return; `wait` completes them. Two
+        submits may be in flight (ping-pong micro-batches): a shard answers its messages in
+        order, and gloo matches receives from one peer in the order they were posted."""
         with self._lock:
             if self._closed:
                 raise CollectiveGroupError("the collective transport is closed")
@@ -217,13 +223,14 @@ class CollectiveTransport:
                         payload = torch.cat(parts)
                         pending.append((shard, pg.send([header_H], rank, TAG), header_H))
                         pending.append((shard, pg.send([payload], rank, TAG), payload))
-                for shard, work, _ in pending:                                                  # 4
-                    work.wait(_td(deadline - time.monotonic()))
-            except RuntimeError as exc:       # gloo: a peer closed its connection, or the deadline passed
+            except RuntimeError as exc:       # gloo: a peer closed its connection
                 pending.clear()
                 raise self._broken(shard, exc) from exc
-            pending.clear()
-            return out
+            return CollectivePending(self, out, pending, deadline)
+
+    def _failed(self, shard: int, exc: BaseException) -> CollectiveGroupError:
+        with self._lock:
+            return self._broken(shard, exc)
 
     def set_placement(self, placement: Placement, retain_after_s: float = 5.0) -> None:
         """A live rebalance. Shards load newly routed experts on first use (ExpertShardWorker),
@@ -315,3 +322,21 @@ class CollectiveTransport:
             self._teardown()
         except Exception:        # noqa: BLE001 -- interpreter shutdown
             pass
+
+
+class CollectivePending:
+    """One layer's sends and receives in flight."""
+
+    def __init__(self, transport: CollectiveTransport, out: list[torch.Tensor], pending: list, deadline: float):
+        self.transport, self.out, self.pending, self.deadline = transport, out, pending, deadline
+
+    def wait(self) -> list[torch.Tensor]:
+        shard = -1
+        try:
+            for shard, work, _ in self.pending:                                                # 4
+                work.wait(_td(self.deadline - time.monotonic()))
+        except RuntimeError as exc:           # gloo: a peer closed its connection, or the deadline passed
+            raise self.transport._failed(shard, exc) from exc
+        finally:
+            self.pending = []                 # the tensors the works read or wrote can go now
+        return self.out

@@ -13,6 +13,8 @@ For every MoE layer of every step (`ExpertDispatcher.__call__`):
      at once through the transport
   4. combine: scatter-add each shard's partial sums back:        y_TD[idx_N] += y_ND
 The model never knows which transport it runs on; a transport only runs step 3.
+`submit` returns after step 3 has started, `wait` does step 4: with a transport that has
+`submit` (serve, collective) the caller can work on another micro-batch meanwhile.
 """
 from __future__ import annotations
 
@@ -39,6 +41,36 @@ class Transport(Protocol):
     def run(self, layer: int, calls: Sequence[ShardCall]) -> list[torch.Tensor]:
         """Run every call concurrently; return each shard's partial y_ND, in call order."""
 
+    # Optional: def submit(self, layer, calls) -> Pending  (start the calls, return at once)
+
+
+class Pending(Protocol):
+    def wait(self) -> list[torch.Tensor]:
+        """Each shard's partial y_ND, in call order (blocks until they are all back)."""
+
+
+class Done:
+    """A Pending whose results are already here."""
+
+    def __init__(self, partials: list[torch.Tensor]):
+        self.partials = partials
+
+    def wait(self) -> list[torch.Tensor]:
+        return self.partials
+
+
+class PendingDispatch:
+    """One MoE layer's expert calls in flight; `wait` combines them into y_TD."""
+
+    def __init__(self, x_TD: torch.Tensor, indices: list[torch.Tensor], pending: Pending):
+        self.x_TD, self.indices, self.pending = x_TD, indices, pending
+
+    def wait(self) -> torch.Tensor:
+        y_TD = torch.zeros_like(self.x_TD)
+        for idx_N, y_ND in zip(self.indices, self.pending.wait()):                      # 4
+            y_TD.index_add_(0, idx_N, y_ND.to(self.x_TD.dtype))
+        return y_TD
+
 
 class ExpertDispatcher:
     """dispatch(layer, x_TD, topk_ids_TK, topk_weights_TK) -> y_TD, via any transport.
@@ -64,6 +96,12 @@ class ExpertDispatcher:
 
     def __call__(self, layer: int, x_TD: torch.Tensor, topk_ids_TK: torch.Tensor,
                  topk_weights_TK: torch.Tensor) -> torch.Tensor:
+        return self.submit(layer, x_TD, topk_ids_TK, topk_weights_TK).wait()
+
+    def submit(self, layer: int, x_TD: torch.Tensor, topk_ids_TK: torch.Tensor,
+               topk_weights_TK: torch.Tensor) -> PendingDispatch:
+        """Steps 1-3 now; the combine (4) when the caller waits. With a transport that can
+        `submit`, the shards work while the caller does something else (micro_batch.py)."""
         E, S = self.num_experts, self.placement.num_shards
         copies_EC, ncopies_E = self._tables[layer]
         self._calls += 1
@@ -81,11 +119,14 @@ class ExpertDispatcher:
             ids_NK = torch.where(mine_TK, topk_ids_TK, E)[idx_N]                          # 3
             calls.append(ShardCall(s, x_TD[idx_N], ids_NK, topk_weights_TK[idx_N]))
             indices.append(idx_N)
-        partials = self.transport.run(layer, calls)
-        y_TD = torch.zeros_like(x_TD)
-        for idx_N, y_ND in zip(indices, partials):                                     # 4
-            y_TD.index_add_(0, idx_N, y_ND.to(x_TD.dtype))
-        return y_TD
+        start = getattr(self.transport, "submit", None)
+        pending = start(layer, calls) if start is not None else Done(self.transport.run(layer, calls))
+        return PendingDispatch(x_TD, indices, pending)
+
+    @property
+    def overlaps(self) -> bool:
+        """Whether submitted calls run while the caller goes on (the transport can `submit`)."""
+        return hasattr(self.transport, "submit")
 
     def take_routed_counts(self) -> dict[int, list[list[int]]]:
         """layer -> [shard][expert] tokens routed since the last call (then reset)."""

@@ -19,6 +19,18 @@ class ServeTransport:
         self.handles = list(handles)
 
     def run(self, layer: int, calls: Sequence[ShardCall]) -> list[torch.Tensor]:
-        responses = [self.handles[c.shard].forward.remote(layer, c.x_ND, c.topk_ids_NK,
-                                                          c.topk_weights_NK) for c in calls]
-        return [r.result() for r in responses]
+        return self.submit(layer, calls).wait()
+
+    def submit(self, layer: int, calls: Sequence[ShardCall]) -> "ServeResponses":
+        return ServeResponses([self.handles[c.shard].forward.remote(layer, c.x_ND, c.topk_ids_NK,
+                                                                    c.topk_weights_NK) for c in calls])
+
+
+class ServeResponses:
+    """The shards' responses in flight (DeploymentResponse per call)."""
+
+    def __init__(self, responses: list):
+        self.responses = responses
+
+    def wait(self) -> list[torch.Tensor]:
+        return [r.result() for r in self.responses]
