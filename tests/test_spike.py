@@ -67,3 +67,5 @@ def test_spike_is_survived(tmp_path):
     assert first["ExpertShard0"] is not None
     assert first["ExpertShard1"] is None or first["ExpertShard0"] < first["ExpertShard1"]   # hot shard first
     assert summary["final_engine_replicas"] == 1                      # and went away again
+    assert all(n == 1 for n in summary["final_replicas_by_deployment"].values()), \
+        summary["final_replicas_by_deployment"]                        # shards too
