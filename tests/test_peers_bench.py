@@ -39,3 +39,21 @@ def test_best_and_median_report_the_fastest_run():
     r = peers.best_and_median(runs)
     assert r["output_tokens_per_s"] == 600.0 and r["median_output_tokens_per_s"] == 300.0
     assert r["ttft_p50_s"] == 1 / 600.0
+
+
+def test_table_shows_low_load_ttft_against_the_vllm_server_row():
+    results = [
+        {"peer": "vllm", "label": "vLLM-CPU", "ok": True, "output_tokens_per_s": 900.0, "ttft_p50_s": 0.6},
+        {"peer": "vllm-server", "label": "vLLM-CPU OpenAI server", "ok": True, "ttft_low_load_p50_s": 0.050},
+        {"peer": "cluster (serve)", "label": "cluster (serve)", "ok": True, "output_tokens_per_s": 450.0,
+         "ttft_p50_s": 1.5, "ttft_low_load_p50_s": 0.060},
+        {"peer": "engine", "label": "engine (in-process)", "ok": False, "error": "RuntimeError: boom"},
+    ]
+    lines = peers.table(results).splitlines()
+    cluster = next(line for line in lines if line.startswith("cluster (serve)"))
+    assert "0.500" in cluster and "0.060" in cluster and "1.20" in cluster    # tok/s and TTFT ratios
+    server = next(line for line in lines if line.startswith("vLLM-CPU OpenAI server"))
+    assert "0.050" in server and "1.00" in server
+    assert "FAILED: RuntimeError: boom" in lines[-1]
+    a = peers.parse_args(["--peers", "cluster,vllm-server", "--low-load-requests", "4"])
+    assert a.peer_list == ["cluster", "vllm-server"] and a.low_load_requests == 4
