@@ -11,8 +11,7 @@ or RESOURCE_EXHAUSTED with retry pushback; every admitted request completes; bat
 first and >= 90% of interactive requests are admitted during the spike; their p99 TTFT is
 within 2x the SLO; the engine's desired replicas rise within 5 s of the spike; the shard that
 takes the most tokens decides to scale first; replicas return to the minimum afterwards; the
-artifacts (CSV, JSON, PNG) exist. How fast a new replica serves is asserted looser than the
-15 s target (see below).
+artifacts (CSV, JSON, PNG) exist, and a new engine replica serves within 15 s of the spike.
 """
 from __future__ import annotations
 
@@ -58,10 +57,8 @@ def test_spike_is_survived(tmp_path):
     assert summary["seconds_to_first_upscale_decision"] is not None
     assert summary["seconds_to_first_upscale_decision"] <= 5.0
     assert summary["max_engine_replicas"] > 1                         # new replicas came up
-    # Target 15 s. Measured 12-15 s here: ~9 s of it is the new worker process importing torch and
-    # Ray Serve while every core is busy with the spike (Ray runs workers at nice 15). Asserted at
-    # 20 s so CI on a noisier machine does not flake; the verdict row in summary.json uses 15 s.
-    assert summary["seconds_to_first_upscale"] is not None and summary["seconds_to_first_upscale"] <= 20.0
+    assert summary["seconds_to_first_upscale"] is not None
+    assert summary["seconds_to_first_upscale"] <= 15.0               # the new replica serves within 15 s
     assert summary["hottest_shard_deployment"] == "ExpertShard0"      # the hot expert's shard
     first = summary["first_upscale_decision_s_by_deployment"]
     assert first["ExpertShard0"] is not None
