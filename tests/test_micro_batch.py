@@ -117,3 +117,31 @@ def test_engine_with_ping_pong_generates_the_same_tokens(ckpt):
         assert not engine.has_work()
         return out
     assert run(True) == run(False)
+
+
+def test_a_failing_half_still_completes_the_other_halfs_calls(ckpt):
+    class FailOnThirdWait(ThreadedTransport):
+        waits = 0
+
+        def submit(self, layer, calls):
+            inner = super().submit(layer, calls)
+            transport = self
+
+            class Pending:
+                def wait(self):
+                    out = inner.wait()
+                    transport.waits += 1
+                    if transport.waits == 3:
+                        raise RuntimeError("shard fault")
+                    return out
+            return Pending()
+
+    model = MoEModel.from_checkpoint(ckpt)
+    placement = Placement.build(model.config, 2, "contiguous")
+    transport = FailOnThirdWait([ExpertShardWorker.from_checkpoint(ckpt, placement, s) for s in range(2)])
+    dispatcher = ExpertDispatcher(placement, transport, model.config.num_experts)
+    batch = BatchLayout(slots=(0, 1), start_pos=(0, 0), q_lens=(3, 3))
+    with pytest.raises(RuntimeError, match="shard fault"):
+        forward_ping_pong(model, torch.arange(3, 9), batch, KVCache(model.config, 2, 32, torch.float32, "cpu"),
+                          dispatcher)
+    assert transport.in_flight == 0 and transport.waits == 4     # the other half's call was waited for

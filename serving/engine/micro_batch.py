@@ -71,6 +71,16 @@ def forward_ping_pong(model: MoEModel, input_ids_T: torch.Tensor, batch: BatchLa
                 p, pending[i] = pending[i], None
                 advance(i, p.wait())
             i ^= 1
+    except BaseException:
+        # finish the other half's calls before giving up: a collective transport would otherwise
+        # hand their late answers to the next step's receives
+        for p in pending:
+            if p is not None:
+                try:
+                    p.wait()
+                except Exception:  # noqa: BLE001 -- the first error is the one raised
+                    pass
+        raise
     finally:
         for h in halves:
             h.close()
