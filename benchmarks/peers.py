@@ -186,9 +186,12 @@ def _cores() -> list[int]:
         return list(range(os.cpu_count() or 1))
 
 
-def _bench_args(a: argparse.Namespace, vocab_size: int) -> list[str]:
-    n = str(a.num_prompts)
-    return ["--concurrency", n, "--num-requests", n, "--warmup", n, "--max-tokens", str(a.max_tokens),
+def _bench_args(a: argparse.Namespace, vocab_size: int, concurrency: int | None = None,
+                requests: int | None = None, warmup: int | None = None) -> list[str]:
+    """The workload as `moe-serve bench` flags (default: every prompt at once, all warmed up)."""
+    n = a.num_prompts
+    return ["--concurrency", str(concurrency or n), "--num-requests", str(requests or n),
+            "--warmup", str(n if warmup is None else warmup), "--max-tokens", str(a.max_tokens),
             "--prompt-len", str(a.prompt_len), "--vocab-size", str(vocab_size), "--seed", str(a.seed),
             "--json"]
 
@@ -227,7 +230,8 @@ def vllm_env(a) -> dict:
     }
 
 
-def run_vllm(a, ctx) -> dict:
+def _run_in_vllm_venv(a, ctx, script: str, spec_path: Path) -> dict:
+    """benchmarks/SCRIPT SPEC in vLLM's own venv; its PEER_RESULT."""
     py = Path(a.vllm_python)
     if not py.exists():
         raise FileNotFoundError(f"{py} not found: run `bash benchmarks/setup_vllm.sh` first")
@@ -235,40 +239,31 @@ def run_vllm(a, ctx) -> dict:
     env.pop("PYTHONPATH", None)      # nothing of ours inside vLLM's venv
     for k in ("OMP_NUM_THREADS", "VIRTUAL_ENV"):
         env.pop(k, None)
-    rc, out = _run([str(py), str(REPO / "benchmarks" / "_vllm_peer.py"), str(ctx["spec_path"])], env=env,
+    rc, out = _run([str(py), str(REPO / "benchmarks" / script), str(spec_path)], env=env,
                    timeout_s=a.peer_timeout_s, log=ctx["log"], verbose=a.verbose)
     if rc != 0:
         raise RuntimeError(f"exit {rc}")
     return _peer_result(out)
 
 
+def run_vllm(a, ctx) -> dict:
+    return _run_in_vllm_venv(a, ctx, "_vllm_peer.py", ctx["spec_path"])
+
+
 def run_vllm_server(a, ctx) -> dict:
-    py = Path(a.vllm_python)
-    if not py.exists():
-        raise FileNotFoundError(f"{py} not found: run `bash benchmarks/setup_vllm.sh` first")
     if a.low_load_requests < 1:
         raise ValueError("vllm-server measures TTFT at low load: --low-load-requests must be >= 1")
     spec = json.loads(Path(ctx["spec_path"]).read_text())
     spec.update(requests=a.low_load_requests, warmup=2, port=_free_port())
     spec_path = Path(ctx["spec_path"]).with_name("spec.vllm-server.json")
     spec_path.write_text(json.dumps(spec))
-    env = _env(**vllm_env(a))
-    env.pop("PYTHONPATH", None)
-    for k in ("OMP_NUM_THREADS", "VIRTUAL_ENV"):
-        env.pop(k, None)
-    rc, out = _run([str(py), str(REPO / "benchmarks" / "_vllm_server_peer.py"), str(spec_path)], env=env,
-                   timeout_s=a.peer_timeout_s, log=ctx["log"], verbose=a.verbose)
-    if rc != 0:
-        raise RuntimeError(f"exit {rc}")
-    return _peer_result(out)
+    return _run_in_vllm_venv(a, ctx, "_vllm_server_peer.py", spec_path)
 
 
 def low_load_ttft(a, ctx, target: str) -> dict:
     """`moe-serve bench` at concurrency 1: TTFT when nothing else is queued."""
-    cmd = [*_cli(), "bench", "--target", target, "--concurrency", "1", "--num-requests",
-           str(a.low_load_requests), "--warmup", "2", "--max-tokens", str(a.max_tokens),
-           "--prompt-len", str(a.prompt_len), "--vocab-size", str(ctx["vocab_size"]), "--seed", str(a.seed),
-           "--timeout-s", str(a.peer_timeout_s), "--json"]
+    cmd = [*_cli(), "bench", "--target", target, "--timeout-s", str(a.peer_timeout_s),
+           *_bench_args(a, ctx["vocab_size"], concurrency=1, requests=a.low_load_requests, warmup=2)]
     rc, out = _run(cmd, env=_env(), timeout_s=a.peer_timeout_s, log=ctx["log"], verbose=a.verbose)
     if rc not in (0, 1):
         raise RuntimeError(f"`moe-serve bench` (low load) exit {rc}")

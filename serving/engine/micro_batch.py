@@ -40,6 +40,7 @@ def _slice(batch: BatchLayout, lo: int, hi: int) -> BatchLayout:
                        None if batch.block_tables is None else batch.block_tables[lo:hi])
 
 
+@torch.inference_mode()      # the dispatch and combine between the generators' steps too
 def forward_ping_pong(model: MoEModel, input_ids_T: torch.Tensor, batch: BatchLayout, kv: KVCache,
                       dispatcher: ExpertDispatcher) -> torch.Tensor:
     """Logits of the last new token of each sequence [B, V], as `model.forward` gives them."""

@@ -345,34 +345,40 @@ def _scaling(scrapes: Sequence[Scrape], window_start: float) -> dict[str, Any]:
     out.update(_shard_scaling(scrapes, window_start, names))
     if eng is None:
         return out
-    reps = [(sc.t_s, sc.snap.replicas[eng]) for sc in scrapes if eng in sc.snap.replicas]
-    desired = [(sc.t_s, sc.snap.desired[eng]) for sc in scrapes if eng in sc.snap.desired]
-
-    def at_start(series: list[tuple[float, float]]) -> float | None:
-        before = [v for t, v in series if t <= window_start]
-        return before[-1] if before else (series[0][1] if series else None)
-
-    base = at_start(reps) if reps else at_start(desired)
+    reps, desired = _series(scrapes, "replicas", eng), _series(scrapes, "desired", eng)
+    base = _at_start(reps, window_start) if reps else _at_start(desired, window_start)
     out["replicas_at_spike_start"] = base
     if reps:
         out["max_engine_replicas"] = max(v for _, v in reps)
         out["min_engine_replicas"] = min(v for _, v in reps)
         out["final_engine_replicas"] = reps[-1][1]
-        up = [t for t, v in reps if t >= window_start and v > base]
-        out["seconds_to_first_upscale"] = up[0] - window_start if up else None
+        out["seconds_to_first_upscale"] = _seconds_to_rise(reps, base, window_start)
     if desired and base is not None:
-        ups = [t for t, v in desired if t >= window_start and v > base]
-        out["seconds_to_first_upscale_decision"] = ups[0] - window_start if ups else None
+        out["seconds_to_first_upscale_decision"] = _seconds_to_rise(desired, base, window_start)
     return out
 
 
-def _first_upscale_decision(scrapes: Sequence[Scrape], deployment: str, window_start: float) -> float | None:
-    """Seconds from the window start to the first scrape whose desired replicas exceed the
-    deployment's replicas at the window start (None if it never rises)."""
-    desired = [(sc.t_s, sc.snap.desired[deployment]) for sc in scrapes if deployment in sc.snap.desired]
-    base = [v for t, v in desired if t <= window_start] or [v for _, v in desired[:1]]
-    ups = [t for t, v in desired if t >= window_start and base and v > base[-1]]
+def _series(scrapes: Sequence[Scrape], kind: str, deployment: str) -> list[tuple[float, float]]:
+    """(t_s, value) of one deployment's `replicas` or `desired` replicas, over the scrapes."""
+    return [(sc.t_s, getattr(sc.snap, kind)[deployment]) for sc in scrapes if deployment in getattr(sc.snap, kind)]
+
+
+def _at_start(series: list[tuple[float, float]], window_start: float) -> float | None:
+    """The last value at or before the window start (the first one if none is that early)."""
+    before = [v for t, v in series if t <= window_start]
+    return before[-1] if before else (series[0][1] if series else None)
+
+
+def _seconds_to_rise(series: list[tuple[float, float]], base: float | None, window_start: float) -> float | None:
+    """Seconds from the window start to the first value above `base` (None if it never rises)."""
+    ups = [t for t, v in series if t >= window_start and base is not None and v > base]
     return ups[0] - window_start if ups else None
+
+
+def _first_upscale_decision(scrapes: Sequence[Scrape], deployment: str, window_start: float) -> float | None:
+    """When the deployment's desired replicas first exceed their value at the window start."""
+    desired = _series(scrapes, "desired", deployment)
+    return _seconds_to_rise(desired, _at_start(desired, window_start), window_start)
 
 
 def _shard_scaling(scrapes: Sequence[Scrape], window_start: float, names: set[str]) -> dict[str, Any]:

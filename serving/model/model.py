@@ -60,6 +60,7 @@ class MoEModel:
         config = MoEConfig.from_dir(checkpoint_dir)
         return cls(config, load_dense_weights(CheckpointReader(checkpoint_dir), config, dtype, device))
 
+    @torch.inference_mode()
     def forward(self, input_ids_T: torch.Tensor, batch: BatchLayout, kv: KVCache, dispatch: ExpertDispatch,
                 all_logits: bool = False) -> torch.Tensor:
         """Logits (fp32) of the last new token of each sequence [B, V], or of every new token [T, V]."""
