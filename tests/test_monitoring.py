@@ -243,7 +243,11 @@ def _api(base: str, path: str, **params) -> dict:
         with urllib.request.urlopen(url, timeout=5) as resp:
             return json.loads(resp.read())
     except urllib.error.HTTPError as e:      # 400/422 carry the PromQL error as JSON
-        return json.loads(e.read())
+        body = e.read()
+        try:
+            return json.loads(body)
+        except ValueError:                    # 503 while it starts up: plain text
+            return {"status": "error", "error": f"HTTP {e.code}: {body[:200]!r}"}
 
 
 @pytest.fixture(scope="module")

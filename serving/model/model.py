@@ -51,7 +51,7 @@ class MoEModel:
         self.device = weights.embed.device
         self.dtype = weights.embed.dtype
         self.rope = RotaryEmbedding.from_config(config, self.device)
-        self.lm_head = Linear(weights.lm_head)      # [V, D], prepacked on CPU fp32
+        self.lm_head = Linear(weights.lm_head)      # [V, D], prepacked on CPU (fp32; bf16 where oneDNN has it)
 
     @classmethod
     def from_checkpoint(cls, checkpoint_dir: str | Path, dtype: torch.dtype = torch.float32,

@@ -107,20 +107,29 @@ def experts_forward(x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_
     y_TD = torch.zeros(x_TD.shape, dtype=torch.float32, device=x_TD.device)
     if T == 0 or not experts:
         return y_TD.to(x_TD.dtype)
-    # 1. sort the T*K (token, slot) pairs by expert id, so each expert's tokens are one contiguous run
+    # 1. sort the N = T*K (token, slot) pairs by expert id, so each expert's tokens are one contiguous
+    #    run, and gather their inputs once
     ids_N = topk_ids_TK.reshape(-1)
     order_N = torch.argsort(ids_N, stable=True)
     counts = torch.bincount(ids_N, minlength=max(experts) + 1).tolist()
-    weights_N = topk_weights_TK.reshape(-1).float()
-    start = 0
+    tok_N = order_N // K
+    x_ND = x_TD.index_select(0, tok_N)
+    weights_N = topk_weights_TK.reshape(-1).float()[order_N]
+    # 2. one FFN GEMM chain per expert held here, over its run (a view, no copy)
+    outs, runs, start = [], [], 0
     for e, n in enumerate(counts):
-        # 2. one FFN GEMM chain per expert held here over its tokens, 3. weighted scatter-add back
         if n and e in experts:
-            pairs_n = order_N[start:start + n]
-            tok_n = pairs_n // K
-            out_nD = experts[e](x_TD.index_select(0, tok_n))
-            y_TD.index_add_(0, tok_n, out_nD.float() * weights_N[pairs_n, None])
+            outs.append(experts[e](x_ND[start:start + n]))
+            runs.append((start, n))
         start += n
+    if not outs:
+        return y_TD.to(x_TD.dtype)
+    out_nD = torch.cat(outs) if len(outs) > 1 else outs[0]
+    if sum(n for _, n in runs) != start:       # some pairs went to experts held elsewhere
+        keep_n = torch.cat([torch.arange(s, s + n, device=x_TD.device) for s, n in runs])
+        tok_N, weights_N = tok_N[keep_n], weights_N[keep_n]
+    # 3. one weighted scatter-add back into the tokens
+    y_TD.index_add_(0, tok_N, out_nD.float() * weights_N[:, None])
     return y_TD.to(x_TD.dtype)
 
 
