@@ -26,7 +26,10 @@ disturbed by other work: on a shared machine the spread is large) and the median
 
 Threads: transformers, vLLM (its model worker, OpenMP bound to the first --threads cores) and our
 in-process engine all get --threads (default: every core this process may use). The cluster runs
-as its Serve config says (engine replica and each expert shard 1 torch thread, all on this machine).
+as its Serve config says (engine replica and each expert shard 1 torch thread, all on this machine),
+sized for the workload (one batch, no autoscaling) and with the throughput settings for shared
+cores: --cluster-ping-pong off and --cluster-stream-chunk 4 (the Serve config ships ping-pong on
+and chunking off, the setting the spike rehearsal passes with: README).
 
 Prints the command, the machine, one line per peer, then a table with ratios against vLLM and
 against transformers (ratio = this peer's best tok/s / theirs). --json OUT writes everything.
@@ -84,8 +87,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--low-load-requests", type=int, default=16,
                    help="TTFT at low load (cluster, vllm-server): this many requests, one at a time "
                         "(0: skip)")
-    p.add_argument("--cluster-ping-pong", default="on",
-                   help="cluster peer's ping-pong micro-batches: on, off or on,off (a row each)")
+    p.add_argument("--cluster-ping-pong", default="off",
+                   help="cluster peer's ping-pong micro-batches: on, off or on,off (a row each); "
+                        "off is faster when the engine and the shards share a few cores")
+    p.add_argument("--cluster-stream-chunk", type=int, default=4,
+                   help="cluster peer's stream_chunk_tokens (tokens per streamed message under load; "
+                        "the Serve config ships 1)")
     p.add_argument("--vllm-python", default=str(VLLM_PYTHON), help="python of the vLLM venv")
     p.add_argument("--vllm-threads-bind", default=None,
                    help="VLLM_CPU_OMP_THREADS_BIND (default: the first --threads cores, e.g. 0-1)")
@@ -98,6 +105,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if bad:
         p.error(f"unknown peer(s) {bad}; choose from {PEERS}")
     a.ping_pong_list = [x.strip() for x in a.cluster_ping_pong.split(",") if x.strip()]
+    if a.cluster_stream_chunk < 1:
+        p.error("--cluster-stream-chunk must be >= 1")
     if not a.ping_pong_list or set(a.ping_pong_list) - {"on", "off"}:
         p.error("--cluster-ping-pong must be on, off or on,off")
     a.threads = a.threads or len(_cores())
@@ -294,7 +303,7 @@ def run_engine(a, ctx) -> dict:
             "torch_threads": reps[-1].get("machine", {}).get("torch_threads"), "bench_command": shlex.join(cmd)}
 
 
-def cluster_config(a, out_dir: Path, ping_pong: bool = True) -> Path:
+def cluster_config(a, out_dir: Path, ping_pong: bool = False) -> Path:
     """cluster/serve_config.yaml, sized for this workload: every prompt in one batch of one engine
     replica (as the other peers run it), nothing shed, no autoscaling (the replicas would only
     share the same cores)."""
@@ -304,7 +313,7 @@ def cluster_config(a, out_dir: Path, ping_pong: bool = True) -> Path:
     app["args"].update(max_num_seqs=n, max_model_len=model_len, max_queued=n,
                        max_num_batched_tokens=max(app["args"].get("max_num_batched_tokens", 2048), model_len),
                        max_tokens_limit=max(a.max_tokens, 2), token_budget=0, ttft_slo_s=1e6,
-                       ping_pong=ping_pong)
+                       ping_pong=ping_pong, stream_chunk_tokens=a.cluster_stream_chunk)
     for d in app.get("deployments", []):
         auto = d.get("autoscaling_config")
         if auto:
@@ -317,7 +326,7 @@ def cluster_config(a, out_dir: Path, ping_pong: bool = True) -> Path:
     return path
 
 
-def run_cluster(a, ctx, transport: str | None, ping_pong: bool = True) -> dict:
+def run_cluster(a, ctx, transport: str | None, ping_pong: bool = False) -> dict:
     state = Path(tempfile.mkdtemp(prefix="peers-cluster-"))
     cfg = cluster_config(a, state, ping_pong)
     grpc_port, metrics_port = _free_port(), _free_port()
@@ -352,6 +361,7 @@ def run_cluster(a, ctx, transport: str | None, ping_pong: bool = True) -> dict:
         ok = True
         return {**low, "runs": runs, "num_requests": rep["num_requests"], "up_s": up_s,
                 "transport": transport or _config_transport(), "ping_pong": ping_pong,
+                "stream_chunk_tokens": a.cluster_stream_chunk,
                 "bench_command": shlex.join(cmd)}
     finally:
         rc, _ = _run([*_cli(), "down", "--state-dir", str(state)], env=_env(), timeout_s=300,

@@ -30,7 +30,8 @@ class FakeEngine:
 
     request_id prefixes pick a behaviour: busy -> Overloaded, drain -> Draining,
     boom -> RuntimeError, eos -> STOP after 2 tokens, slow -> 50 ms per token,
-    nofinish -> ends without a finish_reason.
+    nofinish -> ends without a finish_reason, chunk -> lists of up to 3 events (as the
+    EngineReplica streams them).
     """
 
     def __init__(self):
@@ -46,17 +47,25 @@ class FakeEngine:
             if rid.startswith("boom"):
                 raise RuntimeError("kaboom")
             n = 2 if rid.startswith("eos") else request.sampling.max_tokens
+            held = []
             for i in range(n):
                 if rid.startswith("slow"):
                     await asyncio.sleep(0.05)
                 last = i == n - 1 and not rid.startswith("nofinish")
                 tok = 98 + (i % 26)
-                yield TokenEvent(
+                ev = TokenEvent(
                     request_id=rid, token_id=tok, text_delta=TOK.decode([tok]),
                     logprob=-0.5 * (i + 1) if request.sampling.logprobs else None,
                     finish_reason=(FinishReason.STOP if rid.startswith("eos")
                                    else FinishReason.LENGTH) if last else None,
                     prompt_tokens=len(request.prompt_token_ids), completion_tokens=i + 1)
+                if not rid.startswith("chunk"):
+                    yield ev
+                    continue
+                held.append(ev)
+                if len(held) == 3 or last:
+                    out, held = held, []
+                    yield out
         finally:
             self.closed.append(rid)
 
@@ -125,6 +134,17 @@ def test_generate_streams_one_chunk_per_token(h, client):
                                                                       "Generate")
     assert (rec.prompt_tokens, rec.completion_tokens) == (3, 3)
     assert rec.ttft_s is not None and len(rec.itl_s) == 2 and rec.e2e_s >= rec.ttft_s
+
+
+def test_a_chunk_of_engine_events_is_one_response_with_every_token(h, client):
+    chunks = list(client.generate(prompt="hi", max_tokens=7, request_id="chunk-1", logprobs=True))
+    assert [list(c.token_ids) for c in chunks] == [[98, 99, 100], [101, 102, 103], [104]]
+    assert [c.text for c in chunks] == ["abc", "def", "g"]
+    assert [list(c.logprobs) for c in chunks] == [[-0.5, -1.0, -1.5], [-2.0, -2.5, -3.0], [-3.5]]
+    assert [c.finish_reason for c in chunks] == [0, 0, pb2.FINISH_REASON_LENGTH]
+    assert chunks[-1].usage.completion_tokens == 7
+    rec = h.wait_records(1)[0]
+    assert rec.status == "OK" and rec.completion_tokens == 7 and len(rec.itl_s) == 6
 
 
 def test_complete_and_logprobs(h, client):

@@ -1,8 +1,10 @@
 """AsyncEngine's failure handling, with a fake engine (no model): transient transport errors
 are retried, bugs fail the affected requests at once, and the loop keeps serving."""
+import asyncio
 import time
 
 from serving.engine.async_engine import AsyncEngine, EngineError
+from serving.engine.request import FinishReason, TokenEvent
 
 
 class Transient(Exception):
@@ -66,3 +68,64 @@ def test_transient_errors_give_up_after_the_retry_window():
         assert "failing for" in str(eng.failed_with[0])
     finally:
         ae.shutdown()
+
+
+class TokenEngine:
+    """Emits one token per step to every request (n tokens each, the last one finishes)."""
+
+    def __init__(self, n):
+        self.n, self.requests = n, []
+
+    def add_request(self, request, emit):
+        self.requests.append([request, emit, 0])
+
+    def abort(self, request_id):
+        self.requests = [r for r in self.requests if r[0].request_id != request_id]
+
+    def has_work(self):
+        return bool(self.requests)
+
+    def step(self):
+        time.sleep(0.002)
+        for r in list(self.requests):
+            r[2] += 1
+            done = r[2] == self.n
+            r[1](TokenEvent(request_id=r[0].request_id, token_id=r[2], text_delta=str(r[2]),
+                            finish_reason=FinishReason.LENGTH if done else None))
+            if done:
+                self.requests.remove(r)
+
+    def fail_all(self, error):
+        self.requests = []
+
+
+def _chunks(chunk_tokens, max_hold_s, n=10):
+    from serving.engine.request import GenerationRequest
+    from serving.model.sampling import SamplingParams
+    ae = AsyncEngine(TokenEngine(n))
+
+    async def run():
+        req = GenerationRequest(request_id="r", prompt_token_ids=(1,), sampling=SamplingParams(max_tokens=n))
+        return [[ev.token_id for ev in c] async for c in ae.stream_chunks(req, chunk_tokens, max_hold_s)]
+    try:
+        return asyncio.run(asyncio.wait_for(run(), 10))
+    finally:
+        ae.shutdown()
+
+
+def test_stream_chunks_sends_the_first_token_alone_then_chunks_and_loses_nothing():
+    chunks = _chunks(chunk_tokens=4, max_hold_s=10.0)
+    assert chunks[0] == [1]
+    assert all(1 <= len(c) <= 4 for c in chunks) and len(chunks) < 10
+    assert [t for c in chunks for t in c] == list(range(1, 11))
+
+
+def test_stream_chunks_never_holds_a_token_past_max_hold():
+    assert _chunks(chunk_tokens=4, max_hold_s=0.0) == [[t] for t in range(1, 11)]
+
+
+def test_stream_chunks_asks_a_callable_chunk_size_at_every_token():
+    sizes = iter([1, 1, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3])
+    chunks = _chunks(chunk_tokens=lambda: next(sizes), max_hold_s=10.0)
+    assert chunks[:2] == [[1], [2]] and max(len(c) for c in chunks) == 3
+    assert [t for c in chunks for t in c] == list(range(1, 11))

@@ -21,7 +21,7 @@ from serving.api.service import GenerateService
 from serving.api.validation import ApiLimits
 from serving.client import build_request
 from serving.engine.request import GenerationRequest, Priority, TokenEvent
-from serving.loadgen import arrivals, stats
+from serving.loadgen import arrivals, loadtest, stats
 from serving.loadgen.bench import add_bench_arguments, run_bench
 from serving.loadgen.driver import (GrpcDriver, RequestResult, ensure_loopback, pushback_ms_of,
                                     pushback_of)
@@ -140,6 +140,17 @@ def _result(i, ttft, itls, code="OK", prio="interactive", start=0.0):
     e2e = None if ttft is None else ttft + sum(itls)
     return RequestResult(index=i, priority=prio, start_s=start, ttft_s=ttft, itl_s=list(itls),
                          e2e_s=e2e if e2e is not None else 0.01, tokens=tokens, code=code)
+
+
+def test_rate_until_counts_what_finished_before_the_cut():
+    # finished at 0.5, 1.0, 1.5, 2.0 s; one shed
+    rs = [_result(i, 0.5, [], start=0.5 * i) for i in range(4)] + [
+        _result(9, None, [], code="RESOURCE_EXHAUSTED")]
+    assert loadtest.done_by(rs, 1.2) == 2
+    assert loadtest.rate_until(rs, wall_s=2.0) == pytest.approx(2.0)            # 4 in 2 s
+    assert loadtest.rate_until(rs, wall_s=2.0, cut_s=1.0) == pytest.approx(2.0)  # 2 in 1 s
+    assert loadtest.rate_until(rs, wall_s=2.0, cut_s=0.9) == pytest.approx(1 / 0.9)
+    assert loadtest.rate_until(rs, wall_s=2.0, cut_s=5.0) == pytest.approx(2.0)  # a cut past the end
 
 
 def test_percentiles_and_summary_math():
@@ -416,6 +427,9 @@ def test_loadtest_spike_against_a_shedding_echo(tmp_path, capsys):
     assert sum(int(r["offered"]) for r in spike) / len(spike) > 3 * sum(int(r["offered"]) for r in base) / len(base)
     assert len(s["timeline"]) == len(rows)
     assert not math.isnan(s["output_tokens_per_s"])
+    # the fake adds a replica as soon as it is loaded: the rate is measured before that
+    assert s["measure_engine_replicas"] == 1 and s["measure_replicas_rose_s"] is not None
+    assert s["measure_cut_s"] in (None, s["measure_replicas_rose_s"]) and s["measured_rate"] > 0
 
 
 def test_loadtest_without_metrics_and_fixed_rate(echo_server, tmp_path, capsys):

@@ -25,9 +25,9 @@ def test_cluster_config_takes_the_whole_workload_in_one_unscaled_batch(tmp_path)
                     max_num_batched_tokens=args.max_num_batched_tokens)       # the engine accepts it
     scaled = [d for d in app["deployments"] if d.get("autoscaling_config")]
     assert scaled and all(d["autoscaling_config"]["max_replicas"] == 1 for d in scaled)
-    assert args.ping_pong
-    off = yaml.safe_load(peers.cluster_config(a, tmp_path, ping_pong=False).read_text())
-    assert AppConfig.from_args({**off["applications"][0]["args"], "checkpoint": "x"}).ping_pong is False
+    assert not args.ping_pong and args.stream_chunk_tokens == 4     # the benchmark's throughput settings
+    on = yaml.safe_load(peers.cluster_config(a, tmp_path, ping_pong=True).read_text())
+    assert AppConfig.from_args({**on["applications"][0]["args"], "checkpoint": "x"}).ping_pong is True
     import pytest
     with pytest.raises(SystemExit):
         peers.parse_args(["--cluster-ping-pong", "maybe"])

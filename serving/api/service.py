@@ -52,8 +52,9 @@ _PRIORITY_OF = {pb2.PRIORITY_UNSPECIFIED: Priority.INTERACTIVE,
 class EngineClient(Protocol):
     """What the service needs from the engine (a replica handle, or the engine itself).
 
-    `stream` yields one TokenEvent per generated token; the last one carries
-    finish_reason. An event with token_id < 0 carries no token (a bare finish event).
+    `stream` yields one TokenEvent per generated token, or lists of consecutive ones (a chunk,
+    streamed to the client as one GenerateResponse); the last event carries finish_reason.
+    An event with token_id < 0 carries no token (a bare finish event).
     It may raise Overloaded (shed) or Draining (replica shutting down). Closing the
     iterator early (aclose) means the client went away: the engine should abort the
     request.
@@ -187,11 +188,12 @@ class GenerateService:
             req = self._admit(request_pb)
             tracker.start(req)
             finished = False
-            async with aclosing(self._engine_stream(req)) as events:
-                async for ev in events:
-                    tracker.on_event(ev)
-                    finished = ev.finish_reason is not None
-                    yield self._chunk(req, ev, tracker)
+            async with aclosing(self._engine_stream(req)) as chunks:
+                async for events in chunks:
+                    for ev in events:
+                        tracker.on_event(ev)
+                    finished = events[-1].finish_reason is not None
+                    yield self._chunk(req, events, tracker)
                     if finished:
                         break
             if not finished:
@@ -255,13 +257,17 @@ class GenerateService:
             raise Draining("server is not ready")
         return validate_request(request_pb, self.limits, self.tokenizer)
 
-    async def _engine_stream(self, req: GenerationRequest) -> AsyncIterator[TokenEvent]:
+    async def _engine_stream(self, req: GenerationRequest) -> AsyncIterator[list[TokenEvent]]:
+        """The engine's events as non-empty chunks (lists), whichever the engine client yields."""
         stream = self.engine.stream(req)
         exhausted = False
         try:
-            async for ev in stream:
-                exhausted = ev.finish_reason is not None
-                yield ev
+            async for item in stream:
+                events = item if isinstance(item, list) else [item]
+                if not events:
+                    continue
+                exhausted = events[-1].finish_reason is not None
+                yield events
             exhausted = True
         finally:
             if not exhausted:       # stopped before the finish event: client gone, or error
@@ -271,12 +277,14 @@ class GenerateService:
                 elif callable(getattr(stream, "cancel", None)):
                     stream.cancel()     # e.g. a Ray DeploymentResponseGenerator
 
-    def _chunk(self, req: GenerationRequest, ev: TokenEvent, tracker: _Tracker) -> Any:
-        chunk = pb2.GenerateResponse(request_id=req.request_id, text=ev.text_delta)
-        if ev.token_id >= 0:
-            chunk.token_ids.append(ev.token_id)
-            if req.sampling.logprobs and ev.logprob is not None:
-                chunk.logprobs.append(float(ev.logprob))
+    def _chunk(self, req: GenerationRequest, events: list[TokenEvent], tracker: _Tracker) -> Any:
+        chunk = pb2.GenerateResponse(request_id=req.request_id, text="".join(e.text_delta for e in events))
+        for e in events:
+            if e.token_id >= 0:
+                chunk.token_ids.append(e.token_id)
+                if req.sampling.logprobs and e.logprob is not None:
+                    chunk.logprobs.append(float(e.logprob))
+        ev = events[-1]
         if ev.finish_reason is not None:
             chunk.finish_reason = _FINISH[FinishReason(ev.finish_reason)]
             chunk.usage.prompt_tokens = tracker.rec.prompt_tokens

@@ -28,6 +28,10 @@ class AppConfig:
     priority_preemption: bool = True      # a waiting interactive request takes a running batch one's slot
     ping_pong: bool = True                # two micro-batches per step: attention overlaps the expert calls
                                           # (serve and collective transports; nothing to overlap with local)
+    stream_chunk_tokens: int = 1          # tokens per streamed message (engine -> ingress -> client) once
+    stream_chunk_min_running: int = 16    # ... this many sequences run; below it every token is its own
+                                          # message. The first token always goes alone (TTFT). 1 = off.
+    stream_max_hold_s: float = 0.25       # no token is held back longer than this (+ one engine step)
     max_tokens_limit: int = 1024          # largest max_tokens a request may ask for
     max_queued: int = 32                  # admission: requests waiting for a KV slot, per engine replica
     token_budget: int = 0                 # admission: prompt+max_tokens reserved per replica (0 = slots x model len)
@@ -48,6 +52,9 @@ class AppConfig:
             raise ValueError(f"transport must be one of {TRANSPORTS}, got {self.transport!r}")
         if self.expert_shards < 1 or self.nodes < 1:
             raise ValueError("expert_shards and nodes must be >= 1")
+        if self.stream_chunk_tokens < 1 or self.stream_chunk_min_running < 0 or self.stream_max_hold_s < 0:
+            raise ValueError("stream_chunk_tokens must be >= 1, stream_chunk_min_running and "
+                             "stream_max_hold_s >= 0")
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -120,6 +120,9 @@ class EngineReplica:
             max_wait_s=cfg.ttft_slo_s, prior_service_s=cfg.ttft_slo_s,
             token_budget=cfg.token_budget or sched.kv_blocks * sched.block_size))
         self.load = LoadWindow()
+        self.stream_max_hold_s = cfg.stream_max_hold_s
+        self.chunk_tokens = lambda: (cfg.stream_chunk_tokens if self.engine.stats.num_running
+                                     >= cfg.stream_chunk_min_running else 1)
         self.placement_watcher = PlacementWatcher(self._on_placement)
         return cfg
 
@@ -138,16 +141,18 @@ class EngineReplica:
         if on_change is not None:     # collective: this replica's own shard actors follow it
             on_change(placement)
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[list[TokenEvent]]:
+        """The request's TokenEvents in chunks (one streamed message each; see AsyncEngine.stream_chunks)."""
         self.load.add("arrivals")                # offered load, shed requests included
         self.admission.admit(request)            # raises Overloaded: shed before any work is done
         t0, first = time.monotonic(), True
         try:
-            async for event in self.async_engine.stream(request):
+            async for chunk in self.async_engine.stream_chunks(request, self.chunk_tokens,
+                                                               self.stream_max_hold_s):
                 if first:
                     self.load.add("ttft_s", time.monotonic() - t0)
                     first = False
-                yield event
+                yield chunk
         finally:
             self.admission.release(request.request_id)
             self.load.add("completed")

@@ -28,11 +28,11 @@ class HandleEngineClient:
     def __init__(self, handle):
         self.handle = handle.options(stream=True)
 
-    async def stream(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[list[TokenEvent]]:
         response = self.handle.generate.remote(request)
         try:
-            async for event in response:
-                yield event
+            async for chunk in response:        # a list of TokenEvents: one message
+                yield chunk
         finally:   # client gone or finished: cancelling aborts the request in the engine
             response.cancel()
 
