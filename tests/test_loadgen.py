@@ -356,6 +356,19 @@ def test_bench_in_process_tiny(tiny_checkpoint, capsys):
     assert rep["engine_steps"] >= 5 and rep["ttft_p50_s"] > 0 and rep["tpot_p50_s"] > 0
 
 
+def test_bench_in_process_torch_profile(tiny_checkpoint, capsys, tmp_path):
+    out = tmp_path / "prof.txt"
+    rc = _bench(["--in-process", "--checkpoint", str(tiny_checkpoint), "--concurrency", "2",
+                 "--num-requests", "2", "--max-tokens", "3", "--prompt-len", "5", "--json",
+                 "--torch-profile", str(out)])
+    rep = json.loads(capsys.readouterr().out)
+    assert rc == 0 and rep["completed"] == 2
+    ops = {p["op"] for p in rep["torch_profile"]}
+    assert "Self CPU" in out.read_text() and any(op.startswith("aten::") for op in ops)
+    assert all(p["self_cpu_s"] >= 0 and p["calls"] >= 1 for p in rep["torch_profile"])
+    assert _bench(["--target", "127.0.0.1:1", "--torch-profile", str(out)]) == 2   # in-process only
+
+
 def test_dispatch_bench_local_smoke(tiny_checkpoint, capsys):
     import importlib.util
     from pathlib import Path

@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import sys
 import time
 from collections import deque
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -67,12 +69,17 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                         help="--in-process: scheduler token budget per step (default: the AppConfig's)")
     parser.add_argument("--threads", type=int, default=None,
                         help="--in-process: torch intra-op threads (default: torch's)")
+    parser.add_argument("--torch-profile", type=Path, default=None, metavar="FILE",
+                        help="--in-process: run the timed requests under torch.profiler and write its "
+                             "table (ops by self CPU time) to FILE; the profiler slows the run down")
     parser.add_argument("--json", action="store_true", help="print exactly one JSON object")
 
 
 def _check(args: argparse.Namespace) -> None:
     if args.in_process and not args.checkpoint:
         raise ValueError("--in-process needs --checkpoint")
+    if args.torch_profile is not None and not args.in_process:
+        raise ValueError("--torch-profile needs --in-process")
     for name in ("concurrency", "num_requests", "max_tokens", "prompt_len"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
@@ -235,13 +242,27 @@ def _bench_inprocess(args: argparse.Namespace, prompts: list[list[int]]
         drive_engine(engine, wprompts, max_tokens=2, concurrency=args.concurrency, tag="warmup")
     st = engine.stats
     steps0, step_s0 = st.steps_total, st.step_seconds_total
-    with torch.inference_mode():
+    prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) \
+        if args.torch_profile is not None else contextlib.nullcontext()
+    with torch.inference_mode(), prof:
         results, wall, extra = drive_engine(
             engine, prompts, max_tokens=args.max_tokens, concurrency=args.concurrency,
             priority=args.priority, times=arrival_times(args), max_duration_s=args.max_duration_s)
     steps = st.steps_total - steps0
     extra.update(load_s=load_s, mean_step_s=(st.step_seconds_total - step_s0) / steps if steps else None)
+    if args.torch_profile is not None:
+        extra["torch_profile"] = write_profile(prof, args.torch_profile, wall)
     return results, wall, extra
+
+
+def write_profile(prof, path: Path, wall_s: float, top: int = 12) -> list[dict]:
+    """The profiler's op table (by self CPU time) to `path`; returns the top ops with their share
+    of the wall time."""
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40))
+    return [{"op": e.key, "calls": e.count, "self_cpu_s": e.self_cpu_time_total / 1e6,
+             "share_of_wall": e.self_cpu_time_total / 1e6 / max(wall_s, 1e-9)} for e in events[:top]]
 
 
 def _loadavg() -> float | None:
