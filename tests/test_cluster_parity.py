@@ -95,6 +95,9 @@ def cluster(tmp_path_factory):
     for d in cfg["applications"][0]["deployments"]:
         d.pop("autoscaling_config", None)
         d["num_replicas"] = 1
+    # chunked streaming on for every request (the shipped config has it off; test_cluster_e2e
+    # covers one token per message): up to 4 tokens per GenerateResponse after the first
+    cfg["applications"][0]["args"].update(stream_chunk_tokens=4, stream_chunk_min_running=0)
     (tmp / "serve_config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     c = Cluster(tmp / "state", tmp / "serve_config.yaml")
     try:
@@ -132,6 +135,13 @@ def test_greedy_parity_through_the_cluster(family, shards, cluster, tmp_path):
         out = moe_serve("generate", "--target", state["grpc_target"], "--prompt-ids", ",".join(map(str, prompts[0])),
                         "--max-tokens", str(NEW_TOKENS), "--temperature", "0", "--json")
         assert json.loads(out.stdout)["token_ids"] == expected[0]
+        longest = max(range(len(prompts)), key=lambda i: len(expected[i]))   # greedy may stop at EOS early
+        with MoEClient(state["grpc_target"]) as c:       # the stream itself: chunks, every token once
+            chunks = [list(m.token_ids) for m in c.generate(build_request(
+                prompt_ids=prompts[longest], max_tokens=NEW_TOKENS, temperature=0))]
+        assert [t for ch in chunks for t in ch] == expected[longest]
+        assert len(chunks[0]) == 1 and len(chunks) <= 1 + -(-(len(expected[longest]) - 1) // 2), \
+            [len(ch) for ch in chunks]          # after the first token, two or more per message
 
         def one(ids):
             with MoEClient(state["grpc_target"]) as c:
