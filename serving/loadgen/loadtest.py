@@ -150,12 +150,14 @@ async def measure_rate(args: argparse.Namespace, before: ClusterSnapshot | None 
     start = before.replicas.get(eng) if eng else None
     cut: list[float] = []
 
+    every_s = min(1.0, max(0.1, args.measure_s / 8))    # a few looks even in a short measurement
+
     async def watch(t0: float) -> None:
         while not cut and start is not None and args.metrics_url:
             snap = await asyncio.to_thread(scrape, args.metrics_url, 1.0)
             if snap.replicas.get(eng, 0.0) > start:
                 cut.append(time.perf_counter() - t0)
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(every_s)
 
     async with GrpcDriver(args.target, timeout_s=args.timeout_s, application=args.application,
                           max_in_flight=args.measure_concurrency) as drv:
