@@ -121,6 +121,12 @@ def _request_factory(args: argparse.Namespace, rng: np.random.Generator, priorit
     return make
 
 
+def engine_replicas(snap: ClusterSnapshot | None) -> tuple[str | None, float | None]:
+    """The engine's deployment in a snapshot and its replica count (None, None if unknown)."""
+    eng = engine_deployment({*snap.replicas, *snap.desired}) if snap is not None else None
+    return eng, (snap.replicas.get(eng) if eng else None)
+
+
 def done_by(results: Sequence[RequestResult], t_s: float) -> int:
     """OK requests finished within `t_s` seconds of the run's start."""
     return sum(r.ok and r.e2e_s is not None and r.start_s + r.e2e_s <= t_s for r in results)
@@ -146,14 +152,14 @@ async def measure_rate(args: argparse.Namespace, before: ClusterSnapshot | None 
     from serving.loadgen.driver import GrpcDriver
     rng = np.random.default_rng(args.seed + 99)
     make = _request_factory(args, rng, [])
-    eng = engine_deployment({*before.replicas, *before.desired}) if before is not None else None
-    start = before.replicas.get(eng) if eng else None
+    eng, start = engine_replicas(before)
     cut: list[float] = []
-
     every_s = min(1.0, max(0.1, args.measure_s / 8))    # a few looks even in a short measurement
 
     async def watch(t0: float) -> None:
-        while not cut and start is not None and args.metrics_url:
+        if start is None or not args.metrics_url:
+            return
+        while not cut:
             snap = await asyncio.to_thread(scrape, args.metrics_url, 1.0)
             if snap.replicas.get(eng, 0.0) > start:
                 cut.append(time.perf_counter() - t0)
@@ -180,8 +186,7 @@ async def measure_rate(args: argparse.Namespace, before: ClusterSnapshot | None 
 async def settle_after_measuring(args: argparse.Namespace, before: ClusterSnapshot, log) -> dict:
     """Measuring loads the cluster and may scale it up: wait (bounded by --settle-s) until the
     engine is back to its replica count from before and idle, so the profile starts clean."""
-    eng = engine_deployment({*before.replicas, *before.desired})
-    start = before.replicas.get(eng) if eng else None
+    eng, start = engine_replicas(before)
     if not args.metrics_url or args.settle_s <= 0 or start is None:
         return {"settle_wait_s": 0.0, "settled": None}
     print(f"waiting up to {args.settle_s:g} s for {eng} to settle back to {start:g} replica(s) ...",
