@@ -99,12 +99,14 @@ print(time.perf_counter() - t0)
 def build_engine(checkpoint: str | Path, max_batch: int, max_model_len: int):
     """An in-process Engine over `checkpoint`, experts local (what one EngineReplica holds)."""
     from serving.engine.engine import Engine
+    from serving.engine.host_allocator import tune_host_allocator
     from serving.engine.scheduler import SchedulerConfig
     from serving.model.model import MoEModel
     from serving.model.tokenizer import Tokenizer
     from serving.parallel.dispatcher import ExpertDispatcher, LocalTransport
     from serving.parallel.expert_shard import ExpertShardWorker
     from serving.parallel.placement import Placement
+    tune_host_allocator()        # as an EngineReplica does
     model = MoEModel.from_checkpoint(checkpoint)
     placement = Placement.build(model.config, 1, "contiguous")
     dispatcher = ExpertDispatcher(placement, LocalTransport([ExpertShardWorker.from_checkpoint(checkpoint, placement, 0)]),

@@ -21,6 +21,7 @@ from serving.engine.async_engine import AsyncEngine
 from serving.engine.load_window import LoadWindow
 from serving.autoscaling.signals import engine_autoscaling_stats
 from serving.engine.engine import Engine
+from serving.engine.host_allocator import tune_host_allocator
 from serving.engine.request import GenerationRequest, TokenEvent
 from serving.engine.scheduler import SchedulerConfig
 from serving.metrics import EngineSample
@@ -111,6 +112,7 @@ class EngineReplica:
 
     def _build(self, args: dict, placement_json: str, shard_handles: list) -> AppConfig:
         torch.set_num_threads(max(1, int(os.environ.get("MOE_ENGINE_THREADS", "1"))))
+        tune_host_allocator()
         cfg = AppConfig.from_args(args)
         self.engine, self.dispatcher = build_engine(cfg, Placement.from_json(placement_json), shard_handles)
         self.async_engine = AsyncEngine(self.engine, retryable=SHARD_UNREACHABLE)

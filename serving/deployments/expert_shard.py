@@ -9,6 +9,7 @@ from ray import serve
 
 from serving.autoscaling.signals import shard_autoscaling_stats
 from serving.deployments.placement_sync import PlacementWatcher
+from serving.engine.host_allocator import tune_host_allocator
 from serving.engine.load_window import LoadWindow
 from serving.parallel.expert_shard import ExpertShardWorker
 from serving.parallel.placement import Placement
@@ -22,6 +23,7 @@ class ExpertShard:
     def __init__(self, checkpoint: str, placement_json: str, shard_id: int, dtype: str):
         from serving.deployments.config import DTYPES
         torch.set_num_threads(1)
+        tune_host_allocator()
         self.worker = ExpertShardWorker.from_checkpoint(
             checkpoint, Placement.from_json(placement_json), shard_id, DTYPES[dtype])
         self.load = LoadWindow()

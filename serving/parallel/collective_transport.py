@@ -49,6 +49,7 @@ import ray
 import torch
 import torch.distributed as dist
 
+from serving.engine.host_allocator import tune_host_allocator
 from serving.parallel.dispatcher import ShardCall
 from serving.parallel.expert_shard import ExpertShardWorker
 from serving.parallel.placement import Placement
@@ -96,6 +97,7 @@ class ExpertShardActor:
 
     def __init__(self, checkpoint: str, placement_json: str, shard_id: int, dtype: torch.dtype):
         torch.set_num_threads(1)
+        tune_host_allocator()
         self.worker = ExpertShardWorker.from_checkpoint(checkpoint, Placement.from_json(placement_json),
                                                         shard_id, dtype)
         self._thread: threading.Thread | None = None
