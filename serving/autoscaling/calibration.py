@@ -198,7 +198,7 @@ def add_calibrate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batch", type=int, default=16, help="the engine's max_num_seqs")
     p.add_argument("--prompt-tokens", type=int, default=64)
     p.add_argument("--output-tokens", type=int, default=64)
-    p.add_argument("--threads", type=int, default=1, help="torch threads (an EngineReplica uses MOE_ENGINE_THREADS=1)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (an EngineReplica uses the Serve config's engine_threads, default 1)")
     p.add_argument("--extra-start-s", type=float, default=0.0,
                    help="added to the measured process start: Ray actor scheduling, image pull, ...")
     p.add_argument("--json", action="store_true", help="print the calibration as JSON")

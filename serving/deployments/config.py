@@ -40,6 +40,8 @@ class AppConfig:
     metrics_port: int = 9464
     metrics_host: str = "127.0.0.1"
     report_interval_s: float = 0.5        # how often replicas push metrics to the hub
+    engine_threads: int = 1               # torch threads of an engine replica (attention, router, lm_head;
+                                          # the experts' own threads are the shards')
     ingress_num_cpus: float = 0.1
     engine_num_cpus: float = 0.25
     shard_num_cpus: float = 0.1
@@ -50,8 +52,8 @@ class AppConfig:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         if self.transport not in TRANSPORTS:
             raise ValueError(f"transport must be one of {TRANSPORTS}, got {self.transport!r}")
-        if self.expert_shards < 1 or self.nodes < 1:
-            raise ValueError("expert_shards and nodes must be >= 1")
+        if self.expert_shards < 1 or self.nodes < 1 or self.engine_threads < 1:
+            raise ValueError("expert_shards, nodes and engine_threads must be >= 1")
         if self.stream_chunk_tokens < 1 or self.stream_chunk_min_running < 0 or self.stream_max_hold_s < 0:
             raise ValueError("stream_chunk_tokens must be >= 1, stream_chunk_min_running and "
                              "stream_max_hold_s >= 0")

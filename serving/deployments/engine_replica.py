@@ -5,7 +5,6 @@ lm_head, KV cache) and reaches the experts through the ExpertDispatcher.
 """
 from __future__ import annotations
 
-import os
 import time
 from typing import AsyncIterator
 
@@ -111,9 +110,9 @@ class EngineReplica:
                                         collect_engine=EngineSampler(self.engine, self.dispatcher))
 
     def _build(self, args: dict, placement_json: str, shard_handles: list) -> AppConfig:
-        torch.set_num_threads(max(1, int(os.environ.get("MOE_ENGINE_THREADS", "1"))))
-        tune_host_allocator()
         cfg = AppConfig.from_args(args)
+        torch.set_num_threads(cfg.engine_threads)
+        tune_host_allocator()
         self.engine, self.dispatcher = build_engine(cfg, Placement.from_json(placement_json), shard_handles)
         self.async_engine = AsyncEngine(self.engine, retryable=SHARD_UNREACHABLE)
         sched = self.engine.config

@@ -1,0 +1,34 @@
+"""AppConfig: the Serve application's typed arguments reject what they cannot serve, naming the field."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from serving.deployments.config import AppConfig
+
+SHIPPED = Path(__file__).resolve().parents[1] / "cluster" / "serve_config.yaml"
+
+
+def test_shipped_serve_config_parses_with_one_engine_thread():
+    args = yaml.safe_load(SHIPPED.read_text())["applications"][0]["args"]
+    cfg = AppConfig.from_args(args)
+    assert cfg.engine_threads == 1 and cfg.to_args()["engine_threads"] == 1
+
+
+@pytest.mark.parametrize("bad, field", [
+    ({"engine_threads": 0}, "engine_threads"),
+    ({"expert_shards": 0}, "expert_shards"),
+    ({"dtype": "fp8"}, "dtype"),
+    ({"transport": "carrier-pigeon"}, "transport"),
+    ({"stream_chunk_tokens": 0}, "stream_chunk_tokens"),
+])
+def test_invalid_values_name_their_field(bad, field):
+    with pytest.raises(ValueError, match=field):
+        AppConfig(checkpoint="ckpt", **bad)
+
+
+def test_unknown_args_are_listed():
+    with pytest.raises(ValueError, match=r"unknown application args \['engine_thread'\]"):
+        AppConfig.from_args({"checkpoint": "ckpt", "engine_thread": 2})
