@@ -130,5 +130,20 @@ def our_greedy(model: MoEModel, dispatch: ExpertDispatch, ids: list[int], max_ne
     return out
 
 
+def batched_decode_vs_hf(model: MoEModel, dispatch: ExpertDispatch, hf, lengths=(4, 11, 7), slots=(3, 0, 2),
+                         seed: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sequences of `lengths` random ids in scattered `slots`: prefill all but the last id of each in one
+    step, then a decode-only step (one new token per sequence) -> (our logits [B, V], transformers' [B, V])."""
+    g = torch.Generator().manual_seed(seed)
+    seqs = [torch.randint(0, model.config.vocab_size, (n,), generator=g).tolist() for n in lengths]
+    kv = KVCache(model.config, max(slots) + 1, 32)
+    prompts = [s[:-1] for s in seqs]
+    model.forward(torch.tensor(sum(prompts, [])), BatchLayout(slots, (0,) * len(seqs), tuple(map(len, prompts))),
+                  kv, dispatch)
+    ours = model.forward(torch.tensor([s[-1] for s in seqs]),
+                         BatchLayout(slots, tuple(map(len, prompts)), (1,) * len(seqs)), kv, dispatch)
+    return ours, torch.stack([hf_logits(hf, s)[-1] for s in seqs])
+
+
 def config_of(checkpoint_dir: str | Path) -> MoEConfig:
     return MoEConfig.from_dir(checkpoint_dir)

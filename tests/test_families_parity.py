@@ -19,7 +19,7 @@ from serving.model.kv_cache import KVCache
 from serving.model.model import BatchLayout
 from serving.model.moe import experts_forward
 from serving.model.weights import CheckpointReader, load_all_experts, load_dense_weights, load_expert
-from tests.hf_reference import (_CLASSES, build_hf_checkpoint, hf_greedy, hf_logits, load_ours, our_greedy,
+from tests.hf_reference import (_CLASSES, batched_decode_vs_hf, build_hf_checkpoint, hf_greedy, hf_logits, load_ours, our_greedy,
                                 our_prefill_logits)
 
 ATOL = 1e-4
@@ -92,6 +92,14 @@ def test_incremental_decode_matches_hf(case):
     for pos in range(5, len(PROMPT)):
         rows.append(model.forward(torch.tensor(PROMPT[pos:pos + 1]), BatchLayout((1,), (pos,), (1,)), kv, dispatch))
     torch.testing.assert_close(torch.cat(rows), ref[4:], atol=ATOL, rtol=0)
+
+
+def test_batched_decode_step_matches_hf(case):
+    """A decode-only step over sequences of different lengths (MLA and GQA take the batched-GEMM
+    attention path; gpt_oss, with sinks, SDPA) == transformers on each sequence."""
+    path, hf, model, _ = case
+    ours, ref = batched_decode_vs_hf(model, _split_dispatch(path, model.config, 2), hf)
+    torch.testing.assert_close(ours, ref, atol=ATOL, rtol=0)
 
 
 def test_mixed_batch_matches_hf(case):

@@ -9,7 +9,7 @@ from serving.model.kv_cache import KVCache
 from serving.model.model import BatchLayout
 from serving.model.moe import experts_forward
 from serving.model.weights import CheckpointReader, load_all_experts
-from tests.hf_reference import (build_hf_checkpoint, hf_greedy, hf_logits, load_ours, our_greedy,
+from tests.hf_reference import (batched_decode_vs_hf, build_hf_checkpoint, hf_greedy, hf_logits, load_ours, our_greedy,
                                 our_prefill_logits)
 
 ATOL = 1e-4
@@ -90,21 +90,11 @@ def test_batched_mixed_step_equals_solo(case):
 
 
 def test_batched_decode_step_matches_hf(case):
-    """A decode-only step (one new token per sequence: the bmm attention path) over sequences of
-    different lengths, in scattered slots == transformers on each sequence."""
+    """A decode-only step (one new token per sequence: the batched-GEMM attention path) over sequences
+    of different lengths in scattered slots == transformers on each sequence."""
     _, hf, model, dispatch = case
-    g = torch.Generator().manual_seed(2)
-    V = model.config.vocab_size
-    seqs = [torch.randint(0, V, (n,), generator=g).tolist() for n in (4, 11, 7)]
-    slots = (3, 0, 2)
-    kv = KVCache(model.config, 4, 32)
-    prompts = [s[:-1] for s in seqs]
-    model.forward(torch.tensor(sum(prompts, [])), BatchLayout(slots, (0, 0, 0), tuple(len(p) for p in prompts)),
-                  kv, dispatch)
-    step = model.forward(torch.tensor([s[-1] for s in seqs]),
-                         BatchLayout(slots, tuple(len(p) for p in prompts), (1, 1, 1)), kv, dispatch)   # [B, V]
-    ref = torch.stack([hf_logits(hf, s)[-1] for s in seqs])
-    torch.testing.assert_close(step, ref, atol=ATOL, rtol=0)
+    ours, ref = batched_decode_vs_hf(model, dispatch, hf)
+    torch.testing.assert_close(ours, ref, atol=ATOL, rtol=0)
 
 
 def test_greedy_generation_matches_hf_generate(case):

@@ -183,26 +183,27 @@ def attention(x_TD: torch.Tensor, lw, layer: int, cos_Thd: torch.Tensor, sin_Thd
     return lw.o(o_TD)
 
 
-def decode_attention(q_BHd: torch.Tensor, k_BGCd: torch.Tensor, v_BGCd: torch.Tensor, mask_B11C: torch.Tensor,
+def decode_attention(q_BHk: torch.Tensor, k_BGCk: torch.Tensor, v_BGCv: torch.Tensor, mask_B11C: torch.Tensor,
                      scale: float) -> torch.Tensor:
-    """Attention for one query row per sequence (a decode step), GQA with G = Hkv KV heads: two
-    batched GEMMs over the B*G (sequence, KV head) pairs, scores and softmax in fp32, -> o_BHd.
+    """Attention for one query row per sequence (a decode step) with G KV heads (GQA; MLA: G = 1,
+    k = [latent, k_pe], v = latent): two batched GEMMs over the X = B*G (sequence, KV head) pairs,
+    each with its N = H/G query heads, scores and softmax in fp32 -> o_BHv (k, v: key and value dims).
 
     The same math as SDPA, which on CPU pays per (sequence, head) for a single query row: for 64
     sequences x 8 heads, ~100 cached tokens, 0.5 ms a layer in fp32 and 2.7 ms in bf16; this path
     0.3-0.4 ms in both (the gathered K/V are upcast while they are made contiguous, one pass).
     """
-    B, H, hd = q_BHd.shape
-    G, C = k_BGCd.shape[1], k_BGCd.shape[2]
-    k32_BGCd = torch.empty((B, G, C, hd), dtype=torch.float32, device=q_BHd.device).copy_(k_BGCd)
-    v32_BGCd = torch.empty((B, G, C, hd), dtype=torch.float32, device=q_BHd.device).copy_(v_BGCd)
-    q32_XRd = q_BHd.float().reshape(B * G, H // G, hd)           # X = B*G pairs, R = H/G query heads each
-    bias_B1C = torch.zeros((B, 1, C), dtype=torch.float32, device=q_BHd.device).masked_fill_(
+    B, H, dk = q_BHk.shape
+    G, C, dv = k_BGCk.shape[1], k_BGCk.shape[2], v_BGCv.shape[3]
+    k32_BGCk = torch.empty((B, G, C, dk), dtype=torch.float32, device=q_BHk.device).copy_(k_BGCk)
+    v32_BGCv = torch.empty((B, G, C, dv), dtype=torch.float32, device=q_BHk.device).copy_(v_BGCv)
+    q32_XNk = q_BHk.float().reshape(B * G, H // G, dk)
+    bias_B1C = torch.zeros((B, 1, C), dtype=torch.float32, device=q_BHk.device).masked_fill_(
         ~mask_B11C.view(B, 1, C), float("-inf"))
     bias_X1C = bias_B1C[:, None].expand(B, G, 1, C).reshape(B * G, 1, C)
-    scores_XRC = torch.baddbmm(bias_X1C, q32_XRd, k32_BGCd.view(B * G, C, hd).transpose(1, 2), alpha=scale)
-    o_XRd = torch.bmm(scores_XRC.softmax(dim=-1), v32_BGCd.view(B * G, C, hd))
-    return o_XRd.view(B, H, hd).to(q_BHd.dtype)
+    scores_XNC = torch.baddbmm(bias_X1C, q32_XNk, k32_BGCk.view(B * G, C, dk).transpose(1, 2), alpha=scale)
+    o_XNv = torch.bmm(scores_XNC.softmax(dim=-1), v32_BGCv.view(B * G, C, dv))
+    return o_XNv.view(B, H, dv).to(q_BHk.dtype)
 
 
 def mla_attention(x_TD: torch.Tensor, lw, layer: int, cos_Thd: torch.Tensor, sin_Thd: torch.Tensor,
@@ -231,8 +232,12 @@ def mla_attention(x_TD: torch.Tensor, lw, layer: int, cos_Thd: torch.Tensor, sin
     latent_B1CR, k_pe_B1Cr = kv.read(layer, meta.table_Bn, meta.ctx_len)
     w_kvb_HXR = mw.wkv_b.view(H, dn + dv, R)
     q_lat_THR = torch.einsum("thd,hdr->thr", q_nope_THd, w_kvb_HXR[:, :dn])      # absorb W_uk into q
-    q_BHQX = torch.cat((q_lat_THR, q_pe_THd), dim=-1)[meta.pad_index_BQ].transpose(1, 2)
+    q_THX = torch.cat((q_lat_THR, q_pe_THd), dim=-1)
     k_B1CX = torch.cat((latent_B1CR, k_pe_B1Cr), dim=-1)
+    if meta.decode_only:                     # T = B: one query row per sequence
+        o_BHR = decode_attention(q_THX, k_B1CX, latent_B1CR, meta.mask_B1QC, m.softmax_scale)
+        return lw.o(torch.einsum("bhr,hvr->bhv", o_BHR, w_kvb_HXR[:, dn:]).flatten(1))
+    q_BHQX = q_THX[meta.pad_index_BQ].transpose(1, 2)
     o_BHQR = F.scaled_dot_product_attention(q_BHQX, k_B1CX, latent_B1CR, attn_mask=meta.mask_B1QC,
                                             scale=m.softmax_scale, enable_gqa=True)
     o_BHQv = torch.einsum("bhqr,hvr->bhqv", o_BHQR, w_kvb_HXR[:, dn:])            # W_uv after attention
