@@ -73,6 +73,11 @@ class Linear:
             [b if b is not None else w.new_zeros(w.shape[0]) for w, b in zip(weights, biases)])
         return cls(torch.cat(list(weights)), bias)
 
+    def split_rows(self, rows: Sequence[int]) -> tuple[torch.Tensor, ...]:
+        """Views of this (fused) weight, `rows` rows each: callers keep these in place of the
+        tensors they fused, so the weights are held once (plus the packed copy), not twice."""
+        return tuple(self.weight_OI.split(list(rows)))
+
     @property
     def packed(self) -> bool:
         return self._packed is not None

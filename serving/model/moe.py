@@ -41,8 +41,12 @@ class ExpertWeights:
     down: Linear = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "gate_up", Linear.fused((self.gate_ID, self.up_ID),
-                                                         (self.gate_bias_I, self.up_bias_I)))
+        gate_up = Linear.fused((self.gate_ID, self.up_ID), (self.gate_bias_I, self.up_bias_I))
+        # gate and up become views of the fused weight: the loaded copies are freed
+        gate_ID, up_ID = gate_up.split_rows((self.gate_ID.shape[0], self.up_ID.shape[0]))
+        object.__setattr__(self, "gate_ID", gate_ID)
+        object.__setattr__(self, "up_ID", up_ID)
+        object.__setattr__(self, "gate_up", gate_up)
         object.__setattr__(self, "down", Linear(self.down_DI, self.down_bias_D))
 
     def __call__(self, x_nD: torch.Tensor) -> torch.Tensor:
