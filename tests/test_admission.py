@@ -101,3 +101,25 @@ def test_a_new_replica_uses_the_prior_service_time_until_one_request_finished():
     ac.release("i0")                                  # measured: 0.5 s replaces the prior
     for i in range(5, 9):
         ac.admit(_req(f"i{i}"))                       # 6 ahead at most: 6 / 2 * 0.5 s = 1.5 s
+
+
+def test_service_time_counts_from_the_slot_not_from_admission():
+    """A request that queued 3 s and then held its slot 1 s teaches a 1 s service time: the queue
+    ahead is counted separately, so counting its wait again would shed interactive work the
+    replica would serve in time."""
+    now = [0.0]
+    cfg = AdmissionConfig(max_running=2, max_queued=100, token_budget=10**6, max_wait_s=2.0)
+    ac = AdmissionController(cfg, clock=lambda: now[0])
+    ac.admit(_req("a"))
+    now[0] = 3.0
+    ac.started("a")                                   # got its slot (first token) after 3 s in the queue
+    ac.started("never-admitted")                      # harmless
+    now[0] = 4.0
+    ac.release("a")                                   # held the slot 1 s
+    for i in range(5):                                # 2 running + 3 waiting: 4 ahead of the next
+        ac.admit(_req(f"i{i}"))
+    ac.admit(_req("i5"))                              # 4 / 2 * 1 s = 2.0 s <= 2 s (with admit time: 8 s)
+    with pytest.raises(Overloaded, match="predicted wait"):
+        ac.admit(_req("i6"))                          # 5 / 2 * 1 s = 2.5 s > 2 s
+    ac.release("i0")                                  # released before it started: admit -> release
+    assert ac._service_s == pytest.approx(0.8 * 1.0 + 0.2 * 0.0)

@@ -152,6 +152,7 @@ class EngineReplica:
                                                                self.stream_max_hold_s):
                 if first:
                     self.load.add("ttft_s", time.monotonic() - t0)
+                    self.admission.started(request.request_id)
                     first = False
                 yield chunk
         finally:

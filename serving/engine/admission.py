@@ -56,8 +56,9 @@ class AdmissionController:
         self._lock = threading.Lock()
         self._reserved: dict[str, int] = {}
         self._admitted_at: dict[str, tuple[float, Priority]] = {}
+        self._started_at: dict[str, float] = {}   # when a request got its slot (its first token)
         self._interactive = 0                 # interactive requests in flight
-        self._service_s = config.prior_service_s   # admit -> release time of a request (EWMA)
+        self._service_s = config.prior_service_s   # how long a request holds its slot (EWMA)
         self._measured = False
         self._done_rate = 0.0                 # finished requests per second (EWMA)
         self._last_done = clock()
@@ -85,6 +86,13 @@ class AdmissionController:
             self.stats.admitted_total += 1
             self.stats.in_flight = len(self._reserved)
 
+    def started(self, request_id: str) -> None:
+        """The request has its slot (its first token is out): its service time counts from here, so
+        the time it queued is not counted twice in the next prediction (the queue is counted apart)."""
+        with self._lock:
+            if request_id in self._reserved:
+                self._started_at.setdefault(request_id, self.clock())
+
     def release(self, request_id: str) -> None:
         with self._lock:
             need = self._reserved.pop(request_id, None)
@@ -94,6 +102,7 @@ class AdmissionController:
             self.stats.in_flight = len(self._reserved)
             now = self.clock()
             t0, priority = self._admitted_at.pop(request_id)
+            t0 = self._started_at.pop(request_id, t0)     # never started (cancelled in the queue): admit time
             self._interactive -= priority is not Priority.BATCH
             self._service_s = now - t0 if not self._measured else 0.8 * self._service_s + 0.2 * (now - t0)
             self._measured = True
