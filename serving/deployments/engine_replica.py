@@ -44,6 +44,7 @@ SHARD_UNREACHABLE = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailab
 def build_engine(cfg: AppConfig, placement: Placement, shard_handles=None) -> tuple[Engine, ExpertDispatcher]:
     """The plain engine for `cfg`: experts in-process (`local`), behind Serve handles (`serve`),
     or in shard actors this engine starts and owns (`collective`; shard s on node s mod nodes)."""
+    tune_host_allocator()       # this process serves: keep step-sized blocks (host_allocator.py)
     model = MoEModel.from_checkpoint(cfg.checkpoint, dtype=cfg.torch_dtype)
     if cfg.transport == "serve":
         transport = ServeTransport(shard_handles)
@@ -112,7 +113,6 @@ class EngineReplica:
     def _build(self, args: dict, placement_json: str, shard_handles: list) -> AppConfig:
         cfg = AppConfig.from_args(args)
         torch.set_num_threads(cfg.engine_threads)
-        tune_host_allocator()
         self.engine, self.dispatcher = build_engine(cfg, Placement.from_json(placement_json), shard_handles)
         self.async_engine = AsyncEngine(self.engine, retryable=SHARD_UNREACHABLE)
         sched = self.engine.config

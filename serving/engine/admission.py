@@ -55,8 +55,8 @@ class AdmissionController:
         self.stats = AdmissionStats()
         self._lock = threading.Lock()
         self._reserved: dict[str, int] = {}
-        self._admitted_at: dict[str, tuple[float, Priority]] = {}
-        self._started_at: dict[str, float] = {}   # when a request got its slot (its first token)
+        # when each request's service began (admission, then its slot: `started`) and its class
+        self._service_from: dict[str, tuple[float, Priority]] = {}
         self._interactive = 0                 # interactive requests in flight
         self._service_s = config.prior_service_s   # how long a request holds its slot (EWMA)
         self._measured = False
@@ -80,7 +80,7 @@ class AdmissionController:
                 raise Overloaded(f"engine replica {what} full for {request.priority.name.lower()} "
                                  f"requests ({in_flight} in flight)", retry_after_s=self._retry_after(in_flight))
             self._reserved[request.request_id] = need
-            self._admitted_at[request.request_id] = (self.clock(), request.priority)
+            self._service_from[request.request_id] = (self.clock(), request.priority)
             self._interactive += request.priority is not Priority.BATCH
             self.stats.reserved_tokens += need
             self.stats.admitted_total += 1
@@ -90,8 +90,8 @@ class AdmissionController:
         """The request has its slot (its first token is out): its service time counts from here, so
         the time it queued is not counted twice in the next prediction (the queue is counted apart)."""
         with self._lock:
-            if request_id in self._reserved:
-                self._started_at.setdefault(request_id, self.clock())
+            if request_id in self._service_from:
+                self._service_from[request_id] = (self.clock(), self._service_from[request_id][1])
 
     def release(self, request_id: str) -> None:
         with self._lock:
@@ -101,8 +101,7 @@ class AdmissionController:
             self.stats.reserved_tokens -= need
             self.stats.in_flight = len(self._reserved)
             now = self.clock()
-            t0, priority = self._admitted_at.pop(request_id)
-            t0 = self._started_at.pop(request_id, t0)     # never started (cancelled in the queue): admit time
+            t0, priority = self._service_from.pop(request_id)   # never started (cancelled queued): admit time
             self._interactive -= priority is not Priority.BATCH
             self._service_s = now - t0 if not self._measured else 0.8 * self._service_s + 0.2 * (now - t0)
             self._measured = True

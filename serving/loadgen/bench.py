@@ -231,10 +231,8 @@ def drive_engine(engine, prompts: list[list[int]], *, max_tokens: int, concurren
 def _bench_inprocess(args: argparse.Namespace, prompts: list[list[int]]
                      ) -> tuple[list[RequestResult], float, dict]:
     import torch
-    from serving.engine.host_allocator import tune_host_allocator
     if args.threads:
         torch.set_num_threads(args.threads)
-    tune_host_allocator()
     t_load = time.perf_counter()
     engine = build_inprocess_engine(args)
     load_s = time.perf_counter() - t_load

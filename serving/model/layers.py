@@ -96,6 +96,8 @@ class AttentionMetadata:
     mask_B1QC: torch.Tensor     # True = may attend (causal, per-sequence length, sliding window)
     ctx_len: int                # C
     qpos_BQ: torch.Tensor | None = None   # position of each padded query row
+    # decode-only steps (Q = 1): the mask as an additive fp32 bias (0 / -inf), made once per step
+    decode_bias_B1C: torch.Tensor | None = None
 
     @classmethod
     def build(cls, block_tables: tuple[tuple[int, ...], ...], start_pos: tuple[int, ...], q_lens: tuple[int, ...],
@@ -125,12 +127,12 @@ class AttentionMetadata:
             mask_BQC &= kpos_C[None, None] > qpos_BQ[:, :, None] - sliding_window
         return cls(block_T=table_Bn[seq_T, pos_T // block_size], offset_T=pos_T % block_size, pos_T=pos_T,
                    table_Bn=table_Bn, pad_index_BQ=pad_index_BQ, unpad_index_T=seq_T * Q + offset_T,
-                   mask_B1QC=mask_BQC[:, None], ctx_len=C, qpos_BQ=qpos_BQ)
+                   mask_B1QC=mask_BQC[:, None], ctx_len=C, qpos_BQ=qpos_BQ, decode_bias_B1C=_decode_bias(mask_BQC))
 
     @property
     def decode_only(self) -> bool:
         """Every sequence brings exactly one new token (Q = 1, T = B, the padded layout is the identity)."""
-        return self.pad_index_BQ.shape[1] == 1
+        return self.decode_bias_B1C is not None
 
     def with_window(self, window: int | None) -> "AttentionMetadata":
         """The same step with a sliding window applied on top of this mask (None: unchanged)."""
@@ -138,7 +140,16 @@ class AttentionMetadata:
             return self
         kpos_C = torch.arange(self.ctx_len, device=self.mask_B1QC.device)
         in_window_BQC = kpos_C[None, None] > self.qpos_BQ[:, :, None] - window
-        return replace(self, mask_B1QC=self.mask_B1QC & in_window_BQC[:, None])
+        mask_BQC = self.mask_B1QC[:, 0] & in_window_BQC
+        return replace(self, mask_B1QC=mask_BQC[:, None], decode_bias_B1C=_decode_bias(mask_BQC))
+
+
+def _decode_bias(mask_BQC: torch.Tensor) -> torch.Tensor | None:
+    """For a decode-only step (Q = 1) the additive fp32 form of the mask [B, 1, C]; else None."""
+    if mask_BQC.shape[1] != 1:
+        return None
+    return torch.zeros(mask_BQC.shape, dtype=torch.float32, device=mask_BQC.device).masked_fill_(
+        ~mask_BQC, float("-inf"))
 
 
 def attention(x_TD: torch.Tensor, lw, layer: int, cos_Thd: torch.Tensor, sin_Thd: torch.Tensor,
@@ -163,7 +174,7 @@ def attention(x_TD: torch.Tensor, lw, layer: int, cos_Thd: torch.Tensor, sin_Thd
     kv.write(layer, meta.block_T, meta.offset_T, k_THd, v_THd)
     k_BHCd, v_BHCd = kv.read(layer, meta.table_Bn, meta.ctx_len)
     if meta.decode_only and lw.sinks is None:
-        return lw.o(decode_attention(q_THd, k_BHCd, v_BHCd, meta.mask_B1QC, hd ** -0.5).flatten(1))
+        return lw.o(decode_attention(q_THd, k_BHCd, v_BHCd, meta.decode_bias_B1C, hd ** -0.5).flatten(1))
     q_BHQd = q_THd[meta.pad_index_BQ].transpose(1, 2)
     mask = meta.mask_B1QC
     if lw.sinks is not None:
@@ -183,11 +194,12 @@ def attention(x_TD: torch.Tensor, lw, layer: int, cos_Thd: torch.Tensor, sin_Thd
     return lw.o(o_TD)
 
 
-def decode_attention(q_BHk: torch.Tensor, k_BGCk: torch.Tensor, v_BGCv: torch.Tensor, mask_B11C: torch.Tensor,
+def decode_attention(q_BHk: torch.Tensor, k_BGCk: torch.Tensor, v_BGCv: torch.Tensor, bias_B1C: torch.Tensor,
                      scale: float) -> torch.Tensor:
     """Attention for one query row per sequence (a decode step) with G KV heads (GQA; MLA: G = 1,
     k = [latent, k_pe], v = latent): two batched GEMMs over the X = B*G (sequence, KV head) pairs,
     each with its N = H/G query heads, scores and softmax in fp32 -> o_BHv (k, v: key and value dims).
+    bias_B1C is the step's mask as 0 / -inf (AttentionMetadata.decode_bias_B1C).
 
     The same math as SDPA, which on CPU pays per (sequence, head) for a single query row: for 64
     sequences x 8 heads, ~100 cached tokens, 0.5 ms a layer in fp32 and 2.7 ms in bf16; this path
@@ -198,8 +210,6 @@ def decode_attention(q_BHk: torch.Tensor, k_BGCk: torch.Tensor, v_BGCv: torch.Te
     k32_BGCk = torch.empty((B, G, C, dk), dtype=torch.float32, device=q_BHk.device).copy_(k_BGCk)
     v32_BGCv = torch.empty((B, G, C, dv), dtype=torch.float32, device=q_BHk.device).copy_(v_BGCv)
     q32_XNk = q_BHk.float().reshape(B * G, H // G, dk)
-    bias_B1C = torch.zeros((B, 1, C), dtype=torch.float32, device=q_BHk.device).masked_fill_(
-        ~mask_B11C.view(B, 1, C), float("-inf"))
     bias_X1C = bias_B1C[:, None].expand(B, G, 1, C).reshape(B * G, 1, C)
     scores_XNC = torch.baddbmm(bias_X1C, q32_XNk, k32_BGCk.view(B * G, C, dk).transpose(1, 2), alpha=scale)
     o_XNv = torch.bmm(scores_XNC.softmax(dim=-1), v32_BGCv.view(B * G, C, dv))
@@ -235,7 +245,7 @@ def mla_attention(x_TD: torch.Tensor, lw, layer: int, cos_Thd: torch.Tensor, sin
     q_THX = torch.cat((q_lat_THR, q_pe_THd), dim=-1)
     k_B1CX = torch.cat((latent_B1CR, k_pe_B1Cr), dim=-1)
     if meta.decode_only:                     # T = B: one query row per sequence
-        o_BHR = decode_attention(q_THX, k_B1CX, latent_B1CR, meta.mask_B1QC, m.softmax_scale)
+        o_BHR = decode_attention(q_THX, k_B1CX, latent_B1CR, meta.decode_bias_B1C, m.softmax_scale)
         return lw.o(torch.einsum("bhr,hvr->bhv", o_BHR, w_kvb_HXR[:, dn:]).flatten(1))
     q_BHQX = q_THX[meta.pad_index_BQ].transpose(1, 2)
     o_BHQR = F.scaled_dot_product_attention(q_BHQX, k_B1CX, latent_B1CR, attn_mask=meta.mask_B1QC,

@@ -67,16 +67,15 @@ class Linear:
         self._packed = _pack(weight_OI)
 
     @classmethod
-    def fused(cls, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor | None]) -> "Linear":
-        """One GEMM for several linears on the same input (outputs concatenated in order)."""
+    def fused(cls, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor | None]
+              ) -> tuple["Linear", tuple[torch.Tensor, ...]]:
+        """One GEMM for several linears on the same input (outputs concatenated in order), and views
+        of its weight, one per input weight: callers keep those in place of the tensors they passed,
+        so the weights are held once (plus the packed copy), not twice."""
         bias = None if all(b is None for b in biases) else torch.cat(
             [b if b is not None else w.new_zeros(w.shape[0]) for w, b in zip(weights, biases)])
-        return cls(torch.cat(list(weights)), bias)
-
-    def split_rows(self, rows: Sequence[int]) -> tuple[torch.Tensor, ...]:
-        """Views of this (fused) weight, `rows` rows each: callers keep these in place of the
-        tensors they fused, so the weights are held once (plus the packed copy), not twice."""
-        return tuple(self.weight_OI.split(list(rows)))
+        linear = cls(torch.cat(list(weights)), bias)
+        return linear, tuple(linear.weight_OI.split([w.shape[0] for w in weights]))
 
     @property
     def packed(self) -> bool:

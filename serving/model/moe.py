@@ -41,10 +41,8 @@ class ExpertWeights:
     down: Linear = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        gate_up = Linear.fused((self.gate_ID, self.up_ID), (self.gate_bias_I, self.up_bias_I))
-        # gate and up become views of the fused weight: the loaded copies are freed
-        gate_ID, up_ID = gate_up.split_rows((self.gate_ID.shape[0], self.up_ID.shape[0]))
-        object.__setattr__(self, "gate_ID", gate_ID)
+        gate_up, (gate_ID, up_ID) = Linear.fused((self.gate_ID, self.up_ID), (self.gate_bias_I, self.up_bias_I))
+        object.__setattr__(self, "gate_ID", gate_ID)      # views of the fused weight: the loaded copies go
         object.__setattr__(self, "up_ID", up_ID)
         object.__setattr__(self, "gate_up", gate_up)
         object.__setattr__(self, "down", Linear(self.down_DI, self.down_bias_D))

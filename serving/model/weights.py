@@ -106,10 +106,10 @@ class LayerWeights:
     o: Linear = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        qkv = None if self.wq is None else Linear.fused((self.wq, self.wk, self.wv), (self.bq, self.bk, self.bv))
-        if qkv is not None:        # q, k, v become views of the fused weight: the loaded copies are freed
-            for name, view in zip(("wq", "wk", "wv"), qkv.split_rows([self.wq.shape[0], self.wk.shape[0],
-                                                                       self.wv.shape[0]])):
+        qkv = None
+        if self.wq is not None:     # q, k, v become views of the fused weight: the loaded copies go
+            qkv, views = Linear.fused((self.wq, self.wk, self.wv), (self.bq, self.bk, self.bv))
+            for name, view in zip(("wq", "wk", "wv"), views):
                 object.__setattr__(self, name, view)
         object.__setattr__(self, "qkv", qkv)
         object.__setattr__(self, "o", Linear(self.wo, self.bo))
