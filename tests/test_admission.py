@@ -123,3 +123,30 @@ def test_service_time_counts_from_the_slot_not_from_admission():
         ac.admit(_req("i6"))                          # 5 / 2 * 1 s = 2.5 s > 2 s
     ac.release("i0")                                  # released before it started: admit -> release
     assert ac._service_s == pytest.approx(0.8 * 1.0 + 0.2 * 0.0)
+
+
+def test_interactive_is_shed_when_the_oldest_waiting_one_has_waited_past_max_wait():
+    """The engine slowed down (a replica starting on the same cores): the measured service time
+    still predicts a short wait, but the queue's head has waited longer than the objective."""
+    now = [0.0]
+    cfg = AdmissionConfig(max_running=2, max_queued=100, token_budget=10**6, max_wait_s=2.0)
+    ac = AdmissionController(cfg, clock=lambda: now[0])
+    ac.admit(_req("a"))
+    now[0] = 0.5
+    ac.release("a")                                   # service time 0.5 s
+    for i in range(3):                                # 2 running + 1 waiting
+        ac.admit(_req(f"i{i}"))
+    ac.started("i0")
+    ac.started("i1")
+    now[0] = 1.5
+    ac.admit(_req("i3"))                              # model: 2 / 2 * 0.5 s; the head (i2) has waited 1.0 s
+    now[0] = 2.6
+    with pytest.raises(Overloaded, match=r"predicted wait 2.1s"):
+        ac.admit(_req("i4"))                          # model: 0.5 s, but the head has waited 2.1 s > 2 s
+    ac.admit(_req("b0", priority=Priority.BATCH))      # batch is governed by its share, not the wait
+    ac.started("i2")                                  # the head got its slot: i3 (1.1 s) is the head now
+    ac.admit(_req("i5"))
+    ac.release("i3")                                  # a waiting request that is cancelled leaves the queue
+    now[0] = 10.0
+    ac.started("i5")
+    ac.admit(_req("i6"))                              # nothing waits: the model alone (3 ahead / 2 * 0.5 s)

@@ -5,7 +5,10 @@ prompt + max_tokens until it finishes. Priority classes share the capacity unequ
 `batch` may only use `batch_share` of the queue and of the budget, so under load batch is
 shed first while interactive is still admitted. With `max_wait_s`, an interactive request
 is also shed when the interactive requests ahead of it (the engine schedules interactive
-first) would keep it waiting longer than that: admitted work keeps its TTFT objective. A rejection is `Overloaded` carrying a
+first) would keep it waiting longer than that, or when the oldest interactive request still
+waiting for its first token has already waited that long (the engine slowed down, e.g. while a
+new replica starts on the same cores, faster than the measured service time can follow):
+admitted work keeps its TTFT objective. A rejection is `Overloaded` carrying a
 retry delay estimated from how fast this replica is draining. Once admitted, a request is
 never dropped for load.
 """
@@ -58,6 +61,7 @@ class AdmissionController:
         # when each request's service began (admission, then its slot: `started`) and its class
         self._service_from: dict[str, tuple[float, Priority]] = {}
         self._interactive = 0                 # interactive requests in flight
+        self._unstarted: dict[str, float] = {}   # interactive requests without a first token: admit time (oldest first)
         self._service_s = config.prior_service_s   # how long a request holds its slot (EWMA)
         self._measured = False
         self._done_rate = 0.0                 # finished requests per second (EWMA)
@@ -81,7 +85,9 @@ class AdmissionController:
                                  f"requests ({in_flight} in flight)", retry_after_s=self._retry_after(in_flight))
             self._reserved[request.request_id] = need
             self._service_from[request.request_id] = (self.clock(), request.priority)
-            self._interactive += request.priority is not Priority.BATCH
+            if request.priority is not Priority.BATCH:
+                self._interactive += 1
+                self._unstarted[request.request_id] = self.clock()
             self.stats.reserved_tokens += need
             self.stats.admitted_total += 1
             self.stats.in_flight = len(self._reserved)
@@ -90,6 +96,7 @@ class AdmissionController:
         """The request has its slot (its first token is out): its service time counts from here, so
         the time it queued is not counted twice in the next prediction (the queue is counted apart)."""
         with self._lock:
+            self._unstarted.pop(request_id, None)
             if request_id in self._service_from:
                 self._service_from[request_id] = (self.clock(), self._service_from[request_id][1])
 
@@ -102,6 +109,7 @@ class AdmissionController:
             self.stats.in_flight = len(self._reserved)
             now = self.clock()
             t0, priority = self._service_from.pop(request_id)   # never started (cancelled queued): admit time
+            self._unstarted.pop(request_id, None)
             self._interactive -= priority is not Priority.BATCH
             self._service_s = now - t0 if not self._measured else 0.8 * self._service_s + 0.2 * (now - t0)
             self._measured = True
@@ -112,9 +120,14 @@ class AdmissionController:
     def _predicted_wait_s(self) -> float:
         """Wait of a new interactive request for a slot: the interactive requests beyond the
         running batch go first, a batch's worth per service time (the prior until one finished).
-        Running batch requests do not delay it: the scheduler preempts them for interactive ones."""
+        Running batch requests do not delay it: the scheduler preempts them for interactive ones.
+        At least as long as the oldest interactive request still waiting has waited: the service
+        time is measured on requests that started seconds ago, so it lags when the engine slows
+        down; the queue's head shows the slowdown as it happens."""
         ahead = self._interactive - self.config.max_running + 1
-        return max(0, ahead) / self.config.max_running * self._service_s
+        model_s = max(0, ahead) / self.config.max_running * self._service_s
+        oldest = next(iter(self._unstarted.values()), None)
+        return model_s if oldest is None else max(model_s, self.clock() - oldest)
 
     def _retry_after(self, in_flight: int) -> float:
         """Time for the backlog beyond the running batch to drain, at the observed rate."""
