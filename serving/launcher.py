@@ -184,7 +184,9 @@ def run_host(state_dir: Path, serve_config: dict, nodes: int, config_path: str |
             num_cpus=1, resources={node_resource(0): 1}, include_dashboard=False))
         for i in range(1, nodes):
             cluster.add_node(num_cpus=1, resources={node_resource(i): 1})
-        ray.init(address=cluster.address, logging_level="WARNING")
+        # worker logs stay in the session's files (kept in the state dir); streamed to this
+        # process they cost CPU at nice 0, ahead of the replicas (Ray runs workers at nice 15)
+        ray.init(address=cluster.address, logging_level="WARNING", log_to_driver=False)
         pids = sorted({p.process.pid for node in cluster.list_all_nodes()
                        for procs in node.all_processes.values() for p in procs})
         base.update(gcs_address=cluster.address, ray_pids=pids)
@@ -192,7 +194,8 @@ def run_host(state_dir: Path, serve_config: dict, nodes: int, config_path: str |
 
         serve.start(proxy_location=serve_config.get("proxy_location", "HeadOnly"),
                     http_options=serve_config["http_options"],
-                    grpc_options=gRPCOptions(**serve_config["grpc_options"]))
+                    grpc_options=gRPCOptions(**serve_config["grpc_options"]),
+                    logging_config=serve_config.get("logging_config"))
         _deploy_app(serve_config, time.monotonic() + 600, stop=lambda: stop["now"])
         _write_state(state_dir, status="ready", **base)
         while not stop["now"]:

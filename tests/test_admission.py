@@ -150,3 +150,61 @@ def test_interactive_is_shed_when_the_oldest_waiting_one_has_waited_past_max_wai
     now[0] = 10.0
     ac.started("i5")
     ac.admit(_req("i6"))                              # nothing waits: the model alone (3 ahead / 2 * 0.5 s)
+
+
+def test_a_slowdown_in_step_time_raises_the_predicted_wait_before_slowed_requests_finish():
+    """Requests finished in 0.5 s (20 tokens at 25 ms a step); then steps slow to 100 ms (the
+    cores are shared with a replica starting). No slowed request has finished yet, so the measured
+    service time still says 0.5 s; 20 tokens x 100 ms says 2 s, and that is what the wait uses."""
+    now, step = [0.0], [0.025]
+    cfg = AdmissionConfig(max_running=2, max_queued=100, token_budget=10**6, max_wait_s=1.5)
+    ac = AdmissionController(cfg, clock=lambda: now[0], step_s=lambda: step[0])
+    ac.admit(_req("a", max_tokens=20))
+    ac.started("a")
+    now[0] = 0.5
+    ac.release("a", generated=20)                     # 0.5 s service, 20 tokens
+    for i in range(3):                                 # 2 running + 1 waiting
+        ac.admit(_req(f"i{i}", max_tokens=20))
+    for i in range(2):
+        ac.started(f"i{i}")
+    ac.started("i2")                                  # (no waiting head: the model alone decides)
+    ac.admit(_req("i3", max_tokens=20))               # 2 ahead / 2 x max(0.5, 20 x 0.025) = 0.5 s
+    ac.started("i3")
+    step[0] = 0.1
+    with pytest.raises(Overloaded, match="predicted wait 3.0s"):
+        ac.admit(_req("i4", max_tokens=20))           # 3 ahead / 2 x 20 x 0.1 s = 3.0 s > 1.5 s
+
+
+def test_a_new_replica_predicts_service_from_the_step_time_and_max_tokens():
+    """Nothing finished yet: the prior (0.5 s) says the next slot frees in 1 / 2 x 0.5 s; max_tokens
+    x the step time says both running requests hold their slots 2 s, and they started together."""
+    now = [0.0]
+    cfg = AdmissionConfig(max_running=2, max_queued=100, token_budget=10**6, max_wait_s=1.5,
+                          prior_service_s=0.5)
+    ac = AdmissionController(cfg, clock=lambda: now[0], step_s=lambda: 0.1)
+    for i in range(2):
+        ac.admit(_req(f"i{i}", max_tokens=20))
+        ac.started(f"i{i}")
+    with pytest.raises(Overloaded, match="predicted wait 2.0s"):
+        ac.admit(_req("i2", max_tokens=20))           # 20 x 0.1 s after the first running one started
+
+
+def test_requests_that_started_together_free_their_slots_together():
+    """A burst took both slots at t=0 (service 2 s, measured). At t=0.1 the uniform estimate says a
+    slot frees every 1 s (1 ahead / 2 slots x 2 s), but both free at t=2: the wait is 1.9 s."""
+    now = [0.0]
+    cfg = AdmissionConfig(max_running=2, max_queued=100, token_budget=10**6, max_wait_s=1.5)
+    ac = AdmissionController(cfg, clock=lambda: now[0])
+    ac.admit(_req("a"))
+    ac.started("a")
+    now[0] = 2.0
+    ac.release("a")                                   # service 2 s
+    now[0] = 10.0
+    for i in range(2):
+        ac.admit(_req(f"i{i}"))
+        ac.started(f"i{i}")
+    now[0] = 10.1
+    with pytest.raises(Overloaded, match="predicted wait 1.9s"):
+        ac.admit(_req("i2"))
+    now[0] = 10.6
+    ac.admit(_req("i3"))                              # 1.4 s left on the oldest slot

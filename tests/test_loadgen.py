@@ -142,15 +142,18 @@ def _result(i, ttft, itls, code="OK", prio="interactive", start=0.0):
                          e2e_s=e2e if e2e is not None else 0.01, tokens=tokens, code=code)
 
 
-def test_rate_until_counts_what_finished_before_the_cut():
-    # finished at 0.5, 1.0, 1.5, 2.0 s; one shed
-    rs = [_result(i, 0.5, [], start=0.5 * i) for i in range(4)] + [
-        _result(9, None, [], code="RESOURCE_EXHAUSTED")]
-    assert loadtest.done_by(rs, 1.2) == 2
-    assert loadtest.rate_until(rs, wall_s=2.0) == pytest.approx(2.0)            # 4 in 2 s
-    assert loadtest.rate_until(rs, wall_s=2.0, cut_s=1.0) == pytest.approx(2.0)  # 2 in 1 s
-    assert loadtest.rate_until(rs, wall_s=2.0, cut_s=0.9) == pytest.approx(1 / 0.9)
-    assert loadtest.rate_until(rs, wall_s=2.0, cut_s=5.0) == pytest.approx(2.0)  # a cut past the end
+def test_rate_from_tokens_counts_tokens_in_the_steady_part_of_the_run():
+    # 4 streams of 4 tokens, back to back: a token every 0.25 s per stream, finishing in waves at
+    # 1, 2, 3 s. 16 tokens/s is 4 req/s, whichever window: completions would read 4 in [0, 1.5)
+    # (2.7 req/s) and 8 in [0, 2.9) (2.8 req/s).
+    rs = [_result(4 * w + i, 0.25, [0.25] * 3, start=float(w)) for w in range(3) for i in range(4)]
+    rs.append(_result(99, None, [], code="RESOURCE_EXHAUSTED"))
+    assert loadtest.done_by(rs, 1.5) == 4
+    assert loadtest.rate_from_tokens(rs, 4, wall_s=3.0) == pytest.approx(4.0, rel=0.05)
+    assert loadtest.rate_from_tokens(rs, 4, wall_s=3.0, cut_s=2.0) == pytest.approx(4.0, rel=0.05)
+    assert loadtest.rate_from_tokens(rs, 4, wall_s=3.0, cut_s=9.0) == pytest.approx(4.0, rel=0.05)
+    half = [r for r in rs if r.index % 4 < 2]          # half the streams: half the rate
+    assert loadtest.rate_from_tokens(half, 4, wall_s=3.0) == pytest.approx(2.0, rel=0.05)
 
 
 def test_percentiles_and_summary_math():

@@ -119,13 +119,19 @@ class EngineReplica:
         self.admission = AdmissionController(AdmissionConfig(
             max_running=sched.max_num_seqs, max_queued=cfg.max_queued, batch_share=cfg.batch_share,
             max_wait_s=cfg.ttft_slo_s, prior_service_s=cfg.ttft_slo_s,
-            token_budget=cfg.token_budget or sched.kv_blocks * sched.block_size))
+            token_budget=cfg.token_budget or sched.kv_blocks * sched.block_size),
+            step_s=self._recent_step_s)
         self.load = LoadWindow()
         self.stream_max_hold_s = cfg.stream_max_hold_s
         self.chunk_tokens = lambda: (cfg.stream_chunk_tokens if self.engine.stats.num_running
                                      >= cfg.stream_chunk_min_running else 1)
         self.placement_watcher = PlacementWatcher(self._on_placement)
         return cfg
+
+    def _recent_step_s(self) -> float:
+        """The median of the engine's last 9 step times (one long prefill step does not move it)."""
+        recent = sorted(self.engine.stats.recent_step_seconds[-9:])
+        return recent[len(recent) // 2] if recent else 0.0
 
     async def _warm_up(self) -> None:
         """One short request through the whole path (shard handles, first steps, allocator): the
@@ -146,7 +152,7 @@ class EngineReplica:
         """The request's TokenEvents in chunks (one streamed message each; see AsyncEngine.stream_chunks)."""
         self.load.add("arrivals")                # offered load, shed requests included
         self.admission.admit(request)            # raises Overloaded: shed before any work is done
-        t0, first = time.monotonic(), True
+        t0, first, generated = time.monotonic(), True, 0
         try:
             async for chunk in self.async_engine.stream_chunks(request, self.chunk_tokens,
                                                                self.stream_max_hold_s):
@@ -154,9 +160,10 @@ class EngineReplica:
                     self.load.add("ttft_s", time.monotonic() - t0)
                     self.admission.started(request.request_id)
                     first = False
+                generated += sum(ev.token_id >= 0 for ev in chunk)
                 yield chunk
         finally:
-            self.admission.release(request.request_id)
+            self.admission.release(request.request_id, generated)
             self.load.add("completed")
 
     def record_autoscaling_stats(self) -> dict[str, float]:
