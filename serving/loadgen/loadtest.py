@@ -73,10 +73,8 @@ def add_loadtest_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--measure-concurrency", type=int, default=12,
                         help="closed-loop streams while measuring: the engine autoscaler's target "
                              "load per replica (target_ongoing_per_replica, 12 in cluster/"
-                             "serve_config.yaml), the rate one replica serves at the load it is "
-                             "scaled to hold. More streams order a second replica mid-measurement, "
-                             "and its start takes CPU from the replica measured (on 2 shared cores "
-                             "the rate read 2-8 req/s from run to run at 24 streams)")
+                             "serve_config.yaml): the rate one replica serves at the load it is "
+                             "scaled to hold, not at a full batch it would not be left with")
     parser.add_argument("--settle-s", type=float, default=30.0,
                         help="after measuring, wait up to this long (with --metrics-url) for the "
                              "engine to be back at its replica count from before, idle")
