@@ -8,8 +8,12 @@ from __future__ import annotations
 import time
 from typing import AsyncIterator
 
-import ray
-import torch
+from serving.deployments import startup_priority
+
+startup_priority.boost()   # before torch: a replica starting mid-spike imports ahead of the busy ones
+
+import ray  # noqa: E402
+import torch  # noqa: E402
 from ray import serve
 
 from serving.deployments.config import NODE_PIN, AppConfig, node_resource
@@ -109,6 +113,7 @@ class EngineReplica:
         replica = serve.get_replica_context().replica_id.unique_id
         self.reporter = MetricsReporter(metrics_hub, f"engine-{replica}", cfg.report_interval_s,
                                         collect_engine=EngineSampler(self.engine, self.dispatcher))
+        startup_priority.restore()               # ready: back to the workers' niceness
 
     def _build(self, args: dict, placement_json: str, shard_handles: list) -> AppConfig:
         cfg = AppConfig.from_args(args)

@@ -3,8 +3,12 @@ from __future__ import annotations
 
 import time
 
-import ray
-import torch
+from serving.deployments import startup_priority
+
+startup_priority.boost()   # before torch: a replica starting mid-spike imports ahead of the busy ones
+
+import ray  # noqa: E402
+import torch  # noqa: E402
 from ray import serve
 
 from serving.autoscaling.signals import shard_autoscaling_stats
@@ -28,6 +32,7 @@ class ExpertShard:
             checkpoint, Placement.from_json(placement_json), shard_id, DTYPES[dtype])
         self.load = LoadWindow()
         self.placement_watcher = PlacementWatcher(self._on_placement)
+        startup_priority.restore()               # ready: back to the workers' niceness
 
     def _on_placement(self, placement: Placement) -> None:
         """A rebalance: new experts load on first use; drop the ones taken away, once the
