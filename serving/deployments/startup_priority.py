@@ -8,8 +8,9 @@ modules call `boost()` before importing torch, and the replica calls `restore()`
 the same idea as systemd's StartupCPUWeight.
 
 Only a thread already running niced (a Ray worker's) is boosted, with the threads it starts, and
-only with the right to lower niceness (CAP_SYS_NICE, e.g. root); otherwise nothing changes. A timer restores the niceness after `max_s` in any case (a process that imported
-the module but never builds a replica, such as Serve's app-build task).
+only with the right to lower niceness (CAP_SYS_NICE, e.g. root); otherwise nothing changes. A
+timer restores the niceness after `max_s` in any case (a process that imported the module but
+never builds a replica, such as Serve's app-build task).
 """
 from __future__ import annotations
 

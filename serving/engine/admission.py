@@ -61,9 +61,9 @@ class AdmissionController:
         self.stats = AdmissionStats()
         self._lock = threading.Lock()
         self._reserved: dict[str, int] = {}
-        # when each request's service began (admission, then its slot: `started`) and its class
-        self._service_from: dict[str, tuple[float, Priority]] = {}
-        self._interactive = 0                 # interactive requests in flight
+        # when each request's service began (admission, then its slot: `started`)
+        self._service_from: dict[str, float] = {}
+        # the interactive requests in flight, in two ordered maps (oldest first):
         self._unstarted: dict[str, float] = {}   # interactive requests without a first token: admit time (oldest first)
         self._running_since: dict[str, float] = {}   # interactive requests with their slot: start time (oldest first)
         self._service_s = config.prior_service_s   # how long a request holds its slot (EWMA)
@@ -88,11 +88,11 @@ class AdmissionController:
                         else f"predicted wait {wait_s:.1f}s > {c.max_wait_s:g}s, queue")
                 raise Overloaded(f"engine replica {what} full for {request.priority.name.lower()} "
                                  f"requests ({in_flight} in flight)", retry_after_s=self._retry_after(in_flight))
+            now = self.clock()
             self._reserved[request.request_id] = need
-            self._service_from[request.request_id] = (self.clock(), request.priority)
+            self._service_from[request.request_id] = now
             if request.priority is not Priority.BATCH:
-                self._interactive += 1
-                self._unstarted[request.request_id] = self.clock()
+                self._unstarted[request.request_id] = now
             self.stats.reserved_tokens += need
             self.stats.admitted_total += 1
             self.stats.in_flight = len(self._reserved)
@@ -101,26 +101,27 @@ class AdmissionController:
         """The request has its slot (its first token is out): its service time counts from here, so
         the time it queued is not counted twice in the next prediction (the queue is counted apart)."""
         with self._lock:
+            if request_id not in self._service_from:
+                return
+            now = self.clock()
+            self._service_from[request_id] = now
             if self._unstarted.pop(request_id, None) is not None:
-                self._running_since[request_id] = self.clock()
-            if request_id in self._service_from:
-                self._service_from[request_id] = (self.clock(), self._service_from[request_id][1])
+                self._running_since[request_id] = now
 
     def release(self, request_id: str, generated: int | None = None) -> None:
         """The request is done (finished, failed or cancelled); `generated`: the tokens it streamed."""
         with self._lock:
-            if generated and request_id in self._reserved:
-                self._tokens = generated if not self._tokens else 0.8 * self._tokens + 0.2 * generated
             need = self._reserved.pop(request_id, None)
             if need is None:
                 return
+            if generated:
+                self._tokens = generated if not self._tokens else 0.8 * self._tokens + 0.2 * generated
             self.stats.reserved_tokens -= need
             self.stats.in_flight = len(self._reserved)
             now = self.clock()
-            t0, priority = self._service_from.pop(request_id)   # never started (cancelled queued): admit time
+            t0 = self._service_from.pop(request_id)   # never started (cancelled queued): admit time
             self._unstarted.pop(request_id, None)
             self._running_since.pop(request_id, None)
-            self._interactive -= priority is not Priority.BATCH
             self._service_s = now - t0 if not self._measured else 0.8 * self._service_s + 0.2 * (now - t0)
             self._measured = True
             dt = max(now - self._last_done, 1e-3)
@@ -138,7 +139,7 @@ class AdmissionController:
           - the queue's head: the oldest interactive request still waiting has waited this long
             already (the service time is measured on requests that started seconds ago, so it lags
             when the engine slows down; the head shows the slowdown as it happens)."""
-        ahead = self._interactive - self.config.max_running + 1
+        ahead = len(self._unstarted) + len(self._running_since) - self.config.max_running + 1
         if ahead > 0:
             service_s = self._service_time_s(max_tokens)
             wait_s = ahead / self.config.max_running * service_s

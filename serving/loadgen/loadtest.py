@@ -189,7 +189,7 @@ async def measure_rate(args: argparse.Namespace, before: ClusterSnapshot | None 
     cut_s = rose_s if rose_s is not None and done_by(results, rose_s) >= args.measure_concurrency else None
     return rate_from_tokens(results, args.max_tokens, wall, cut_s), {
         "measure_wall_s": wall, "measure_engine_replicas": start,
-                                              "measure_replicas_rose_s": rose_s, "measure_cut_s": cut_s}
+        "measure_replicas_rose_s": rose_s, "measure_cut_s": cut_s}
 
 
 async def settle_after_measuring(args: argparse.Namespace, before: ClusterSnapshot, log) -> dict:
