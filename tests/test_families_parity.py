@@ -184,12 +184,12 @@ def test_mla_cache_stores_the_latent(case):
     c = model.config
     kv = KVCache(c, num_slots=3, max_seq_len=20, block_size=4)    # 3 slots x 5 blocks of 4 tokens
     if c.mla is None:
-        assert kv.layout == "gqa" and kv.k[0].shape == (15, 4, c.num_kv_heads, c.head_dim)
+        assert kv.layout == "gqa" and kv.k[0].shape == (c.num_kv_heads, 15, 4, c.head_dim)
         return
     m = c.mla
     assert kv.layout == "mla"
-    assert [t.shape for t in kv.latent] == [(15, 4, 1, m.kv_lora_rank)] * c.num_layers
-    assert [t.shape for t in kv.k_pe] == [(15, 4, 1, m.qk_rope_head_dim)] * c.num_layers
+    assert [t.shape for t in kv.latent] == [(1, 15, 4, m.kv_lora_rank)] * c.num_layers
+    assert [t.shape for t in kv.k_pe] == [(1, 15, 4, m.qk_rope_head_dim)] * c.num_layers
     per_token = m.kv_lora_rank + m.qk_rope_head_dim
     assert kv.nbytes == c.num_layers * 3 * 20 * per_token * 4
     full_kv_per_token = c.num_heads * (m.qk_head_dim + m.v_head_dim)   # what caching expanded K and V would take

@@ -139,3 +139,21 @@ def test_write_checkpoint_tiny_matches_hf(tmp_path, family):
     generated = our_greedy(model, dispatch, prompt, 16)
     assert generated == hf_greedy(hf, prompt, 16)
     assert len(set(generated)) > 1
+
+
+def test_mixed_step_metadata_splits_decode_from_prefill():
+    """A step mixing decodes and prefill chunks attends in two groups (decodes on the decode path,
+    chunks on padded SDPA), each with the token indices it owns; a pure step is one group."""
+    from serving.model.layers import AttentionMetadata
+    tables = tuple(tuple(range(4 * s, 4 * s + 4)) for s in range(4))
+    meta = AttentionMetadata.build(tables, start_pos=(8, 0, 5, 2), q_lens=(1, 6, 1, 3), sliding_window=None,
+                                   block_size=4)
+    (dec_idx, dec), (pre_idx, pre) = meta.parts
+    assert dec_idx.tolist() == [0, 7] and pre_idx.tolist() == [1, 2, 3, 4, 5, 6, 8, 9, 10]
+    assert dec.decode_only and dec.table_Bn[:, 0].tolist() == [0, 8] and dec.ctx_len == 9
+    assert not pre.decode_only and pre.table_Bn[:, 0].tolist() == [4, 12] and pre.ctx_len == 6
+    assert pre.pos_T.tolist() == [0, 1, 2, 3, 4, 5, 2, 3, 4]
+    windowed = meta.with_window(2)
+    assert windowed.parts[0][1].decode_bias_B1C[0, 0].isfinite().tolist() == [False] * 7 + [True] * 2
+    for q_lens in ((1, 1, 1, 1), (2, 6, 3, 3)):
+        assert AttentionMetadata.build(tables, (3, 0, 5, 2), q_lens, None, 4).parts == ()

@@ -88,3 +88,21 @@ def test_invalid_params_rejected():
         SamplingParams(top_p=0)
     with pytest.raises(ValueError, match="temperature"):
         SamplingParams(temperature=-1)
+
+
+@pytest.mark.parametrize("vocab", [32000, 151936, 50257, 48])
+def test_greedy_argmax_is_the_first_maximum(vocab):
+    """The chunked argmax returns torch's argmax, ties (first one wins, also across chunks) included."""
+    from serving.model.sampling import greedy_argmax
+    g = torch.Generator().manual_seed(vocab)
+    logits = torch.randn(9, vocab, generator=g)
+    top = logits.max() + 1
+    logits[1, [vocab - 1]] = top                     # the last position
+    logits[2, [5, vocab // 2]] = top                 # a tie across chunks: the first wins
+    logits[3, [0, 1]] = top                          # a tie inside the first chunk
+    logits[4] = 0.0                                  # all equal: index 0
+    logits[5, vocab // 3] = float("nan")             # NaN wins, as in torch.max
+    ids = greedy_argmax(logits)
+    assert ids.dtype == torch.int64
+    assert torch.equal(ids, logits.max(dim=-1).indices)
+    assert ids[1] == vocab - 1 and ids[2] == 5 and ids[3] == 0 and ids[4] == 0 and ids[5] == vocab // 3

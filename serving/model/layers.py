@@ -98,6 +98,11 @@ class AttentionMetadata:
     qpos_BQ: torch.Tensor | None = None   # position of each padded query row
     # decode-only steps (Q = 1): the mask as an additive fp32 bias (0 / -inf), made once per step
     decode_bias_B1C: torch.Tensor | None = None
+    # mixed steps (some sequences decode, some prefill a chunk): the two groups attend apart, each with
+    # its own metadata, as (token indices idx_t, metadata of those sequences); else ().
+    # One padded SDPA over both would pad every decoding sequence to the longest chunk: 63 decodes +
+    # one 32-token chunk is 2016 query rows for 95 tokens (a 27 ms decode step took 50-80 ms).
+    parts: tuple[tuple[torch.Tensor, "AttentionMetadata"], ...] = ()
 
     @classmethod
     def build(cls, block_tables: tuple[tuple[int, ...], ...], start_pos: tuple[int, ...], q_lens: tuple[int, ...],
@@ -127,7 +132,24 @@ class AttentionMetadata:
             mask_BQC &= kpos_C[None, None] > qpos_BQ[:, :, None] - sliding_window
         return cls(block_T=table_Bn[seq_T, pos_T // block_size], offset_T=pos_T % block_size, pos_T=pos_T,
                    table_Bn=table_Bn, pad_index_BQ=pad_index_BQ, unpad_index_T=seq_T * Q + offset_T,
-                   mask_B1QC=mask_BQC[:, None], ctx_len=C, qpos_BQ=qpos_BQ, decode_bias_B1C=_decode_bias(mask_BQC))
+                   mask_B1QC=mask_BQC[:, None], ctx_len=C, qpos_BQ=qpos_BQ, decode_bias_B1C=_decode_bias(mask_BQC),
+                   parts=cls._mixed_parts(block_tables, start_pos, q_lens, sliding_window, block_size, device))
+
+    @classmethod
+    def _mixed_parts(cls, block_tables, start_pos, q_lens, sliding_window, block_size, device
+                     ) -> tuple[tuple[torch.Tensor, "AttentionMetadata"], ...]:
+        if min(q_lens) > 1 or max(q_lens) == 1:
+            return ()
+        first = [0]
+        for q in q_lens[:-1]:
+            first.append(first[-1] + q)
+        parts = []
+        for group in ([b for b, q in enumerate(q_lens) if q == 1], [b for b, q in enumerate(q_lens) if q > 1]):
+            idx_t = torch.tensor([first[b] + i for b in group for i in range(q_lens[b])], device=device)
+            sub = cls.build(tuple(block_tables[b] for b in group), tuple(start_pos[b] for b in group),
+                            tuple(q_lens[b] for b in group), sliding_window, block_size, device)
+            parts.append((idx_t, sub))
+        return tuple(parts)
 
     @property
     def decode_only(self) -> bool:
@@ -141,7 +163,20 @@ class AttentionMetadata:
         kpos_C = torch.arange(self.ctx_len, device=self.mask_B1QC.device)
         in_window_BQC = kpos_C[None, None] > self.qpos_BQ[:, :, None] - window
         mask_BQC = self.mask_B1QC[:, 0] & in_window_BQC
-        return replace(self, mask_B1QC=mask_BQC[:, None], decode_bias_B1C=_decode_bias(mask_BQC))
+        return replace(self, mask_B1QC=mask_BQC[:, None], decode_bias_B1C=_decode_bias(mask_BQC),
+                       parts=tuple((idx_t, sub.with_window(window)) for idx_t, sub in self.parts))
+
+
+def attend_split(q_T: torch.Tensor, meta: AttentionMetadata, attend) -> torch.Tensor:
+    """attend(q_T, meta) -> o_T, run per group of a mixed step (meta.parts) and scattered back in token
+    order; a step that is all decode or all prefill runs as one group."""
+    if not meta.parts:
+        return attend(q_T, meta)
+    outs = [(idx_t, attend(q_T[idx_t], sub)) for idx_t, sub in meta.parts]
+    o_T = outs[0][1].new_empty((q_T.shape[0], *outs[0][1].shape[1:]))
+    for idx_t, o_t in outs:
+        o_T[idx_t] = o_t
+    return o_T
 
 
 def _decode_bias(mask_BQC: torch.Tensor) -> torch.Tensor | None:
@@ -154,7 +189,8 @@ def _decode_bias(mask_BQC: torch.Tensor) -> torch.Tensor | None:
 
 def attention(x_TD: torch.Tensor, lw, layer: int, cos_Thd: torch.Tensor, sin_Thd: torch.Tensor,
               meta: AttentionMetadata, kv: KVCache, config: MoEConfig) -> torch.Tensor:
-    """GQA self-attention for a mixed prefill/decode batch: write new K/V, one SDPA over padded queries.
+    """GQA self-attention for a mixed prefill/decode batch: write new K/V, then the decoding sequences
+    attend with `decode_attention` and the prefilling ones with one SDPA over their padded queries.
 
     Family switches: q/k RMSNorm (per head before / after rope, or over the whole projection),
     clip_qkv, o_proj bias, and attention sinks.
@@ -172,12 +208,18 @@ def attention(x_TD: torch.Tensor, lw, layer: int, cos_Thd: torch.Tensor, sin_Thd
     if c.qk_norm == "head_after_rope":   # hunyuan
         q_THd, k_THd = rms_norm(q_THd, lw.q_norm, eps), rms_norm(k_THd, lw.k_norm, eps)
     kv.write(layer, meta.block_T, meta.offset_T, k_THd, v_THd)
+    return lw.o(attend_split(q_THd, meta, lambda q, m: _attend_gqa(q, m, kv, layer, lw.sinks, hd)).flatten(1))
+
+
+def _attend_gqa(q_THd: torch.Tensor, meta: AttentionMetadata, kv: KVCache, layer: int,
+                sinks: torch.Tensor | None, hd: int) -> torch.Tensor:
+    """Queries of one group's tokens over their sequences' cached K/V -> o_THd."""
     k_BHCd, v_BHCd = kv.read(layer, meta.table_Bn, meta.ctx_len)
-    if meta.decode_only and lw.sinks is None:
-        return lw.o(decode_attention(q_THd, k_BHCd, v_BHCd, meta.decode_bias_B1C, hd ** -0.5).flatten(1))
+    if meta.decode_only and sinks is None:
+        return decode_attention(q_THd, k_BHCd, v_BHCd, meta.decode_bias_B1C, hd ** -0.5)
     q_BHQd = q_THd[meta.pad_index_BQ].transpose(1, 2)
     mask = meta.mask_B1QC
-    if lw.sinks is not None:
+    if sinks is not None:
         # A sink is one extra softmax column per head: a virtual key with q.k = 0 and v = 0 whose additive
         # bias is the head's sink logit, so exp(sink) joins only the denominator (transformers drops it after).
         B, Hkv, C, _ = k_BHCd.shape
@@ -186,34 +228,34 @@ def attention(x_TD: torch.Tensor, lw, layer: int, cos_Thd: torch.Tensor, sin_Thd
         v_BHCd = torch.cat((v_BHCd, v_BHCd.new_zeros(B, Hkv, 1, hd)), dim=2)
         bias = torch.zeros(B, H, Q, C + 1, dtype=q_BHQd.dtype, device=q_BHQd.device)
         bias[..., :C].masked_fill_(~mask, float("-inf"))
-        bias[..., C] = lw.sinks[None, :, None].to(q_BHQd.dtype)
+        bias[..., C] = sinks[None, :, None].to(q_BHQd.dtype)
         mask = bias
     o_BHQd = F.scaled_dot_product_attention(q_BHQd, k_BHCd, v_BHCd, attn_mask=mask, scale=hd ** -0.5,
                                             enable_gqa=True)
-    o_TD = o_BHQd.transpose(1, 2).flatten(0, 1)[meta.unpad_index_T].flatten(1)
-    return lw.o(o_TD)
+    return o_BHQd.transpose(1, 2).flatten(0, 1)[meta.unpad_index_T]
 
 
 def decode_attention(q_BHk: torch.Tensor, k_BGCk: torch.Tensor, v_BGCv: torch.Tensor, bias_B1C: torch.Tensor,
                      scale: float) -> torch.Tensor:
     """Attention for one query row per sequence (a decode step) with G KV heads (GQA; MLA: G = 1,
-    k = [latent, k_pe], v = latent): two batched GEMMs over the X = B*G (sequence, KV head) pairs,
+    k = [latent, k_pe], v = latent): two batched GEMMs over the X = G*B (KV head, sequence) pairs,
     each with its N = H/G query heads, scores and softmax in fp32 -> o_BHv (k, v: key and value dims).
     bias_B1C is the step's mask as 0 / -inf (AttentionMetadata.decode_bias_B1C).
 
     The same math as SDPA, which on CPU pays per (sequence, head) for a single query row: for 64
     sequences x 8 heads, ~100 cached tokens, 0.5 ms a layer in fp32 and 2.7 ms in bf16; this path
-    0.3-0.4 ms in both (the gathered K/V are upcast while they are made contiguous, one pass).
+    0.3-0.4 ms in both. K/V come from the head-major cache (kv_cache.py) as views of one [G, B, C, k]
+    gather, so the [X, C, k] operands are views: fp32 copies nothing more, bf16 upcasts once.
     """
     B, H, dk = q_BHk.shape
     G, C, dv = k_BGCk.shape[1], k_BGCk.shape[2], v_BGCv.shape[3]
-    k32_BGCk = torch.empty((B, G, C, dk), dtype=torch.float32, device=q_BHk.device).copy_(k_BGCk)
-    v32_BGCv = torch.empty((B, G, C, dv), dtype=torch.float32, device=q_BHk.device).copy_(v_BGCv)
-    q32_XNk = q_BHk.float().reshape(B * G, H // G, dk)
-    bias_X1C = bias_B1C[:, None].expand(B, G, 1, C).reshape(B * G, 1, C)
-    scores_XNC = torch.baddbmm(bias_X1C, q32_XNk, k32_BGCk.view(B * G, C, dk).transpose(1, 2), alpha=scale)
-    o_XNv = torch.bmm(scores_XNC.softmax(dim=-1), v32_BGCv.view(B * G, C, dv))
-    return o_XNv.view(B, H, dv).to(q_BHk.dtype)
+    k_XCk = k_BGCk.transpose(0, 1).reshape(G * B, C, dk).float()     # views for a head-major fp32 cache
+    v_XCv = v_BGCv.transpose(0, 1).reshape(G * B, C, dv).float()
+    q_XNk = q_BHk.float().view(B, G, H // G, dk).transpose(0, 1).reshape(G * B, H // G, dk)
+    bias_X1C = bias_B1C[None].expand(G, B, 1, C).reshape(G * B, 1, C)
+    scores_XNC = torch.baddbmm(bias_X1C, q_XNk, k_XCk.transpose(1, 2), alpha=scale)
+    o_XNv = torch.bmm(scores_XNC.softmax(dim=-1), v_XCv)
+    return o_XNv.view(G, B, H // G, dv).transpose(0, 1).reshape(B, H, dv).to(q_BHk.dtype)
 
 
 def mla_attention(x_TD: torch.Tensor, lw, layer: int, cos_Thd: torch.Tensor, sin_Thd: torch.Tensor,
@@ -239,17 +281,21 @@ def mla_attention(x_TD: torch.Tensor, lw, layer: int, cos_Thd: torch.Tensor, sin
     q_pe_THd = apply_rope(q_pe_THd, cos_Thd, sin_Thd, interleave)
     k_pe_T1r = apply_rope(k_pe_Tr[:, None], cos_Thd, sin_Thd, interleave)
     kv.write(layer, meta.block_T, meta.offset_T, latent_TR[:, None], k_pe_T1r)
-    latent_B1CR, k_pe_B1Cr = kv.read(layer, meta.table_Bn, meta.ctx_len)
     w_kvb_HXR = mw.wkv_b.view(H, dn + dv, R)
     q_lat_THR = torch.einsum("thd,hdr->thr", q_nope_THd, w_kvb_HXR[:, :dn])      # absorb W_uk into q
     q_THX = torch.cat((q_lat_THR, q_pe_THd), dim=-1)
+    o_THR = attend_split(q_THX, meta, lambda q, sub: _attend_mla(q, sub, kv, layer, m.softmax_scale))
+    return lw.o(torch.einsum("thr,hvr->thv", o_THR, w_kvb_HXR[:, dn:]).flatten(1))   # W_uv after attention
+
+
+def _attend_mla(q_THX: torch.Tensor, meta: AttentionMetadata, kv: KVCache, layer: int, scale: float
+                ) -> torch.Tensor:
+    """Absorbed queries [latent, pe] of one group's tokens over the cached (latent, k_pe) -> o_THR (latent space)."""
+    latent_B1CR, k_pe_B1Cr = kv.read(layer, meta.table_Bn, meta.ctx_len)
     k_B1CX = torch.cat((latent_B1CR, k_pe_B1Cr), dim=-1)
     if meta.decode_only:                     # T = B: one query row per sequence
-        o_BHR = decode_attention(q_THX, k_B1CX, latent_B1CR, meta.decode_bias_B1C, m.softmax_scale)
-        return lw.o(torch.einsum("bhr,hvr->bhv", o_BHR, w_kvb_HXR[:, dn:]).flatten(1))
+        return decode_attention(q_THX, k_B1CX, latent_B1CR, meta.decode_bias_B1C, scale)
     q_BHQX = q_THX[meta.pad_index_BQ].transpose(1, 2)
     o_BHQR = F.scaled_dot_product_attention(q_BHQX, k_B1CX, latent_B1CR, attn_mask=meta.mask_B1QC,
-                                            scale=m.softmax_scale, enable_gqa=True)
-    o_BHQv = torch.einsum("bhqr,hvr->bhqv", o_BHQR, w_kvb_HXR[:, dn:])            # W_uv after attention
-    o_TD = o_BHQv.transpose(1, 2).flatten(0, 1)[meta.unpad_index_T].flatten(1)
-    return lw.o(o_TD)
+                                            scale=scale, enable_gqa=True)
+    return o_BHQR.transpose(1, 2).flatten(0, 1)[meta.unpad_index_T]
