@@ -2,9 +2,19 @@
 
 Elastic and fault-tolerant (Serve restarts and autoscales shard replicas); every shard of
 a step is called at once, then all results are awaited.
+
+The calls go by value (`_by_reference=False`): Serve sends the arguments and the result over the
+replica's inter-deployment gRPC server instead of through Ray object references, which costs a
+shard call much less on a busy CPU: low-load TTFT through gRPC (4 MoE layers, 2 shards, 2 nodes)
+160-163 ms -> 86-90 ms, inter-token latency 60-61 ms -> 46-47 ms. A shard replica that is gone
+answers gRPC UNAVAILABLE, which Serve raises as ActorUnavailableError, so the engine retries the
+step as before. Only these unary calls change: the streaming hops (proxy -> ingress -> engine) stay
+on Ray's streaming generators, which measured faster per token (ITL 14 vs 20 ms with gRPC).
+MOE_SHARD_CALLS=by_reference (in the cluster's environment) turns it off, for A/B runs.
 """
 from __future__ import annotations
 
+import os
 from typing import Sequence
 
 import torch
@@ -15,8 +25,10 @@ from serving.parallel.dispatcher import ShardCall
 class ServeTransport:
     name = "serve"
 
-    def __init__(self, handles: Sequence):     # DeploymentHandle per shard, index = shard id
-        self.handles = list(handles)
+    def __init__(self, handles: Sequence, by_value: bool | None = None):  # DeploymentHandle per shard, index = shard id
+        if by_value is None:
+            by_value = os.environ.get("MOE_SHARD_CALLS", "by_value") != "by_reference"
+        self.handles = [h.options(_by_reference=False) if by_value else h for h in handles]
 
     def run(self, layer: int, calls: Sequence[ShardCall]) -> list[torch.Tensor]:
         return self.submit(layer, calls).wait()
