@@ -287,3 +287,31 @@ print(json.dumps([serve.get_deployment_handle(f"ExpertShard{s}", app_name="moe")
             planned = {e for e, copies in enumerate(plan["copies"][layer]) if d["shard_id"] in copies}
             assert set(held) <= planned, (d["shard_id"], layer, held, planned)
     assert sum(d["experts_loaded_since_start"] for d in shards) > 0
+
+
+
+def test_shard_replica_killed_mid_stream_loses_no_token(cluster, ckpt):
+    """An expert shard replica dies while a request streams (the `serve` transport's calls go by
+    value over Serve's gRPC data plane): the engine retries its step until Serve has a new
+    replica, and the stream finishes with exactly the tokens an undisturbed run gives. One driver
+    streams and kills, so the kill lands mid-stream (after 8 of 200 tokens)."""
+    ids = [9, 8, 7, 6, 5, 4]
+    with MoEClient(cluster["grpc_target"]) as c:
+        baseline = list(c.complete(build_request(prompt_ids=ids, max_tokens=200, temperature=0,
+                                                 ignore_eos=True)).token_ids)
+    out = ray_query(cluster, f"""
+from serving.client import MoEClient, build_request
+victims = [a for a in ray.util.list_named_actors(all_namespaces=True) if "#ExpertShard0#" in a["name"]]
+streamed, killed_at = [], None
+with MoEClient({cluster["grpc_target"]!r}) as c:
+    for chunk in c.generate(build_request(prompt_ids={ids!r}, max_tokens=200, temperature=0, ignore_eos=True),
+                            timeout_s=300):
+        streamed.extend(chunk.token_ids)
+        if killed_at is None and len(streamed) >= 8:
+            for a in victims:
+                ray.kill(ray.get_actor(a["name"], namespace=a["namespace"]), no_restart=True)
+            killed_at = len(streamed)
+print(json.dumps({{"killed": [a["name"] for a in victims], "killed_at": killed_at, "tokens": streamed}}))
+""", timeout=400)
+    assert len(out["killed"]) == 1 and out["killed_at"] is not None and out["killed_at"] < 100
+    assert len(baseline) == 200 and out["tokens"] == baseline
