@@ -91,9 +91,10 @@ class AttentionMetadata:
     offset_T: torch.Tensor      # ... and its offset in that block
     pos_T: torch.Tensor         # its position in its sequence
     table_Bn: torch.Tensor      # each sequence's first nb blocks (padded with block 0, masked)
-    pad_index_BQ: torch.Tensor  # token index feeding each padded query row (0 for padding)
-    unpad_index_T: torch.Tensor  # row of the flattened [B*Q] padded layout holding each token
-    mask_B1QC: torch.Tensor     # True = may attend (causal, per-sequence length, sliding window)
+    # the padded layout, for the step attending as one group (None in a mixed step: its parts have it)
+    pad_index_BQ: torch.Tensor | None   # token index feeding each padded query row (0 for padding)
+    unpad_index_T: torch.Tensor | None  # row of the flattened [B*Q] padded layout holding each token
+    mask_B1QC: torch.Tensor | None      # True = may attend (causal, per-sequence length, sliding window)
     ctx_len: int                # C
     qpos_BQ: torch.Tensor | None = None   # position of each padded query row
     # decode-only steps (Q = 1): the mask as an additive fp32 bias (0 / -inf), made once per step
@@ -122,6 +123,17 @@ class AttentionMetadata:
         first_T = torch.cumsum(q_lens_B, 0)[seq_T] - q_lens_B[seq_T]
         offset_T = torch.arange(len(seq_T), device=device) - first_T   # index within its sequence's new tokens
         pos_T = start_B[seq_T] + offset_T
+        block_T = table_Bn[seq_T, pos_T // block_size]
+        if Q > 1 and min(q_lens) == 1:              # mixed: no padded layout for the whole step
+            decode_T = (q_lens_B == 1)[seq_T]
+            parts = []
+            for idx_t, group in ((decode_T.nonzero().flatten(), [b for b in range(B) if q_lens[b] == 1]),
+                                 ((~decode_T).nonzero().flatten(), [b for b in range(B) if q_lens[b] > 1])):
+                sub = cls.build(tuple(block_tables[b] for b in group), tuple(start_pos[b] for b in group),
+                                tuple(q_lens[b] for b in group), sliding_window, block_size, device)
+                parts.append((idx_t, sub))
+            return cls(block_T=block_T, offset_T=pos_T % block_size, pos_T=pos_T, table_Bn=table_Bn,
+                       pad_index_BQ=None, unpad_index_T=None, mask_B1QC=None, ctx_len=C, parts=tuple(parts))
         ar_Q = torch.arange(Q, device=device)
         valid_BQ = ar_Q[None] < q_lens_B[:, None]
         pad_index_BQ = torch.where(valid_BQ, (torch.cumsum(q_lens_B, 0) - q_lens_B)[:, None] + ar_Q[None], 0)
@@ -130,26 +142,9 @@ class AttentionMetadata:
         mask_BQC = kpos_C[None, None] <= qpos_BQ[:, :, None]
         if sliding_window:
             mask_BQC &= kpos_C[None, None] > qpos_BQ[:, :, None] - sliding_window
-        return cls(block_T=table_Bn[seq_T, pos_T // block_size], offset_T=pos_T % block_size, pos_T=pos_T,
+        return cls(block_T=block_T, offset_T=pos_T % block_size, pos_T=pos_T,
                    table_Bn=table_Bn, pad_index_BQ=pad_index_BQ, unpad_index_T=seq_T * Q + offset_T,
-                   mask_B1QC=mask_BQC[:, None], ctx_len=C, qpos_BQ=qpos_BQ, decode_bias_B1C=_decode_bias(mask_BQC),
-                   parts=cls._mixed_parts(block_tables, start_pos, q_lens, sliding_window, block_size, device))
-
-    @classmethod
-    def _mixed_parts(cls, block_tables, start_pos, q_lens, sliding_window, block_size, device
-                     ) -> tuple[tuple[torch.Tensor, "AttentionMetadata"], ...]:
-        if min(q_lens) > 1 or max(q_lens) == 1:
-            return ()
-        first = [0]
-        for q in q_lens[:-1]:
-            first.append(first[-1] + q)
-        parts = []
-        for group in ([b for b, q in enumerate(q_lens) if q == 1], [b for b, q in enumerate(q_lens) if q > 1]):
-            idx_t = torch.tensor([first[b] + i for b in group for i in range(q_lens[b])], device=device)
-            sub = cls.build(tuple(block_tables[b] for b in group), tuple(start_pos[b] for b in group),
-                            tuple(q_lens[b] for b in group), sliding_window, block_size, device)
-            parts.append((idx_t, sub))
-        return tuple(parts)
+                   mask_B1QC=mask_BQC[:, None], ctx_len=C, qpos_BQ=qpos_BQ, decode_bias_B1C=_decode_bias(mask_BQC))
 
     @property
     def decode_only(self) -> bool:
@@ -160,11 +155,12 @@ class AttentionMetadata:
         """The same step with a sliding window applied on top of this mask (None: unchanged)."""
         if not window:
             return self
+        if self.parts:
+            return replace(self, parts=tuple((idx_t, sub.with_window(window)) for idx_t, sub in self.parts))
         kpos_C = torch.arange(self.ctx_len, device=self.mask_B1QC.device)
         in_window_BQC = kpos_C[None, None] > self.qpos_BQ[:, :, None] - window
         mask_BQC = self.mask_B1QC[:, 0] & in_window_BQC
-        return replace(self, mask_B1QC=mask_BQC[:, None], decode_bias_B1C=_decode_bias(mask_BQC),
-                       parts=tuple((idx_t, sub.with_window(window)) for idx_t, sub in self.parts))
+        return replace(self, mask_B1QC=mask_BQC[:, None], decode_bias_B1C=_decode_bias(mask_BQC))
 
 
 def attend_split(q_T: torch.Tensor, meta: AttentionMetadata, attend) -> torch.Tensor:

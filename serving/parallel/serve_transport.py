@@ -6,7 +6,7 @@ a step is called at once, then all results are awaited.
 The calls go by value (`_by_reference=False`): Serve sends the arguments and the result over the
 replica's inter-deployment gRPC server instead of through Ray object references, which costs a
 shard call much less on a busy CPU: low-load TTFT through gRPC (4 MoE layers, 2 shards, 2 nodes)
-160-163 ms -> 86-90 ms, inter-token latency 60-61 ms -> 46-47 ms. A shard replica that is gone
+157-195 ms -> 90-108 ms, inter-token latency 60-71 ms -> 46-52 ms (3 alternating pairs). A shard replica that is gone
 answers gRPC UNAVAILABLE, which Serve raises as ActorUnavailableError, so the engine retries the
 step as before. Only these unary calls change: the streaming hops (proxy -> ingress -> engine) stay
 on Ray's streaming generators, which measured faster per token (ITL 14 vs 20 ms with gRPC).
