@@ -3,6 +3,7 @@ loopback, the real metrics endpoint, a checkpoint written by transformers itself
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import threading
@@ -141,6 +142,8 @@ print(json.dumps({"shards": shards, "engine": engine,
     assert shards[0]["node_id"] != shards[1]["node_id"]
     assert {s["node_id"] for s in shards} == set(info["nodes"])
     assert info["engine"]["transport"] == "serve"
+    # the step loop runs ahead of the streaming threads (Ray's nice 15) where niceness may be lowered
+    assert info["engine"]["step_loop_nice"] == (5 if os.geteuid() == 0 else 15)
     for layer in ("0", "1"):
         held = [set(s["experts"][layer]) for s in shards]
         assert held[0].isdisjoint(held[1]) and held[0] | held[1] == set(range(5))

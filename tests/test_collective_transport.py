@@ -117,9 +117,13 @@ def test_dispatch_equals_local_on_distinct_nodes(cluster, ckpt, coll2):
 
 
 def test_four_shards_on_two_nodes_bf16(cluster, ckpt):
-    transport, placement = _transport(ckpt, 4, dtype=torch.bfloat16)
+    import ray
+    transport, placement = _transport(ckpt, 4, dtype=torch.bfloat16, compute_nice=5)
     try:
         assert [i["node_id"] for i in transport.shard_info] == [cluster[s % 2] for s in range(4)]
+        # the serving threads run ahead of Ray's workers (nice 15) where we may lower niceness (root)
+        nices = [st["nice"] for st in ray.get([a.status.remote() for a in transport.actors], timeout=30)]
+        assert nices == [5 if os.geteuid() == 0 else 15] * 4
         cfg = MoEConfig.from_dir(ckpt)
         coll = ExpertDispatcher(placement, transport, cfg.num_experts)
         ref = ExpertDispatcher(placement, LocalTransport(

@@ -42,6 +42,9 @@ class AppConfig:
     report_interval_s: float = 0.5        # how often replicas push metrics to the hub
     engine_threads: int = 1               # torch threads of an engine replica (attention, router, lm_head;
                                           # the experts' own threads are the shards')
+    compute_nice: int | None = 5          # niceness of the engine's step loop and the collective shards'
+                                          # serving threads (Ray workers run at 15; needs CAP_SYS_NICE,
+                                          # else unchanged; None: leave them). See serving/thread_priority.py
     ingress_num_cpus: float = 0.1
     engine_num_cpus: float = 0.25
     shard_num_cpus: float = 0.1
@@ -54,6 +57,8 @@ class AppConfig:
             raise ValueError(f"transport must be one of {TRANSPORTS}, got {self.transport!r}")
         if self.expert_shards < 1 or self.nodes < 1 or self.engine_threads < 1:
             raise ValueError("expert_shards, nodes and engine_threads must be >= 1")
+        if self.compute_nice is not None and not -20 <= self.compute_nice <= 19:
+            raise ValueError(f"compute_nice must be None or in -20..19, got {self.compute_nice}")
         if self.stream_chunk_tokens < 1 or self.stream_chunk_min_running < 0 or self.stream_max_hold_s < 0:
             raise ValueError("stream_chunk_tokens must be >= 1, stream_chunk_min_running and "
                              "stream_max_hold_s >= 0")

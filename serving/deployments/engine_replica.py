@@ -36,6 +36,7 @@ from serving.parallel.dispatcher import ExpertDispatcher, LocalTransport
 from serving.parallel.expert_shard import ExpertShardWorker
 from serving.parallel.placement import Placement
 from serving.parallel.serve_transport import ServeTransport
+from serving.thread_priority import raise_priority, thread_nice
 
 
 # A shard replica restarting or moving: the step is retried until Serve has it back.
@@ -56,7 +57,7 @@ def build_engine(cfg: AppConfig, placement: Placement, shard_handles=None) -> tu
         transport = CollectiveTransport(
             cfg.checkpoint, placement, cfg.torch_dtype, num_cpus=cfg.shard_num_cpus,
             shard_resources=[{node_resource(s % cfg.nodes): NODE_PIN} for s in range(placement.num_shards)],
-            timeout_s=cfg.collective_timeout_s)
+            timeout_s=cfg.collective_timeout_s, compute_nice=cfg.compute_nice)
     else:
         transport = LocalTransport([ExpertShardWorker.from_checkpoint(cfg.checkpoint, placement, s, cfg.torch_dtype)
                                     for s in range(placement.num_shards)])
@@ -114,6 +115,7 @@ class EngineReplica:
         self.reporter = MetricsReporter(metrics_hub, f"engine-{replica}", cfg.report_interval_s,
                                         collect_engine=EngineSampler(self.engine, self.dispatcher))
         startup_priority.restore()               # ready: back to the workers' niceness
+        raise_priority(cfg.compute_nice, self.async_engine.thread_id)   # ... except the step loop
 
     def _build(self, args: dict, placement_json: str, shard_handles: list) -> AppConfig:
         cfg = AppConfig.from_args(args)
@@ -182,7 +184,8 @@ class EngineReplica:
     def ready(self) -> dict:
         return {"node_id": ray.get_runtime_context().get_node_id(),
                 "transport": self.dispatcher.transport.name,
-                "placement_version": self.dispatcher.placement.version}
+                "placement_version": self.dispatcher.placement.version,
+                "step_loop_nice": thread_nice(self.async_engine.thread_id)}
 
     def describe_shards(self) -> list[dict]:
         """The collective transport's shard actors (shard id, node id, experts); [] otherwise."""

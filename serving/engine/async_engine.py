@@ -81,6 +81,11 @@ class AsyncEngine:
         if held:                   # only reached if the stream ended without a finish event
             yield held
 
+    @property
+    def thread_id(self) -> int | None:
+        """The step loop's native thread id (its niceness is set per thread)."""
+        return self._thread.native_id
+
     def shutdown(self) -> None:
         self._stop.set()
         self._wake.set()

@@ -53,6 +53,7 @@ from serving.engine.host_allocator import tune_host_allocator
 from serving.parallel.dispatcher import ShardCall
 from serving.parallel.expert_shard import ExpertShardWorker
 from serving.parallel.placement import Placement
+from serving.thread_priority import inherited_priority, thread_nice
 
 log = logging.getLogger(__name__)
 
@@ -110,22 +111,26 @@ class ExpertShardActor:
                 "pid": os.getpid(), "experts": self.worker.expert_ids(),
                 "num_parameters": self.worker.num_parameters()}
 
-    def start(self, store_host: str, store_port: int, world_size: int, timeout_s: float) -> None:
-        """Join the group (blocks until every rank has joined), then serve in a thread."""
+    def start(self, store_host: str, store_port: int, world_size: int, timeout_s: float,
+              compute_nice: int | None = None) -> None:
+        """Join the group (blocks until every rank has joined), then serve in a thread. The
+        serving thread and gloo's threads run at `compute_nice` (serving/thread_priority.py)."""
         rank = self.worker.shard_id + 1
-        store = dist.TCPStore(store_host, store_port, world_size, False, timeout=_td(timeout_s))
-        self._pg = _gloo_group(store, rank, world_size, _node_ip(), timeout_s)
-        self._thread = threading.Thread(target=self._serve, args=(timeout_s,),
-                                        name=f"expert-shard-{self.worker.shard_id}", daemon=True)
-        self._thread.start()
+        with inherited_priority(compute_nice):
+            store = dist.TCPStore(store_host, store_port, world_size, False, timeout=_td(timeout_s))
+            self._pg = _gloo_group(store, rank, world_size, _node_ip(), timeout_s)
+            self._thread = threading.Thread(target=self._serve, args=(timeout_s,),
+                                            name=f"expert-shard-{self.worker.shard_id}", daemon=True)
+            self._thread.start()
 
     def retain(self, keep: dict[int, tuple[int, ...]]) -> None:
         """After a rebalance: drop the experts the new placement took away from this shard."""
         self.worker.retain(keep)
 
     def status(self) -> dict:
-        return {"serving": self._thread is not None and self._thread.is_alive(), "error": self.error,
-                "calls": self.calls, "tokens": self.tokens}
+        alive = self._thread is not None and self._thread.is_alive()
+        return {"serving": alive, "error": self.error, "calls": self.calls, "tokens": self.tokens,
+                "nice": thread_nice(self._thread.native_id) if alive else None}
 
     def _serve(self, timeout_s: float) -> None:
         try:
@@ -172,13 +177,15 @@ class CollectiveTransport:
 
     def __init__(self, checkpoint: str, placement: Placement, dtype: torch.dtype = torch.float32, *,
                  shard_resources: Sequence[dict] | None = None, num_cpus: float = 0.1,
-                 timeout_s: float = 60.0, connect_timeout_s: float = 180.0):
+                 timeout_s: float = 60.0, connect_timeout_s: float = 180.0,
+                 compute_nice: int | None = None):
         self.checkpoint, self.placement, self.dtype = str(checkpoint), placement, dtype
         self.num_shards = placement.num_shards
         self.shard_resources = list(shard_resources or [{}] * self.num_shards)  # shard s -> actor resources
         self.num_cpus = num_cpus
         self.timeout_s = timeout_s              # one layer's round trip, worst case
         self.connect_timeout_s = connect_timeout_s
+        self.compute_nice = compute_nice        # the shards' serving threads (thread_priority.py)
         self.generation = 0                     # groups built so far (1 + rebuilds)
         self.actors: list = []
         self.shard_info: list[dict] = []        # describe() of each shard, at connect time
@@ -260,7 +267,8 @@ class CollectiveTransport:
             host, world = _node_ip(), self.num_shards + 1
             store = dist.TCPStore(host, 0, world, True, timeout=_td(self.connect_timeout_s),
                                   wait_for_workers=False)
-            started = [a.start.remote(host, store.port, world, self.connect_timeout_s) for a in self.actors]
+            started = [a.start.remote(host, store.port, world, self.connect_timeout_s, self.compute_nice)
+                       for a in self.actors]
             self._pg = _gloo_group(store, 0, world, host, self.connect_timeout_s)
             ray.get(started, timeout=self.connect_timeout_s)
             self._store = store
