@@ -143,7 +143,9 @@ print(json.dumps({"shards": shards, "engine": engine,
     assert {s["node_id"] for s in shards} == set(info["nodes"])
     assert info["engine"]["transport"] == "serve"
     # the step loop runs ahead of the streaming threads (Ray's nice 15) where niceness may be lowered
-    assert info["engine"]["step_loop_nice"] == (5 if os.geteuid() == 0 else 15)
+    nice = 5 if os.geteuid() == 0 else 15
+    assert info["engine"]["step_loop_nice"] == nice
+    assert [s["forward_thread_nice"] for s in shards] == [nice, nice]   # the engine's warm-up called them
     for layer in ("0", "1"):
         held = [set(s["experts"][layer]) for s in shards]
         assert held[0].isdisjoint(held[1]) and held[0] | held[1] == set(range(5))

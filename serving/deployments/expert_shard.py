@@ -1,6 +1,7 @@
 """ExpertShard deployment: a shim around ExpertShardWorker (one deployment per shard)."""
 from __future__ import annotations
 
+import threading
 import time
 
 from serving.deployments import startup_priority
@@ -17,6 +18,7 @@ from serving.engine.host_allocator import tune_host_allocator
 from serving.engine.load_window import LoadWindow
 from serving.parallel.expert_shard import ExpertShardWorker
 from serving.parallel.placement import Placement
+from serving.thread_priority import raise_priority, thread_nice
 
 
 RETAIN_GRACE_S = 5.0
@@ -24,7 +26,8 @@ RETAIN_GRACE_S = 5.0
 
 @serve.deployment
 class ExpertShard:
-    def __init__(self, checkpoint: str, placement_json: str, shard_id: int, dtype: str):
+    def __init__(self, checkpoint: str, placement_json: str, shard_id: int, dtype: str,
+                 compute_nice: int | None = None):
         from serving.deployments.config import DTYPES
         torch.set_num_threads(1)
         tune_host_allocator()
@@ -33,6 +36,8 @@ class ExpertShard:
         self.load = LoadWindow()
         self.placement_watcher = PlacementWatcher(self._on_placement)
         startup_priority.restore()               # ready: back to the workers' niceness
+        self.compute_nice = compute_nice         # ... except the thread that runs forward (on first call)
+        self.forward_tid: int | None = None
 
     def _on_placement(self, placement: Placement) -> None:
         """A rebalance: new experts load on first use; drop the ones taken away, once the
@@ -44,6 +49,9 @@ class ExpertShard:
                       topk_weights_NK: torch.Tensor) -> torch.Tensor:
         # async on purpose: Serve runs it on the replica's loop, skipping the thread-pool hop a sync
         # method takes (the shard does nothing else; the computation is short and one at a time).
+        if self.forward_tid is None:             # the replica's loop thread: ahead of Ray's streaming
+            self.forward_tid = threading.get_native_id()   # threads (serving/thread_priority.py)
+            raise_priority(self.compute_nice)
         t0 = time.perf_counter()
         y_ND = self.worker.forward(layer, x_ND, topk_ids_NK, topk_weights_NK)
         self.load.add("busy_s", time.perf_counter() - t0)
@@ -61,4 +69,5 @@ class ExpertShard:
                 "node_id": ray.get_runtime_context().get_node_id(),
                 "experts": self.worker.expert_ids(),
                 "experts_loaded_since_start": self.worker.loads_total,
-                "num_parameters": self.worker.num_parameters()}
+                "num_parameters": self.worker.num_parameters(),
+                "forward_thread_nice": thread_nice(self.forward_tid) if self.forward_tid else None}
