@@ -17,6 +17,8 @@ from __future__ import annotations
 import os
 import threading
 
+from serving.thread_priority import raise_priority
+
 _saved_nice: int | None = None
 _boosted_tid: int | None = None
 _threads_before: frozenset[int] = frozenset()
@@ -29,12 +31,8 @@ def boost(max_s: float = 30.0) -> bool:
     with _lock:
         if _saved_nice is not None:
             return False
-        nice = os.getpriority(os.PRIO_PROCESS, 0)     # Linux: the calling thread
-        if nice <= 0:
-            return False
-        try:
-            os.setpriority(os.PRIO_PROCESS, 0, 0)
-        except OSError:                               # no CAP_SYS_NICE: stay as we are
+        nice = raise_priority(0)                      # None: not niced, or no CAP_SYS_NICE
+        if nice is None:
             return False
         _saved_nice, _boosted_tid = nice, threading.get_native_id()
         _threads_before = frozenset(t.native_id for t in threading.enumerate() if t.native_id is not None)

@@ -123,7 +123,7 @@ class AttentionMetadata:
         first_T = torch.cumsum(q_lens_B, 0)[seq_T] - q_lens_B[seq_T]
         offset_T = torch.arange(len(seq_T), device=device) - first_T   # index within its sequence's new tokens
         pos_T = start_B[seq_T] + offset_T
-        block_T = table_Bn[seq_T, pos_T // block_size]
+        block_T, in_block_T = table_Bn[seq_T, pos_T // block_size], pos_T % block_size
         if Q > 1 and min(q_lens) == 1:              # mixed: no padded layout for the whole step
             decode_T = (q_lens_B == 1)[seq_T]
             parts = []
@@ -132,7 +132,7 @@ class AttentionMetadata:
                 sub = cls.build(tuple(block_tables[b] for b in group), tuple(start_pos[b] for b in group),
                                 tuple(q_lens[b] for b in group), sliding_window, block_size, device)
                 parts.append((idx_t, sub))
-            return cls(block_T=block_T, offset_T=pos_T % block_size, pos_T=pos_T, table_Bn=table_Bn,
+            return cls(block_T=block_T, offset_T=in_block_T, pos_T=pos_T, table_Bn=table_Bn,
                        pad_index_BQ=None, unpad_index_T=None, mask_B1QC=None, ctx_len=C, parts=tuple(parts))
         ar_Q = torch.arange(Q, device=device)
         valid_BQ = ar_Q[None] < q_lens_B[:, None]
@@ -142,7 +142,7 @@ class AttentionMetadata:
         mask_BQC = kpos_C[None, None] <= qpos_BQ[:, :, None]
         if sliding_window:
             mask_BQC &= kpos_C[None, None] > qpos_BQ[:, :, None] - sliding_window
-        return cls(block_T=block_T, offset_T=pos_T % block_size, pos_T=pos_T,
+        return cls(block_T=block_T, offset_T=in_block_T, pos_T=pos_T,
                    table_Bn=table_Bn, pad_index_BQ=pad_index_BQ, unpad_index_T=seq_T * Q + offset_T,
                    mask_B1QC=mask_BQC[:, None], ctx_len=C, qpos_BQ=qpos_BQ, decode_bias_B1C=_decode_bias(mask_BQC))
 
