@@ -29,6 +29,8 @@ from pathlib import Path
 
 import yaml
 
+from serving.deployments.startup_priority import WORKER_RUNTIME_ENV
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO_ROOT / "cluster" / "serve_config.yaml"
 DEFAULT_STATE_DIR = Path(os.environ.get("MOE_SERVE_STATE_DIR", ".moe-serve"))
@@ -186,7 +188,10 @@ def run_host(state_dir: Path, serve_config: dict, nodes: int, config_path: str |
             cluster.add_node(num_cpus=1, resources={node_resource(i): 1})
         # worker logs stay in the session's files (kept in the state dir); streamed to this
         # process they cost CPU at nice 0, ahead of the replicas (Ray runs workers at nice 15)
-        ray.init(address=cluster.address, logging_level="WARNING", log_to_driver=False)
+        # every worker runs startup_priority.boost before its first import (a replica starting
+        # mid-spike imports Ray Serve and torch ahead of the busy replicas)
+        ray.init(address=cluster.address, logging_level="WARNING", log_to_driver=False,
+                 runtime_env=WORKER_RUNTIME_ENV)
         pids = sorted({p.process.pid for node in cluster.list_all_nodes()
                        for procs in node.all_processes.values() for p in procs})
         base.update(gcs_address=cluster.address, ray_pids=pids)
@@ -314,7 +319,8 @@ def redeploy(*, state_dir: Path = DEFAULT_STATE_DIR, checkpoint: str | None = No
     saved_tmpdir = os.environ.get("RAY_TMPDIR")
     os.environ["RAY_TMPDIR"] = state["ray_tmp"]          # the cluster's session dir, never /tmp/ray
     try:
-        ray.init(address=state["gcs_address"], logging_level="ERROR", log_to_driver=False)
+        ray.init(address=state["gcs_address"], logging_level="ERROR", log_to_driver=False,
+                 runtime_env=WORKER_RUNTIME_ENV)
     finally:                                             # this process's own later ray.init is not ours to move
         if saved_tmpdir is None:
             os.environ.pop("RAY_TMPDIR", None)

@@ -15,6 +15,7 @@ def test_shipped_serve_config_parses_with_one_engine_thread():
     args = yaml.safe_load(SHIPPED.read_text())["applications"][0]["args"]
     cfg = AppConfig.from_args(args)
     assert cfg.engine_threads == 1 and cfg.to_args()["engine_threads"] == 1
+    assert cfg.ingress == "engine"          # the gRPC proxy streams from the engine replica itself
 
 
 @pytest.mark.parametrize("bad, field", [
@@ -22,6 +23,7 @@ def test_shipped_serve_config_parses_with_one_engine_thread():
     ({"expert_shards": 0}, "expert_shards"),
     ({"dtype": "fp8"}, "dtype"),
     ({"transport": "carrier-pigeon"}, "transport"),
+    ({"ingress": "proxy"}, "ingress"),
     ({"stream_chunk_tokens": 0}, "stream_chunk_tokens"),
 ])
 def test_invalid_values_name_their_field(bad, field):

@@ -129,3 +129,38 @@ def test_stream_chunks_asks_a_callable_chunk_size_at_every_token():
     chunks = _chunks(chunk_tokens=lambda: next(sizes), max_hold_s=10.0)
     assert chunks[:2] == [[1], [2]] and max(len(c) for c in chunks) == 3
     assert [t for c in chunks for t in c] == list(range(1, 11))
+
+
+class CountingTokenEngine(TokenEngine):
+    def __init__(self, n):
+        super().__init__(n)
+        self.steps = 0
+
+    def step(self):
+        self.steps += 1
+        super().step()
+
+
+def test_a_steps_events_wake_the_event_loop_once_and_every_stream_gets_all_its_tokens():
+    from serving.engine.request import GenerationRequest
+    from serving.model.sampling import SamplingParams
+    eng, n, streams = CountingTokenEngine(12), 12, 16
+    ae = AsyncEngine(eng)
+    wakeups = []
+
+    async def run():
+        loop = asyncio.get_running_loop()
+        real = loop.call_soon_threadsafe
+        loop.call_soon_threadsafe = lambda *a, **k: (wakeups.append(1), real(*a, **k))[1]
+
+        async def one(i):
+            req = GenerationRequest(request_id=f"r{i}", prompt_token_ids=(1,), sampling=SamplingParams(max_tokens=n))
+            return [ev.token_id async for ev in ae.stream(req)]
+        return await asyncio.gather(*(one(i) for i in range(streams)))
+    try:
+        got = asyncio.run(asyncio.wait_for(run(), 10))
+    finally:
+        ae.shutdown()
+    assert got == [list(range(1, n + 1))] * streams
+    # 16 x 12 = 192 events; one hand-off per step that emitted (at most one per step)
+    assert 0 < len(wakeups) <= eng.steps < streams * n, (len(wakeups), eng.steps)

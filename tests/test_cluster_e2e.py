@@ -134,9 +134,11 @@ def test_shards_run_on_distinct_nodes_and_hold_only_their_experts(cluster):
     info = ray_query(cluster, """
 shards = [serve.get_deployment_handle(f"ExpertShard{s}", app_name="moe").describe.remote().result() for s in range(2)]
 engine = serve.get_deployment_handle("EngineReplica", app_name="moe").ready.remote().result()
-print(json.dumps({"shards": shards, "engine": engine,
+print(json.dumps({"shards": shards, "engine": engine, "deployments": sorted(serve.status().applications["moe"].deployments),
                   "nodes": [n["NodeID"] for n in ray.nodes() if n["Alive"]]}))
 """)
+    # the engine replica answers the gRPC proxy itself (ingress `engine`, the shipped default)
+    assert info["deployments"] == ["EngineReplica", "ExpertShard0", "ExpertShard1", "MetricsHubDeployment"]
     shards = info["shards"]
     assert len(set(info["nodes"])) == 2
     assert shards[0]["node_id"] != shards[1]["node_id"]
@@ -233,8 +235,8 @@ def test_overload_sheds_batch_first_with_pushback_and_cancel_frees_slots(cluster
         assert len(ok.token_ids) == 4                                                  # interactive admitted
         for s in streams:
             s.cancel()
-        # the engine and the ingress report on their own 0.5 s timers: the slots can read 0 before the
-        # ingress has pushed the cancelled streams' status, so wait for all three (bounded)
+        # the engine reports on its own 0.5 s timer: the slots can read 0 before it has pushed the
+        # cancelled streams' status, so wait for all three (bounded)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             text = _scrape(cluster["metrics_url"])

@@ -55,7 +55,7 @@ CASES = [(family, s) for family in FAMILIES for s in SHARDS]
 SHARD_INFO = """
 app = serve.status().applications["moe"]
 shards = sorted(n for n in app.deployments if n.startswith("ExpertShard"))
-print(json.dumps({"deployments": shards,
+print(json.dumps({"deployments": shards, "all": sorted(app.deployments),
                   "describe": [serve.get_deployment_handle(n, app_name="moe").describe.remote().result()
                                for n in shards]}))
 """
@@ -98,6 +98,9 @@ def cluster(tmp_path_factory):
     # chunked streaming on for every request (the shipped config has it off; test_cluster_e2e
     # covers one token per message): up to 4 tokens per GenerateResponse after the first
     cfg["applications"][0]["args"].update(stream_chunk_tokens=4, stream_chunk_min_running=0)
+    # and the Ingress deployment in front of the engine (the shipped config, and test_cluster_e2e,
+    # have the engine replica answer the gRPC proxy itself)
+    cfg["applications"][0]["args"].update(ingress="deployment")
     (tmp / "serve_config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     c = Cluster(tmp / "state", tmp / "serve_config.yaml")
     try:
@@ -154,6 +157,7 @@ def test_greedy_parity_through_the_cluster(family, shards, cluster, tmp_path):
 
     # exactly S shard deployments (a redeploy removes the previous app's), every expert held once
     assert info["deployments"] == [f"ExpertShard{s}" for s in range(shards)]
+    assert "Ingress" in info["all"] and "EngineReplica" in info["all"]    # the two-hop data path
     held = {}
     for d in info["describe"]:
         for layer, experts in d["experts"].items():

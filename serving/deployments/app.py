@@ -1,6 +1,8 @@
 """The app builder: `import_path: serving.deployments.app:build_app` in cluster/*.yaml.
 
-Graph: Ingress -> EngineReplica -> ExpertShard0..S-1, and every replica -> MetricsHub.
+Graph: [Ingress ->] EngineReplica -> ExpertShard0..S-1, and every replica -> MetricsHub.
+With ingress `engine` the EngineReplica is the app's ingress (the gRPC proxy calls it); with
+`deployment` an Ingress deployment sits in front of it.
 ExpertShard s is pinned to local Ray node (s mod nodes) by its `moe_node_<i>` resource,
 so with nodes >= S every shard runs on a different node. With transport `collective` there
 are no ExpertShard deployments: each EngineReplica starts its own shard actors, pinned the
@@ -47,6 +49,8 @@ def build_app(args: dict) -> Application:
         max_ongoing_requests=cfg.max_num_seqs + cfg.max_queued + ENGINE_ADMISSION_HEADROOM,
         max_queued_requests=ENGINE_ROUTER_QUEUE,   # beyond: BackPressureError -> RESOURCE_EXHAUSTED
     ).bind(cfg.to_args(), placement.to_json(), shards, hub)
+    if cfg.ingress == "engine":
+        return engine
     return Ingress.options(ray_actor_options={"num_cpus": cfg.ingress_num_cpus},
                            max_ongoing_requests=INGRESS_MAX_ONGOING).bind(
         cfg.to_args(), engine, hub)

@@ -8,6 +8,7 @@ import torch
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 TRANSPORTS = ("serve", "local", "collective")
+INGRESSES = ("engine", "deployment")
 NODE_PIN = 0.001     # a sliver of a node's custom resource: pins a replica or actor without limiting count
 
 
@@ -19,6 +20,9 @@ class AppConfig:
     placement: str = "contiguous"         # contiguous | round_robin | load_aware (uniform load at deploy)
     transport: str = "serve"              # serve (ExpertShard deployments) | local (in the engine)
                                           # | collective (shard actors in one gloo group with the engine)
+    ingress: str = "engine"               # which deployment Serve's gRPC proxy calls: engine (the
+                                          # EngineReplica, one streaming hop) | deployment (an Ingress
+                                          # deployment in front of it: two hops, scales on its own)
     dtype: str = "fp32"
     max_num_seqs: int = 16                # KV slots per engine replica
     max_model_len: int = 1024            # clamped to the model's max_position_embeddings
@@ -55,6 +59,8 @@ class AppConfig:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         if self.transport not in TRANSPORTS:
             raise ValueError(f"transport must be one of {TRANSPORTS}, got {self.transport!r}")
+        if self.ingress not in INGRESSES:
+            raise ValueError(f"ingress must be one of {INGRESSES}, got {self.ingress!r}")
         if self.expert_shards < 1 or self.nodes < 1 or self.engine_threads < 1:
             raise ValueError("expert_shards, nodes and engine_threads must be >= 1")
         if self.compute_nice is not None and not -20 <= self.compute_nice <= 19:

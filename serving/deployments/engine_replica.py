@@ -1,7 +1,9 @@
 """EngineReplica deployment: a shim around Engine + AsyncEngine.
 
 It holds everything but the routed experts (embeddings, attention, norms, router,
-lm_head, KV cache) and reaches the experts through the ExpertDispatcher.
+lm_head, KV cache) and reaches the experts through the ExpertDispatcher. With
+AppConfig.ingress = "engine" it is also the app's ingress: Serve's gRPC proxy calls its
+GrpcFace methods, which stream from `generate` in-process.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import torch  # noqa: E402
 from ray import serve
 
 from serving.deployments.config import NODE_PIN, AppConfig, node_resource
+from serving.deployments.grpc_face import GrpcFace, build_service
 from serving.deployments.placement_sync import PlacementWatcher
 from serving.deployments.reporter import MetricsReporter
 from serving.engine.admission import AdmissionConfig, AdmissionController
@@ -104,8 +107,18 @@ class EngineSampler:
 WARM_UP_PROMPT = (1, 2, 3, 4, 5, 6, 7, 8)
 
 
+class ReplicaEngineClient:
+    """EngineClient over the replica's own `generate` (no Ray hop): the gRPC face's engine."""
+
+    def __init__(self, replica: "EngineReplica"):
+        self.replica = replica
+
+    def stream(self, request: GenerationRequest) -> AsyncIterator[list[TokenEvent]]:
+        return self.replica.generate(request)
+
+
 @serve.deployment
-class EngineReplica:
+class EngineReplica(GrpcFace):
     async def __init__(self, args: dict, placement_json: str, shard_handles: list, metrics_hub):
         """Build the engine, then warm it up before Serve routes any request here."""
         cfg = self._build(args, placement_json, shard_handles)
@@ -114,6 +127,8 @@ class EngineReplica:
         replica = serve.get_replica_context().replica_id.unique_id
         self.reporter = MetricsReporter(metrics_hub, f"engine-{replica}", cfg.report_interval_s,
                                         collect_engine=EngineSampler(self.engine, self.dispatcher))
+        self.service = build_service(cfg, ReplicaEngineClient(self), self.reporter, ready=True,
+                                     tokenizer=self.engine.tokenizer)
         startup_priority.restore()               # ready: back to the workers' niceness
         raise_priority(cfg.compute_nice, self.async_engine.thread_id)   # ... except the step loop
 

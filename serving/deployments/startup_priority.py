@@ -5,7 +5,9 @@ new replica's imports (torch and our modules, ~1.4 s of CPU on an idle machine) 
 then get one fair share among the busy replicas: it took 11-12 s from process start to its
 constructor on 2 busy cores, while the spike waited for exactly that capacity. So the deployment
 modules call `boost()` before importing torch, and the replica calls `restore()` once it is ready:
-the same idea as systemd's StartupCPUWeight.
+the same idea as systemd's StartupCPUWeight. `moe-serve up` also runs `boost` as every Ray worker's
+setup hook (WORKER_RUNTIME_ENV, the job's runtime_env): before the worker imports Ray Serve
+(~0.6 s of CPU idle, at nice 15 otherwise), so a replica starts boosted from its first import.
 
 Only a thread already running niced (a Ray worker's) is boosted, with the threads it starts, and
 only with the right to lower niceness (CAP_SYS_NICE, e.g. root); otherwise nothing changes. A
@@ -31,7 +33,7 @@ def boost(max_s: float = 30.0) -> bool:
     with _lock:
         if _saved_nice is not None:
             return False
-        nice = raise_priority(0)                      # None: not niced, or no CAP_SYS_NICE
+        nice = raise_priority(BOOST_NICE)             # None: not niced, or no CAP_SYS_NICE
         if nice is None:
             return False
         _saved_nice, _boosted_tid = nice, threading.get_native_id()
@@ -42,9 +44,15 @@ def boost(max_s: float = 30.0) -> bool:
     return True
 
 
+BOOST_NICE = 0
+# every Ray worker of the cluster `moe-serve up` starts runs `boost` first (a job-level runtime_env)
+WORKER_RUNTIME_ENV = {"worker_process_setup_hook": "serving.deployments.startup_priority.boost"}
+
+
 def restore() -> None:
-    """The boosted thread, and the Python threads started since, back to the niceness it had.
-    Other threads keep theirs (Ray's own I/O threads run at nice 0 in a worker at 15)."""
+    """The boosted thread, and the Python threads started since that still run at the boost's
+    niceness, back to the niceness it had. Other threads keep theirs: Ray's own I/O threads (nice
+    0 in a worker at 15), and threads given a niceness of their own meanwhile (compute_nice)."""
     global _saved_nice
     with _lock:
         if _saved_nice is None:
@@ -52,7 +60,7 @@ def restore() -> None:
         since = {t.native_id for t in threading.enumerate()} - _threads_before - {None}
         for tid in {_boosted_tid, *since}:
             try:
-                if os.getpriority(os.PRIO_PROCESS, tid) < _saved_nice:
+                if os.getpriority(os.PRIO_PROCESS, tid) == BOOST_NICE < _saved_nice:
                     os.setpriority(os.PRIO_PROCESS, tid, _saved_nice)
             except OSError:                           # the thread just ended
                 pass

@@ -3,6 +3,10 @@
 The step loop is the only thread that touches the model and the KV cache. Callers on the
 event loop submit requests and consume events; a consumer that goes away (client cancel,
 disconnect) aborts its request, which frees its KV slot at the next step boundary.
+
+A step's events reach their event loop together, after the step: one wake-up of the loop per
+step, not one per token (64 streams made 64 cross-thread wake-ups a step, each one a chance for
+the event loop's thread to take the GIL from the step loop mid-step).
 """
 from __future__ import annotations
 
@@ -30,13 +34,14 @@ class AsyncEngine:
         self.retryable = retryable          # transport errors worth retrying (a shard restarting)
         self._wake = threading.Event()
         self._stop = threading.Event()
+        self._outbox: list[tuple[asyncio.AbstractEventLoop, asyncio.Queue, object]] = []  # step thread only
         self._thread = threading.Thread(target=self._loop, name="engine-step-loop", daemon=True)
         self._thread.start()
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
-        self.engine.add_request(request, lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev))
+        self.engine.add_request(request, lambda ev: self._outbox.append((loop, queue, ev)))
         self._wake.set()
         finished = False
         try:
@@ -91,6 +96,20 @@ class AsyncEngine:
         self._wake.set()
         self._thread.join(timeout=10)
 
+    def _flush(self) -> None:
+        """Hand the events emitted since the last flush to their event loops, one call per loop."""
+        if not self._outbox:
+            return
+        out, self._outbox = self._outbox, []
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, object]]] = {}
+        for loop, queue, ev in out:
+            by_loop.setdefault(loop, []).append((queue, ev))
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:      # that loop is closed: nobody is left to read its events
+                pass
+
     def _loop(self) -> None:
         failing_since = None
         while not self._stop.is_set():
@@ -99,7 +118,7 @@ class AsyncEngine:
                 self._wake.clear()
                 continue
             try:
-                self.engine.step()
+                self._step()
                 failing_since = None
             except self.retryable as exc:   # a shard is restarting: retry (K/V rewrites are idempotent)
                 now = time.monotonic()
@@ -107,9 +126,22 @@ class AsyncEngine:
                 log.warning("engine step failed (%s); retrying", exc)
                 if now - failing_since > self.step_retry_s:
                     self.engine.fail_all(EngineError(f"engine step failing for {now - failing_since:.0f}s: {exc}"))
+                    self._flush()
                     failing_since = None
                 else:
                     time.sleep(0.2)
             except Exception as exc:        # a bug, not a transient fault: fail fast, keep serving
                 log.exception("engine step failed")
                 self.engine.fail_all(EngineError(f"engine step failed: {type(exc).__name__}: {exc}"))
+                self._flush()
+
+    def _step(self) -> None:
+        try:
+            self.engine.step()
+        finally:                      # a failed step may have emitted some events already
+            self._flush()
+
+
+def _deliver(items: list[tuple[asyncio.Queue, object]]) -> None:
+    for queue, ev in items:
+        queue.put_nowait(ev)

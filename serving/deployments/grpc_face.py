@@ -1,0 +1,65 @@
+"""The gRPC face of the app: the RPC methods Ray Serve's gRPC proxy calls on the app's
+ingress deployment, by name (Generate / Complete of moe_serving.v1.MoEServing, Check / Watch
+of grpc.health.v1.Health), each delegating to a GenerateService.
+
+Two deployments wear it (AppConfig.ingress picks which one the proxy calls):
+- `engine`: the EngineReplica itself, over an in-process engine client. A streamed message
+  makes one Ray hop (engine -> proxy).
+- `deployment`: the Ingress deployment, over the EngineReplica's streaming handle. Two hops
+  (engine -> ingress -> proxy), and the ingress replicas scale apart from the engine.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from serving.api.service import EngineClient, GenerateService, RequestRecord
+from serving.api.validation import ApiLimits
+from serving.deployments.config import AppConfig
+from serving.deployments.reporter import MetricsReporter
+from serving.metrics import RequestSample
+from serving.model.config import MoEConfig
+from serving.model.tokenizer import Tokenizer
+
+
+def request_sample(record: RequestRecord) -> RequestSample:
+    priority = record.priority.name.lower() if record.priority is not None else "unknown"
+    return RequestSample(status=record.status, priority=priority, ttft_s=record.ttft_s,
+                         itl_s=record.itl_s, e2e_s=record.e2e_s)
+
+
+def build_service(cfg: AppConfig, engine: EngineClient, reporter: MetricsReporter, *,
+                  ready: bool, tokenizer: Tokenizer | None = None) -> GenerateService:
+    """The servicer for `cfg`'s checkpoint: its tokenizer (loaded unless given) and limits,
+    every finished RPC reported (status, TTFT, ITL, e2e) through `reporter`."""
+    model_cfg = MoEConfig.from_dir(cfg.checkpoint)
+    limits = ApiLimits.from_model_config(model_cfg,
+                                         max_model_len=cfg.model_len(model_cfg.max_position_embeddings),
+                                         max_tokens_limit=cfg.max_tokens_limit)
+    return GenerateService(tokenizer or Tokenizer.from_dir(cfg.checkpoint), limits, engine,
+                           on_request_done=lambda r: reporter.record_request(request_sample(r)),
+                           ready=ready)
+
+
+class GrpcFace:
+    """Mixin for a Serve deployment with a `service: GenerateService`. `probe_ready` runs
+    before every health answer (the Ingress checks that the engine answers)."""
+
+    service: GenerateService
+
+    async def Generate(self, request: Any, grpc_context: Any = None):
+        async for chunk in self.service.generate(request, grpc_context):
+            yield chunk
+
+    async def Complete(self, request: Any, grpc_context: Any = None) -> Any:
+        return await self.service.complete(request, grpc_context)
+
+    async def Check(self, request: Any, grpc_context: Any = None) -> Any:
+        await self.probe_ready()
+        return self.service.check(request, grpc_context)
+
+    async def Watch(self, request: Any, grpc_context: Any = None):
+        await self.probe_ready()
+        yield self.service.check(request, grpc_context)
+
+    async def probe_ready(self) -> None:
+        """Nothing to probe by default: a replica only gets traffic once it is up."""
