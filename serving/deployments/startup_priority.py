@@ -21,6 +21,10 @@ import threading
 
 from serving.thread_priority import raise_priority
 
+BOOST_NICE = 0
+# every Ray worker of the cluster `moe-serve up` starts runs `boost` first (a job-level runtime_env)
+WORKER_RUNTIME_ENV = {"worker_process_setup_hook": "serving.deployments.startup_priority.boost"}
+
 _saved_nice: int | None = None
 _boosted_tid: int | None = None
 _threads_before: frozenset[int] = frozenset()
@@ -42,11 +46,6 @@ def boost(max_s: float = 30.0) -> bool:
     timer.daemon = True
     timer.start()
     return True
-
-
-BOOST_NICE = 0
-# every Ray worker of the cluster `moe-serve up` starts runs `boost` first (a job-level runtime_env)
-WORKER_RUNTIME_ENV = {"worker_process_setup_hook": "serving.deployments.startup_priority.boost"}
 
 
 def restore() -> None:
