@@ -1,7 +1,7 @@
 """The servicer logic behind the gRPC ingress: proto in, engine events out, proto back.
 
-`GenerateService` is a plain object (no Ray import). The Serve ingress deployment wraps
-it with methods named after the RPCs (Generate, Complete, Check); `local_server.py`
+`GenerateService` is a plain object (no Ray import). The app's ingress deployment wraps
+it with methods named after the RPCs (serving/deployments/grpc_face.py); `local_server.py`
 serves it from a plain grpc.aio server for tests and debugging.
 
 How a non-OK status reaches the client (read from ray/serve 2.60 source):

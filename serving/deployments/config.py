@@ -32,7 +32,7 @@ class AppConfig:
     priority_preemption: bool = True      # a waiting interactive request takes a running batch one's slot
     ping_pong: bool = True                # two micro-batches per step: attention overlaps the expert calls
                                           # (serve and collective transports; nothing to overlap with local)
-    stream_chunk_tokens: int = 1          # tokens per streamed message (engine -> ingress -> client) once
+    stream_chunk_tokens: int = 1          # tokens per streamed message (engine -> [ingress ->] client) once
     stream_chunk_min_running: int = 16    # ... this many sequences run; below it every token is its own
                                           # message. The first token always goes alone (TTFT). 1 = off.
     stream_max_hold_s: float = 0.25       # no token is held back longer than this (+ one engine step)
@@ -49,7 +49,7 @@ class AppConfig:
     compute_nice: int | None = 5          # niceness of the engine's step loop and the collective shards'
                                           # serving threads (Ray workers run at 15; needs CAP_SYS_NICE,
                                           # else unchanged; None: leave them). See serving/thread_priority.py
-    ingress_num_cpus: float = 0.1
+    ingress_num_cpus: float = 0.1         # ingress `deployment` only
     engine_num_cpus: float = 0.25
     shard_num_cpus: float = 0.1
     collective_timeout_s: float = 60.0    # collective: one MoE layer's round trip, at most

@@ -127,8 +127,8 @@ class EngineReplica(GrpcFace):
         replica = serve.get_replica_context().replica_id.unique_id
         self.reporter = MetricsReporter(metrics_hub, f"engine-{replica}", cfg.report_interval_s,
                                         collect_engine=EngineSampler(self.engine, self.dispatcher))
-        self.service = build_service(cfg, ReplicaEngineClient(self), self.reporter, ready=True,
-                                     tokenizer=self.engine.tokenizer)
+        self.service = build_service(cfg, self.engine.model.config, self.engine.tokenizer,
+                                     ReplicaEngineClient(self), self.reporter, ready=True)
         startup_priority.restore()               # ready: back to the workers' niceness
         raise_priority(cfg.compute_nice, self.async_engine.thread_id)   # ... except the step loop
 

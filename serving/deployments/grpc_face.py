@@ -27,15 +27,14 @@ def request_sample(record: RequestRecord) -> RequestSample:
                          itl_s=record.itl_s, e2e_s=record.e2e_s)
 
 
-def build_service(cfg: AppConfig, engine: EngineClient, reporter: MetricsReporter, *,
-                  ready: bool, tokenizer: Tokenizer | None = None) -> GenerateService:
-    """The servicer for `cfg`'s checkpoint: its tokenizer (loaded unless given) and limits,
+def build_service(cfg: AppConfig, model_cfg: MoEConfig, tokenizer: Tokenizer, engine: EngineClient,
+                  reporter: MetricsReporter, *, ready: bool) -> GenerateService:
+    """The servicer for the served model (`model_cfg` sets the request limits, with `cfg`'s caps),
     every finished RPC reported (status, TTFT, ITL, e2e) through `reporter`."""
-    model_cfg = MoEConfig.from_dir(cfg.checkpoint)
     limits = ApiLimits.from_model_config(model_cfg,
                                          max_model_len=cfg.model_len(model_cfg.max_position_embeddings),
                                          max_tokens_limit=cfg.max_tokens_limit)
-    return GenerateService(tokenizer or Tokenizer.from_dir(cfg.checkpoint), limits, engine,
+    return GenerateService(tokenizer, limits, engine,
                            on_request_done=lambda r: reporter.record_request(request_sample(r)),
                            ready=ready)
 

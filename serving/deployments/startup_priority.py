@@ -59,7 +59,7 @@ def restore() -> None:
         since = {t.native_id for t in threading.enumerate()} - _threads_before - {None}
         for tid in {_boosted_tid, *since}:
             try:
-                if os.getpriority(os.PRIO_PROCESS, tid) == BOOST_NICE < _saved_nice:
+                if os.getpriority(os.PRIO_PROCESS, tid) == BOOST_NICE:
                     os.setpriority(os.PRIO_PROCESS, tid, _saved_nice)
             except OSError:                           # the thread just ended
                 pass

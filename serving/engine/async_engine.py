@@ -66,8 +66,9 @@ class AsyncEngine:
         flushed early once the oldest held token has waited `max_hold_s` (checked when the next
         one arrives, so at most one engine step later), and with the finish.
 
-        Every hop after the engine (Serve's streaming handle, the ingress, the gRPC proxy) costs
-        about a millisecond of CPU per message; with 64 streams that is a large share of a step.
+        Every hop after the engine (Serve's streaming handle, the gRPC proxy, an Ingress replica if
+        any) costs about a millisecond of CPU per message; with 64 streams that is a large share of
+        a step.
         A chunk is one message carrying several tokens (GenerateResponse.token_ids is repeated).
         """
         loop = asyncio.get_running_loop()
