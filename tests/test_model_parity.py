@@ -150,10 +150,31 @@ def test_mixed_step_metadata_splits_decode_from_prefill():
                                    block_size=4)
     (dec_idx, dec), (pre_idx, pre) = meta.parts
     assert dec_idx.tolist() == [0, 7] and pre_idx.tolist() == [1, 2, 3, 4, 5, 6, 8, 9, 10]
-    assert dec.decode_only and dec.table_Bn[:, 0].tolist() == [0, 8] and dec.ctx_len == 9
-    assert not pre.decode_only and pre.table_Bn[:, 0].tolist() == [4, 12] and pre.ctx_len == 6
+    assert dec.decode_only and dec.table_Bn[:, 0].tolist() == [0, 8] and dec.ctx_len == 12   # 9, in whole blocks
+    assert not pre.decode_only and pre.table_Bn[:, 0].tolist() == [4, 12] and pre.ctx_len == 8    # 6, in whole blocks
     assert pre.pos_T.tolist() == [0, 1, 2, 3, 4, 5, 2, 3, 4]
     windowed = meta.with_window(2)
-    assert windowed.parts[0][1].decode_bias_B1C[0, 0].isfinite().tolist() == [False] * 7 + [True] * 2
+    assert windowed.parts[0][1].decode_bias_B1C[0, 0].isfinite().tolist() == [False] * 7 + [True] * 2 + [False] * 3
     for q_lens in ((1, 1, 1, 1), (2, 6, 3, 3)):
         assert AttentionMetadata.build(tables, (3, 0, 5, 2), q_lens, None, 4).parts == ()
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+def test_decode_attention_matches_sdpa(dtype, tol):
+    """decode_attention (one query row per sequence, GQA, keys padded to whole blocks and masked) equals
+    SDPA in fp32 over each sequence's own keys; a bf16 cache runs its GEMMs in bf16, within bf16 rounding."""
+    import torch.nn.functional as F
+    from serving.model.layers import decode_attention
+    torch.manual_seed(0)
+    B, H, G, C, d = 5, 8, 2, 32, 16
+    lens = [32, 1, 17, 30, 9]
+    q_BHd = torch.randn(B, H, d).to(dtype)
+    k_BGCd, v_BGCd = torch.randn(G, B, C, d).to(dtype).transpose(0, 1), torch.randn(G, B, C, d).to(dtype).transpose(0, 1)
+    bias_B1C = torch.zeros(B, 1, C).masked_fill_(torch.arange(C)[None, None] >= torch.tensor(lens)[:, None, None],
+                                                 float("-inf"))
+    out = decode_attention(q_BHd, k_BGCd, v_BGCd, bias_B1C, d ** -0.5)
+    assert out.dtype == dtype and out.shape == (B, H, d)
+    for b, n in enumerate(lens):
+        ref_H1d = F.scaled_dot_product_attention(q_BHd[b, :, None].float(), k_BGCd[b, :, :n].float(),
+                                                 v_BGCd[b, :, :n].float(), enable_gqa=True)
+        torch.testing.assert_close(out[b].float(), ref_H1d[:, 0], atol=tol, rtol=tol)

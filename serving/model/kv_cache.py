@@ -46,6 +46,7 @@ class KVCache:
                   for _ in range(config.num_layers)]
         self.v = [torch.zeros((v_tail[0], N, bs, v_tail[1]), dtype=dtype, device=device)
                   for _ in range(config.num_layers)]
+        self._head_rows = torch.arange(k_tail[0], device=device) * N        # first row of each head's blocks
 
     @property
     def latent(self) -> list[torch.Tensor]:
@@ -79,9 +80,13 @@ class KVCache:
         """K/V of the first `ctx_len` positions of each sequence: [B, Hkv, C, hd] (MLA: [B, 1, C, R], [B, 1, C, dr]).
         Gathers the sequences' blocks (one copy, [Hkv, B, nb*bs, hd]) and returns strided views of it."""
         B, nb = table_Bn.shape
-        # index_select over the flat table, not cache[:, table_Bn]: the same copy, 5-6x faster on CPU
-        # (advanced indexing takes the generic TensorIterator path; 64 seqs x 7 blocks: 0.13 vs 0.8 ms)
-        blocks_X = table_Bn.reshape(-1)
-        k, v = (c[layer].index_select(1, blocks_X).view(c[layer].shape[0], B, -1, c[layer].shape[3])[:, :, :ctx_len]
-                for c in (self.k, self.v))
-        return k.transpose(0, 1), v.transpose(0, 1)       # [Hkv, B, C, hd] -> [B, Hkv, C, hd]
+        # One index_select over dim 0 of the cache seen as [Hkv*N, bs*hd] rows (row h*N + block), not
+        # cache[:, table_Bn] nor index_select(1, ...): the same copy, but dim 0 is the contiguous-row
+        # fast path on CPU (64 seqs x 10 blocks x 2 heads: 0.05 ms; dim 1: 0.13 ms; advanced indexing: 0.8 ms)
+        rows_X = (self._head_rows[:, None] + table_Bn.reshape(1, -1)).reshape(-1)      # [Hkv * B * nb]
+        out = []
+        for c in (self.k[layer], self.v[layer]):
+            H, N, bs, d = c.shape
+            gathered = c.view(H * N, bs * d).index_select(0, rows_X)
+            out.append(gathered.view(H, B, nb * bs, d)[:, :, :ctx_len].transpose(0, 1))  # [B, Hkv, C, hd]
+        return out[0], out[1]

@@ -17,6 +17,7 @@ class Tokenizer:
 
     def __init__(self, backend, kind: str, bos_id: int | None, eos_id: int | None):
         self._tok, self.kind, self.bos_id, self.eos_id = backend, kind, bos_id, eos_id
+        self._single: dict[int, str] = {}    # decode([id]) per id: the detokenizer asks for it every token
 
     @classmethod
     def from_dir(cls, tokenizer_dir: str | Path) -> "Tokenizer":
@@ -55,6 +56,14 @@ class Tokenizer:
 
     def decode(self, ids: list[int]) -> str:
         ids = [int(i) for i in ids]
+        if len(ids) == 1:
+            text = self._single.get(ids[0])
+            if text is None:
+                text = self._single[ids[0]] = self._decode(ids)
+            return text
+        return self._decode(ids)
+
+    def _decode(self, ids: list[int]) -> str:
         if self.kind == "tokenizers":
             return self._tok.decode(ids, skip_special_tokens=True)
         return self._tok.decode(ids)   # sentencepiece drops control tokens (<s>, </s>) itself
