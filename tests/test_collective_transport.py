@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from serving.deployments.config import node_resource
+from serving.deployments.startup_priority import WORKER_RUNTIME_ENV
 from serving.engine.engine import Engine
 from serving.engine.request import GenerationRequest
 from serving.engine.scheduler import SchedulerConfig
@@ -49,7 +50,8 @@ def cluster():
     for i in range(1, NODES):
         c.add_node(num_cpus=1, resources={node_resource(i): 1})
     try:
-        ray.init(address=c.address, logging_level="ERROR", log_to_driver=False)
+        # as `moe-serve up` starts Ray: every worker runs the start-up boost first (startup_priority.py)
+        ray.init(address=c.address, logging_level="ERROR", log_to_driver=False, runtime_env=WORKER_RUNTIME_ENV)
         node_of = {i: n["NodeID"] for n in ray.nodes() if n["Alive"]
                    for i in range(NODES) if node_resource(i) in n["Resources"]}
         yield node_of

@@ -49,6 +49,7 @@ import ray
 import torch
 import torch.distributed as dist
 
+from serving.deployments import startup_priority
 from serving.engine.host_allocator import tune_host_allocator
 from serving.parallel.dispatcher import ShardCall
 from serving.parallel.expert_shard import ExpertShardWorker
@@ -116,6 +117,10 @@ class ExpertShardActor:
         """Join the group (blocks until every rank has joined), then serve in a thread. The
         serving thread and gloo's threads run at `compute_nice` (serving/thread_priority.py)."""
         rank = self.worker.shard_id + 1
+        # Loaded: the start-up boost (a Ray worker's setup hook runs this process at nice 0) ends here.
+        # Else the serving thread would inherit nice 0 from it, and the boost's timer would later put
+        # that thread back to the workers' 15, behind Ray's streaming threads.
+        startup_priority.restore()
         with inherited_priority(compute_nice):
             store = dist.TCPStore(store_host, store_port, world_size, False, timeout=_td(timeout_s))
             self._pg = _gloo_group(store, rank, world_size, _node_ip(), timeout_s)
