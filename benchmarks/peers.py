@@ -33,6 +33,9 @@ and chunking off, the setting the spike rehearsal passes with: README).
 
 Prints the command, the machine, one line per peer, then a table with ratios against vLLM and
 against transformers (ratio = this peer's best tok/s / theirs). --json OUT writes everything.
+--rounds R runs the whole list R times: a table per round, then every ratio per round and its
+median (this shared machine's speed drifts +-30% within minutes; peers a minute apart compare
+fairly, peers ten minutes apart may not).
 """
 from __future__ import annotations
 
@@ -78,6 +81,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--repeat", type=int, default=3, help="timed runs per peer (best and median reported)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run the whole list of peers this many times, one after another; each round gets its "
+                        "own table, and the summary gives each ratio per round and its median (the machine's "
+                        "speed drifts within minutes, so a ratio between neighbouring runs is the fair one)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch / OpenMP threads of transformers, vLLM and the in-process engine "
                         "(default: every available core)")
@@ -112,7 +119,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a.threads = a.threads or len(_cores())
     if a.low_load_requests < 0:
         p.error("--low-load-requests must be >= 0")
-    for name in ("num_prompts", "prompt_len", "max_tokens", "repeat", "threads"):
+    for name in ("num_prompts", "prompt_len", "max_tokens", "repeat", "rounds", "threads"):
         if getattr(a, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     return a
@@ -427,6 +434,34 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def round_summary(results: list[dict]) -> str:
+    """Each peer's ratio to vLLM (tok/s) and to vLLM's server (low-load TTFT) in every round, and the
+    median over the rounds: a round's peers ran minutes apart, rounds may not have."""
+    def ratios(label: str, key: str, ref_peer: str) -> list[float | None]:
+        out = []
+        for rnd in sorted({r["round"] for r in results}):
+            mine = [r for r in results if r["round"] == rnd and r.get("ok")]
+            ref = next((r.get(key) for r in mine if r["peer"] == ref_peer), None)
+            val = next((r.get(key) for r in mine if r["label"] == label), None)
+            out.append(val / ref if val and ref else None)
+        return out
+
+    def median(xs: list[float]) -> float | None:
+        xs = sorted(xs)
+        return None if not xs else xs[len(xs) // 2] if len(xs) % 2 else (xs[len(xs) // 2 - 1] + xs[len(xs) // 2]) / 2
+
+    lines = ["ratios per round (median over the rounds)"]
+    for label, peer in dict.fromkeys((r["label"], r["peer"]) for r in results):
+        for key, ref_peer, what in (("output_tokens_per_s", "vllm", "tok/s vs vLLM"),
+                                    ("ttft_low_load_p50_s", "vllm-server", "low-load TTFT vs vLLM server")):
+            rs = ratios(label, key, ref_peer)
+            got = [x for x in rs if x]
+            if got and peer != ref_peer:
+                lines.append(f"  {label:34s} {what:30s} " + ", ".join(_fmt(x, ".2f") for x in rs)
+                             + f"  ({_fmt(median(got), '.2f')})")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     a.checkpoint = str(Path(a.checkpoint).resolve())
@@ -452,7 +487,8 @@ def main(argv: list[str] | None = None) -> int:
           f"python {machine['python']}, {machine['platform']}\n"
           f"workload  {a.num_prompts} prompts x {a.prompt_len} token ids (seed {a.seed}) -> {a.max_tokens} new "
           f"tokens each, greedy, EOS ignored, all at once; {a.dtype}; {Path(a.checkpoint).name}; "
-          f"{a.threads} thread(s) per peer; best of {a.repeat} timed runs", flush=True)
+          f"{a.threads} thread(s) per peer; best of {a.repeat} timed runs"
+          + (f"; {a.rounds} rounds" if a.rounds > 1 else ""), flush=True)
 
     work = Path(tempfile.mkdtemp(prefix="peers-"))
     spec_path = work / "spec.json"
@@ -480,10 +516,10 @@ def main(argv: list[str] | None = None) -> int:
 
     expected = a.num_prompts * a.max_tokens
     results: list[dict] = []
-    for peer, label, fn in jobs:
-        print(f"\n[{label}]", flush=True)
+    for rnd, (peer, label, fn) in ((r, job) for r in range(a.rounds) for job in jobs):
+        print(f"\n[{label}]" + (f"  round {rnd + 1} of {a.rounds}" if a.rounds > 1 else ""), flush=True)
         t0 = time.monotonic()
-        rec: dict[str, Any] = {"peer": peer if peer != "cluster" else label, "label": label}
+        rec: dict[str, Any] = {"peer": peer if peer != "cluster" else label, "label": label, "round": rnd}
         rec["load_avg_1m_before"] = _loadavg()
         try:
             rec.update(fn(a, ctx))
@@ -521,8 +557,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\ngreedy tokens, first {len(t0_)} prompts x {len(t0_[0])}: {l1} matches {l0} on {same}/{total}")
 
     load_end = _loadavg()
-    print(f"\nload average {load_end} (1 min) at the end\n")
-    print(table(results))
+    print(f"\nload average {load_end} (1 min) at the end")
+    for rnd in range(a.rounds):
+        print(f"\nround {rnd + 1} of {a.rounds}" if a.rounds > 1 else "")
+        print(table([r for r in results if r["round"] == rnd]))
+    if a.rounds > 1:
+        print("\n" + round_summary(results))
     if a.json_out:
         for r in results:
             r.pop("first_tokens", None)

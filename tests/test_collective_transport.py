@@ -136,6 +136,9 @@ def test_four_shards_on_two_nodes_bf16(cluster, ckpt):
         got = coll(1, x, ids, w)
         assert got.dtype == torch.bfloat16
         torch.testing.assert_close(got, ref(1, x, ids, w), rtol=1e-2, atol=1e-2)
+        # each shard that computed reports the time it spent in forward (the rest of a call is waiting)
+        busy = [st for st in ray.get([a.status.remote() for a in transport.actors], timeout=30) if st["calls"]]
+        assert busy and all(st["forward_s"] > 0 for st in busy)
         # a shard whose forward raises drops its side of the group: run raises at once, naming it
         bad = ShardCall(3, x[:2], torch.full((2, cfg.top_k), -1), w[:2])    # bincount rejects ids < 0
         t0 = time.monotonic()

@@ -57,3 +57,23 @@ def test_table_shows_low_load_ttft_against_the_vllm_server_row():
     assert "FAILED: RuntimeError: boom" in lines[-1]
     a = peers.parse_args(["--peers", "cluster,vllm-server", "--low-load-requests", "4"])
     assert a.peer_list == ["cluster", "vllm-server"] and a.low_load_requests == 4
+
+
+def test_round_summary_gives_each_ratio_per_round_and_its_median():
+    def rec(rnd, peer, label, tps=None, ttft=None):
+        return {"round": rnd, "peer": peer, "label": label, "ok": True, "output_tokens_per_s": tps,
+                "ttft_low_load_p50_s": ttft}
+    results = []
+    for rnd, (v, e, c, srv, low) in enumerate([(2000, 1800, 800, 0.030, 0.045), (1000, 1100, 500, 0.020, 0.040),
+                                               (1500, 1500, 600, 0.025, 0.025)]):
+        results += [rec(rnd, "vllm", "vLLM-CPU", v), rec(rnd, "engine", "engine (in-process)", e),
+                    rec(rnd, "cluster (collective)", "cluster (collective)", c, low),
+                    rec(rnd, "vllm-server", "vLLM-CPU OpenAI server", ttft=srv)]
+    lines = peers.round_summary(results).splitlines()
+    engine = next(x for x in lines if x.lstrip().startswith("engine"))
+    assert engine.split()[-4:] == ["0.90,", "1.10,", "1.00", "(1.00)"]
+    cluster = [x for x in lines if x.lstrip().startswith("cluster")]
+    assert cluster[0].split()[-4:] == ["0.40,", "0.50,", "0.40", "(0.40)"]
+    assert cluster[1].split()[-4:] == ["1.50,", "2.00,", "1.00", "(1.50)"]
+    # the references themselves get no ratio row
+    assert not any(x.lstrip().startswith("vLLM") for x in lines[1:])

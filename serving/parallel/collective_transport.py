@@ -106,6 +106,7 @@ class ExpertShardActor:
         self._pg = None
         self.error: str | None = None
         self.calls = self.tokens = 0
+        self.forward_s = 0.0                  # wall time in ExpertShardWorker.forward (the rest is waiting)
 
     def describe(self) -> dict:
         return {"shard_id": self.worker.shard_id, "node_id": ray.get_runtime_context().get_node_id(),
@@ -135,6 +136,7 @@ class ExpertShardActor:
     def status(self) -> dict:
         alive = self._thread is not None and self._thread.is_alive()
         return {"serving": alive, "error": self.error, "calls": self.calls, "tokens": self.tokens,
+                "forward_s": self.forward_s,
                 "nice": thread_nice(self._thread.native_id) if alive else None}
 
     def _serve(self, timeout_s: float) -> None:
@@ -166,7 +168,9 @@ class ExpertShardActor:
             topk_ids_NK = payload[:n_ids].view(torch.int64).view(N, K)
             topk_weights_NK = payload[n_ids:n_ids + n_w].view(torch.float32).view(N, K)
             x_ND = payload[n_ids + n_w:].view(dtype).view(N, D)
+            t0 = time.perf_counter()
             y_ND = self.worker.forward(layer, x_ND, topk_ids_NK, topk_weights_NK).to(dtype).contiguous()
+            self.forward_s += time.perf_counter() - t0
             pending = pg.recv([inbox], 0, TAG)                  # x_ND is consumed: ready for the next
             pg.send([_as_bytes(y_ND)], 0, TAG).wait(timeout)
             self.calls += 1
