@@ -46,6 +46,7 @@ import shlex
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -395,9 +396,7 @@ def _loadavg() -> float | None:
 def best_and_median(runs: list[dict]) -> dict:
     """The best run's numbers (highest tok/s) at the top level, plus the median tok/s."""
     best = max(runs, key=lambda r: r["output_tokens_per_s"])
-    tps = sorted(r["output_tokens_per_s"] for r in runs)
-    mid = len(tps) // 2
-    median = tps[mid] if len(tps) % 2 else (tps[mid - 1] + tps[mid]) / 2
+    median = statistics.median(r["output_tokens_per_s"] for r in runs)
     return {"output_tokens_per_s": best["output_tokens_per_s"], "median_output_tokens_per_s": median,
             "ttft_p50_s": best.get("ttft_p50_s"), "duration_s": best["duration_s"],
             "output_tokens": best["output_tokens"]}
@@ -437,28 +436,24 @@ def table(results: list[dict]) -> str:
 def round_summary(results: list[dict]) -> str:
     """Each peer's ratio to vLLM (tok/s) and to vLLM's server (low-load TTFT) in every round, and the
     median over the rounds: a round's peers ran minutes apart, rounds may not have."""
-    def ratios(label: str, key: str, ref_peer: str) -> list[float | None]:
-        out = []
-        for rnd in sorted({r["round"] for r in results}):
-            mine = [r for r in results if r["round"] == rnd and r.get("ok")]
-            ref = next((r.get(key) for r in mine if r["peer"] == ref_peer), None)
-            val = next((r.get(key) for r in mine if r["label"] == label), None)
-            out.append(val / ref if val and ref else None)
-        return out
-
-    def median(xs: list[float]) -> float | None:
-        xs = sorted(xs)
-        return None if not xs else xs[len(xs) // 2] if len(xs) % 2 else (xs[len(xs) // 2 - 1] + xs[len(xs) // 2]) / 2
-
+    rounds = sorted({r["round"] for r in results})
+    ok = {(r["round"], r["label"]): r for r in results if r.get("ok")}
+    ref_label = {r["peer"]: r["label"] for r in results}
     lines = ["ratios per round (median over the rounds)"]
     for label, peer in dict.fromkeys((r["label"], r["peer"]) for r in results):
         for key, ref_peer, what in (("output_tokens_per_s", "vllm", "tok/s vs vLLM"),
                                     ("ttft_low_load_p50_s", "vllm-server", "low-load TTFT vs vLLM server")):
-            rs = ratios(label, key, ref_peer)
+            if peer == ref_peer:
+                continue
+            rs = []
+            for rnd in rounds:
+                val = ok.get((rnd, label), {}).get(key)
+                ref = ok.get((rnd, ref_label.get(ref_peer)), {}).get(key)
+                rs.append(val / ref if val and ref else None)
             got = [x for x in rs if x]
-            if got and peer != ref_peer:
+            if got:
                 lines.append(f"  {label:34s} {what:30s} " + ", ".join(_fmt(x, ".2f") for x in rs)
-                             + f"  ({_fmt(median(got), '.2f')})")
+                             + f"  ({statistics.median(got):.2f})")
     return "\n".join(lines)
 
 

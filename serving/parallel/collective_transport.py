@@ -102,6 +102,10 @@ class ExpertShardActor:
         tune_host_allocator()
         self.worker = ExpertShardWorker.from_checkpoint(checkpoint, Placement.from_json(placement_json),
                                                         shard_id, dtype)
+        # ready: back to the workers' niceness, as the replicas do. Before `start`, or its serving
+        # thread would inherit the boost's nice 0, and the boost's timer would later put that thread
+        # back to the workers' 15, behind Ray's streaming threads.
+        startup_priority.restore()
         self._thread: threading.Thread | None = None
         self._pg = None
         self.error: str | None = None
@@ -118,10 +122,6 @@ class ExpertShardActor:
         """Join the group (blocks until every rank has joined), then serve in a thread. The
         serving thread and gloo's threads run at `compute_nice` (serving/thread_priority.py)."""
         rank = self.worker.shard_id + 1
-        # Loaded: the start-up boost (a Ray worker's setup hook runs this process at nice 0) ends here.
-        # Else the serving thread would inherit nice 0 from it, and the boost's timer would later put
-        # that thread back to the workers' 15, behind Ray's streaming threads.
-        startup_priority.restore()
         with inherited_priority(compute_nice):
             store = dist.TCPStore(store_host, store_port, world_size, False, timeout=_td(timeout_s))
             self._pg = _gloo_group(store, rank, world_size, _node_ip(), timeout_s)
