@@ -25,6 +25,7 @@ def test_shipped_serve_config_parses_with_one_engine_thread():
     ({"transport": "carrier-pigeon"}, "transport"),
     ({"ingress": "proxy"}, "ingress"),
     ({"stream_chunk_tokens": 0}, "stream_chunk_tokens"),
+    ({"head_threads": 0}, "head_threads"),
 ])
 def test_invalid_values_name_their_field(bad, field):
     with pytest.raises(ValueError, match=field):

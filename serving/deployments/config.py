@@ -46,6 +46,8 @@ class AppConfig:
     report_interval_s: float = 0.5        # how often replicas push metrics to the hub
     engine_threads: int = 1               # torch threads of an engine replica (attention, router, lm_head;
                                           # the experts' own threads are the shards')
+    head_threads: int | None = None       # torch threads for the lm_head alone, which runs when the shards
+                                          # are idle (serving/engine/torch_threads.py); None: engine_threads
     compute_nice: int | None = 5          # niceness of the engine's step loop and the collective shards'
                                           # serving threads (Ray workers run at 15; needs CAP_SYS_NICE,
                                           # else unchanged; None: leave them). See serving/thread_priority.py
@@ -63,6 +65,8 @@ class AppConfig:
             raise ValueError(f"ingress must be one of {INGRESSES}, got {self.ingress!r}")
         if self.expert_shards < 1 or self.nodes < 1 or self.engine_threads < 1:
             raise ValueError("expert_shards, nodes and engine_threads must be >= 1")
+        if self.head_threads is not None and self.head_threads < 1:
+            raise ValueError(f"head_threads must be None or >= 1, got {self.head_threads}")
         if self.compute_nice is not None and not -20 <= self.compute_nice <= 19:
             raise ValueError(f"compute_nice must be None or in -20..19, got {self.compute_nice}")
         if self.stream_chunk_tokens < 1 or self.stream_chunk_min_running < 0 or self.stream_max_hold_s < 0:

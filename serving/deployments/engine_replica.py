@@ -30,6 +30,7 @@ from serving.engine.engine import Engine
 from serving.engine.host_allocator import tune_host_allocator
 from serving.engine.request import GenerationRequest, TokenEvent
 from serving.engine.scheduler import SchedulerConfig
+from serving.engine.torch_threads import WithThreads
 from serving.metrics import EngineSample
 from serving.model.model import MoEModel
 from serving.model.sampling import SamplingParams
@@ -54,6 +55,8 @@ def build_engine(cfg: AppConfig, placement: Placement, shard_handles=None) -> tu
     or in shard actors this engine starts and owns (`collective`; shard s on node s mod nodes)."""
     tune_host_allocator()       # this process serves: keep step-sized blocks (host_allocator.py)
     model = MoEModel.from_checkpoint(cfg.checkpoint, dtype=cfg.torch_dtype)
+    if cfg.head_threads is not None and cfg.head_threads != cfg.engine_threads:
+        model.lm_head = WithThreads(model.lm_head, cfg.head_threads)   # the shards are idle by then
     if cfg.transport == "serve":
         transport = ServeTransport(shard_handles)
     elif cfg.transport == "collective":

@@ -1,0 +1,39 @@
+"""Run one call with its own number of torch intra-op threads.
+
+An engine replica runs on `engine_threads` torch threads (1 by default), because during the MoE
+layers of a step its cores are shared with the expert shards, which compute at the same time. The
+lm_head runs after the last MoE layer, when the shards have nothing to do: there the engine can
+use more threads than the rest of the step (AppConfig.head_threads). Measured on this 2-core
+machine, collective transport, one cluster alternating 1 and 2 threads for the lm_head only:
+64 streams x 64 tokens 689-744 -> 772-819 tok/s (6 runs each); one request at a time, ITL p50
+17.2-17.8 -> 15.6-16.0 ms (3 runs each). The 64 x 32k fp32 lm_head GEMM reads 65 MB of weights a
+step, so a second core's share of the memory bandwidth is most of the gain.
+
+torch's thread count is process-wide: the wrapper sets it for the call and puts the caller's
+count back, so it is for a process where one thread computes (an engine replica's step loop).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+
+class WithThreads:
+    """`fn` called with `threads` torch intra-op threads; the previous count is restored after."""
+    __slots__ = ("fn", "threads")
+
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], threads: int):
+        if threads < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
+        self.fn, self.threads = fn, threads
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        before = torch.get_num_threads()
+        if before == self.threads:
+            return self.fn(x)
+        torch.set_num_threads(self.threads)
+        try:
+            return self.fn(x)
+        finally:
+            torch.set_num_threads(before)

@@ -1,0 +1,77 @@
+"""WithThreads: one call runs on its own torch thread count, and the caller's count comes back."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from serving.deployments.config import AppConfig
+from serving.engine.request import GenerationRequest
+from serving.model.checkpoint import write_checkpoint
+from serving.deployments.engine_replica import build_engine
+from serving.engine.torch_threads import WithThreads
+from serving.model.config import MoEConfig
+from serving.model.linear import Linear
+from serving.model.sampling import SamplingParams
+from serving.parallel.placement import Placement
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    return write_checkpoint("mixtral", "tiny", tmp_path_factory.mktemp("ckpt"), seed=0)
+
+
+@pytest.fixture
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_call_sees_its_threads_and_restores_the_callers(one_thread):
+    seen = []
+    f = WithThreads(lambda x: (seen.append(torch.get_num_threads()), x * 2)[1], threads=2)
+    out = f(torch.ones(3))
+    assert seen == [2] and torch.equal(out, torch.full((3,), 2.0))
+    assert torch.get_num_threads() == 1
+
+
+def test_restores_the_count_when_the_call_raises(one_thread):
+    def boom(x):
+        raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"):
+        WithThreads(boom, threads=2)(torch.ones(1))
+    assert torch.get_num_threads() == 1
+
+
+def test_same_result_as_the_plain_linear(one_thread):
+    g = torch.Generator().manual_seed(0)
+    lin = Linear(torch.randn(300, 64, generator=g))
+    x = torch.randn(5, 64, generator=g)
+    torch.testing.assert_close(WithThreads(lin, threads=2)(x), lin(x), rtol=1e-5, atol=1e-5)
+
+
+def test_rejects_zero_threads():
+    with pytest.raises(ValueError, match="threads"):
+        WithThreads(lambda x: x, threads=0)
+
+
+def test_build_engine_wraps_the_lm_head_only_when_asked(tiny_checkpoint, one_thread):
+    placement = Placement.build(MoEConfig.from_dir(tiny_checkpoint), 1, "contiguous")
+    plain, _ = build_engine(AppConfig(checkpoint=str(tiny_checkpoint), expert_shards=1, transport="local"), placement)
+    assert isinstance(plain.model.lm_head, Linear)
+    cfg = AppConfig(checkpoint=str(tiny_checkpoint), expert_shards=1, transport="local", head_threads=2)
+    wrapped, _ = build_engine(cfg, placement)
+    assert isinstance(wrapped.model.lm_head, WithThreads) and wrapped.model.lm_head.threads == 2
+    seen = []
+    inner = wrapped.model.lm_head.fn
+    wrapped.model.lm_head.fn = lambda x: (seen.append(torch.get_num_threads()), inner(x))[1]
+    tokens = []
+    wrapped.add_request(GenerationRequest(request_id="r", prompt_token_ids=(1, 2, 3),
+                                          sampling=SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)),
+                        tokens.append)
+    for _ in range(10):
+        if not wrapped.step():
+            break
+    assert seen == [2, 2] and len([t for t in tokens if t.token_id >= 0]) == 2
+    assert torch.get_num_threads() == 1
