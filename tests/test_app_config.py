@@ -26,6 +26,7 @@ def test_shipped_serve_config_parses_with_one_engine_thread():
     ({"ingress": "proxy"}, "ingress"),
     ({"stream_chunk_tokens": 0}, "stream_chunk_tokens"),
     ({"head_threads": 0}, "head_threads"),
+    ({"wide_step_tokens": 0}, "wide_step_tokens"),
 ])
 def test_invalid_values_name_their_field(bad, field):
     with pytest.raises(ValueError, match=field):

@@ -8,7 +8,7 @@ from serving.deployments.config import AppConfig
 from serving.engine.request import GenerationRequest
 from serving.model.checkpoint import write_checkpoint
 from serving.deployments.engine_replica import build_engine
-from serving.engine.torch_threads import WithThreads
+from serving.engine.torch_threads import StepThreads, WithThreads
 from serving.model.config import MoEConfig
 from serving.model.linear import Linear
 from serving.model.sampling import SamplingParams
@@ -75,3 +75,31 @@ def test_build_engine_wraps_the_lm_head_only_when_asked(tiny_checkpoint, one_thr
             break
     assert seen == [2, 2] and len([t for t in tokens if t.token_id >= 0]) == 2
     assert torch.get_num_threads() == 1
+
+
+def test_step_threads_widen_from_the_threshold_on():
+    policy = StepThreads(narrow=1, wide=2, wide_tokens=256)
+    assert [policy(n) for n in (1, 64, 255, 256, 2048)] == [1, 1, 1, 2, 2]
+    with pytest.raises(ValueError, match="wide_tokens"):
+        StepThreads(narrow=1, wide=2, wide_tokens=0)
+
+
+def test_prefill_steps_run_wide_and_decode_steps_narrow(tiny_checkpoint, one_thread):
+    placement = Placement.build(MoEConfig.from_dir(tiny_checkpoint), 1, "contiguous")
+    cfg = AppConfig(checkpoint=str(tiny_checkpoint), expert_shards=1, transport="local", head_threads=2,
+                    wide_step_tokens=8)
+    engine, _ = build_engine(cfg, placement)
+    seen = []                                  # torch threads in each MoE layer's expert call, per step
+    dispatch = engine.dispatch
+    engine.dispatch = lambda layer, *a: (seen.append((layer, torch.get_num_threads())), dispatch(layer, *a))[1]
+    tokens = []
+    engine.add_request(GenerationRequest(request_id="r", prompt_token_ids=tuple(range(1, 11)),
+                                         sampling=SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)),
+                       tokens.append)
+    for _ in range(10):
+        if not engine.step():
+            break
+    layers = sum(engine.model.config.moe_layers)
+    threads_per_step = [t for layer, t in seen if layer == seen[0][0]]
+    assert len(seen) == 3 * layers and threads_per_step == [2, 1, 1]   # the 10-token prefill, 2 decodes
+    assert len([t for t in tokens if t.token_id >= 0]) == 3

@@ -48,6 +48,7 @@ class AppConfig:
                                           # the experts' own threads are the shards')
     head_threads: int | None = None       # torch threads for the lm_head alone, which runs when the shards
                                           # are idle (serving/engine/torch_threads.py); None: engine_threads
+    wide_step_tokens: int = 256           # ... and for whole steps of at least this many tokens (prefill)
     compute_nice: int | None = 5          # niceness of the engine's step loop and the collective shards'
                                           # serving threads (Ray workers run at 15; needs CAP_SYS_NICE,
                                           # else unchanged; None: leave them). See serving/thread_priority.py
@@ -67,6 +68,8 @@ class AppConfig:
             raise ValueError("expert_shards, nodes and engine_threads must be >= 1")
         if self.head_threads is not None and self.head_threads < 1:
             raise ValueError(f"head_threads must be None or >= 1, got {self.head_threads}")
+        if self.wide_step_tokens < 1:
+            raise ValueError(f"wide_step_tokens must be >= 1, got {self.wide_step_tokens}")
         if self.compute_nice is not None and not -20 <= self.compute_nice <= 19:
             raise ValueError(f"compute_nice must be None or in -20..19, got {self.compute_nice}")
         if self.stream_chunk_tokens < 1 or self.stream_chunk_min_running < 0 or self.stream_max_hold_s < 0:

@@ -30,7 +30,7 @@ from serving.engine.engine import Engine
 from serving.engine.host_allocator import tune_host_allocator
 from serving.engine.request import GenerationRequest, TokenEvent
 from serving.engine.scheduler import SchedulerConfig
-from serving.engine.torch_threads import WithThreads
+from serving.engine.torch_threads import StepThreads, WithThreads
 from serving.metrics import EngineSample
 from serving.model.model import MoEModel
 from serving.model.sampling import SamplingParams
@@ -55,8 +55,10 @@ def build_engine(cfg: AppConfig, placement: Placement, shard_handles=None) -> tu
     or in shard actors this engine starts and owns (`collective`; shard s on node s mod nodes)."""
     tune_host_allocator()       # this process serves: keep step-sized blocks (host_allocator.py)
     model = MoEModel.from_checkpoint(cfg.checkpoint, dtype=cfg.torch_dtype)
+    step_threads = None
     if cfg.head_threads is not None and cfg.head_threads != cfg.engine_threads:
         model.lm_head = WithThreads(model.lm_head, cfg.head_threads)   # the shards are idle by then
+        step_threads = StepThreads(cfg.engine_threads, cfg.head_threads, cfg.wide_step_tokens)
     if cfg.transport == "serve":
         transport = ServeTransport(shard_handles)
     elif cfg.transport == "collective":
@@ -74,7 +76,7 @@ def build_engine(cfg: AppConfig, placement: Placement, shard_handles=None) -> tu
                             num_kv_blocks=-(-cfg.kv_cache_tokens // cfg.kv_block_size) if cfg.kv_cache_tokens else None,
                             priority_preemption=cfg.priority_preemption)
     engine = Engine(model, dispatcher, Tokenizer.from_dir(cfg.checkpoint), sched, dtype=cfg.torch_dtype,
-                    ping_pong=cfg.ping_pong)
+                    ping_pong=cfg.ping_pong, step_threads=step_threads)
     return engine, dispatcher
 
 

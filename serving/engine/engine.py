@@ -53,7 +53,7 @@ class EngineStats:
 class Engine:
     def __init__(self, model: MoEModel, dispatch: ExpertDispatch, tokenizer: Tokenizer,
                  config: SchedulerConfig, dtype: torch.dtype = torch.float32, device: str = "cpu",
-                 ping_pong: bool = False):
+                 ping_pong: bool = False, step_threads: Callable[[int], int] | None = None):
         if config.max_model_len > model.config.max_position_embeddings:
             raise ValueError(f"max_model_len {config.max_model_len} exceeds the model's "
                              f"max_position_embeddings {model.config.max_position_embeddings}")
@@ -61,6 +61,8 @@ class Engine:
         # two micro-batches per step, overlapping attention with expert calls (micro_batch.py);
         # only where the dispatcher can submit and return (experts in other processes)
         self.ping_pong = ping_pong and getattr(dispatch, "overlaps", False)
+        # tokens in a step -> torch threads for it (torch_threads.StepThreads); None: leave them
+        self.step_threads = step_threads
         self.config = config
         self.device = device
         self.kv = KVCache(model.config, config.max_num_seqs, config.max_model_len, dtype, device,
@@ -130,6 +132,8 @@ class Engine:
                              start_pos=tuple(s.num_cached for s in out.seqs),
                              q_lens=out.q_lens, block_tables=out.block_tables)
         input_ids_T = torch.tensor(ids, dtype=torch.int64, device=self.device)
+        if self.step_threads is not None and torch.get_num_threads() != (n := self.step_threads(len(ids))):
+            torch.set_num_threads(n)
         if self.ping_pong:
             return forward_ping_pong(self.model, input_ids_T, layout, self.kv, self.dispatch)   # [B, V]
         return self.model.forward(input_ids_T, layout, self.kv, self.dispatch)   # [B, V]
