@@ -42,6 +42,7 @@ class SheddingEcho:
         self.slots = slots
         self.active = 0
         self.peak = 0
+        self.recent_peak = 0          # the most streams at once since the last `take_recent_peak`
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
         limit = self.slots // 2 if request.priority == Priority.BATCH else self.slots
@@ -49,11 +50,16 @@ class SheddingEcho:
             raise Overloaded("busy", retry_after_s=0.2)
         self.active += 1
         self.peak = max(self.peak, self.active)
+        self.recent_peak = max(self.recent_peak, self.active)
         try:
             async for ev in self.echo.stream(request):
                 yield ev
         finally:
             self.active -= 1
+
+    def take_recent_peak(self) -> int:
+        peak, self.recent_peak = self.recent_peak, self.active
+        return peak
 
 
 class EchoServer:
@@ -119,7 +125,11 @@ class FakeMetrics:
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
 
     def text(self) -> str:
-        if self.engine.active >= self.engine.slots // 2:
+        # up once every slot was busy at some moment since the last scrape: the spike fills them all
+        # the time, the baseline (0.15 of capacity) seldom at all. Up at half the slots busy at the
+        # scrape, a baseline burst could latch 2 before the spike started, and the rise the test
+        # asserts then never came (seen once in CI)
+        if self.engine.take_recent_peak() >= self.engine.slots:
             self.desired = 2
         elif self.engine.active == 0:
             self.desired = 1
