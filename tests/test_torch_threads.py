@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from serving.deployments.config import AppConfig
-from serving.engine.request import GenerationRequest
-from serving.model.checkpoint import write_checkpoint
 from serving.deployments.engine_replica import build_engine
+from serving.engine.request import GenerationRequest
 from serving.engine.torch_threads import StepThreads, WithThreads
+from serving.model.checkpoint import write_checkpoint
 from serving.model.config import MoEConfig
 from serving.model.linear import Linear
 from serving.model.sampling import SamplingParams
@@ -18,6 +18,26 @@ from serving.parallel.placement import Placement
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory):
     return write_checkpoint("mixtral", "tiny", tmp_path_factory.mktemp("ckpt"), seed=0)
+
+
+def _engine(checkpoint, **cfg):
+    placement = Placement.build(MoEConfig.from_dir(checkpoint), 1, "contiguous")
+    engine, _ = build_engine(AppConfig(checkpoint=str(checkpoint), expert_shards=1, transport="local", **cfg),
+                             placement)
+    return engine
+
+
+def _generate(engine, prompt: tuple[int, ...], max_tokens: int) -> int:
+    """Run one greedy request to its end on `engine`; the number of tokens it produced."""
+    tokens = []
+    engine.add_request(GenerationRequest(request_id="r", prompt_token_ids=prompt,
+                                         sampling=SamplingParams(max_tokens=max_tokens, temperature=0.0,
+                                                                 ignore_eos=True)),
+                       tokens.append)
+    for _ in range(10):
+        if not engine.step():
+            break
+    return len([t for t in tokens if t.token_id >= 0])
 
 
 @pytest.fixture
@@ -57,23 +77,14 @@ def test_rejects_zero_threads():
 
 
 def test_build_engine_wraps_the_lm_head_only_when_asked(tiny_checkpoint, one_thread):
-    placement = Placement.build(MoEConfig.from_dir(tiny_checkpoint), 1, "contiguous")
-    plain, _ = build_engine(AppConfig(checkpoint=str(tiny_checkpoint), expert_shards=1, transport="local"), placement)
-    assert isinstance(plain.model.lm_head, Linear)
-    cfg = AppConfig(checkpoint=str(tiny_checkpoint), expert_shards=1, transport="local", head_threads=2)
-    wrapped, _ = build_engine(cfg, placement)
+    assert isinstance(_engine(tiny_checkpoint).model.lm_head, Linear)
+    wrapped = _engine(tiny_checkpoint, head_threads=2)
     assert isinstance(wrapped.model.lm_head, WithThreads) and wrapped.model.lm_head.threads == 2
     seen = []
     inner = wrapped.model.lm_head.fn
     wrapped.model.lm_head.fn = lambda x: (seen.append(torch.get_num_threads()), inner(x))[1]
-    tokens = []
-    wrapped.add_request(GenerationRequest(request_id="r", prompt_token_ids=(1, 2, 3),
-                                          sampling=SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)),
-                        tokens.append)
-    for _ in range(10):
-        if not wrapped.step():
-            break
-    assert seen == [2, 2] and len([t for t in tokens if t.token_id >= 0]) == 2
+    produced = _generate(wrapped, (1, 2, 3), max_tokens=2)
+    assert seen == [2, 2] and produced == 2
     assert torch.get_num_threads() == 1
 
 
@@ -85,21 +96,12 @@ def test_step_threads_widen_from_the_threshold_on():
 
 
 def test_prefill_steps_run_wide_and_decode_steps_narrow(tiny_checkpoint, one_thread):
-    placement = Placement.build(MoEConfig.from_dir(tiny_checkpoint), 1, "contiguous")
-    cfg = AppConfig(checkpoint=str(tiny_checkpoint), expert_shards=1, transport="local", head_threads=2,
-                    wide_step_tokens=8)
-    engine, _ = build_engine(cfg, placement)
+    engine = _engine(tiny_checkpoint, head_threads=2, wide_step_tokens=8)
     seen = []                                  # torch threads in each MoE layer's expert call, per step
     dispatch = engine.dispatch
     engine.dispatch = lambda layer, *a: (seen.append((layer, torch.get_num_threads())), dispatch(layer, *a))[1]
-    tokens = []
-    engine.add_request(GenerationRequest(request_id="r", prompt_token_ids=tuple(range(1, 11)),
-                                         sampling=SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)),
-                       tokens.append)
-    for _ in range(10):
-        if not engine.step():
-            break
+    produced = _generate(engine, tuple(range(1, 11)), max_tokens=3)
     layers = sum(engine.model.config.moe_layers)
     threads_per_step = [t for layer, t in seen if layer == seen[0][0]]
     assert len(seen) == 3 * layers and threads_per_step == [2, 1, 1]   # the 10-token prefill, 2 decodes
-    assert len([t for t in tokens if t.token_id >= 0]) == 3
+    assert produced == 3
