@@ -45,6 +45,8 @@ class EngineSample:
     generated_tokens: int = 0                    # delta
     step_seconds: list[float] = field(default_factory=list)
     routed_tokens: dict[tuple[int, int, int], int] = field(default_factory=dict)  # (layer, expert, shard) -> delta
+    phase_seconds: dict[str, float] = field(default_factory=dict)     # step phase -> delta (engine/step_phases.py)
+    shard_busy_seconds: dict[int, float] = field(default_factory=dict)  # shard -> delta of its compute time
 
 
 @dataclass(slots=True)
@@ -85,6 +87,14 @@ class Metrics:
                                         namespace=ns, registry=r)
         self.step = Histogram("engine_step_seconds", "Duration of one engine step",
                               namespace=ns, buckets=ITL_BUCKETS_S, registry=r)
+        self.step_phase = Counter("engine_step_phase_seconds",
+                                  "Engine step wall time by phase: schedule, dense, experts, head, sample "
+                                  "(serving/engine/step_phases.py); the phases add up to the step",
+                                  ["phase"], namespace=ns, registry=r)
+        self.shard_busy = Counter("expert_shard_busy_seconds",
+                                  "Time each expert shard spent computing its experts (local and collective "
+                                  "transports); the engine's experts phase minus the busiest shard's is about what the transport costs",
+                                  ["shard"], namespace=ns, registry=r)
         self.routed = Counter("expert_routed_tokens", "Tokens routed to each expert",
                               ["layer", "expert", "shard"], namespace=ns, registry=r)
         self.shard_load = Gauge("expert_shard_load_tokens", "Recent tokens routed to each shard (decayed sum)",
@@ -172,6 +182,12 @@ class MetricsHub:
             m.generated_tokens.inc(e.generated_tokens)
             for dt in e.step_seconds:
                 m.step.observe(dt)
+            for phase, seconds in e.phase_seconds.items():
+                if seconds > 0:
+                    m.step_phase.labels(phase).inc(seconds)
+            for shard, seconds in e.shard_busy_seconds.items():
+                if seconds > 0:
+                    m.shard_busy.labels(str(shard)).inc(seconds)
             for (layer, expert, shard), n in e.routed_tokens.items():
                 m.routed.labels(str(layer), str(expert), str(shard)).inc(n)
             self._update_shard_load(e.routed_tokens)

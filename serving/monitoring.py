@@ -303,6 +303,7 @@ def overview() -> Dashboard:
 
 def experts() -> Dashboard:
     rt = "moe_serve_expert_routed_tokens_total"
+    ph = "moe_serve_engine_step_phase_seconds_total"
     sel = f'{J},layer=~"$layer"'
     layer_var = _query_variable("layer", f"label_values({rt}{{{J}}}, layer)", label="MoE layer")
     panels = [
@@ -346,9 +347,26 @@ def experts() -> Dashboard:
                    desc="The MetricsHub's own view: decayed recent load, updated on every engine report."),
         timeseries("Recent shard load per layer (hub, decayed tokens)",
                    [Target(f"moe_serve_expert_shard_load_tokens{{{sel}}}", "L{{layer}} shard {{shard}}")], w=8),
+        row("Where the engine's step time goes"),
+        timeseries("Engine step time by phase (share)",
+                   [Target(f"sum by (phase) (rate({ph}{{{J}}}[{RI}])) "
+                           f"/ ignoring (phase) group_left () sum(rate({ph}{{{J}}}[{RI}]))", "{{phase}}")],
+                   unit="percentunit", stack=True, w=12,
+                   desc="dense: attention, norms, router. experts: posting tokens to the shards, their compute "
+                        "when in-process, waiting for them, the combine. head: final norm + lm_head. "
+                        "sample: sampling, detokenizing, streaming hand-off. schedule: batch selection. "
+                        "A large experts share with idle shards (next panel) is transport cost."),
+        timeseries("Expert shard busy (fraction of time computing)",
+                   [Target(f"sum by (shard) (rate(moe_serve_expert_shard_busy_seconds_total{{{J}}}[{RI}]))",
+                           "shard {{shard}}")],
+                   unit="percentunit", w=12,
+                   desc="Seconds per second each expert shard spends in its experts' GEMMs (local and "
+                        "collective transports). Near 1: the shards bound the step; low while the engine's "
+                        "experts phase is high: the time is in the transport."),
     ]
     return Dashboard("moe-serve-experts", "moe-serve / Experts",
-                     "Tokens routed per expert and per expert shard; load imbalance.", panels, [layer_var])
+                     "Tokens routed per expert and per expert shard; load imbalance; where the engine's "
+                     "step time goes.", panels, [layer_var])
 
 
 def autoscaling() -> Dashboard:

@@ -169,7 +169,10 @@ def _greedy(ckpt, transport, placement) -> list[list[int]]:
 
 def test_engine_greedy_tokens_equal_local(ckpt, coll2):
     transport, placement = coll2
+    busy_before = transport.busy_seconds()
     got = _greedy(ckpt, transport, placement)
+    busy = transport.busy_seconds()        # each shard's compute time, asked through Ray
+    assert set(busy) == {0, 1} and all(busy[s] > busy_before.get(s, 0.0) for s in (0, 1)), (busy_before, busy)
     assert got == _greedy(ckpt, _local(ckpt, placement), placement)
     assert all(len(t) == 12 for t in got)
 

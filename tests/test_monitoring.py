@@ -189,7 +189,10 @@ def _report(rng: random.Random, replica: str) -> MetricsReport:
                           kv_slots_total=16, kv_blocks_used=rng.randint(8, 60), kv_blocks_total=64,
                           preemptions=rng.randint(0, 2),
                           prompt_tokens=rng.randint(100, 400), generated_tokens=rng.randint(50, 200),
-                          step_seconds=[rng.uniform(0.01, 0.08) for _ in range(5)], routed_tokens=routed)
+                          step_seconds=[rng.uniform(0.01, 0.08) for _ in range(5)], routed_tokens=routed,
+                          phase_seconds={"schedule": 0.001, "dense": 0.04, "experts": 0.1, "head": 0.05,
+                                         "sample": 0.009},
+                          shard_busy_seconds={s: 0.05 + 0.02 * s for s in range(SHARDS)})
     return MetricsReport(reporter=replica, requests=reqs, engine=engine)
 
 
@@ -384,6 +387,12 @@ def test_key_series_have_sane_values(prom):
     # expert 0 gets 4x the others: max / mean = 4 / (11 / 8) ~ 2.9 in every layer
     imb = values("layer:moe_serve_expert_load_imbalance:ratio_rate5m")
     assert len(imb) == LAYERS and all(2.0 < v < 4.0 for v in imb.values()), imb
+    # the step-phase shares of the experts dashboard add up to 1; experts is half of every report's step
+    ph = "moe_serve_engine_step_phase_seconds_total"
+    share = {json.loads(k)["phase"]: v for k, v in values(
+        f"sum by (phase) (rate({ph}[15s])) / ignoring (phase) group_left () sum(rate({ph}[15s]))").items()}
+    assert set(share) == {"schedule", "dense", "experts", "head", "sample"}
+    assert sum(share.values()) == pytest.approx(1.0) and share["experts"] == pytest.approx(0.5, abs=0.01)
     desired = values("moe_serve_autoscaling_desired_replicas")
     assert {json.loads(k)["deployment"]: v for k, v in desired.items()} == {
         "EngineReplica": 3, "ExpertShard0": 2, "ExpertShard1": 1}

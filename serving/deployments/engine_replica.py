@@ -89,6 +89,8 @@ class EngineSampler:
         s = engine.stats
         self._prompt, self._generated, self._steps = s.prompt_tokens_total, s.generated_tokens_total, s.steps_total
         self._preempted = s.preempted_total
+        self._phases = dict(s.phase_seconds_total)
+        self._busy = dispatcher.shard_busy_seconds()
 
     def __call__(self) -> EngineSample:
         s = self.engine.stats
@@ -104,6 +106,13 @@ class EngineSampler:
             routed_tokens={(layer, e, shard): n
                            for layer, per_shard in self.dispatcher.take_routed_counts().items()
                            for shard, counts in enumerate(per_shard) for e, n in enumerate(counts) if n})
+        phases = dict(s.phase_seconds_total)
+        sample.phase_seconds = {p: v - self._phases.get(p, 0.0) for p, v in phases.items()}
+        busy = self.dispatcher.shard_busy_seconds()
+        # a rebuilt shard (collective transport) counts from 0 again: its whole count is new
+        sample.shard_busy_seconds = {sh: v - self._busy[sh] if v >= self._busy.get(sh, 0.0) else v
+                                     for sh, v in busy.items()}
+        self._phases, self._busy = phases, busy
         self._prompt, self._generated, self._steps = s.prompt_tokens_total, s.generated_tokens_total, s.steps_total
         self._preempted = s.preempted_total
         return sample

@@ -15,6 +15,7 @@ import torch
 from serving.engine.micro_batch import forward_ping_pong
 from serving.engine.request import FinishReason, GenerationRequest, TokenEvent
 from serving.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput, Sequence
+from serving.engine.step_phases import PHASES, TimedDispatch, step_phases
 from serving.model.kv_cache import KVCache
 from serving.model.model import BatchLayout, ExpertDispatch, MoEModel
 from serving.model.sampling import Sampler
@@ -48,6 +49,7 @@ class EngineStats:
     generated_tokens_total: int = 0
     cancelled_total: int = 0
     recent_step_seconds: list[float] = field(default_factory=list)
+    phase_seconds_total: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
 
 
 class Engine:
@@ -109,24 +111,30 @@ class Engine:
     # ---- the step -------------------------------------------------------------------
     def step(self) -> int:
         """Run one engine step. Returns the number of tokens processed (0 if idle)."""
+        t_start = time.perf_counter()
         self._drain_inbox()
         out = self.scheduler.schedule()
         self._refresh_gauges()
         if not out.seqs:
             return 0
         t0 = time.perf_counter()
-        logits_BV = self._execute(out)
+        experts = TimedDispatch(self.dispatch)
+        logits_BV = self._execute(out, experts)
+        t_logits = time.perf_counter()
         self._update(out, logits_BV)
-        dt = time.perf_counter() - t0
+        t_end = time.perf_counter()
+        dt = t_end - t0
         s = self.stats
         s.steps_total += 1
         s.step_seconds_total += dt
         s.recent_step_seconds.append(dt)
         del s.recent_step_seconds[:-256]
+        for phase, seconds in step_phases(t_start, t0, t_logits, t_end, experts).items():
+            s.phase_seconds_total[phase] += seconds
         self._refresh_gauges()
         return out.num_tokens
 
-    def _execute(self, out: SchedulerOutput) -> torch.Tensor:
+    def _execute(self, out: SchedulerOutput, dispatch: ExpertDispatch) -> torch.Tensor:
         ids = [t for seq, q in zip(out.seqs, out.q_lens) for t in seq.token_ids[seq.num_cached:seq.num_cached + q]]
         layout = BatchLayout(slots=tuple(s.slot for s in out.seqs),
                              start_pos=tuple(s.num_cached for s in out.seqs),
@@ -135,8 +143,8 @@ class Engine:
         if self.step_threads is not None and torch.get_num_threads() != (n := self.step_threads(len(ids))):
             torch.set_num_threads(n)
         if self.ping_pong:
-            return forward_ping_pong(self.model, input_ids_T, layout, self.kv, self.dispatch)   # [B, V]
-        return self.model.forward(input_ids_T, layout, self.kv, self.dispatch)   # [B, V]
+            return forward_ping_pong(self.model, input_ids_T, layout, self.kv, dispatch)   # [B, V]
+        return self.model.forward(input_ids_T, layout, self.kv, dispatch)   # [B, V]
 
     def _update(self, out: SchedulerOutput, logits_BV: torch.Tensor) -> None:
         for seq, q in zip(out.seqs, out.q_lens):

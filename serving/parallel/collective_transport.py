@@ -246,6 +246,22 @@ class CollectiveTransport:
                 raise self._broken(shard, exc) from exc
             return CollectivePending(self, out, pending, deadline)
 
+    def busy_seconds(self, timeout_s: float = 1.0) -> dict[int, float]:
+        """shard -> seconds its serving thread has spent in ExpertShardWorker.forward (since its actor
+        started: a rebuilt gang counts from 0). Asks each actor through Ray, so not for the data path;
+        shards that do not answer within `timeout_s` are left out."""
+        actors = list(self.actors)
+        refs = [a.status.remote() for a in actors]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+        out = {}
+        for s, ref in enumerate(refs):
+            if ref in ready:
+                try:
+                    out[s] = ray.get(ref)["forward_s"]
+                except ray.exceptions.RayError:
+                    pass
+        return out
+
     def _failed(self, shard: int, exc: BaseException) -> CollectiveGroupError:
         with self._lock:
             return self._broken(shard, exc)

@@ -19,6 +19,7 @@ The model never knows which transport it runs on; a transport only runs step 3.
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass
 from typing import Protocol, Sequence
 
@@ -128,6 +129,12 @@ class ExpertDispatcher:
         """Whether submitted calls run while the caller goes on (the transport can `submit`)."""
         return hasattr(self.transport, "submit")
 
+    def shard_busy_seconds(self) -> dict[int, float]:
+        """shard -> seconds it has spent computing its experts so far, where the transport knows
+        (`local`, `collective`); {} where it does not (`serve`)."""
+        busy = getattr(self.transport, "busy_seconds", None)
+        return busy() if busy is not None else {}
+
     def take_routed_counts(self) -> dict[int, list[list[int]]]:
         """layer -> [shard][expert] tokens routed since the last call (then reset)."""
         with self._lock:
@@ -143,7 +150,15 @@ class LocalTransport:
 
     def __init__(self, workers: Sequence):   # ExpertShardWorker per shard, index = shard id
         self.workers = list(workers)
+        self._busy_s = [0.0] * len(self.workers)
 
     def run(self, layer: int, calls: Sequence[ShardCall]) -> list[torch.Tensor]:
-        return [self.workers[c.shard].forward(layer, c.x_ND, c.topk_ids_NK, c.topk_weights_NK)
-                for c in calls]
+        out = []
+        for c in calls:
+            t0 = time.perf_counter()
+            out.append(self.workers[c.shard].forward(layer, c.x_ND, c.topk_ids_NK, c.topk_weights_NK))
+            self._busy_s[c.shard] += time.perf_counter() - t0
+        return out
+
+    def busy_seconds(self) -> dict[int, float]:
+        return dict(enumerate(self._busy_s))
