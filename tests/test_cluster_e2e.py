@@ -9,6 +9,7 @@ import subprocess
 import threading
 import time
 import urllib.request
+from pathlib import Path
 
 import grpc
 import pytest
@@ -246,6 +247,15 @@ def test_overload_sheds_batch_first_with_pushback_and_cancel_frees_slots(cluster
             time.sleep(0.25)
         assert _gauge_sum(text, "moe_serve_kv_slots_used") == 0
         assert 'status="RESOURCE_EXHAUSTED"' in text and 'status="CANCELLED"' in text
+    # shedding is an API outcome, not a fault: neither a replica nor the proxy logged a traceback for it
+    # (serving/api/log_filters.py; Ray Serve logs "Request failed." with one otherwise)
+    serve_logs = Path(cluster["ray_tmp"]) / "ray" / "session_latest" / "logs" / "serve"
+    logs = sorted(serve_logs.glob("replica_*.log")) + sorted(serve_logs.glob("proxy_*.log"))
+    assert any(p.name.startswith("proxy_") for p in logs) and any("EngineReplica" in p.name for p in logs), logs
+    shed_tracebacks = [(p.name, line) for p in logs for line in p.read_text(errors="replace").splitlines()
+                       if "RpcAbort: RESOURCE_EXHAUSTED" in line or "errors.Overloaded:" in line
+                       or "status code StatusCode.RESOURCE_EXHAUSTED" in line]
+    assert not shed_tracebacks, shed_tracebacks[:3]
 
 
 def test_live_rebalance_keeps_in_flight_tokens_and_loads_only_new_experts(cluster, ckpt):

@@ -21,10 +21,18 @@ SERVICE_NAME: str = pb2.DESCRIPTOR.services_by_name["MoEServing"].full_name
 #: Full names of the services a server exposes (for grpc reflection).
 SERVICE_NAMES: tuple[str, ...] = (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name)
 
-#: Re-exported so the Ray proxy imports it through *this* module, which generates
-#: `serving/api/gen/` first. (Ray's `gRPCOptions` only logs a warning and skips a servicer
-#: function it cannot import, which would silently leave the service unrouted.)
-add_MoEServingServicer_to_server = pb2_grpc.add_MoEServingServicer_to_server
+
+
+def add_MoEServingServicer_to_server(servicer, server) -> None:
+    """The servicer function the Ray proxy imports, through *this* module, which generates
+    `serving/api/gen/` first. (Ray's `gRPCOptions` only logs a warning and skips a servicer
+    function it cannot import, which would silently leave the service unrouted.) The proxy calls
+    it in its own process when it starts its gRPC server: that is where its log filter goes too
+    (serving/api/log_filters.py: no traceback per shed or invalid request)."""
+    from serving.api import log_filters
+    log_filters.install()
+    pb2_grpc.add_MoEServingServicer_to_server(servicer, server)
+
 
 #: `gRPCOptions(grpc_servicer_functions=SERVICER_FUNCTIONS)` for the Ray Serve proxy: the
 #: proxy then routes /moe_serving.v1.MoEServing/{Generate,Complete} and

@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from typing import AsyncIterator
 
+from serving.api import log_filters
 from serving.deployments import startup_priority
 
 startup_priority.boost()   # before torch: a replica starting mid-spike imports ahead of the busy ones
@@ -135,6 +136,7 @@ class ReplicaEngineClient:
 class EngineReplica(GrpcFace):
     async def __init__(self, args: dict, placement_json: str, shard_handles: list, metrics_hub):
         """Build the engine, then warm it up before Serve routes any request here."""
+        log_filters.install()                    # no traceback per shed / invalid request
         cfg = self._build(args, placement_json, shard_handles)
         await self._warm_up()
         self.dispatcher.take_routed_counts()     # the warm-up's tokens are not traffic

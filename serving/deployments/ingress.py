@@ -8,6 +8,7 @@ from typing import AsyncIterator
 
 from ray import serve
 
+from serving.api import log_filters
 from serving.deployments.config import AppConfig
 from serving.deployments.grpc_face import GrpcFace, build_service
 from serving.deployments.reporter import MetricsReporter
@@ -34,6 +35,7 @@ class HandleEngineClient:
 @serve.deployment
 class Ingress(GrpcFace):
     def __init__(self, args: dict, engine_handle, metrics_hub):
+        log_filters.install()                 # no traceback per shed / invalid request
         cfg = AppConfig.from_args(args)
         replica = serve.get_replica_context().replica_id.unique_id
         self.reporter = MetricsReporter(metrics_hub, f"ingress-{replica}", cfg.report_interval_s)
