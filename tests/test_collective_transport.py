@@ -184,6 +184,7 @@ def test_killed_shard_raises_fast_then_group_rebuilds(cluster, ckpt, coll2):
     coll = ExpertDispatcher(placement, transport, cfg.num_experts)
     x, ids, w = _routing(cfg, 16, 3)
     before = coll(0, x, ids, w)
+    busy_before = transport.busy_seconds()
     victim, survivor = transport.actors
     ray.kill(victim, no_restart=True)
     t0 = time.monotonic()
@@ -199,6 +200,8 @@ def test_killed_shard_raises_fast_then_group_rebuilds(cluster, ckpt, coll2):
             time.sleep(0.2)
     torch.testing.assert_close(coll(0, x, ids, w), before)   # next call: a new group, same output
     assert transport.generation == 2
+    busy_after = transport.busy_seconds()           # the old gang's time is kept: never goes back
+    assert all(busy_after[s] >= busy_before[s] for s in busy_before), (busy_before, busy_after)
     assert [i["node_id"] for i in transport.shard_info] == [cluster[0], cluster[1]]
 
 

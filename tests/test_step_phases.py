@@ -160,9 +160,10 @@ def test_sampler_reports_deltas_and_the_hub_exports_them(tiny_checkpoint):
     assert m.shard_busy.labels("0")._value.get() == pytest.approx(sample.shard_busy_seconds[0] + 0.25)
 
 
-def test_sampler_counts_a_rebuilt_shard_from_zero(tiny_checkpoint):
+def test_sampler_never_reports_a_negative_busy_time(tiny_checkpoint):
     engine, dispatcher = _engine(tiny_checkpoint)
-    counts = iter([{0: 5.0, 1: 7.0}, {0: 6.0, 1: 0.5}])      # shard 1's actor was rebuilt
+    counts = iter([{0: 5.0}, {0: 6.0, 1: 0.5}, {0: 5.5, 1: 0.75}])   # shard 1 appears; a count goes back
     dispatcher.shard_busy_seconds = lambda: next(counts)
     sampler = EngineSampler(engine, dispatcher)
     assert sampler().shard_busy_seconds == {0: 1.0, 1: 0.5}
+    assert sampler().shard_busy_seconds == {0: 0.0, 1: 0.25}

@@ -109,10 +109,8 @@ class EngineSampler:
                            for shard, counts in enumerate(per_shard) for e, n in enumerate(counts) if n})
         phases = dict(s.phase_seconds_total)
         sample.phase_seconds = {p: v - self._phases.get(p, 0.0) for p, v in phases.items()}
-        busy = self.dispatcher.shard_busy_seconds()
-        # a rebuilt shard (collective transport) counts from 0 again: its whole count is new
-        sample.shard_busy_seconds = {sh: v - self._busy[sh] if v >= self._busy.get(sh, 0.0) else v
-                                     for sh, v in busy.items()}
+        busy = self.dispatcher.shard_busy_seconds()        # monotonic per shard (transports' busy_seconds)
+        sample.shard_busy_seconds = {sh: max(0.0, v - self._busy.get(sh, 0.0)) for sh, v in busy.items()}
         self._phases, self._busy = phases, busy
         self._prompt, self._generated, self._steps = s.prompt_tokens_total, s.generated_tokens_total, s.steps_total
         self._preempted = s.preempted_total

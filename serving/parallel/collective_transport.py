@@ -201,6 +201,8 @@ class CollectiveTransport:
         self._pg = None
         self._closed = False
         self._lock = threading.Lock()
+        # busy_seconds: per shard, the banked counts of earlier gangs and the last of this one
+        self._busy_generation, self._busy_base, self._busy_last = 1, {}, {}
         self._connect()
 
     # ---- the data path ----------------------------------------------------------------
@@ -247,20 +249,26 @@ class CollectiveTransport:
             return CollectivePending(self, out, pending, deadline)
 
     def busy_seconds(self, timeout_s: float = 1.0) -> dict[int, float]:
-        """shard -> seconds its serving thread has spent in ExpertShardWorker.forward (since its actor
-        started: a rebuilt gang counts from 0). Asks each actor through Ray, so not for the data path;
-        shards that do not answer within `timeout_s` are left out."""
-        actors = list(self.actors)
+        """shard -> seconds its serving threads have spent in ExpertShardWorker.forward, over every
+        gang this transport has built: what the actors of earlier generations had reported when last
+        asked, plus the current actors' counts. Asks each actor through Ray (one call per shard, from
+        the metrics reporter), so not for the data path; shards that do not answer within `timeout_s`
+        keep their last answer."""
+        generation, actors = self.generation, list(self.actors)
+        if generation != self._busy_generation:          # a rebuild: bank what the old gang did
+            for s, v in self._busy_last.items():
+                self._busy_base[s] = self._busy_base.get(s, 0.0) + v
+            self._busy_generation, self._busy_last = generation, {}
         refs = [a.status.remote() for a in actors]
-        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
-        out = {}
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s) if refs else ([], [])
         for s, ref in enumerate(refs):
             if ref in ready:
                 try:
-                    out[s] = ray.get(ref)["forward_s"]
+                    self._busy_last[s] = ray.get(ref)["forward_s"]
                 except ray.exceptions.RayError:
                     pass
-        return out
+        shards = set(self._busy_base) | set(self._busy_last)
+        return {s: self._busy_base.get(s, 0.0) + self._busy_last.get(s, 0.0) for s in sorted(shards)}
 
     def _failed(self, shard: int, exc: BaseException) -> CollectiveGroupError:
         with self._lock:
