@@ -22,7 +22,6 @@ SERVICE_NAME: str = pb2.DESCRIPTOR.services_by_name["MoEServing"].full_name
 SERVICE_NAMES: tuple[str, ...] = (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name)
 
 
-
 def add_MoEServingServicer_to_server(servicer, server) -> None:
     """The servicer function the Ray proxy imports, through *this* module, which generates
     `serving/api/gen/` first. (Ray's `gRPCOptions` only logs a warning and skips a servicer

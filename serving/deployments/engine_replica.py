@@ -107,14 +107,17 @@ class EngineSampler:
             routed_tokens={(layer, e, shard): n
                            for layer, per_shard in self.dispatcher.take_routed_counts().items()
                            for shard, counts in enumerate(per_shard) for e, n in enumerate(counts) if n})
-        phases = dict(s.phase_seconds_total)
-        sample.phase_seconds = {p: v - self._phases.get(p, 0.0) for p, v in phases.items()}
-        busy = self.dispatcher.shard_busy_seconds()        # monotonic per shard (transports' busy_seconds)
-        sample.shard_busy_seconds = {sh: max(0.0, v - self._busy.get(sh, 0.0)) for sh, v in busy.items()}
+        phases, busy = dict(s.phase_seconds_total), self.dispatcher.shard_busy_seconds()
+        sample.phase_seconds, sample.shard_busy_seconds = _growth(phases, self._phases), _growth(busy, self._busy)
         self._phases, self._busy = phases, busy
         self._prompt, self._generated, self._steps = s.prompt_tokens_total, s.generated_tokens_total, s.steps_total
         self._preempted = s.preempted_total
         return sample
+
+
+def _growth(now: dict, before: dict) -> dict:
+    """Per key, how much a running total grew since `before` (never negative)."""
+    return {k: max(0.0, v - before.get(k, 0.0)) for k, v in now.items()}
 
 
 WARM_UP_PROMPT = (1, 2, 3, 4, 5, 6, 7, 8)

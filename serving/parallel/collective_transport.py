@@ -254,19 +254,13 @@ class CollectiveTransport:
         asked, plus the current actors' counts. Asks each actor through Ray (one call per shard, from
         the metrics reporter), so not for the data path; shards that do not answer within `timeout_s`
         keep their last answer."""
-        generation, actors = self.generation, list(self.actors)
-        if generation != self._busy_generation:          # a rebuild: bank what the old gang did
+        if self.generation != self._busy_generation:     # a rebuild: bank what the old gang did
             for s, v in self._busy_last.items():
                 self._busy_base[s] = self._busy_base.get(s, 0.0) + v
-            self._busy_generation, self._busy_last = generation, {}
-        refs = [a.status.remote() for a in actors]
-        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s) if refs else ([], [])
-        for s, ref in enumerate(refs):
-            if ref in ready:
-                try:
-                    self._busy_last[s] = ray.get(ref)["forward_s"]
-                except ray.exceptions.RayError:
-                    pass
+            self._busy_generation, self._busy_last = self.generation, {}
+        for s, st in enumerate(self._probe(timeout_s)):
+            if isinstance(st, dict):
+                self._busy_last[s] = st["forward_s"]
         shards = set(self._busy_base) | set(self._busy_last)
         return {s: self._busy_base.get(s, 0.0) + self._busy_last.get(s, 0.0) for s in sorted(shards)}
 
@@ -313,21 +307,29 @@ class CollectiveTransport:
         log.info("collective group %d up: %d shards on nodes %s", self.generation, self.num_shards,
                  [i["node_id"][:8] for i in self.shard_info])
 
+    def _probe(self, timeout_s: float) -> list[dict | BaseException | None]:
+        """Each current shard actor's `status()`, asked at once through Ray: its dict, the RayError
+        it died with, or None when it did not answer within `timeout_s`."""
+        refs = [a.status.remote() for a in list(self.actors)]
+        answered, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s) if refs else ([], [])
+        out: list[dict | BaseException | None] = []
+        for ref in refs:
+            try:
+                out.append(ray.get(ref) if ref in answered else None)
+            except ray.exceptions.RayError as e:
+                out.append(e)
+        return out
+
     def _broken(self, shard: int, exc: BaseException) -> CollectiveGroupError:
         """Say which shards are at fault, then drop the group and every actor."""
         faults = []
-        probes = [a.status.remote() for a in self.actors]
-        answered, _ = ray.wait(probes, num_returns=len(probes), timeout=2.0)
-        for s, ref in enumerate(probes):
-            if ref not in answered:
+        for s, st in enumerate(self._probe(2.0)):
+            if st is None:
                 faults.append(f"shard {s} unresponsive")
-                continue
-            try:
-                st = ray.get(ref)
-                if st["error"] or not st["serving"]:
-                    faults.append(f"shard {s} stopped serving: {st['error']}")
-            except ray.exceptions.RayError as e:
-                faults.append(f"shard {s} actor dead ({type(e).__name__})")
+            elif isinstance(st, BaseException):
+                faults.append(f"shard {s} actor dead ({type(st).__name__})")
+            elif st["error"] or not st["serving"]:
+                faults.append(f"shard {s} stopped serving: {st['error']}")
         self._teardown()
         return CollectiveGroupError(
             f"collective group {self.generation} broke waiting on shard {shard}: "
