@@ -17,8 +17,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 NAMESPACE = "moe_serve"
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 ITL_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
-STALE_REPORTER_S = 15.0
-SHARD_LOAD_DECAY = 0.9        # per engine report: the shard-load gauge forgets old traffic       # a replica silent this long is dropped from the per-replica gauges
+STALE_REPORTER_S = 15.0       # a replica silent this long loses its per-replica series (MetricsHub._drop_stale)
+SHARD_LOAD_DECAY = 0.9        # per engine report: the shard-load gauge forgets old traffic
 
 
 @dataclass(slots=True)
@@ -80,21 +80,22 @@ class Metrics:
                                     namespace=ns, registry=r)
         self.kv_blocks = Gauge("kv_blocks", "Paged KV-cache blocks", ["replica"], namespace=ns, registry=r)
         self.preemptions = Counter("preemptions", "Running sequences preempted (KV cache full) and recomputed later",
-                                   namespace=ns, registry=r)
+                                   ["replica"], namespace=ns, registry=r)
         self.prompt_tokens = Counter("prompt_tokens", "Prompt tokens prefilled",
-                                     namespace=ns, registry=r)
+                                     ["replica"], namespace=ns, registry=r)
         self.generated_tokens = Counter("generation_tokens", "Tokens generated",
-                                        namespace=ns, registry=r)
+                                        ["replica"], namespace=ns, registry=r)
         self.step = Histogram("engine_step_seconds", "Duration of one engine step",
-                              namespace=ns, buckets=ITL_BUCKETS_S, registry=r)
+                              ["replica"], namespace=ns, buckets=ITL_BUCKETS_S, registry=r)
         self.step_phase = Counter("engine_step_phase_seconds",
                                   "Engine step wall time by phase: schedule, dense, experts, head, sample "
                                   "(serving/engine/step_phases.py); the phases add up to the step",
-                                  ["phase"], namespace=ns, registry=r)
+                                  ["replica", "phase"], namespace=ns, registry=r)
         self.shard_busy = Counter("expert_shard_busy_seconds",
-                                  "Time each expert shard spent computing its experts (local and collective "
-                                  "transports); the engine's experts phase minus the busiest shard's is about what the transport costs",
-                                  ["shard"], namespace=ns, registry=r)
+                                  "Time each expert shard of an engine replica spent computing its experts (local and "
+                                  "collective transports); the engine's experts phase minus the busiest shard's is about "
+                                  "what the transport costs",
+                                  ["replica", "shard"], namespace=ns, registry=r)
         self.routed = Counter("expert_routed_tokens", "Tokens routed to each expert",
                               ["layer", "expert", "shard"], namespace=ns, registry=r)
         self.shard_load = Gauge("expert_shard_load_tokens", "Recent tokens routed to each shard (decayed sum)",
@@ -145,6 +146,7 @@ class MetricsHub:
         self._last_seen: dict[str, float] = {}
         self._decisions_seen: dict[tuple[str, str], int] = {}
         self._shard_load: dict[int, dict[int, float]] = {}     # layer -> shard -> decayed tokens
+        self._replica_series: dict[str, set[tuple]] = {}        # replica -> (metric, label values) it has
 
     def apply_autoscaling(self, snapshot: dict) -> None:
         """One deployment's latest decision snapshot (see record_autoscaling_decision)."""
@@ -171,23 +173,25 @@ class MetricsHub:
         e = report.engine
         if e is not None:
             rid = report.reporter
-            m.queue_depth.labels(rid).set(e.num_waiting)
-            m.running.labels(rid).set(e.num_running)
-            m.kv_used.labels(rid).set(e.kv_slots_used)
-            m.kv_total.labels(rid).set(e.kv_slots_total)
-            m.kv_blocks_used.labels(rid).set(e.kv_blocks_used)
-            m.kv_blocks.labels(rid).set(e.kv_blocks_total)
-            m.preemptions.inc(e.preemptions)
-            m.prompt_tokens.inc(e.prompt_tokens)
-            m.generated_tokens.inc(e.generated_tokens)
+            mine = self._of(rid)
+            mine(m.queue_depth).set(e.num_waiting)
+            mine(m.running).set(e.num_running)
+            mine(m.kv_used).set(e.kv_slots_used)
+            mine(m.kv_total).set(e.kv_slots_total)
+            mine(m.kv_blocks_used).set(e.kv_blocks_used)
+            mine(m.kv_blocks).set(e.kv_blocks_total)
+            mine(m.preemptions).inc(e.preemptions)
+            mine(m.prompt_tokens).inc(e.prompt_tokens)
+            mine(m.generated_tokens).inc(e.generated_tokens)
+            step = mine(m.step)
             for dt in e.step_seconds:
-                m.step.observe(dt)
+                step.observe(dt)
             for phase, seconds in e.phase_seconds.items():
                 if seconds > 0:
-                    m.step_phase.labels(phase).inc(seconds)
+                    mine(m.step_phase, phase).inc(seconds)
             for shard, seconds in e.shard_busy_seconds.items():
                 if seconds > 0:
-                    m.shard_busy.labels(str(shard)).inc(seconds)
+                    mine(m.shard_busy, str(shard)).inc(seconds)
             for (layer, expert, shard), n in e.routed_tokens.items():
                 m.routed.labels(str(layer), str(expert), str(shard)).inc(n)
             self._update_shard_load(e.routed_tokens)
@@ -210,13 +214,26 @@ class MetricsHub:
             if mean > 0:
                 self.metrics.imbalance.labels(str(layer)).set(max(per_shard.values()) / mean)
 
+    def _of(self, rid: str):
+        """metric, *labels -> that metric's child for replica `rid` (its first label), remembered so
+        that the replica's series can all be removed once it stops reporting."""
+        series = self._replica_series.setdefault(rid, set())
+
+        def child(metric, *labels: str):
+            series.add((metric, labels))
+            return metric.labels(rid, *labels)
+        return child
+
     def _drop_stale(self) -> None:
+        """A replica silent for STALE_REPORTER_S (scaled down, or dead) loses every series labelled
+        with it: its gauges would otherwise hold their last values forever, and with replicas
+        coming and going the per-replica counters would pile up. Prometheus's rate() and sum()
+        treat a counter series that ends like a replica that went away."""
         now = time.monotonic()
         for rid in [r for r, t in self._last_seen.items() if now - t > STALE_REPORTER_S]:
             del self._last_seen[rid]
-            for g in (self.metrics.queue_depth, self.metrics.running,
-                      self.metrics.kv_used, self.metrics.kv_total):
-                g.remove(rid)
+            for metric, labels in self._replica_series.pop(rid, ()):
+                metric.remove(rid, *labels)
 
 
 def observed_expert_load(exposition: str, num_experts: int) -> dict[int, list[float]]:

@@ -265,9 +265,14 @@ def overview() -> Dashboard:
             desc="Availability errors: INTERNAL|UNKNOWN|UNAVAILABLE over admitted requests. Shed: "
                  "RESOURCE_EXHAUSTED over all requests, per priority. Red line: the fast-burn threshold."),
         timeseries("Tokens/s", [Target(f"sum(rate(moe_serve_generation_tokens_total{{{J}}}[{RI}]))", "generated"),
-                                Target(f"sum(rate(moe_serve_prompt_tokens_total{{{J}}}[{RI}]))", "prompt (prefill)")],
+                                Target(f"sum(rate(moe_serve_prompt_tokens_total{{{J}}}[{RI}]))", "prompt (prefill)"),
+                                Target(f"sum by (replica) (rate(moe_serve_generation_tokens_total{{{J}}}[{RI}]))",
+                                       "generated {{replica}}")],
                    unit="short", w=12),
-        timeseries("Engine step duration", _quantiles("moe_serve_engine_step_seconds", ""), unit="s", w=12),
+        timeseries("Engine step duration", _quantiles("moe_serve_engine_step_seconds", "")
+                   + _quantiles("moe_serve_engine_step_seconds", "replica", "replica")[1:], unit="s", w=12,
+                   desc="p50 and p99 over all engine replicas, and each replica's p99: one replica "
+                        "much slower than the others points at its node or its shards."),
 
         row("Latency"),
         timeseries("Time to first token by priority",
@@ -361,8 +366,15 @@ def experts() -> Dashboard:
                            "shard {{shard}}")],
                    unit="percentunit", w=12,
                    desc="Seconds per second each expert shard spends in its experts' GEMMs (local and "
-                        "collective transports). Near 1: the shards bound the step; low while the engine's "
-                        "experts phase is high: the time is in the transport."),
+                        "collective transports), summed over the engine replicas that use it. Near 1: the "
+                        "shards bound the step; low while the engine's experts phase is high: the time is "
+                        "in the transport."),
+        timeseries("Experts phase share, per engine replica",
+                   [Target(f'sum by (replica) (rate({ph}{{{J},phase="experts"}}[{RI}])) '
+                           f"/ sum by (replica) (rate({ph}{{{J}}}[{RI}]))", "{{replica}}")],
+                   unit="percentunit", w=24,
+                   desc="The share of each engine replica's step time spent on the routed experts (posting, "
+                        "waiting, combining). A replica far above the others waits on slower shards or links."),
     ]
     return Dashboard("moe-serve-experts", "moe-serve / Experts",
                      "Tokens routed per expert and per expert shard; load imbalance; where the engine's "

@@ -216,6 +216,44 @@ def _apply_decisions(hub: MetricsHub, tick: int) -> None:
                                "counts": {"token_load" if s == 0 else "steady": 5 * tick + 1}})
 
 
+def test_hub_drops_every_series_of_a_replica_that_stopped_reporting(monkeypatch):
+    import serving.metrics as metrics_mod
+    now = [1000.0]
+    monkeypatch.setattr(metrics_mod.time, "monotonic", lambda: now[0])
+    hub, rng = MetricsHub(), random.Random(3)
+    for r in ("engine-0", "engine-1"):
+        hub.apply(_report(rng, r))
+
+    def replicas() -> dict[str, set[str]]:
+        """metric family -> replicas it has series for, from the exposition."""
+        seen: dict[str, set[str]] = {}
+        for line in generate_latest(hub.metrics.registry).decode().splitlines():
+            m = re.match(r'(\w+)\{.*replica="([^"]+)"', line)
+            if m:
+                seen.setdefault(m.group(1), set()).add(m.group(2))
+        return seen
+
+    before = replicas()
+    per_replica = {"moe_serve_queue_depth", "moe_serve_running_requests", "moe_serve_kv_slots_used",
+                   "moe_serve_kv_slots", "moe_serve_kv_blocks_used", "moe_serve_kv_blocks",
+                   "moe_serve_preemptions_total", "moe_serve_prompt_tokens_total",
+                   "moe_serve_generation_tokens_total", "moe_serve_engine_step_seconds_count",
+                   "moe_serve_engine_step_phase_seconds_total", "moe_serve_expert_shard_busy_seconds_total"}
+    assert per_replica <= set(before) and all(before[f] == {"engine-0", "engine-1"} for f in per_replica)
+    now[0] += metrics_mod.STALE_REPORTER_S / 2
+    hub.apply(_report(rng, "engine-1"))
+    assert replicas() == before                      # not silent long enough yet
+    now[0] += metrics_mod.STALE_REPORTER_S / 2 + 1
+    hub.apply(_report(rng, "engine-1"))              # engine-0: silent for longer than STALE_REPORTER_S
+    after = replicas()
+    assert set(after) == set(before) and all(v == {"engine-1"} for v in after.values()), after
+    # what is not per replica stays: the routed-token and request counters
+    text = generate_latest(hub.metrics.registry).decode()
+    assert "moe_serve_expert_routed_tokens_total{" in text and "moe_serve_requests_total{" in text
+    hub.apply(_report(rng, "engine-0"))              # a replica that comes back starts its series again
+    assert replicas()["moe_serve_engine_step_phase_seconds_total"] == {"engine-0", "engine-1"}
+
+
 class _Feeder(threading.Thread):
     """Keeps applying reports (like replicas do every report_interval_s) while Prometheus scrapes."""
 
@@ -393,6 +431,11 @@ def test_key_series_have_sane_values(prom):
         f"sum by (phase) (rate({ph}[15s])) / ignoring (phase) group_left () sum(rate({ph}[15s]))").items()}
     assert set(share) == {"schedule", "dense", "experts", "head", "sample"}
     assert sum(share.values()) == pytest.approx(1.0) and share["experts"] == pytest.approx(0.5, abs=0.01)
+    # ... and per engine replica (each reports the same phase split)
+    per_replica = {json.loads(k)["replica"]: v for k, v in values(
+        f'sum by (replica) (rate({ph}{{phase="experts"}}[15s])) / sum by (replica) (rate({ph}[15s]))').items()}
+    assert set(per_replica) == {"engine-0", "engine-1"}
+    assert all(v == pytest.approx(0.5, abs=0.01) for v in per_replica.values()), per_replica
     desired = values("moe_serve_autoscaling_desired_replicas")
     assert {json.loads(k)["deployment"]: v for k, v in desired.items()} == {
         "EngineReplica": 3, "ExpertShard0": 2, "ExpertShard1": 1}

@@ -155,9 +155,12 @@ def test_sampler_reports_deltas_and_the_hub_exports_them(tiny_checkpoint):
     hub.apply(MetricsReport("engine-1", engine=EngineSample(phase_seconds={"dense": 1.5},
                                                             shard_busy_seconds={0: 0.25})))
     m = hub.metrics
-    assert m.step_phase.labels("dense")._value.get() == pytest.approx(sample.phase_seconds["dense"] + 1.5)
-    assert m.step_phase.labels("head")._value.get() == pytest.approx(sample.phase_seconds["head"])
-    assert m.shard_busy.labels("0")._value.get() == pytest.approx(sample.shard_busy_seconds[0] + 0.25)
+    # each replica's own series: a slow replica is told apart from the rest
+    assert m.step_phase.labels("engine-0", "dense")._value.get() == pytest.approx(sample.phase_seconds["dense"])
+    assert m.step_phase.labels("engine-1", "dense")._value.get() == pytest.approx(1.5)
+    assert m.step_phase.labels("engine-0", "head")._value.get() == pytest.approx(sample.phase_seconds["head"])
+    assert m.shard_busy.labels("engine-0", "0")._value.get() == pytest.approx(sample.shard_busy_seconds[0])
+    assert m.shard_busy.labels("engine-1", "0")._value.get() == pytest.approx(0.25)
 
 
 def test_sampler_never_reports_a_negative_busy_time(tiny_checkpoint):

@@ -1,5 +1,5 @@
 """Where an engine step's wall time goes, by phase: the counts behind
-`moe_serve_engine_step_phase_seconds_total{phase}` (serving/metrics.py).
+`moe_serve_engine_step_phase_seconds_total{replica, phase}` (serving/metrics.py).
 
 The phases of one step, on the step loop's thread; they add up to the step:
   schedule  drain the inbox and choose the batch
