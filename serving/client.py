@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
+import time
 from typing import Any, Iterator, Sequence
 
 import grpc
@@ -61,6 +63,28 @@ def build_request(prompt: str | None = None, prompt_ids: Sequence[int] | None = 
     return req
 
 
+def continuation(request: Any, received: Sequence[int]) -> Any | None:
+    """The request for the rest of `request` once `received` tokens came back: prompt = its
+    token ids + received, max_tokens = what is left. None if it cannot be resumed (a text prompt,
+    max_tokens unset) or nothing is left."""
+    if request.WhichOneof("prompt") != "token_ids" or not request.HasField("max_tokens"):
+        return None
+    left = request.max_tokens - len(received)
+    if left < 1:
+        return None
+    rest = pb2.GenerateRequest()
+    rest.CopyFrom(request)
+    rest.token_ids.ids.extend(int(t) for t in received)
+    rest.max_tokens = left
+    return rest
+
+
+def _retry_after_s(details: str) -> float:
+    """The delay a status asks for ("... retry after 1000 ms"), else 1 s."""
+    m = re.search(r"retry after (\d+) ms", details)
+    return int(m.group(1)) / 1000 if m else 1.0
+
+
 class MoEClient:
     """A blocking client over one insecure channel (use as a context manager, or close())."""
 
@@ -81,18 +105,41 @@ class MoEClient:
             raise TypeError("pass a GenerateRequest or build_request() arguments, not both")
         return request if request is not None else build_request(**kwargs)
 
-    def generate(self, request: Any = None, *, timeout_s: float | None = None,
+    def generate(self, request: Any = None, *, timeout_s: float | None = None, resume: int = 0,
                  **kwargs: Any) -> Iterator[Any]:
         """Stream GenerateResponse chunks. Raises grpc.RpcError on a non-OK status.
 
+        resume: how many times to go on after UNAVAILABLE (the replica serving the stream died,
+        or was draining), each after the delay the status asks for (at most 5 s). The rest is
+        asked for as a new request whose prompt is the prompt's ids plus the tokens already
+        received, with max_tokens what is left (`continuation`), so the stream carries on where it
+        stopped: greedy decoding gives exactly the tokens of an undisturbed run; sampling goes on
+        from a fresh random state. Only a token-id prompt with max_tokens set can be resumed (a text
+        prompt's ids are not known here), and a stop string split across the break is not seen.
+        The last chunk's usage counts as one request: the prompt's tokens, and all generated.
+
         Breaking out of the loop early cancels the RPC."""
-        call = self._stub.Generate(self._req(request, kwargs),
-                                   timeout=timeout_s or self.timeout_s,
-                                   metadata=self.metadata or None)
-        try:
-            yield from call
-        finally:
-            call.cancel()       # no-op once the stream has finished
+        original = self._req(request, kwargs)
+        received: list[int] = []
+        for attempt in range(resume + 1):
+            req = continuation(original, received) if received else original
+            call = self._stub.Generate(req, timeout=timeout_s or self.timeout_s, metadata=self.metadata or None)
+            before = len(received)       # tokens the continuation's prompt holds
+            try:
+                for chunk in call:
+                    received.extend(chunk.token_ids)
+                    if before and chunk.HasField("usage"):
+                        chunk.usage.prompt_tokens -= before
+                        chunk.usage.completion_tokens += before
+                    yield chunk
+                return
+            except grpc.RpcError as err:
+                if (attempt == resume or err.code() != grpc.StatusCode.UNAVAILABLE
+                        or (received and continuation(original, received) is None)):
+                    raise
+                time.sleep(min(5.0, _retry_after_s(err.details() or "")))
+            finally:
+                call.cancel()       # no-op once the stream has finished
 
     def complete(self, request: Any = None, *, timeout_s: float | None = None,
                  **kwargs: Any) -> Any:

@@ -17,7 +17,7 @@ from serving.api.local_server import ByteTokenizer, start_local_server
 from serving.api.protos import SERVICE_NAME, health_pb2, pb2
 from serving.api.service import GenerateService, RequestRecord
 from serving.api.validation import ApiLimits
-from serving.client import MoEClient, add_generate_arguments, build_request, run_generate
+from serving.client import MoEClient, add_generate_arguments, build_request, continuation, run_generate
 from serving.engine.request import FinishReason, GenerationRequest, Priority, TokenEvent
 
 TOK = ByteTokenizer()
@@ -31,7 +31,9 @@ class FakeEngine:
     request_id prefixes pick a behaviour: busy -> Overloaded, drain -> Draining,
     boom -> RuntimeError, eos -> STOP after 2 tokens, slow -> 50 ms per token,
     nofinish -> ends without a finish_reason, chunk -> lists of up to 3 events (as the
-    EngineReplica streams them).
+    EngineReplica streams them), ctx -> each token follows from the whole context (prompt and
+    tokens so far), as a model's would, lost -> the same, but the replica dies (Ray's
+    ActorDiedError) after 5 tokens of a request whose prompt is short (not a continuation).
     """
 
     def __init__(self):
@@ -46,6 +48,10 @@ class FakeEngine:
                 raise Draining("replica draining")
             if rid.startswith("boom"):
                 raise RuntimeError("kaboom")
+            if rid.startswith(("ctx", "lost")):
+                async for ev in self._from_context(request):
+                    yield ev
+                return
             n = 2 if rid.startswith("eos") else request.sampling.max_tokens
             held = []
             for i in range(n):
@@ -68,6 +74,20 @@ class FakeEngine:
                     yield out
         finally:
             self.closed.append(rid)
+
+    @staticmethod
+    async def _from_context(request: GenerationRequest) -> AsyncIterator[TokenEvent]:
+        context = list(request.prompt_token_ids)
+        n = request.sampling.max_tokens
+        for i in range(n):
+            if request.request_id.startswith("lost") and i == 5 and len(request.prompt_token_ids) < 6:
+                from ray.exceptions import ActorDiedError
+                raise ActorDiedError()
+            tok = 98 + (len(context) * 7 + sum(context)) % 26
+            context.append(tok)
+            yield TokenEvent(request_id=request.request_id, token_id=tok, text_delta=TOK.decode([tok]),
+                             logprob=None, finish_reason=FinishReason.LENGTH if i == n - 1 else None,
+                             prompt_tokens=len(request.prompt_token_ids), completion_tokens=i + 1)
 
 
 class Harness:
@@ -225,6 +245,44 @@ def test_draining_is_unavailable(client):
     with pytest.raises(grpc.RpcError) as ei:
         client.complete(prompt="a", request_id="drain-1")
     assert ei.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_a_lost_replica_is_unavailable_and_a_resumed_stream_gives_every_token(client):
+    def run(rid: str, resume: int = 0, **kw) -> tuple[list[int], object]:
+        tokens, last = [], None
+        for chunk in client.generate(build_request(request_id=rid, max_tokens=12, temperature=0, **kw),
+                                     resume=resume):
+            tokens.extend(chunk.token_ids)
+            last = chunk
+        return tokens, last
+    whole, whole_last = run("ctx-1", prompt_ids=[5, 6, 7])
+    assert len(whole) == 12 and len(set(whole)) > 3
+    with pytest.raises(grpc.RpcError) as e:          # no resume: the error, after the first tokens
+        run("lost-1", prompt_ids=[5, 6, 7])
+    assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "replica serving this request was lost (ActorDiedError)" in e.value.details()
+    assert "retry after 1000 ms" in e.value.details()
+    t0 = time.monotonic()
+    resumed, resumed_last = run("lost-2", resume=1, prompt_ids=[5, 6, 7])
+    assert resumed == whole                          # the tokens of the undisturbed run, none twice
+    assert time.monotonic() - t0 >= 0.9              # it waited the delay the status asked for
+    assert resumed_last.finish_reason == pb2.FINISH_REASON_LENGTH
+    assert (resumed_last.usage.prompt_tokens, resumed_last.usage.completion_tokens) == (
+        whole_last.usage.prompt_tokens, 12)
+    with pytest.raises(grpc.RpcError) as e:          # a text prompt cannot be resumed
+        run("lost-3", resume=1, prompt="abc")
+    assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_continuation_asks_for_what_is_left():
+    req = build_request(prompt_ids=[1, 2], max_tokens=5, temperature=0.5, seed=3, request_id="r")
+    rest = continuation(req, [7, 8])
+    assert list(rest.token_ids.ids) == [1, 2, 7, 8] and rest.max_tokens == 3
+    assert (rest.temperature, rest.seed, rest.request_id) == (0.5, 3, "r")
+    assert list(req.token_ids.ids) == [1, 2] and req.max_tokens == 5        # the original is untouched
+    assert continuation(req, [7] * 5) is None                             # nothing left
+    assert continuation(build_request(prompt="hi", max_tokens=5), [7]) is None
+    assert continuation(build_request(prompt_ids=[1], max_tokens=None), [7]) is None
 
 
 def test_engine_bug_is_internal_without_leaking(client):

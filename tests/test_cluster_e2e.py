@@ -332,3 +332,64 @@ print(json.dumps({{"killed": [a["name"] for a in victims], "killed_at": killed_a
 """, timeout=400)
     assert len(out["killed"]) == 1 and out["killed_at"] is not None and out["killed_at"] < 100
     assert len(baseline) == 200 and out["tokens"] == baseline
+
+
+def test_engine_replica_killed_mid_stream_answers_unavailable_and_a_resumed_stream_loses_nothing(cluster):
+    """The engine replica streaming a request dies (Ray's proxy streams straight from it), twice:
+    1. a plain stream ends with UNAVAILABLE naming the lost replica and when to retry, never
+       INTERNAL, after the tokens it already had;
+    2. a stream with `MoEClient.generate(resume=...)` carries on on the replacement replica and
+       ends with exactly the tokens of an undisturbed greedy run.
+    Last in the module: the cluster is back to one healthy engine replica when it ends."""
+    ids = [9, 8, 7, 6]
+    with MoEClient(cluster["grpc_target"]) as c:
+        baseline = list(c.complete(build_request(prompt_ids=ids, max_tokens=120, temperature=0,
+                                                 ignore_eos=True)).token_ids)
+    out = ray_query(cluster, f"""
+import grpc, time
+from serving.client import MoEClient, build_request
+
+def kill_engine_replicas():
+    victims = [a for a in ray.util.list_named_actors(all_namespaces=True) if "#EngineReplica#" in a["name"]]
+    for a in victims:
+        ray.kill(ray.get_actor(a["name"], namespace=a["namespace"]), no_restart=False)
+    return len(victims)
+
+def stream(resume):
+    got, killed, error = [], None, None
+    with MoEClient({cluster["grpc_target"]!r}) as c:
+        try:
+            for chunk in c.generate(build_request(prompt_ids={ids!r}, max_tokens=120, temperature=0,
+                                                  ignore_eos=True), timeout_s=120, resume=resume):
+                got.extend(chunk.token_ids)
+                if killed is None and len(got) >= 8:
+                    killed = [len(got), kill_engine_replicas()]
+        except grpc.RpcError as e:
+            error = [e.code().name, e.details()]
+    return {{"tokens": got, "killed": killed, "error": error}}
+
+plain = stream(0)
+t0, after = time.monotonic(), []
+for _ in range(60):                          # bounded: the replacement replica starts in ~5-20 s
+    try:
+        with MoEClient({cluster["grpc_target"]!r}) as c:
+            r = c.complete(build_request(prompt_ids=[1, 2, 3], max_tokens=4, temperature=0), timeout_s=60)
+        after.append(["OK", len(r.token_ids)])
+        break
+    except grpc.RpcError as e:
+        after.append([e.code().name, e.details()[:200]])
+        if time.monotonic() - t0 > 120:
+            break
+        time.sleep(1)
+resumed = stream(5)
+print(json.dumps({{"plain": plain, "after": after, "resumed": resumed}}))
+""", timeout=600)
+    plain, resumed = out["plain"], out["resumed"]
+    assert plain["killed"] is not None and plain["killed"][1] == 1, plain
+    assert plain["error"] is not None and plain["error"][0] == "UNAVAILABLE", plain
+    assert "replica serving this request was lost" in plain["error"][1] and "retry after" in plain["error"][1]
+    assert plain["killed"][0] <= len(plain["tokens"]) < 120 and plain["tokens"] == baseline[:len(plain["tokens"])]
+    assert out["after"][-1] == ["OK", 4], out["after"]
+    assert all(code in ("OK", "UNAVAILABLE") for code, _ in out["after"]), out["after"]
+    assert resumed["killed"] is not None and resumed["killed"][1] == 1 and resumed["error"] is None, resumed
+    assert len(baseline) == 120 and resumed["tokens"] == baseline

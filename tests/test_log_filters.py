@@ -55,16 +55,21 @@ def test_the_proxys_status_errors():
     assert not is_expected(gRPCStatusError(KeyError("x"), code=grpc.StatusCode.INTERNAL, details="internal"))
 
 
-def test_the_proxys_servicer_function_installs_the_filter():
+def test_the_proxys_servicer_function_installs_the_filter_and_the_lost_replica_status(monkeypatch):
     from concurrent.futures import ThreadPoolExecutor
 
+    from ray.serve._private import proxy
+
     from serving.api import protos
+    monkeypatch.setattr(proxy, "get_grpc_response_status", proxy.get_grpc_response_status)
+    rays = proxy.get_grpc_response_status
     serve_logger = logging.getLogger(log_filters.SERVE_LOGGER)
     before = list(serve_logger.filters)
     server = grpc.server(ThreadPoolExecutor(max_workers=1))       # never started: no port
     try:
         protos.add_MoEServingServicer_to_server(protos.pb2_grpc.MoEServingServicer(), server)
         assert any(isinstance(f, ExpectedOutcomes) for f in serve_logger.filters)
+        assert proxy.get_grpc_response_status is not rays           # serving/api/proxy_status.py
     finally:
         serve_logger.filters[:] = before
         server.stop(None)

@@ -5,6 +5,7 @@
 | validation           | InvalidRequest   | INVALID_ARGUMENT, details "<field>: <message>"   |
 | engine / admission   | Overloaded       | RESOURCE_EXHAUSTED + `grpc-retry-pushback-ms`     |
 | engine / replica     | Draining         | UNAVAILABLE                                      |
+| Ray (replica died)   | RayActorError    | UNAVAILABLE + `grpc-retry-pushback-ms` (unary)    |
 | anything else        | (any)            | INTERNAL, short message (never for user mistakes)|
 
 `RpcAbort` is what `GenerateService.generate` raises *after* setting the status on the
@@ -33,6 +34,23 @@ def retry_trailers(code: grpc.StatusCode, message: str, retry_after_ms: int) -> 
     detail.Pack(info)
     status = status_pb2.Status(code=code.value[0], message=message, details=[detail])
     return [(RETRY_PUSHBACK_KEY, str(retry_after_ms)), (STATUS_DETAILS_KEY, status.SerializeToString())]
+
+
+#: How long a client is asked to wait before retrying a request whose replica died: Serve
+#: routes the retry to another replica, or queues it until the dead one is replaced.
+LOST_REPLICA_RETRY_MS = 1000
+
+
+def is_lost_replica(exc: BaseException) -> bool:
+    """The replica serving the request (or its node) died or cannot be reached: a Ray actor
+    error that is not an exception our own code raised (those come wrapped in RayTaskError)."""
+    from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
+    return isinstance(exc, (RayActorError, ActorUnavailableError)) and not isinstance(exc, RayTaskError)
+
+
+def lost_replica_details(exc: BaseException) -> str:
+    return (f"the replica serving this request was lost ({type(exc).__name__}); tokens already "
+            f"streamed stand, the rest was not generated; retry after {LOST_REPLICA_RETRY_MS} ms")
 
 
 class InvalidRequest(ValueError):

@@ -27,9 +27,11 @@ def add_MoEServingServicer_to_server(servicer, server) -> None:
     `serving/api/gen/` first. (Ray's `gRPCOptions` only logs a warning and skips a servicer
     function it cannot import, which would silently leave the service unrouted.) The proxy calls
     it in its own process when it starts its gRPC server: that is where its log filter goes too
-    (serving/api/log_filters.py: no traceback per shed or invalid request)."""
-    from serving.api import log_filters
+    (serving/api/log_filters.py: no traceback per shed or invalid request), and the status of a
+    request whose replica died (serving/api/proxy_status.py: UNAVAILABLE, not INTERNAL)."""
+    from serving.api import log_filters, proxy_status
     log_filters.install()
+    proxy_status.install()
     pb2_grpc.add_MoEServingServicer_to_server(servicer, server)
 
 

@@ -31,7 +31,8 @@ from typing import Any, AsyncIterator, Callable, Protocol
 
 import grpc
 
-from serving.api.errors import Draining, InvalidRequest, Overloaded, RpcAbort, retry_trailers
+from serving.api.errors import (LOST_REPLICA_RETRY_MS, Draining, InvalidRequest, Overloaded, RpcAbort,
+                                 is_lost_replica, lost_replica_details, retry_trailers)
 from serving.api.protos import SERVICE_NAME, health_pb2, pb2
 from serving.api.validation import ApiLimits, Tokenizer, validate_request
 from serving.engine.request import FinishReason, GenerationRequest, Priority, TokenEvent
@@ -100,6 +101,9 @@ def _failure_for(exc: BaseException, request_id: str) -> _Failure:
         return _Failure(code, details, retry_trailers(code, details, 1000))
     if isinstance(exc, Draining):
         return _Failure(grpc.StatusCode.UNAVAILABLE, exc.message)
+    if is_lost_replica(exc):                   # an Ingress deployment whose engine replica died
+        code, details = grpc.StatusCode.UNAVAILABLE, lost_replica_details(exc)
+        return _Failure(code, details, retry_trailers(code, details, LOST_REPLICA_RETRY_MS))
     logger.error("request %s failed", request_id, exc_info=exc)
     return _Failure(grpc.StatusCode.INTERNAL,
                     f"internal error ({type(exc).__name__}); request_id={request_id}")
