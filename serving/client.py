@@ -186,6 +186,9 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ignore-eos", action="store_true")
     parser.add_argument("--stream", action="store_true",
                         help="print text deltas as they arrive")
+    parser.add_argument("--resume", type=int, default=0, metavar="N",
+                        help="--stream with --prompt-ids and --max-tokens: go on after UNAVAILABLE "
+                             "(the serving replica was lost) up to N times (MoEClient.generate)")
     parser.add_argument("--json", action="store_true",
                         help="print exactly one JSON object with the result")
     parser.add_argument("--timeout-s", type=float, default=120.0)
@@ -231,7 +234,7 @@ def run_generate(args: argparse.Namespace) -> int:
     with MoEClient(args.target, args.timeout_s, application=args.application) as client:
         try:
             if args.stream:
-                for chunk in client.generate(request):
+                for chunk in client.generate(request, resume=args.resume):
                     _merge(result, logprobs, chunk)
                     if not args.json and chunk.text:
                         sys.stdout.write(chunk.text)

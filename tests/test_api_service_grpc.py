@@ -402,6 +402,19 @@ def test_cli_stream_json_and_text(h, capsys):
     assert capsys.readouterr().out == "abc\n"
 
 
+def test_cli_stream_resumes_after_a_lost_replica(h, capsys):
+    args = ["--target", h.target, "--prompt-ids", "5,6,7", "--max-tokens", "9", "--temperature", "0",
+            "--stream", "--json"]
+    assert cli(args + ["--request-id", "ctx-9"]) == 0
+    whole = json.loads(capsys.readouterr().out)
+    assert cli(args + ["--request-id", "lost-9"]) == 3                   # retryable, without --resume
+    assert "error: UNAVAILABLE: the replica serving this request was lost" in capsys.readouterr().err
+    assert cli(args + ["--request-id", "lost-9", "--resume", "1"]) == 0
+    resumed = json.loads(capsys.readouterr().out)
+    assert resumed["token_ids"] == whole["token_ids"] and len(whole["token_ids"]) == 9
+    assert resumed["text"] == whole["text"] and resumed["usage"] == whole["usage"]
+
+
 @pytest.mark.parametrize("argv,rc,needle", [
     (["--prompt", "a", "--max-tokens", "0"], 2, "error: INVALID_ARGUMENT: max_tokens:"),
     (["--prompt", "a", "--request-id", "busy-3"], 3, "error: RESOURCE_EXHAUSTED:"),
