@@ -116,6 +116,7 @@ class MoEClient:
         stopped: greedy decoding gives exactly the tokens of an undisturbed run; sampling goes on
         from a fresh random state. Only a token-id prompt with max_tokens set can be resumed (a text
         prompt's ids are not known here), and a stop string split across the break is not seen.
+        The rest comes from whatever the endpoint serves then (after a `redeploy`, the new model).
         The last chunk's usage counts as one request: the prompt's tokens, and all generated.
 
         Breaking out of the loop early cancels the RPC."""
