@@ -18,6 +18,7 @@ from serving.api.protos import SERVICE_NAME, health_pb2, pb2
 from serving.api.service import GenerateService, RequestRecord
 from serving.api.validation import ApiLimits
 from serving.client import MoEClient, add_generate_arguments, build_request, continuation, run_generate
+from serving.engine.async_engine import ExpertsUnreachable
 from serving.engine.request import FinishReason, GenerationRequest, Priority, TokenEvent
 
 TOK = ByteTokenizer()
@@ -29,7 +30,8 @@ class FakeEngine:
     """Token i of a request has id 98 + i, i.e. text "a", "b", ... (ByteTokenizer), logprob -0.5 * (i + 1).
 
     request_id prefixes pick a behaviour: busy -> Overloaded, drain -> Draining,
-    boom -> RuntimeError, eos -> STOP after 2 tokens, slow -> 50 ms per token,
+    boom -> RuntimeError, gone -> ExpertsUnreachable (the shards stayed away for the engine's
+    retry window), eos -> STOP after 2 tokens, slow -> 50 ms per token,
     nofinish -> ends without a finish_reason, chunk -> lists of up to 3 events (as the
     EngineReplica streams them), ctx -> each token follows from the whole context (prompt and
     tokens so far), as a model's would, lost -> the same, but the replica dies (Ray's
@@ -48,6 +50,8 @@ class FakeEngine:
                 raise Draining("replica draining")
             if rid.startswith("boom"):
                 raise RuntimeError("kaboom")
+            if rid.startswith("gone"):
+                raise ExpertsUnreachable("engine step failing for 61s: shard 1 unreachable")
             if rid.startswith(("ctx", "lost")):
                 async for ev in self._from_context(request):
                     yield ev
@@ -283,6 +287,20 @@ def test_continuation_asks_for_what_is_left():
     assert continuation(req, [7] * 5) is None                             # nothing left
     assert continuation(build_request(prompt="hi", max_tokens=5), [7]) is None
     assert continuation(build_request(prompt_ids=[1], max_tokens=None), [7]) is None
+
+
+@pytest.mark.parametrize("method", ["generate", "complete"])
+def test_shards_gone_for_the_retry_window_is_unavailable_with_pushback(client, method):
+    with pytest.raises(grpc.RpcError) as e:
+        if method == "generate":
+            list(client.generate(prompt="a", max_tokens=3, request_id="gone-1"))
+        else:
+            client.complete(prompt="a", max_tokens=3, request_id="gone-2")
+    assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert e.value.details().startswith("expert shards unreachable (engine step failing for 61s")
+    assert "retry after 1000 ms" in e.value.details()
+    if method == "complete":
+        assert ("grpc-retry-pushback-ms", "1000") in (e.value.trailing_metadata() or ())
 
 
 def test_engine_bug_is_internal_without_leaking(client):

@@ -3,7 +3,7 @@ are retried, bugs fail the affected requests at once, and the loop keeps serving
 import asyncio
 import time
 
-from serving.engine.async_engine import AsyncEngine, EngineError
+from serving.engine.async_engine import AsyncEngine, EngineError, ExpertsUnreachable
 from serving.engine.request import FinishReason, TokenEvent
 
 
@@ -55,6 +55,7 @@ def test_bug_fails_requests_at_once():
     try:
         assert _wait(lambda: eng.failed_with)
         assert eng.steps == 1 and isinstance(eng.failed_with[0], EngineError)
+        assert not isinstance(eng.failed_with[0], ExpertsUnreachable)      # a bug: INTERNAL
         assert "KeyError" in str(eng.failed_with[0])
     finally:
         ae.shutdown()
@@ -66,6 +67,7 @@ def test_transient_errors_give_up_after_the_retry_window():
     try:
         assert _wait(lambda: eng.failed_with)
         assert "failing for" in str(eng.failed_with[0])
+        assert isinstance(eng.failed_with[0], ExpertsUnreachable)          # an outage: UNAVAILABLE
     finally:
         ae.shutdown()
 

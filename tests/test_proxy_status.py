@@ -11,6 +11,7 @@ from ray.serve._private import proxy
 from serving.api import proxy_status
 from serving.api.errors import LOST_REPLICA_RETRY_MS, RETRY_PUSHBACK_KEY, is_lost_replica
 from serving.api.service import _failure_for
+from serving.engine.async_engine import ExpertsUnreachable
 
 
 @pytest.fixture
@@ -60,3 +61,7 @@ def test_an_ingress_whose_engine_replica_died_answers_unavailable_with_pushback(
     assert failure.code == grpc.StatusCode.UNAVAILABLE and "ActorDiedError" in failure.details
     assert (RETRY_PUSHBACK_KEY, str(LOST_REPLICA_RETRY_MS)) in failure.trailers
     assert _failure_for(_wrapped_task_error(), "req-9").code == grpc.StatusCode.INTERNAL
+    # the engine replica gave up on its shards: through the handle it arrives wrapped, still UNAVAILABLE
+    gone = rex.RayTaskError("generate", "Traceback ...",
+                            ExpertsUnreachable("engine step failing for 61s: x")).as_instanceof_cause()
+    assert _failure_for(gone, "req-9").code == grpc.StatusCode.UNAVAILABLE

@@ -6,6 +6,7 @@
 | engine / admission   | Overloaded       | RESOURCE_EXHAUSTED + `grpc-retry-pushback-ms`     |
 | engine / replica     | Draining         | UNAVAILABLE                                      |
 | Ray (replica died)   | RayActorError    | UNAVAILABLE + `grpc-retry-pushback-ms` (unary)    |
+| engine (shards gone) | ExpertsUnreachable | UNAVAILABLE + `grpc-retry-pushback-ms` (unary)  |
 | anything else        | (any)            | INTERNAL, short message (never for user mistakes)|
 
 `RpcAbort` is what `GenerateService.generate` raises *after* setting the status on the

@@ -35,6 +35,7 @@ from serving.api.errors import (LOST_REPLICA_RETRY_MS, Draining, InvalidRequest,
                                  is_lost_replica, lost_replica_details, retry_trailers)
 from serving.api.protos import SERVICE_NAME, health_pb2, pb2
 from serving.api.validation import ApiLimits, Tokenizer, validate_request
+from serving.engine.async_engine import ExpertsUnreachable
 from serving.engine.request import FinishReason, GenerationRequest, Priority, TokenEvent
 
 logger = logging.getLogger(__name__)
@@ -103,6 +104,10 @@ def _failure_for(exc: BaseException, request_id: str) -> _Failure:
         return _Failure(grpc.StatusCode.UNAVAILABLE, exc.message)
     if is_lost_replica(exc):                   # an Ingress deployment whose engine replica died
         code, details = grpc.StatusCode.UNAVAILABLE, lost_replica_details(exc)
+        return _Failure(code, details, retry_trailers(code, details, LOST_REPLICA_RETRY_MS))
+    if isinstance(exc, ExpertsUnreachable):    # the shards stayed gone for the engine's retry window
+        code = grpc.StatusCode.UNAVAILABLE
+        details = f"expert shards unreachable ({exc}); retry after {LOST_REPLICA_RETRY_MS} ms"
         return _Failure(code, details, retry_trailers(code, details, LOST_REPLICA_RETRY_MS))
     logger.error("request %s failed", request_id, exc_info=exc)
     return _Failure(grpc.StatusCode.INTERNAL,

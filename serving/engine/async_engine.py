@@ -26,6 +26,11 @@ class EngineError(RuntimeError):
     """The engine could not finish a request it had accepted (e.g. an expert shard is gone)."""
 
 
+class ExpertsUnreachable(EngineError):
+    """The step kept failing with a retryable transport error (an expert shard gone and not back)
+    for the whole retry window: an infrastructure outage, which the API answers UNAVAILABLE."""
+
+
 class AsyncEngine:
     def __init__(self, engine: Engine, step_retry_s: float = 60.0,
                  retryable: tuple[type[BaseException], ...] = ()):
@@ -126,7 +131,8 @@ class AsyncEngine:
                 failing_since = failing_since or now
                 log.warning("engine step failed (%s); retrying", exc)
                 if now - failing_since > self.step_retry_s:
-                    self.engine.fail_all(EngineError(f"engine step failing for {now - failing_since:.0f}s: {exc}"))
+                    self.engine.fail_all(ExpertsUnreachable(
+                        f"engine step failing for {now - failing_since:.0f}s: {exc}"))
                     self._flush()
                     failing_since = None
                 else:
