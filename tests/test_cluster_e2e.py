@@ -338,7 +338,7 @@ def test_engine_replica_killed_mid_stream_answers_unavailable_and_a_resumed_stre
     """The engine replica streaming a request dies (Ray's proxy streams straight from it), twice:
     1. a plain stream ends with UNAVAILABLE naming the lost replica and when to retry, never
        INTERNAL, after the tokens it already had;
-    2. a stream with `MoEClient.generate(resume=...)` carries on on the replacement replica and
+    2. a stream with `MoEClient.generate(resume=20)` carries on on the replacement replica and
        ends with exactly the tokens of an undisturbed greedy run.
     Last in the module: the cluster is back to one healthy engine replica when it ends."""
     ids = [9, 8, 7, 6]
@@ -381,7 +381,7 @@ for _ in range(60):                          # bounded: the replacement replica 
         if time.monotonic() - t0 > 120:
             break
         time.sleep(1)
-resumed = stream(5)
+resumed = stream(20)                         # each retry waits the 1 s the status asks for
 print(json.dumps({{"plain": plain, "after": after, "resumed": resumed}}))
 """, timeout=600)
     plain, resumed = out["plain"], out["resumed"]
