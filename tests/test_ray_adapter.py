@@ -179,7 +179,12 @@ def test_serve_calls_our_policy_on_a_real_cluster(monkeypatch):
         def __call__(self):
             return "ok"
 
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    import shutil
+    import tempfile
+    ray_tmp = tempfile.mkdtemp(prefix="moe-ad-")        # short: Ray's socket paths live under it
+    # a new local cluster of our own (never one already running here), on loopback
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR",
+             _node_ip_address="127.0.0.1", _temp_dir=ray_tmp)
     try:
         serve.run(Loaded.bind(), name="autoscale-test", route_prefix=None)
         deadline, running = time.monotonic() + 45, 0
@@ -193,3 +198,4 @@ def test_serve_calls_our_policy_on_a_real_cluster(monkeypatch):
     finally:
         serve.shutdown()
         ray.shutdown()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
