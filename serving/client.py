@@ -121,9 +121,8 @@ class MoEClient:
 
         Breaking out of the loop early cancels the RPC."""
         original = self._req(request, kwargs)
-        received: list[int] = []
+        req, received = original, []
         for attempt in range(resume + 1):
-            req = continuation(original, received) if received else original
             call = self._stub.Generate(req, timeout=timeout_s or self.timeout_s, metadata=self.metadata or None)
             before = len(received)       # tokens the continuation's prompt holds
             try:
@@ -135,8 +134,8 @@ class MoEClient:
                     yield chunk
                 return
             except grpc.RpcError as err:
-                if (attempt == resume or err.code() != grpc.StatusCode.UNAVAILABLE
-                        or (received and continuation(original, received) is None)):
+                req = continuation(original, received) if received else original   # nothing came: ask again
+                if attempt == resume or err.code() != grpc.StatusCode.UNAVAILABLE or req is None:
                     raise
                 time.sleep(min(5.0, _retry_after_s(err.details() or "")))
             finally:

@@ -217,12 +217,12 @@ def _layout(panels: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def _quantiles(metric: str, by: str, legend_by: str = "") -> list[Target]:
-    """p50 and p99 of a histogram, per `by` label(s)."""
+def _quantiles(metric: str, by: str, legend_by: str = "", qs: tuple[float, ...] = (0.5, 0.99)) -> list[Target]:
+    """The quantiles `qs` (p50 and p99) of a histogram, per `by` label(s)."""
     grp = f"le, {by}" if by else "le"
     sfx = f" {{{{{legend_by}}}}}" if legend_by else ""
     return [Target(f"histogram_quantile({q}, sum by ({grp}) (rate({metric}_bucket{{{J}}}[{RI}])))", f"p{int(q * 100)}{sfx}")
-            for q in (0.5, 0.99)]
+            for q in qs]
 
 
 # ---------------------------------------------------------------- the three dashboards
@@ -270,7 +270,7 @@ def overview() -> Dashboard:
                                        "generated {{replica}}")],
                    unit="short", w=12),
         timeseries("Engine step duration", _quantiles("moe_serve_engine_step_seconds", "")
-                   + _quantiles("moe_serve_engine_step_seconds", "replica", "replica")[1:], unit="s", w=12,
+                   + _quantiles("moe_serve_engine_step_seconds", "replica", "replica", qs=(0.99,)), unit="s", w=12,
                    desc="p50 and p99 over all engine replicas, and each replica's p99: one replica "
                         "much slower than the others points at its node or its shards."),
 

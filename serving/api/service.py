@@ -88,27 +88,29 @@ class _Failure(Exception):
         self.code, self.details, self.trailers = code, details, trailers or []
 
 
+def _retry_later(code: grpc.StatusCode, details: str, retry_after_ms: int) -> _Failure:
+    """A status the client should retry after `retry_after_ms`: said in the details (which ends with
+    "retry after N ms") and in the pushback trailers (unary calls carry them)."""
+    return _Failure(code, details, retry_trailers(code, details, retry_after_ms))
+
+
 def _failure_for(exc: BaseException, request_id: str) -> _Failure:
     if isinstance(exc, _Failure):
         return exc
     if isinstance(exc, InvalidRequest):
         return _Failure(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
     if isinstance(exc, Overloaded):
-        ms, code = exc.retry_after_ms, grpc.StatusCode.RESOURCE_EXHAUSTED
-        details = f"{exc.message}; retry after {ms} ms"
-        return _Failure(code, details, retry_trailers(code, details, ms))
+        ms = exc.retry_after_ms
+        return _retry_later(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{exc.message}; retry after {ms} ms", ms)
     if type(exc).__name__ == "BackPressureError":      # ray.serve.exceptions, not imported
-        code, details = grpc.StatusCode.RESOURCE_EXHAUSTED, "server overloaded; retry after 1000 ms"
-        return _Failure(code, details, retry_trailers(code, details, 1000))
+        return _retry_later(grpc.StatusCode.RESOURCE_EXHAUSTED, "server overloaded; retry after 1000 ms", 1000)
     if isinstance(exc, Draining):
         return _Failure(grpc.StatusCode.UNAVAILABLE, exc.message)
     if is_lost_replica(exc):                   # an Ingress deployment whose engine replica died
-        code, details = grpc.StatusCode.UNAVAILABLE, lost_replica_details(exc)
-        return _Failure(code, details, retry_trailers(code, details, LOST_REPLICA_RETRY_MS))
+        return _retry_later(grpc.StatusCode.UNAVAILABLE, lost_replica_details(exc), LOST_REPLICA_RETRY_MS)
     if isinstance(exc, ExpertsUnreachable):    # the shards stayed gone for the engine's retry window
-        code = grpc.StatusCode.UNAVAILABLE
-        details = f"expert shards unreachable ({exc}); retry after {LOST_REPLICA_RETRY_MS} ms"
-        return _Failure(code, details, retry_trailers(code, details, LOST_REPLICA_RETRY_MS))
+        return _retry_later(grpc.StatusCode.UNAVAILABLE, f"expert shards unreachable ({exc}); retry after "
+                            f"{LOST_REPLICA_RETRY_MS} ms", LOST_REPLICA_RETRY_MS)
     logger.error("request %s failed", request_id, exc_info=exc)
     return _Failure(grpc.StatusCode.INTERNAL,
                     f"internal error ({type(exc).__name__}); request_id={request_id}")
