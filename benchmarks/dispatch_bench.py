@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import shutil
 import sys
 import tempfile
@@ -127,20 +126,13 @@ class ServeCluster:
     """A local Ray cluster (--nodes nodes) with Serve and no HTTP proxy; torn down on close."""
 
     def __init__(self, nodes: int):
-        import ray
-        from ray import serve
-        from ray.cluster_utils import Cluster
+        import contextlib
 
-        from serving.deployments.config import node_resource
-        os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-        self.tmp = tempfile.mkdtemp(prefix="rdb-", dir="/tmp")      # short: unix socket paths
-        (Path(self.tmp) / "ray").mkdir()
-        os.environ["RAY_TMPDIR"] = self.tmp                          # never touch /tmp/ray
-        self.cluster = Cluster(initialize_head=True, head_node_args=dict(
-            num_cpus=1, resources={node_resource(0): 1}, include_dashboard=False))
-        for i in range(1, nodes):
-            self.cluster.add_node(num_cpus=1, resources={node_resource(i): 1})
-        ray.init(address=self.cluster.address, logging_level="ERROR", log_to_driver=False)
+        from ray import serve
+
+        from serving.local_ray import local_ray_cluster
+        self._stack = contextlib.ExitStack()
+        self._stack.enter_context(local_ray_cluster(nodes))
         serve.start(proxy_location="Disabled", logging_config={"log_level": "WARNING"})
         logging.getLogger("ray.serve").setLevel(logging.WARNING)
         self.nodes = nodes
@@ -169,14 +161,11 @@ class ServeCluster:
         self.apps = []
 
     def close(self) -> None:
-        import ray
         from ray import serve
         try:
             serve.shutdown()
         finally:
-            ray.shutdown()
-            self.cluster.shutdown()
-            shutil.rmtree(self.tmp, ignore_errors=True)
+            self._stack.close()
 
 
 def _roundtrip(transport, args, S: int, x, w, E: int) -> dict:

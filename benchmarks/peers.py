@@ -9,6 +9,12 @@ Peers (run sequentially, never at once: every one gets the whole machine):
                 (bash benchmarks/setup_vllm.sh; benchmarks/_vllm_peer.py runs there). vLLM is never
                 a dependency of the project; without that venv this peer is reported as skipped.
   engine        our engine in-process, no Ray, no gRPC: `moe-serve bench --in-process`
+  engine-shards our engine in-process with its experts in 2 shard actors on 2 local Ray nodes
+                over the collective transport, as in the cluster, but no Serve, no gRPC, no
+                streaming: `moe-serve bench --in-process --transport collective` (engine: 1 torch
+                thread, the lm_head and prefill steps on --threads, as the cluster's engine replica).
+                engine -> engine-shards -> cluster separates the cost of distributing the experts
+                from the cost of the serving layer
   cluster       our full path: `moe-serve up` (2 Ray nodes, 2 expert shards, one engine replica),
                 then `moe-serve bench --target` over gRPC, then `moe-serve down` (always); then
                 TTFT at low load: --low-load-requests requests one at a time
@@ -66,7 +72,7 @@ import yaml  # noqa: E402
 from serving.loadgen.bench import make_prompts  # noqa: E402
 from serving.loadgen.stats import command_line, machine_info  # noqa: E402
 
-PEERS = ("transformers", "vllm", "engine", "cluster", "vllm-server")
+PEERS = ("transformers", "vllm", "engine", "engine-shards", "cluster", "vllm-server")
 VLLM_PYTHON = REPO / "benchmarks" / ".venv-vllm" / "bin" / "python"
 SERVE_CONFIG = REPO / "cluster" / "serve_config.yaml"
 
@@ -300,8 +306,14 @@ def _bench_run(rep: dict) -> dict:
 def run_engine(a, ctx) -> dict:
     cmd = [*_cli(), "bench", "--in-process", "--checkpoint", a.checkpoint, "--dtype", a.dtype,
            "--threads", str(a.threads), *_bench_args(a, ctx["vocab_size"])]
+    return _repeat_bench(a, ctx, cmd)
+
+
+def _repeat_bench(a, ctx, cmd: list[str]) -> dict:
+    """`moe-serve bench --in-process` (cmd) run --repeat times; each run loads the checkpoint
+    (and starts its shards) again, untimed."""
     runs, reps = [], []
-    for _ in range(a.repeat):      # the bench loads the checkpoint each time: ~3 s, untimed
+    for _ in range(a.repeat):
         rc, out = _run(cmd, env=_env(), timeout_s=a.peer_timeout_s, log=ctx["log"], verbose=a.verbose)
         if rc not in (0, 1):
             raise RuntimeError(f"exit {rc}")
@@ -309,6 +321,13 @@ def run_engine(a, ctx) -> dict:
         runs.append({**_bench_run(reps[-1]), "mean_step_s": reps[-1].get("mean_step_s")})
     return {"runs": runs, "num_requests": reps[-1]["num_requests"], "load_s": reps[-1].get("load_s"),
             "torch_threads": reps[-1].get("machine", {}).get("torch_threads"), "bench_command": shlex.join(cmd)}
+
+
+def run_engine_shards(a, ctx) -> dict:
+    cmd = [*_cli(), "bench", "--in-process", "--transport", "collective", "--expert-shards", "2", "--nodes", "2",
+           "--checkpoint", a.checkpoint, "--dtype", a.dtype, "--threads", str(a.threads),
+           *_bench_args(a, ctx["vocab_size"])]
+    return _repeat_bench(a, ctx, cmd)
 
 
 def cluster_config(a, out_dir: Path, ping_pong: bool = False) -> Path:
@@ -505,9 +524,11 @@ def main(argv: list[str] | None = None) -> int:
                                  lambda a, ctx, t=t, pp=pp: run_cluster(a, ctx, t, pp == "on")))
         else:
             label = {"engine": "engine (in-process)", "vllm": "vLLM-CPU", "transformers": "transformers",
+                     "engine-shards": "engine + 2 shard actors (collective, no Serve/gRPC)",
                      "vllm-server": "vLLM-CPU OpenAI server"}[peer]
             jobs.append((peer, label, {"transformers": run_transformers, "vllm": run_vllm,
-                                       "engine": run_engine, "vllm-server": run_vllm_server}[peer]))
+                                       "engine": run_engine, "engine-shards": run_engine_shards,
+                                       "vllm-server": run_vllm_server}[peer]))
 
     expected = a.num_prompts * a.max_tokens
     results: list[dict] = []

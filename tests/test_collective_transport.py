@@ -8,10 +8,7 @@ shard actor.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,6 +18,7 @@ from serving.deployments.startup_priority import WORKER_RUNTIME_ENV
 from serving.engine.engine import Engine
 from serving.engine.request import GenerationRequest
 from serving.engine.scheduler import SchedulerConfig
+from serving.local_ray import local_ray_cluster
 from serving.model.checkpoint import write_checkpoint
 from serving.model.config import MoEConfig
 from serving.model.model import MoEModel
@@ -32,38 +30,14 @@ from serving.parallel.expert_shard import ExpertShardWorker
 from serving.parallel.placement import Placement
 
 pytestmark = pytest.mark.cluster
-REPO = Path(__file__).resolve().parent.parent
 NODES = 2
 
 
 @pytest.fixture(scope="module")
 def cluster():
-    import ray
-    from ray.cluster_utils import Cluster
-    tmp = tempfile.mkdtemp(prefix="rct-", dir="/tmp")          # short: unix socket paths
-    (Path(tmp) / "ray").mkdir()
-    env_before = {k: os.environ.get(k) for k in ("RAY_TMPDIR", "PYTHONPATH")}
-    os.environ["RAY_TMPDIR"] = tmp                              # never touch /tmp/ray
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-    c = Cluster(initialize_head=True, head_node_args=dict(
-        num_cpus=1, resources={node_resource(0): 1}, include_dashboard=False))
-    for i in range(1, NODES):
-        c.add_node(num_cpus=1, resources={node_resource(i): 1})
-    try:
-        # as `moe-serve up` starts Ray: every worker runs the start-up boost first (startup_priority.py)
-        ray.init(address=c.address, logging_level="ERROR", log_to_driver=False, runtime_env=WORKER_RUNTIME_ENV)
-        node_of = {i: n["NodeID"] for n in ray.nodes() if n["Alive"]
-                   for i in range(NODES) if node_resource(i) in n["Resources"]}
+    # as `moe-serve up` starts Ray: every worker runs the start-up boost first (startup_priority.py)
+    with local_ray_cluster(NODES, runtime_env=WORKER_RUNTIME_ENV) as node_of:
         yield node_of
-    finally:
-        ray.shutdown()
-        c.shutdown()
-        shutil.rmtree(tmp, ignore_errors=True)
-        for k, v in env_before.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,8 @@ import http.server
 import json
 import math
 import threading
+import time
+from pathlib import Path
 from typing import AsyncIterator
 
 import numpy as np
@@ -350,6 +352,8 @@ def test_bench_rejects_bad_arguments(capsys):
     assert _bench(["--target", "10.1.2.3:50051", "--json"]) == 2
     assert _bench(["--in-process", "--json"]) == 2
     assert _bench(["--target", "127.0.0.1:1", "--mode", "poisson"]) == 2
+    assert _bench(["--target", "127.0.0.1:1", "--transport", "collective"]) == 2     # in-process only
+    assert _bench(["--in-process", "--checkpoint", "x", "--transport", "collective", "--nodes", "0"]) == 2
 
 
 @pytest.fixture(scope="module")
@@ -380,6 +384,38 @@ def test_bench_in_process_torch_profile(tiny_checkpoint, capsys, tmp_path):
     assert "Self CPU" in out.read_text() and any(op.startswith("aten::") for op in ops)
     assert all(p["self_cpu_s"] >= 0 and p["calls"] >= 1 for p in rep["torch_profile"])
     assert _bench(["--target", "127.0.0.1:1", "--torch-profile", str(out)]) == 2   # in-process only
+
+
+def _ray_pids() -> set[int]:
+    pids = set()
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                cmd = (d / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"raylet" in cmd or b"gcs_server" in cmd or cmd.startswith(b"ray::"):
+                pids.add(int(d.name))
+    return pids
+
+
+@pytest.mark.cluster
+def test_bench_in_process_over_collective_shards_on_a_local_ray_cluster(tiny_checkpoint, capsys):
+    """The engine in this process, its experts in 2 shard actors on 2 real Ray nodes: every request
+    completes, the report says which data plane ran, and no Ray process is left behind."""
+    before = _ray_pids()
+    rc = _bench(["--in-process", "--checkpoint", str(tiny_checkpoint), "--transport", "collective",
+                 "--expert-shards", "2", "--nodes", "2", "--concurrency", "4", "--num-requests", "6",
+                 "--max-tokens", "5", "--prompt-len", "7", "--json"])
+    rep = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert rc == 0 and rep["path"] == "in-process"
+    assert rep["config"]["transport"] == "collective" and rep["config"]["nodes"] == 2
+    assert rep["config"]["expert_shards"] == 2
+    assert rep["completed"] == 6 and rep["output_tokens"] == 30 and rep["engine_steps"] >= 5
+    deadline = time.monotonic() + 30
+    while _ray_pids() - before and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not _ray_pids() - before, f"Ray processes left behind: {_ray_pids() - before}"
 
 
 def test_dispatch_bench_local_smoke(tiny_checkpoint, capsys):

@@ -3,6 +3,7 @@ must stay a valid app config as cluster/serve_config.yaml evolves, and the repor
 import importlib.util
 from pathlib import Path
 
+import pytest
 import yaml
 
 from serving.deployments.config import AppConfig
@@ -28,7 +29,6 @@ def test_cluster_config_takes_the_whole_workload_in_one_unscaled_batch(tmp_path)
     assert not args.ping_pong and args.stream_chunk_tokens == 4     # the benchmark's throughput settings
     on = yaml.safe_load(peers.cluster_config(a, tmp_path, ping_pong=True).read_text())
     assert AppConfig.from_args({**on["applications"][0]["args"], "checkpoint": "x"}).ping_pong is True
-    import pytest
     with pytest.raises(SystemExit):
         peers.parse_args(["--cluster-ping-pong", "maybe"])
 
@@ -77,3 +77,28 @@ def test_round_summary_gives_each_ratio_per_round_and_its_median():
     assert cluster[1].split()[-4:] == ["1.50,", "2.00,", "1.00", "(1.50)"]
     # the references themselves get no ratio row
     assert not any(x.lstrip().startswith("vLLM") for x in lines[1:])
+
+
+@pytest.mark.cluster
+def test_engine_and_engine_shards_peers_run_the_same_workload(tmp_path, capsys):
+    """The engine-shards peer runs for real (a 2-node local Ray cluster, 2 shard actors, the
+    collective transport) next to the in-process engine, on the same prompts: both rows complete
+    every token, and the table carries both."""
+    import json
+
+    from serving.model.checkpoint import write_checkpoint
+    ckpt = write_checkpoint("mixtral", "tiny", tmp_path / "tiny")
+    out = tmp_path / "peers.json"
+    rc = peers.main(["--checkpoint", str(ckpt), "--peers", "engine,engine-shards", "--repeat", "1",
+                     "--num-prompts", "4", "--prompt-len", "8", "--max-tokens", "4", "--threads", "2",
+                     "--low-load-requests", "0", "--json", str(out)])
+    printed = capsys.readouterr().out
+    rep = json.loads(out.read_text())
+    rows = {r["peer"]: r for r in rep["results"]}
+    assert set(rows) == {"engine", "engine-shards"}, printed
+    for r in rows.values():
+        assert r["ok"], r.get("error")
+        assert r["output_tokens"] == 16 and r["output_tokens_per_s"] > 0 and "note" not in r
+    assert "--transport collective" in rows["engine-shards"]["bench_command"]
+    assert "engine + 2 shard actors" in printed
+    assert rc == 0

@@ -8,9 +8,13 @@ greedy and ignores EOS, so it produces exactly `--max-tokens` tokens. Arrivals:
 `--mode concurrency` keeps C requests in flight; `poisson` / `gamma` send at `--rate` req/s
 (gamma gaps with shape `--burstiness`) with at most C in flight.
 
-`--in-process` drives `Engine.step()` directly on this thread (no Ray, no gRPC, no
-asyncio), experts in-process over the `local` transport: the engine's own speed, to
-compare with the full path. Token timestamps are taken in the engine's emit callback.
+`--in-process` drives `Engine.step()` directly on this thread (no Serve, no gRPC, no
+asyncio). With `--transport local` (default) the experts run in-process too: the engine's own
+speed. With `--transport collective --expert-shards S --nodes N` the experts run in S shard
+actors on a private local Ray cluster of N nodes, over the collective transport, as in the
+cluster: the expert-parallel data plane without the serving layer (Serve, the gRPC proxy,
+streaming). Comparing the three separates engine speed, distribution cost and serving cost.
+Token timestamps are taken in the engine's emit callback.
 
 Output: a table, or with `--json` exactly one JSON object (the command line and the
 machine included).
@@ -64,7 +68,12 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                         help="hard bound: requests still running then are cancelled")
     parser.add_argument("--timeout-s", type=float, default=300.0, help="per-request gRPC deadline")
     parser.add_argument("--expert-shards", type=int, default=1,
-                        help="--in-process: shards behind the local transport")
+                        help="--in-process: expert shards behind the transport")
+    parser.add_argument("--transport", choices=["local", "collective"], default="local",
+                        help="--in-process: `local` computes every shard in this process; `collective` "
+                             "starts a private local Ray cluster of --nodes nodes and runs each shard in "
+                             "its own actor process (the cluster's data plane without Serve or gRPC)")
+    parser.add_argument("--nodes", type=int, default=2, help="--in-process --transport collective: Ray nodes")
     parser.add_argument("--max-num-batched-tokens", type=int, default=None,
                         help="--in-process: scheduler token budget per step (default: the AppConfig's)")
     parser.add_argument("--threads", type=int, default=None,
@@ -80,6 +89,10 @@ def _check(args: argparse.Namespace) -> None:
         raise ValueError("--in-process needs --checkpoint")
     if args.torch_profile is not None and not args.in_process:
         raise ValueError("--torch-profile needs --in-process")
+    if args.transport != "local" and not args.in_process:
+        raise ValueError("--transport needs --in-process (a cluster serves with its own)")
+    if args.expert_shards < 1 or args.nodes < 1:
+        raise ValueError("--expert-shards and --nodes must be >= 1")
     for name in ("concurrency", "num_requests", "max_tokens", "prompt_len"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
@@ -147,7 +160,12 @@ def build_inprocess_engine(args: argparse.Namespace):
 
     extra = {} if args.max_num_batched_tokens is None else {
         "max_num_batched_tokens": args.max_num_batched_tokens}
-    cfg = AppConfig(checkpoint=args.checkpoint, expert_shards=args.expert_shards, transport="local",
+    if args.transport == "collective":
+        # as an engine replica runs next to its shards (cluster/serve_config.yaml): 1 torch thread,
+        # the lm_head and prefill steps on --threads; one batch per step (ping-pong lost on 2 cores)
+        extra.update(nodes=args.nodes, engine_threads=1, head_threads=args.threads or len(os.sched_getaffinity(0)),
+                     ping_pong=False)
+    cfg = AppConfig(checkpoint=args.checkpoint, expert_shards=args.expert_shards, transport=args.transport,
                     dtype=args.dtype, max_num_seqs=args.concurrency,
                     max_model_len=args.prompt_len + args.max_tokens,
                     max_tokens_limit=args.max_tokens, **extra)
@@ -230,12 +248,33 @@ def drive_engine(engine, prompts: list[list[int]], *, max_tokens: int, concurren
 
 def _bench_inprocess(args: argparse.Namespace, prompts: list[list[int]]
                      ) -> tuple[list[RequestResult], float, dict]:
+    if args.transport == "collective":
+        from serving.deployments.startup_priority import WORKER_RUNTIME_ENV
+        from serving.local_ray import local_ray_cluster
+        with local_ray_cluster(args.nodes, runtime_env=WORKER_RUNTIME_ENV):
+            return _bench_engine(args, prompts)
+    return _bench_engine(args, prompts)
+
+
+def _bench_engine(args: argparse.Namespace, prompts: list[list[int]]
+                  ) -> tuple[list[RequestResult], float, dict]:
     import torch
-    if args.threads:
+    if args.threads and args.transport == "local":
         torch.set_num_threads(args.threads)
     t_load = time.perf_counter()
     engine = build_inprocess_engine(args)
     load_s = time.perf_counter() - t_load
+    try:
+        return _drive_timed(args, prompts, engine, load_s)
+    finally:
+        close = getattr(getattr(engine.dispatch, "transport", None), "close", None)
+        if close is not None:
+            close()                      # the shard actors (collective)
+
+
+def _drive_timed(args: argparse.Namespace, prompts: list[list[int]], engine, load_s: float
+                 ) -> tuple[list[RequestResult], float, dict]:
+    import torch
     warm = args.concurrency if args.warmup is None else args.warmup
     if warm:
         wprompts = make_prompts(warm, args.prompt_len, args.vocab_size, args.seed + 7)
@@ -299,12 +338,14 @@ def run_bench(args: argparse.Namespace) -> int:
         "path": "in-process" if args.in_process else "grpc",
         "config": {k: getattr(args, k) for k in (
             "target", "checkpoint", "concurrency", "num_requests", "max_tokens", "prompt_len",
-            "dtype", "mode", "rate", "burstiness", "priority", "seed", "expert_shards", "threads")},
+            "dtype", "mode", "rate", "burstiness", "priority", "seed", "expert_shards", "transport", "nodes",
+            "threads")},
         **summary, **extra}
     if args.json:
         print(json.dumps(report))
     else:
-        where = f"engine in-process ({args.checkpoint}, {args.dtype})" if args.in_process else args.target
+        where = (f"engine in-process ({args.checkpoint}, {args.dtype}, {args.transport} transport)"
+                 if args.in_process else args.target)
         print(f"command   {report['command']}\nmachine   {report['machine']['cpu_model']}, "
               f"{report['machine'].get('cores_available', report['machine']['cpu_count'])} cores, "
               f"load average {load_at_start} at start, torch threads "
