@@ -459,6 +459,7 @@ def round_summary(results: list[dict]) -> str:
     ok = {(r["round"], r["label"]): r for r in results if r.get("ok")}
     ref_label = {r["peer"]: r["label"] for r in results}
     lines = ["ratios per round (median over the rounds)"]
+    width = max((len(r["label"]) for r in results), default=0)
     for label, peer in dict.fromkeys((r["label"], r["peer"]) for r in results):
         for key, ref_peer, what in (("output_tokens_per_s", "vllm", "tok/s vs vLLM"),
                                     ("ttft_low_load_p50_s", "vllm-server", "low-load TTFT vs vLLM server")):
@@ -471,7 +472,7 @@ def round_summary(results: list[dict]) -> str:
                 rs.append(val / ref if val and ref else None)
             got = [x for x in rs if x]
             if got:
-                lines.append(f"  {label:34s} {what:30s} " + ", ".join(_fmt(x, ".2f") for x in rs)
+                lines.append(f"  {label:{width}s} {what:30s} " + ", ".join(_fmt(x, ".2f") for x in rs)
                              + f"  ({statistics.median(got):.2f})")
     return "\n".join(lines)
 
