@@ -30,6 +30,7 @@ from pathlib import Path
 import yaml
 
 from serving.deployments.startup_priority import WORKER_RUNTIME_ENV
+from serving.thread_priority import batch_policy
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO_ROOT / "cluster" / "serve_config.yaml"
@@ -185,6 +186,10 @@ def run_host(state_dir: Path, serve_config: dict, nodes: int, config_path: str |
     # an engine replica's second thread (head_threads) would otherwise spin after every lm_head on a
     # core the shards need (one request at a time, ITL p50 18.9-19.7 ms spinning, 16.6-17.3 passive)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # Ray's processes and every thread they start inherit SCHED_BATCH: a serving thread that wakes
+    # up does not preempt a compute thread, which our code puts back under SCHED_OTHER
+    # (serving/thread_priority.py)
+    batch_policy()
     try:
         cluster = Cluster(initialize_head=True, head_node_args=dict(
             num_cpus=1, resources={node_resource(0): 1}, include_dashboard=False))

@@ -149,6 +149,9 @@ print(json.dumps({"shards": shards, "engine": engine, "deployments": sorted(serv
     nice = 5 if os.geteuid() == 0 else 15
     assert info["engine"]["step_loop_nice"] == nice
     assert [s["forward_thread_nice"] for s in shards] == [nice, nice]   # the engine's warm-up called them
+    # `moe-serve up` starts Ray under SCHED_BATCH; the compute threads are back under SCHED_OTHER
+    assert info["engine"]["process_policy"] == "batch" and info["engine"]["step_loop_policy"] == "other"
+    assert [(s["process_policy"], s["forward_thread_policy"]) for s in shards] == [("batch", "other")] * 2
     for layer in ("0", "1"):
         held = [set(s["experts"][layer]) for s in shards]
         assert held[0].isdisjoint(held[1]) and held[0] | held[1] == set(range(5))

@@ -7,7 +7,8 @@ import threading
 import pytest
 
 from serving.deployments.config import AppConfig
-from serving.thread_priority import inherited_priority, raise_priority, thread_nice
+from serving.thread_priority import (batch_policy, compute_policy, inherited_priority, raise_priority,
+                                     thread_nice, thread_policy)
 
 
 def _may_lower_nice() -> bool:
@@ -102,3 +103,51 @@ def test_compute_nice_config_is_validated():
     assert AppConfig.from_args({**base, "compute_nice": None}).compute_nice is None
     with pytest.raises(ValueError, match="compute_nice"):
         AppConfig.from_args({**base, "compute_nice": 25})
+
+
+def _in_thread(fn):
+    """fn() on a fresh thread (policies are per thread); its result."""
+    out = []
+    t = threading.Thread(target=lambda: out.append(fn()))
+    t.start()
+    t.join(5)
+    return out[0]
+
+
+def test_batch_policy_is_inherited_by_new_threads_and_compute_policy_undoes_it(monkeypatch):
+    monkeypatch.delenv("MOE_SCHED_BATCH", raising=False)
+
+    def body():
+        seen = {"start": thread_policy(), "changed": batch_policy(), "after": thread_policy(),
+                "again": batch_policy()}                                   # already batch: no change
+        seen["child"] = _in_thread(thread_policy)                          # a new thread inherits it
+        seen["child_compute"] = _in_thread(lambda: (compute_policy(), thread_policy()))
+        seen["back"], seen["now"] = compute_policy(), thread_policy()
+        seen["back_again"] = compute_policy()                              # already other: no change
+        return seen
+    assert _in_thread(body) == {"start": "other", "changed": True, "after": "batch", "again": False,
+                                "child": "batch", "child_compute": (True, "other"),
+                                "back": True, "now": "other", "back_again": False}
+    assert thread_policy() == "other"                                     # the test's own thread untouched
+
+
+def test_batch_policy_off_by_environment(monkeypatch):
+    monkeypatch.setenv("MOE_SCHED_BATCH", "0")
+    assert _in_thread(lambda: (batch_policy(), thread_policy())) == (False, "other")
+
+
+def test_inherited_priority_starts_compute_threads_under_sched_other_from_a_batch_caller(monkeypatch):
+    monkeypatch.delenv("MOE_SCHED_BATCH", raising=False)
+
+    def body():
+        batch_policy()
+        with inherited_priority(None):
+            inside = thread_policy()
+            child = _in_thread(thread_policy)
+        return inside, child, thread_policy()
+    assert _in_thread(body) == ("other", "other", "batch")    # the caller gets its policy back
+
+
+def test_thread_policy_of_no_such_thread_is_none():
+    assert thread_policy(2 ** 22 + 12345) is None
+    assert compute_policy(2 ** 22 + 12345) is False

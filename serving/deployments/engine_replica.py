@@ -7,6 +7,7 @@ GrpcFace methods, which stream from `generate` in-process.
 """
 from __future__ import annotations
 
+import os
 import time
 from typing import AsyncIterator
 
@@ -41,7 +42,7 @@ from serving.parallel.dispatcher import ExpertDispatcher, LocalTransport
 from serving.parallel.expert_shard import ExpertShardWorker
 from serving.parallel.placement import Placement
 from serving.parallel.serve_transport import ServeTransport
-from serving.thread_priority import raise_priority, thread_nice
+from serving.thread_priority import compute_policy, raise_priority, thread_nice, thread_policy
 
 
 # A shard replica restarting or moving: the step is retried until Serve has it back.
@@ -154,6 +155,7 @@ class EngineReplica(GrpcFace):
         torch.set_num_threads(cfg.engine_threads)
         self.engine, self.dispatcher = build_engine(cfg, Placement.from_json(placement_json), shard_handles)
         self.async_engine = AsyncEngine(self.engine, retryable=SHARD_UNREACHABLE)
+        compute_policy(self.async_engine.thread_id)   # before its first step: its OpenMP threads inherit it
         sched = self.engine.config
         self.admission = AdmissionController(AdmissionConfig(
             max_running=sched.max_num_seqs, max_queued=cfg.max_queued, batch_share=cfg.batch_share,
@@ -217,7 +219,10 @@ class EngineReplica(GrpcFace):
         return {"node_id": ray.get_runtime_context().get_node_id(),
                 "transport": self.dispatcher.transport.name,
                 "placement_version": self.dispatcher.placement.version,
-                "step_loop_nice": thread_nice(self.async_engine.thread_id)}
+                "step_loop_nice": thread_nice(self.async_engine.thread_id),
+                # scheduling policies (serving/thread_priority.py): the step loop, and this process
+                "step_loop_policy": thread_policy(self.async_engine.thread_id),
+                "process_policy": thread_policy(os.getpid())}
 
     def describe_shards(self) -> list[dict]:
         """The collective transport's shard actors (shard id, node id, experts); [] otherwise."""

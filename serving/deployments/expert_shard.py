@@ -1,6 +1,7 @@
 """ExpertShard deployment: a shim around ExpertShardWorker (one deployment per shard)."""
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -18,7 +19,7 @@ from serving.engine.host_allocator import tune_host_allocator
 from serving.engine.load_window import LoadWindow
 from serving.parallel.expert_shard import ExpertShardWorker
 from serving.parallel.placement import Placement
-from serving.thread_priority import raise_priority, thread_nice
+from serving.thread_priority import compute_policy, raise_priority, thread_nice, thread_policy
 
 
 RETAIN_GRACE_S = 5.0
@@ -52,6 +53,7 @@ class ExpertShard:
         if self.forward_tid is None:             # the replica's loop thread: ahead of Ray's streaming
             self.forward_tid = threading.get_native_id()   # threads (serving/thread_priority.py)
             raise_priority(self.compute_nice)
+            compute_policy()
         t0 = time.perf_counter()
         y_ND = self.worker.forward(layer, x_ND, topk_ids_NK, topk_weights_NK)
         self.load.add("busy_s", time.perf_counter() - t0)
@@ -70,4 +72,6 @@ class ExpertShard:
                 "experts": self.worker.expert_ids(),
                 "experts_loaded_since_start": self.worker.loads_total,
                 "num_parameters": self.worker.num_parameters(),
-                "forward_thread_nice": thread_nice(self.forward_tid) if self.forward_tid else None}
+                "forward_thread_nice": thread_nice(self.forward_tid) if self.forward_tid else None,
+                "forward_thread_policy": thread_policy(self.forward_tid) if self.forward_tid else None,
+                "process_policy": thread_policy(os.getpid())}
