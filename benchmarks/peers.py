@@ -524,12 +524,12 @@ def main(argv: list[str] | None = None) -> int:
                     jobs.append(("cluster", label,
                                  lambda a, ctx, t=t, pp=pp: run_cluster(a, ctx, t, pp == "on")))
         else:
-            label = {"engine": "engine (in-process)", "vllm": "vLLM-CPU", "transformers": "transformers",
-                     "engine-shards": "engine + 2 shard actors (collective, no Serve/gRPC)",
-                     "vllm-server": "vLLM-CPU OpenAI server"}[peer]
-            jobs.append((peer, label, {"transformers": run_transformers, "vllm": run_vllm,
-                                       "engine": run_engine, "engine-shards": run_engine_shards,
-                                       "vllm-server": run_vllm_server}[peer]))
+            label, run = {"transformers": ("transformers", run_transformers), "vllm": ("vLLM-CPU", run_vllm),
+                          "engine": ("engine (in-process)", run_engine),
+                          "engine-shards": ("engine + 2 shard actors (collective, no Serve/gRPC)",
+                                            run_engine_shards),
+                          "vllm-server": ("vLLM-CPU OpenAI server", run_vllm_server)}[peer]
+            jobs.append((peer, label, run))
 
     expected = a.num_prompts * a.max_tokens
     results: list[dict] = []

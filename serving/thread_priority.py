@@ -76,14 +76,7 @@ def batch_policy(tid: int = 0) -> bool:
 def compute_policy(tid: int = 0) -> bool:
     """Thread `tid` (0: the calling thread) back under SCHED_OTHER if it runs under SCHED_BATCH.
     True if it changed."""
-    if not hasattr(os, "SCHED_BATCH"):
-        return False
-    try:
-        if os.sched_getscheduler(tid) != os.SCHED_BATCH:
-            return False
-    except OSError:
-        return False
-    return _set_policy(os.SCHED_OTHER, tid)
+    return thread_policy(tid) == "batch" and _set_policy(os.SCHED_OTHER, tid)
 
 
 def thread_policy(tid: int = 0) -> str | None:

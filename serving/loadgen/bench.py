@@ -267,9 +267,9 @@ def _bench_engine(args: argparse.Namespace, prompts: list[list[int]]
     try:
         return _drive_timed(args, prompts, engine, load_s)
     finally:
-        close = getattr(getattr(engine.dispatch, "transport", None), "close", None)
+        close = getattr(engine.dispatch.transport, "close", None)    # the shard actors (collective)
         if close is not None:
-            close()                      # the shard actors (collective)
+            close()
 
 
 def _drive_timed(args: argparse.Namespace, prompts: list[list[int]], engine, load_s: float
