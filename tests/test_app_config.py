@@ -36,3 +36,13 @@ def test_invalid_values_name_their_field(bad, field):
 def test_unknown_args_are_listed():
     with pytest.raises(ValueError, match=r"unknown application args \['engine_thread'\]"):
         AppConfig.from_args({"checkpoint": "ckpt", "engine_thread": 2})
+
+
+def test_engine_core_runs_in_its_own_process_by_default_only_with_the_collective_transport():
+    assert AppConfig(checkpoint="ckpt", transport="collective").engine_core_process
+    assert not AppConfig(checkpoint="ckpt", transport="serve").engine_core_process
+    assert not AppConfig(checkpoint="ckpt", transport="local").engine_core_process
+    assert AppConfig(checkpoint="ckpt", transport="serve", engine_process=True).engine_core_process
+    assert not AppConfig(checkpoint="ckpt", transport="collective", engine_process=False).engine_core_process
+    shipped = AppConfig.from_args(yaml.safe_load(SHIPPED.read_text())["applications"][0]["args"])
+    assert shipped.engine_process is None and shipped.to_args()["engine_process"] is None

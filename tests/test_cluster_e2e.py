@@ -145,6 +145,7 @@ print(json.dumps({"shards": shards, "engine": engine, "deployments": sorted(serv
     assert shards[0]["node_id"] != shards[1]["node_id"]
     assert {s["node_id"] for s in shards} == set(info["nodes"])
     assert info["engine"]["transport"] == "serve"
+    assert info["engine"]["engine_process"] is False     # a thread of the replica with `serve` (engine_core.py)
     # the step loop runs ahead of the streaming threads (Ray's nice 15) where niceness may be lowered
     nice = 5 if os.geteuid() == 0 else 15
     assert info["engine"]["step_loop_nice"] == nice

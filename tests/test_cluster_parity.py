@@ -101,6 +101,9 @@ def cluster(tmp_path_factory):
     # and the Ingress deployment in front of the engine (the shipped config, and test_cluster_e2e,
     # have the engine replica answer the gRPC proxy itself)
     cfg["applications"][0]["args"].update(ingress="deployment")
+    # and the engine core in a process of its own (serving/deployments/engine_core.py; by default only
+    # with the collective transport): the tokens cross its socket as well
+    cfg["applications"][0]["args"].update(engine_process=True)
     (tmp / "serve_config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     c = Cluster(tmp / "state", tmp / "serve_config.yaml")
     try:

@@ -35,7 +35,7 @@ from serving.api.errors import (LOST_REPLICA_RETRY_MS, Draining, InvalidRequest,
                                  is_lost_replica, lost_replica_details, retry_trailers)
 from serving.api.protos import SERVICE_NAME, health_pb2, pb2
 from serving.api.validation import ApiLimits, Tokenizer, validate_request
-from serving.engine.async_engine import ExpertsUnreachable
+from serving.engine.async_engine import EngineCoreLost, ExpertsUnreachable
 from serving.engine.request import FinishReason, GenerationRequest, Priority, TokenEvent
 
 logger = logging.getLogger(__name__)
@@ -111,6 +111,9 @@ def _failure_for(exc: BaseException, request_id: str) -> _Failure:
     if isinstance(exc, ExpertsUnreachable):    # the shards stayed gone for the engine's retry window
         return _retry_later(grpc.StatusCode.UNAVAILABLE, f"expert shards unreachable ({exc}); retry after "
                             f"{LOST_REPLICA_RETRY_MS} ms", LOST_REPLICA_RETRY_MS)
+    if isinstance(exc, EngineCoreLost):        # the engine core's process died; the replica is replaced
+        return _retry_later(grpc.StatusCode.UNAVAILABLE, f"{exc}; tokens already streamed stand; retry "
+                            f"after {LOST_REPLICA_RETRY_MS} ms", LOST_REPLICA_RETRY_MS)
     logger.error("request %s failed", request_id, exc_info=exc)
     return _Failure(grpc.StatusCode.INTERNAL,
                     f"internal error ({type(exc).__name__}); request_id={request_id}")

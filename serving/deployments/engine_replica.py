@@ -1,12 +1,15 @@
-"""EngineReplica deployment: a shim around Engine + AsyncEngine.
+"""EngineReplica deployment: a shim around the engine core (serving/deployments/engine_core.py).
 
-It holds everything but the routed experts (embeddings, attention, norms, router,
-lm_head, KV cache) and reaches the experts through the ExpertDispatcher. With
-AppConfig.ingress = "engine" it is also the app's ingress: Serve's gRPC proxy calls its
-GrpcFace methods, which stream from `generate` in-process.
+The core holds everything but the routed experts (embeddings, attention, norms, router,
+lm_head, KV cache) and reaches the experts through the ExpertDispatcher; it runs in a process
+of its own beside the replica (AppConfig.engine_process), or on a thread of the replica. The
+replica admits, sheds, chunks the streams and reports metrics. With AppConfig.ingress = "engine"
+it is also the app's ingress: Serve's gRPC proxy calls its GrpcFace methods, which stream from
+`generate` in-process.
 """
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from typing import AsyncIterator
@@ -17,15 +20,14 @@ from serving.deployments import startup_priority
 startup_priority.boost()   # before torch: a replica starting mid-spike imports ahead of the busy ones
 
 import ray  # noqa: E402
-import torch  # noqa: E402
 from ray import serve
 
 from serving.deployments.config import NODE_PIN, AppConfig, node_resource
+from serving.deployments.engine_core import LocalCore, RemoteCore
 from serving.deployments.grpc_face import GrpcFace, build_service
 from serving.deployments.placement_sync import PlacementWatcher
 from serving.deployments.reporter import MetricsReporter
 from serving.engine.admission import AdmissionConfig, AdmissionController
-from serving.engine.async_engine import AsyncEngine
 from serving.engine.load_window import LoadWindow
 from serving.autoscaling.signals import engine_autoscaling_stats
 from serving.engine.engine import Engine
@@ -34,15 +36,14 @@ from serving.engine.request import GenerationRequest, TokenEvent
 from serving.engine.scheduler import SchedulerConfig
 from serving.engine.torch_threads import StepThreads, WithThreads
 from serving.metrics import EngineSample
+from serving.model.config import MoEConfig
 from serving.model.model import MoEModel
-from serving.model.sampling import SamplingParams
 from serving.model.tokenizer import Tokenizer
 from serving.parallel.collective_transport import CollectiveGroupError, CollectiveTransport
 from serving.parallel.dispatcher import ExpertDispatcher, LocalTransport
 from serving.parallel.expert_shard import ExpertShardWorker
 from serving.parallel.placement import Placement
 from serving.parallel.serve_transport import ServeTransport
-from serving.thread_priority import compute_policy, raise_priority, thread_nice, thread_policy
 
 
 # A shard replica restarting or moving: the step is retried until Serve has it back.
@@ -121,9 +122,6 @@ def _growth(now: dict, before: dict) -> dict:
     return {k: max(0.0, v - before.get(k, 0.0)) for k, v in now.items()}
 
 
-WARM_UP_PROMPT = (1, 2, 3, 4, 5, 6, 7, 8)
-
-
 class ReplicaEngineClient:
     """EngineClient over the replica's own `generate` (no Ray hop): the gRPC face's engine."""
 
@@ -137,66 +135,50 @@ class ReplicaEngineClient:
 @serve.deployment
 class EngineReplica(GrpcFace):
     async def __init__(self, args: dict, placement_json: str, shard_handles: list, metrics_hub):
-        """Build the engine, then warm it up before Serve routes any request here."""
+        """Build the engine core (serving/deployments/engine_core.py), then warm it up before
+        Serve routes any request here."""
         log_filters.install()                    # no traceback per shed / invalid request
-        cfg = self._build(args, placement_json, shard_handles)
-        await self._warm_up()
-        self.dispatcher.take_routed_counts()     # the warm-up's tokens are not traffic
+        cfg = AppConfig.from_args(args)
+        if cfg.engine_core_process:
+            self.core = await RemoteCore.start(cfg, placement_json, shard_handles)
+        else:
+            self.core = LocalCore(cfg, placement_json, shard_handles)
+            await asyncio.to_thread(self.core.warm_up)
+        info = await self.core.describe_async()
+        self._setup(cfg, info)
         replica = serve.get_replica_context().replica_id.unique_id
         self.reporter = MetricsReporter(metrics_hub, f"engine-{replica}", cfg.report_interval_s,
-                                        collect_engine=EngineSampler(self.engine, self.dispatcher))
-        self.service = build_service(cfg, self.engine.model.config, self.engine.tokenizer,
+                                        collect_engine=self.core.sample)
+        model_cfg = MoEConfig.from_dir(cfg.checkpoint)
+        self.service = build_service(cfg, model_cfg, Tokenizer.from_dir(cfg.checkpoint),
                                      ReplicaEngineClient(self), self.reporter, ready=True)
         startup_priority.restore()               # ready: back to the workers' niceness
-        raise_priority(cfg.compute_nice, self.async_engine.thread_id)   # ... except the step loop
+        self.core.set_step_nice(cfg.compute_nice)   # ... except the step loop
 
-    def _build(self, args: dict, placement_json: str, shard_handles: list) -> AppConfig:
-        cfg = AppConfig.from_args(args)
-        torch.set_num_threads(cfg.engine_threads)
-        self.engine, self.dispatcher = build_engine(cfg, Placement.from_json(placement_json), shard_handles)
-        self.async_engine = AsyncEngine(self.engine, retryable=SHARD_UNREACHABLE)
-        compute_policy(self.async_engine.thread_id)   # before its first step: its OpenMP threads inherit it
-        sched = self.engine.config
+    def _setup(self, cfg: AppConfig, info: dict) -> None:
         self.admission = AdmissionController(AdmissionConfig(
-            max_running=sched.max_num_seqs, max_queued=cfg.max_queued, batch_share=cfg.batch_share,
+            max_running=info["max_num_seqs"], max_queued=cfg.max_queued, batch_share=cfg.batch_share,
             max_wait_s=cfg.ttft_slo_s, prior_service_s=cfg.ttft_slo_s,
-            token_budget=cfg.token_budget or sched.kv_blocks * sched.block_size),
+            token_budget=cfg.token_budget or info["kv_tokens"]),
             step_s=self._recent_step_s)
         self.load = LoadWindow()
         self.stream_max_hold_s = cfg.stream_max_hold_s
-        self.chunk_tokens = lambda: (cfg.stream_chunk_tokens if self.engine.stats.num_running
+        self.chunk_tokens = lambda: (cfg.stream_chunk_tokens if self.core.num_running()
                                      >= cfg.stream_chunk_min_running else 1)
-        self.placement_watcher = PlacementWatcher(self._on_placement)
-        return cfg
+        self.placement_watcher = PlacementWatcher(lambda p: self.core.set_placement(p.to_json()))
 
     def _recent_step_s(self) -> float:
         """The median of the engine's last 9 step times (one long prefill step does not move it)."""
-        recent = sorted(self.engine.stats.recent_step_seconds[-9:])
+        recent = sorted(self.core.recent_step_seconds())
         return recent[len(recent) // 2] if recent else 0.0
 
-    async def _warm_up(self) -> None:
-        """One short request through the whole path (shard handles, first steps, allocator): the
-        first real requests on a new replica, which arrive in a burst when it joins during a
-        spike, would otherwise pay for it in TTFT. Its tokens are not reported."""
-        request = GenerationRequest(request_id=f"warm-up-{id(self)}", prompt_token_ids=WARM_UP_PROMPT,
-                                    sampling=SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True))
-        async for _ in self.async_engine.stream(request):
-            pass
-
-    def _on_placement(self, placement: Placement) -> None:
-        self.dispatcher.set_placement(placement)
-        on_change = getattr(self.dispatcher.transport, "set_placement", None)
-        if on_change is not None:     # collective: this replica's own shard actors follow it
-            on_change(placement)
-
     async def generate(self, request: GenerationRequest) -> AsyncIterator[list[TokenEvent]]:
-        """The request's TokenEvents in chunks (one streamed message each; see AsyncEngine.stream_chunks)."""
+        """The request's TokenEvents in chunks (one streamed message each; see async_engine.chunked)."""
         self.load.add("arrivals")                # offered load, shed requests included
         self.admission.admit(request)            # raises Overloaded: shed before any work is done
         t0, first, generated = time.monotonic(), True, 0
         try:
-            async for chunk in self.async_engine.stream_chunks(request, self.chunk_tokens,
-                                                               self.stream_max_hold_s):
+            async for chunk in self.core.stream_chunks(request, self.chunk_tokens, self.stream_max_hold_s):
                 if first:
                     self.load.add("ttft_s", time.monotonic() - t0)
                     self.admission.started(request.request_id)
@@ -209,29 +191,31 @@ class EngineReplica(GrpcFace):
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         """Serve's custom-autoscaling hook: this replica's load (see serving/autoscaling/signals.py)."""
-        s = self.engine.stats
         return engine_autoscaling_stats(
-            queue_depth=s.num_waiting, running=s.num_running,
+            queue_depth=self.core.num_waiting(), running=self.core.num_running(),
             ttft_p90_s=self.load.quantile("ttft_s", 0.9), ttft_p99_s=self.load.quantile("ttft_s", 0.99),
             arrivals_per_s=self.load.rate("arrivals"), completed_per_s=self.load.rate("completed"))
 
-    def ready(self) -> dict:
-        return {"node_id": ray.get_runtime_context().get_node_id(),
-                "transport": self.dispatcher.transport.name,
-                "placement_version": self.dispatcher.placement.version,
-                "step_loop_nice": thread_nice(self.async_engine.thread_id),
-                # scheduling policies (serving/thread_priority.py): the step loop, and this process
-                "step_loop_policy": thread_policy(self.async_engine.thread_id),
-                "process_policy": thread_policy(os.getpid())}
+    def check_health(self) -> None:
+        """Serve's health check: a replica whose engine core process died is replaced."""
+        if not self.core.alive:
+            raise RuntimeError("the engine core process is gone")
 
-    def describe_shards(self) -> list[dict]:
+    async def ready(self) -> dict:
+        info = await self.core.describe_async()
+        return {"node_id": ray.get_runtime_context().get_node_id(),
+                "transport": info["transport"], "placement_version": info["placement_version"],
+                "step_loop_nice": info["step_loop_nice"],
+                # scheduling policies (serving/thread_priority.py): the step loop, and its process
+                "step_loop_policy": info["step_loop_policy"], "process_policy": info["core_process_policy"],
+                "engine_process": info["core_pid"] != os.getpid()}
+
+    async def describe_shards(self) -> list[dict]:
         """The collective transport's shard actors (shard id, node id, experts); [] otherwise."""
-        return list(getattr(self.dispatcher.transport, "shard_info", []))
+        return (await self.core.describe_async())["shards"]
 
     def __del__(self):
-        self.async_engine.shutdown()
         if hasattr(self, "reporter"):
             self.reporter.stop()
-        close = getattr(self.dispatcher.transport, "close", None)
-        if close is not None:      # collective: stop and kill the shard actors this replica owns
-            close()
+        if hasattr(self, "core"):
+            self.core.shutdown()

@@ -31,6 +31,11 @@ class ExpertsUnreachable(EngineError):
     for the whole retry window: an infrastructure outage, which the API answers UNAVAILABLE."""
 
 
+class EngineCoreLost(EngineError):
+    """The engine core's process died (serving/deployments/engine_core.py) with the request in
+    flight: the replica is replaced; the API answers UNAVAILABLE with a retry delay."""
+
+
 class AsyncEngine:
     def __init__(self, engine: Engine, step_retry_s: float = 60.0,
                  retryable: tuple[type[BaseException], ...] = ()):
@@ -40,6 +45,7 @@ class AsyncEngine:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._outbox: list[tuple[asyncio.AbstractEventLoop, asyncio.Queue, object]] = []  # step thread only
+        self.after_flush: Callable[[], None] | None = None   # step thread: after each step's events
         self._thread = threading.Thread(target=self._loop, name="engine-step-loop", daemon=True)
         self._thread.start()
 
@@ -64,33 +70,20 @@ class AsyncEngine:
                 self.engine.abort(request.request_id)
                 self._wake.set()
 
-    async def stream_chunks(self, request: GenerationRequest, chunk_tokens: int | Callable[[], int] = 1,
-                            max_hold_s: float = 0.25) -> AsyncIterator[list[TokenEvent]]:
-        """`stream`, in chunks: the first token alone (TTFT), then up to `chunk_tokens` at a time
-        (an int, or a callable asked at every token: the engine replica makes it follow the load),
-        flushed early once the oldest held token has waited `max_hold_s` (checked when the next
-        one arrives, so at most one engine step later), and with the finish.
+    def submit(self, request: GenerationRequest, emit: Callable[[object], None]) -> None:
+        """Add `request` with a raw `emit`, called on the step thread with each TokenEvent (or the
+        exception that failed the request). The caller collects them (see `after_flush`)."""
+        self.engine.add_request(request, emit)
+        self._wake.set()
 
-        Every hop after the engine (Serve's streaming handle, the gRPC proxy, an Ingress replica if
-        any) costs about a millisecond of CPU per message; with 64 streams that is a large share of
-        a step.
-        A chunk is one message carrying several tokens (GenerateResponse.token_ids is repeated).
-        """
-        loop = asyncio.get_running_loop()
-        per_chunk = chunk_tokens if callable(chunk_tokens) else (lambda: chunk_tokens)
-        held: list[TokenEvent] = []
-        first, since = True, 0.0
-        async for ev in self.stream(request):
-            if not held:
-                since = loop.time()
-            held.append(ev)
-            if (first or ev.finish_reason is not None or len(held) >= per_chunk()
-                    or loop.time() - since >= max_hold_s):
-                first = False
-                out, held = held, []
-                yield out
-        if held:                   # only reached if the stream ended without a finish event
-            yield held
+    def abort(self, request_id: str) -> None:
+        self.engine.abort(request_id)
+        self._wake.set()
+
+    def stream_chunks(self, request: GenerationRequest, chunk_tokens: int | Callable[[], int] = 1,
+                      max_hold_s: float = 0.25) -> AsyncIterator[list[TokenEvent]]:
+        """`stream`, in chunks (see `chunked`)."""
+        return chunked(self.stream(request), chunk_tokens, max_hold_s)
 
     @property
     def thread_id(self) -> int | None:
@@ -103,7 +96,10 @@ class AsyncEngine:
         self._thread.join(timeout=10)
 
     def _flush(self) -> None:
-        """Hand the events emitted since the last flush to their event loops, one call per loop."""
+        """Hand the events emitted since the last flush to their event loops, one call per loop;
+        then `after_flush`, for events emitted through `submit`."""
+        if self.after_flush is not None:
+            self.after_flush()
         if not self._outbox:
             return
         out, self._outbox = self._outbox, []
@@ -111,10 +107,7 @@ class AsyncEngine:
         for loop, queue, ev in out:
             by_loop.setdefault(loop, []).append((queue, ev))
         for loop, items in by_loop.items():
-            try:
-                loop.call_soon_threadsafe(_deliver, items)
-            except RuntimeError:      # that loop is closed: nobody is left to read its events
-                pass
+            post_events(loop, items)
 
     def _loop(self) -> None:
         failing_since = None
@@ -147,6 +140,43 @@ class AsyncEngine:
             self.engine.step()
         finally:                      # a failed step may have emitted some events already
             self._flush()
+
+
+async def chunked(events: AsyncIterator[TokenEvent], chunk_tokens: int | Callable[[], int] = 1,
+                  max_hold_s: float = 0.25) -> AsyncIterator[list[TokenEvent]]:
+    """A request's events in chunks: the first token alone (TTFT), then up to `chunk_tokens` at a time
+    (an int, or a callable asked at every token: the engine replica makes it follow the load),
+    flushed early once the oldest held token has waited `max_hold_s` (checked when the next one
+    arrives, so at most one engine step later), and with the finish.
+
+    Every hop after the engine (Serve's streaming handle, the gRPC proxy, an Ingress replica if
+    any) costs about a millisecond of CPU per message; with 64 streams that is a large share of
+    a step.
+    A chunk is one message carrying several tokens (GenerateResponse.token_ids is repeated).
+    """
+    loop = asyncio.get_running_loop()
+    per_chunk = chunk_tokens if callable(chunk_tokens) else (lambda: chunk_tokens)
+    held: list[TokenEvent] = []
+    first, since = True, 0.0
+    async for ev in events:
+        if not held:
+            since = loop.time()
+        held.append(ev)
+        if (first or ev.finish_reason is not None or len(held) >= per_chunk()
+                or loop.time() - since >= max_hold_s):
+            first = False
+            out, held = held, []
+            yield out
+    if held:                   # only reached if the stream ended without a finish event
+        yield held
+
+
+def post_events(loop: asyncio.AbstractEventLoop, items: list[tuple[asyncio.Queue, object]]) -> None:
+    """Put each (queue, event) into its queue, on `loop`'s thread (one wake-up of the loop)."""
+    try:
+        loop.call_soon_threadsafe(_deliver, items)
+    except RuntimeError:      # that loop is closed: nobody is left to read its events
+        pass
 
 
 def _deliver(items: list[tuple[asyncio.Queue, object]]) -> None:
