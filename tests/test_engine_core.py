@@ -44,7 +44,7 @@ def pair(tiny_checkpoint):
     core = CoreProcess(_cfg(tiny_checkpoint).to_args(), _placement(tiny_checkpoint), [])
     core.warm_up()
     address, key = core.address()
-    remote = RemoteCore(actor=None, conn=Client(address, "AF_UNIX", authkey=key), info=core.describe())
+    remote = RemoteCore(actor=None, conn=Client(address, "AF_UNIX", authkey=key))
     yield core, remote
     remote._conn.close()
     core.shutdown()

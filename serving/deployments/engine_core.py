@@ -37,7 +37,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from serving.deployments import startup_priority
 from serving.deployments.config import AppConfig
-from serving.engine.async_engine import AsyncEngine, EngineCoreLost, chunked, post_events
+from serving.engine.async_engine import AsyncEngine, EngineCoreLost, chunked, post_events, request_events
 from serving.engine.request import FinishReason, GenerationRequest, TokenEvent
 from serving.metrics import EngineSample
 from serving.model.sampling import SamplingParams
@@ -57,13 +57,12 @@ class LocalCore:
     """The engine on a step thread of this process (serving/engine/async_engine.py)."""
 
     def __init__(self, cfg: AppConfig, placement_json: str, shard_handles: list):
-        from serving.deployments.engine_replica import SHARD_UNREACHABLE, EngineSampler, build_engine
+        from serving.deployments.engine_replica import SHARD_UNREACHABLE, build_engine   # it imports this module
         torch.set_num_threads(cfg.engine_threads)
         self.engine, self.dispatcher = build_engine(cfg, Placement.from_json(placement_json), shard_handles)
         self.async_engine = AsyncEngine(self.engine, retryable=SHARD_UNREACHABLE)
         compute_policy(self.async_engine.thread_id)   # before its first step: its OpenMP threads inherit it
-        self._sampler_cls = EngineSampler
-        self.sampler: EngineSampler | None = None
+        self.sampler: Callable[[], EngineSample] | None = None   # EngineSampler, from the warm-up's end
 
     # ---- the data path ----
     def stream_chunks(self, request: GenerationRequest, chunk_tokens: int | Callable[[], int],
@@ -97,8 +96,9 @@ class LocalCore:
             raise TimeoutError(f"the engine's warm-up did not finish in {timeout_s} s")
         if failure:
             raise failure[0]
+        from serving.deployments.engine_replica import EngineSampler
         self.dispatcher.take_routed_counts()     # the warm-up's tokens are not traffic
-        self.sampler = self._sampler_cls(self.engine, self.dispatcher)
+        self.sampler = EngineSampler(self.engine, self.dispatcher)
 
     def sample(self) -> EngineSample:
         """The engine's metrics since the last sample (counted from the warm-up's end)."""
@@ -242,8 +242,8 @@ _CoreActor = ray.remote(CoreProcess)
 class RemoteCore:
     """The replica's side of a CoreProcess: starts the actor on this node, streams over the socket."""
 
-    def __init__(self, actor, conn: Connection, info: dict):
-        self.actor, self._conn, self.info = actor, conn, info
+    def __init__(self, actor, conn: Connection):
+        self.actor, self._conn = actor, conn
         self._send_lock = threading.Lock()
         self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._mirror: tuple[int, int, list[float]] = (0, 0, [])
@@ -260,33 +260,28 @@ class RemoteCore:
         address, key = await actor.address.remote()
         conn = await asyncio.to_thread(Client, address, "AF_UNIX", authkey=key)
         await actor.warm_up.remote()
-        return cls(actor, conn, await actor.describe.remote())
+        return cls(actor, conn)
 
     # ---- the data path ----
-    async def stream(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
+    def stream(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
         rid = request.request_id
-        self._queues[rid] = (loop, queue)
-        finished = False
-        try:
-            self._send(("add", request))
-            while True:
-                ev = await queue.get()
-                if isinstance(ev, BaseException):
-                    finished = True
-                    raise ev
-                yield ev
-                if ev.finish_reason is not None:
-                    finished = True
-                    return
-        finally:
+
+        def start(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue) -> None:
+            self._queues[rid] = (loop, queue)
+            try:
+                self._send(("add", request))
+            except EngineCoreLost:
+                self._queues.pop(rid, None)
+                raise
+
+        def end(finished: bool) -> None:
             self._queues.pop(rid, None)
             if not finished and self._lost is None:
                 try:
                     self._send(("abort", rid))
                 except EngineCoreLost:
                     pass
+        return request_events(start, end)
 
     def stream_chunks(self, request: GenerationRequest, chunk_tokens: int | Callable[[], int],
                       max_hold_s: float) -> AsyncIterator[list[TokenEvent]]:
@@ -315,21 +310,11 @@ class RemoteCore:
         try:
             while True:
                 batch, self._mirror = self._conn.recv()
-                by_loop: dict[asyncio.AbstractEventLoop, list] = {}
-                for rid, item in batch:
-                    target = self._queues.get(rid)
-                    if target is not None:
-                        by_loop.setdefault(target[0], []).append((target[1], _unpack(rid, item)))
-                for loop, items in by_loop.items():
-                    post_events(loop, items)
+                post_events((*self._queues[rid], _unpack(rid, item)) for rid, item in batch if rid in self._queues)
         except Exception as exc:  # noqa: BLE001 -- EOF or a reset: the core is gone either way
             self._lost = f"the engine core process died ({type(exc).__name__})"
         lost = EngineCoreLost(self._lost)
-        by_loop = {}
-        for loop, queue in list(self._queues.values()):
-            by_loop.setdefault(loop, []).append((queue, lost))
-        for loop, items in by_loop.items():
-            post_events(loop, items)
+        post_events((loop, queue, lost) for loop, queue in list(self._queues.values()))
 
     # ---- control ----
     def sample(self, timeout_s: float = 5.0) -> EngineSample:
@@ -342,8 +327,7 @@ class RemoteCore:
         ray.get(self.actor.set_step_nice.remote(nice))
 
     async def describe_async(self) -> dict:
-        self.info = await self.actor.describe.remote()
-        return self.info
+        return await self.actor.describe.remote()
 
     @property
     def alive(self) -> bool:

@@ -14,7 +14,7 @@ import asyncio
 import logging
 import threading
 import time
-from typing import AsyncIterator, Callable
+from typing import AsyncIterator, Callable, Iterable
 
 from serving.engine.engine import Engine
 from serving.engine.request import GenerationRequest, TokenEvent
@@ -49,26 +49,14 @@ class AsyncEngine:
         self._thread = threading.Thread(target=self._loop, name="engine-step-loop", daemon=True)
         self._thread.start()
 
-    async def stream(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
-        self.engine.add_request(request, lambda ev: self._outbox.append((loop, queue, ev)))
-        self._wake.set()
-        finished = False
-        try:
-            while True:
-                ev = await queue.get()
-                if isinstance(ev, BaseException):
-                    finished = True
-                    raise ev
-                yield ev
-                if ev.finish_reason is not None:
-                    finished = True
-                    return
-        finally:
+    def stream(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
+        def start(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue) -> None:
+            self.submit(request, lambda ev: self._outbox.append((loop, queue, ev)))
+
+        def end(finished: bool) -> None:
             if not finished:
-                self.engine.abort(request.request_id)
-                self._wake.set()
+                self.abort(request.request_id)
+        return request_events(start, end)
 
     def submit(self, request: GenerationRequest, emit: Callable[[object], None]) -> None:
         """Add `request` with a raw `emit`, called on the step thread with each TokenEvent (or the
@@ -103,11 +91,7 @@ class AsyncEngine:
         if not self._outbox:
             return
         out, self._outbox = self._outbox, []
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, object]]] = {}
-        for loop, queue, ev in out:
-            by_loop.setdefault(loop, []).append((queue, ev))
-        for loop, items in by_loop.items():
-            post_events(loop, items)
+        post_events(out)
 
     def _loop(self) -> None:
         failing_since = None
@@ -171,12 +155,41 @@ async def chunked(events: AsyncIterator[TokenEvent], chunk_tokens: int | Callabl
         yield held
 
 
-def post_events(loop: asyncio.AbstractEventLoop, items: list[tuple[asyncio.Queue, object]]) -> None:
-    """Put each (queue, event) into its queue, on `loop`'s thread (one wake-up of the loop)."""
+async def request_events(start: Callable[[asyncio.AbstractEventLoop, asyncio.Queue], None],
+                         end: Callable[[bool], None]) -> AsyncIterator[TokenEvent]:
+    """One request's events, as `post_events` puts them into its queue, up to its finish event (an
+    exception in the queue is raised). `start(loop, queue)` submits the request, at the first
+    iteration; `end(finished)` runs when the stream ends, finished=False if the consumer stopped
+    before the finish event (the request is to be aborted)."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+    start(loop, queue)
+    finished = False
     try:
-        loop.call_soon_threadsafe(_deliver, items)
-    except RuntimeError:      # that loop is closed: nobody is left to read its events
-        pass
+        while True:
+            ev = await queue.get()
+            if isinstance(ev, BaseException):
+                finished = True
+                raise ev
+            yield ev
+            if ev.finish_reason is not None:
+                finished = True
+                return
+    finally:
+        end(finished)
+
+
+def post_events(events: Iterable[tuple[asyncio.AbstractEventLoop, asyncio.Queue, object]]) -> None:
+    """Put each (loop, queue, event)'s event into its queue on its loop's thread: one call, and one
+    wake-up, per loop."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, object]]] = {}
+    for loop, queue, ev in events:
+        by_loop.setdefault(loop, []).append((queue, ev))
+    for loop, items in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_deliver, items)
+        except RuntimeError:      # that loop is closed: nobody is left to read its events
+            pass
 
 
 def _deliver(items: list[tuple[asyncio.Queue, object]]) -> None:
