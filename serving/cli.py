@@ -160,6 +160,17 @@ def cmd_generate(a: argparse.Namespace) -> int:
     return run_generate(a)
 
 
+def cmd_token_hash(a: argparse.Namespace) -> int:
+    """sha256 of a bearer token read from stdin (one line), for the Serve config's `tenants.tokens`."""
+    from serving.api.tenants import token_sha256
+    token = sys.stdin.readline().strip()
+    if not token:
+        print("error: no token on stdin (echo -n \"$TOKEN\" | moe-serve token-hash)", file=sys.stderr)
+        return 2
+    print(token_sha256(token))
+    return 0
+
+
 def cmd_run(a: argparse.Namespace) -> int:
     """The `make run` demo: a 2-node cluster on the demo checkpoint, one streamed completion."""
     from serving.api.protos import pb2
@@ -273,6 +284,10 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("generate", help="send one request to a running cluster")
     add_generate_arguments(p)
     p.set_defaults(fn=cmd_generate)
+
+    p = sub.add_parser("token-hash", help="sha256 of a bearer token read from stdin, for the Serve "
+                                          "config's tenants.tokens (serving/api/tenants.py)")
+    p.set_defaults(fn=cmd_token_hash)
 
     a = parser.parse_args(argv)
     try:

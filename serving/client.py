@@ -7,12 +7,15 @@
             print(chunk.text, end="", flush=True)
 
 Behind Ray Serve's gRPC proxy no metadata is needed with one application; with several,
-pass `application=` (sent as the `application` metadata key the proxy routes on).
+pass `application=` (sent as the `application` metadata key the proxy routes on). A cluster with
+tenants (serving/api/tenants.py) wants `token=` (sent as `authorization: Bearer ...`), or without
+tokens `tenant=` (sent as `x-moe-tenant`).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 import time
@@ -21,9 +24,10 @@ from typing import Any, Iterator, Sequence
 import grpc
 
 from serving.api.protos import health_pb2, health_pb2_grpc, pb2, pb2_grpc
+from serving.api.tenants import AUTH_HEADER, TENANT_HEADER
 
 __all__ = ["MoEClient", "build_request", "add_generate_arguments", "run_generate",
-           "FINISH_REASONS", "EXIT_INVALID", "EXIT_RETRYABLE", "EXIT_ERROR"]
+           "FINISH_REASONS", "EXIT_INVALID", "EXIT_RETRYABLE", "EXIT_ERROR", "EXIT_UNAUTHENTICATED"]
 
 _PRIORITY = {"interactive": pb2.PRIORITY_INTERACTIVE, "batch": pb2.PRIORITY_BATCH,
              None: pb2.PRIORITY_UNSPECIFIED}
@@ -31,7 +35,7 @@ _PRIORITY = {"interactive": pb2.PRIORITY_INTERACTIVE, "batch": pb2.PRIORITY_BATC
 FINISH_REASONS = {pb2.FINISH_REASON_UNSPECIFIED: None, pb2.FINISH_REASON_STOP: "stop",
                   pb2.FINISH_REASON_LENGTH: "length", pb2.FINISH_REASON_CANCELLED: "cancelled"}
 
-EXIT_ERROR, EXIT_INVALID, EXIT_RETRYABLE = 1, 2, 3
+EXIT_ERROR, EXIT_INVALID, EXIT_RETRYABLE, EXIT_UNAUTHENTICATED = 1, 2, 3, 4
 
 
 def build_request(prompt: str | None = None, prompt_ids: Sequence[int] | None = None, *,
@@ -90,12 +94,17 @@ class MoEClient:
 
     def __init__(self, target: str, timeout_s: float | None = 120.0, *,
                  application: str | None = None,
+                 tenant: str | None = None, token: str | None = None,
                  metadata: Sequence[tuple[str, str]] = (),
                  options: Sequence[tuple[str, Any]] = ()):
+        """`token`: the bearer token of a cluster with tenant auth (serving/api/tenants.py);
+        `tenant`: the caller's name where the cluster runs without tokens (`x-moe-tenant`)."""
         self.target = target
         self.timeout_s = timeout_s
         self.metadata: tuple[tuple[str, str], ...] = tuple(metadata) + (
-            (("application", application),) if application else ())
+            (("application", application),) if application else ()) + (
+            ((TENANT_HEADER, tenant),) if tenant else ()) + (
+            ((AUTH_HEADER, f"Bearer {token}"),) if token else ())
         self.channel = grpc.insecure_channel(target, options=list(options))
         self._stub = pb2_grpc.MoEServingStub(self.channel)
         self._health = health_pb2_grpc.HealthStub(self.channel)
@@ -194,6 +203,11 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout-s", type=float, default=120.0)
     parser.add_argument("--application", default=None,
                         help="Ray Serve application name (only with several apps)")
+    parser.add_argument("--tenant", default=None,
+                        help="caller's tenant name (x-moe-tenant), where the cluster runs without tokens")
+    parser.add_argument("--token-env", default="MOE_SERVE_TOKEN", metavar="VAR",
+                        help="environment variable holding the bearer token, if the cluster requires one "
+                             "(default MOE_SERVE_TOKEN; read from the environment so it stays out of `ps`)")
 
 
 def _parse_ids(text: str) -> list[int]:
@@ -209,6 +223,8 @@ def _parse_ids(text: str) -> list[int]:
 def _exit_code(code: grpc.StatusCode | None) -> int:
     if code == grpc.StatusCode.INVALID_ARGUMENT:
         return EXIT_INVALID
+    if code == grpc.StatusCode.UNAUTHENTICATED:
+        return EXIT_UNAUTHENTICATED
     if code in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE):
         return EXIT_RETRYABLE
     return EXIT_ERROR
@@ -231,7 +247,8 @@ def run_generate(args: argparse.Namespace) -> int:
                               "finish_reason": None,
                               "usage": {"prompt_tokens": 0, "completion_tokens": 0}}
     logprobs: list[float] = []
-    with MoEClient(args.target, args.timeout_s, application=args.application) as client:
+    with MoEClient(args.target, args.timeout_s, application=args.application, tenant=args.tenant,
+                   token=os.environ.get(args.token_env) or None) as client:
         try:
             if args.stream:
                 for chunk in client.generate(request, resume=args.resume):

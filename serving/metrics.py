@@ -29,6 +29,9 @@ class RequestSample:
     ttft_s: float | None = None
     itl_s: list[float] = field(default_factory=list)
     e2e_s: float | None = None
+    tenant: str = "default"      # the caller's label (serving/api/tenants.py: listed tenants, default, other)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
 
 
 @dataclass(slots=True)
@@ -64,6 +67,11 @@ class Metrics:
         ns = NAMESPACE
         self.requests = Counter("requests", "Requests by final gRPC status and priority class",
                                 ["status", "priority"], namespace=ns, registry=r)
+        self.tenant_requests = Counter("tenant_requests", "Requests by tenant (serving/api/tenants.py) and final "
+                                       "gRPC status", ["tenant", "status"], namespace=ns, registry=r)
+        self.tenant_tokens = Counter("tenant_tokens", "Tokens by tenant: prompt (of requests that reached the "
+                                     "engine) and completion (generated)", ["tenant", "kind"],
+                                     namespace=ns, registry=r)
         self.ttft = Histogram("time_to_first_token_seconds", "Time from arrival to the first token",
                               ["priority"], namespace=ns, buckets=LATENCY_BUCKETS_S, registry=r)
         self.itl = Histogram("inter_token_latency_seconds", "Gap between consecutive streamed tokens",
@@ -164,6 +172,10 @@ class MetricsHub:
         m = self.metrics
         for rq in report.requests:
             m.requests.labels(rq.status, rq.priority).inc()
+            m.tenant_requests.labels(rq.tenant, rq.status).inc()
+            if rq.completion_tokens:
+                m.tenant_tokens.labels(rq.tenant, "prompt").inc(rq.prompt_tokens)
+                m.tenant_tokens.labels(rq.tenant, "completion").inc(rq.completion_tokens)
             if rq.ttft_s is not None:
                 m.ttft.labels(rq.priority).observe(rq.ttft_s)
             for gap in rq.itl_s:

@@ -274,6 +274,21 @@ def overview() -> Dashboard:
                    desc="p50 and p99 over all engine replicas, and each replica's p99: one replica "
                         "much slower than the others points at its node or its shards."),
 
+        row("Tenants (serving/api/tenants.py: listed tenants by name, the rest as default / other)"),
+        timeseries("Requests by tenant and status",
+                   [Target(f"sum by (tenant, status) (rate(moe_serve_tenant_requests_total{{{J}}}[{RI}]))",
+                           "{{tenant}} {{status}}")], unit="reqps", w=8),
+        timeseries("Shed ratio by tenant", [
+            Target(f'(sum by (tenant) (rate(moe_serve_tenant_requests_total{{{J},status="RESOURCE_EXHAUSTED"}}[{RI}])) '
+                   f'or sum by (tenant) (rate(moe_serve_tenant_requests_total{{{J}}}[{RI}])) * 0) '
+                   f'/ sum by (tenant) (rate(moe_serve_tenant_requests_total{{{J}}}[{RI}]))', "{{tenant}}")],
+            unit="percentunit", w=8,
+            desc="RESOURCE_EXHAUSTED over all of a tenant's requests: its own quota, or the replica's admission. "
+                 "One tenant shed while the others are not is its quota at work."),
+        timeseries("Tokens/s by tenant",
+                   [Target(f"sum by (tenant, kind) (rate(moe_serve_tenant_tokens_total{{{J}}}[{RI}]))",
+                           "{{tenant}} {{kind}}")], w=8),
+
         row("Latency"),
         timeseries("Time to first token by priority",
                    _quantiles("moe_serve_time_to_first_token_seconds", "priority", "priority"),

@@ -3,6 +3,9 @@
 The proxy only copies a code set on the replica's grpc_context when a result comes back,
 so a streaming method that fails before its first chunk must raise (GenerateService does).
 This checks that end to end, on loopback, with an echo engine. Slow: marked `cluster`.
+A second application ("tenants") gates its service with bearer tokens and a quota
+(serving/api/tenants.py): the `authorization` metadata must reach the replica through the proxy,
+and UNAUTHENTICATED must come back out.
 """
 from __future__ import annotations
 
@@ -16,6 +19,12 @@ import pytest
 pytestmark = pytest.mark.cluster
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+CHAT_TOKEN = "chat-token"
+# sha256 of CHAT_TOKEN (`moe-serve token-hash`), as the Serve config holds it
+TENANTS = {"quotas": {"chat": {"max_in_flight": 1}}, "in_flight_retry_s": 0.4,
+           "tokens": {"f782c6855e3280eaef1d6f6de3556ffd08decd912ef0a064e4466b1c28d3fb13": "chat"}}
 
 
 def _free_port() -> int:
@@ -41,10 +50,11 @@ def serve_target():
 
     @serve.deployment(ray_actor_options={"num_cpus": 0})
     class Ingress:
-        def __init__(self):
+        def __init__(self, tenants: dict | None = None):
             from serving.api.errors import Overloaded
             from serving.api.local_server import ByteTokenizer, EchoEngine
             from serving.api.service import GenerateService
+            from serving.api.tenants import TenantGate, TenantsConfig
             from serving.api.validation import ApiLimits
 
             class Engine(EchoEngine):
@@ -55,8 +65,9 @@ def serve_target():
                         yield ev
 
             tok = ByteTokenizer()
-            self.svc = GenerateService(tok, ApiLimits(vocab_size=tok.vocab_size,
-                                                      max_model_len=64), Engine(tok))
+            self.svc = GenerateService(tok, ApiLimits(vocab_size=tok.vocab_size, max_model_len=64),
+                                       Engine(tok, delay_s=0.05 if tenants else 0.0),
+                                       tenants=TenantGate(TenantsConfig.from_dict(tenants)) if tenants else None)
 
         async def Generate(self, request, grpc_context=None):
             async for chunk in self.svc.generate(request, grpc_context):
@@ -69,18 +80,20 @@ def serve_target():
             return self.svc.check(request, grpc_context)
 
     serve.run(Ingress.bind(), name="moe", route_prefix="/moe")
+    serve.run(Ingress.bind(TENANTS), name="tenants", route_prefix="/tenants")
     target = f"127.0.0.1:{port}"
     from serving.client import MoEClient
     deadline = time.monotonic() + 60
-    with MoEClient(target, 5) as c:
-        while True:
-            try:
-                assert c.health() == "SERVING"
-                break
-            except grpc.RpcError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.5)
+    for app in ("moe", "tenants"):
+        with MoEClient(target, 5, application=app) as c:
+            while True:
+                try:
+                    assert c.health() == "SERVING"
+                    break
+                except grpc.RpcError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.5)
     try:
         yield target
     finally:
@@ -90,7 +103,7 @@ def serve_target():
 
 def test_stream_and_unary_ok(serve_target):
     from serving.client import MoEClient
-    with MoEClient(serve_target, 30) as c:
+    with MoEClient(serve_target, 30, application="moe") as c:
         chunks = list(c.generate(prompt="abc", max_tokens=4, logprobs=True))
         assert "".join(ch.text for ch in chunks) == "abca"
         assert chunks[-1].usage.completion_tokens == 4
@@ -101,7 +114,7 @@ def test_stream_and_unary_ok(serve_target):
 @pytest.mark.parametrize("method", ["generate", "complete"])
 def test_invalid_argument_reaches_client(serve_target, method):
     from serving.client import MoEClient
-    with MoEClient(serve_target, 30) as c:
+    with MoEClient(serve_target, 30, application="moe") as c:
         with pytest.raises(grpc.RpcError) as ei:
             r = getattr(c, method)(prompt="abc", max_tokens=0)
             if method == "generate":
@@ -113,7 +126,7 @@ def test_invalid_argument_reaches_client(serve_target, method):
 @pytest.mark.parametrize("method", ["generate", "complete"])
 def test_overloaded_reaches_client(serve_target, method):
     from serving.client import MoEClient
-    with MoEClient(serve_target, 30) as c:
+    with MoEClient(serve_target, 30, application="moe") as c:
         with pytest.raises(grpc.RpcError) as ei:
             r = getattr(c, method)(prompt="abc", request_id="busy-1")
             if method == "generate":
@@ -128,7 +141,32 @@ def test_overloaded_reaches_client(serve_target, method):
 
 def test_health_unknown_service(serve_target):
     from serving.client import MoEClient
-    with MoEClient(serve_target, 30) as c:
+    with MoEClient(serve_target, 30, application="moe") as c:
         with pytest.raises(grpc.RpcError) as ei:
             c.health("nope")
         assert ei.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_tenant_auth_and_quota_through_the_proxy(serve_target):
+    """No token: UNAUTHENTICATED (health stays open). chat's token: served, and while one of its
+    streams runs, a second call is RESOURCE_EXHAUSTED naming the tenant."""
+    from serving.client import MoEClient
+    with MoEClient(serve_target, 30, application="tenants") as anon:
+        assert anon.health() == "SERVING"
+        for method in ("generate", "complete"):
+            with pytest.raises(grpc.RpcError) as ei:
+                r = getattr(anon, method)(prompt="abc", max_tokens=2)
+                if method == "generate":
+                    list(r)
+            assert ei.value.code() == grpc.StatusCode.UNAUTHENTICATED, ei.value
+            assert "bearer token" in ei.value.details()
+    with MoEClient(serve_target, 30, application="tenants", token=CHAT_TOKEN) as chat:
+        assert chat.complete(prompt="abc", max_tokens=3).text == "abc"
+        stream = chat.generate(prompt="abc", max_tokens=40)            # 50 ms a token: 2 s
+        next(stream)
+        with pytest.raises(grpc.RpcError) as ei:
+            chat.complete(prompt="abc", max_tokens=2)
+        assert ei.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "tenant 'chat'" in ei.value.details()
+        assert dict(ei.value.trailing_metadata() or ()).get("grpc-retry-pushback-ms") == "400"
+        assert len([t for ch in stream for t in ch.token_ids]) == 39    # the admitted stream: whole

@@ -14,6 +14,7 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
+import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
@@ -21,6 +22,7 @@ from cluster_harness import moe_serve, ray_query, running_cluster
 from hf_reference import build_hf_checkpoint
 from serving.api.protos import pb2, pb2_grpc
 from serving.client import MoEClient, build_request
+from serving.launcher import DEFAULT_CONFIG
 from serving.model.checkpoint import write_tokenizer
 
 pytestmark = pytest.mark.cluster
@@ -39,7 +41,13 @@ def ckpt(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def cluster(ckpt, tmp_path_factory):
-    with running_cluster(ckpt[0], tmp_path_factory.mktemp("state"), shards=2, nodes=2) as state:
+    # the shipped Serve config, plus one tenant quota: `capped` may hold 1 request per replica
+    # (serving/api/tenants.py); every other caller is tenant "default", without a quota
+    cfg = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    cfg["applications"][0]["args"]["tenants"] = {"quotas": {"capped": {"max_in_flight": 1}}}
+    config = tmp_path_factory.mktemp("config") / "serve_config.yaml"
+    config.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    with running_cluster(ckpt[0], tmp_path_factory.mktemp("state"), shards=2, nodes=2, config=config) as state:
         yield state
 
 
@@ -197,6 +205,56 @@ def test_metrics_after_traffic(cluster):
     assert check.returncode == 0, check.stdout + check.stderr
 
 
+def test_a_tenant_over_its_quota_is_shed_while_other_callers_are_served(cluster):
+    """Tenant `capped` (x-moe-tenant) may hold 1 request per engine replica: once its streams hold
+    that, its next call is RESOURCE_EXHAUSTED naming the tenant, through Ray's proxy, while a caller
+    of another tenant is served; a malformed tenant name is INVALID_ARGUMENT naming the header; once
+    its streams end, `capped` is served again; the metrics count the shed call under its tenant."""
+    target = cluster["grpc_target"]
+    long_req = build_request(prompt_ids=[5, 6, 7], max_tokens=200, temperature=0, ignore_eos=True)
+    short_req = build_request(prompt_ids=[5, 6], max_tokens=4, temperature=0)
+    with MoEClient(target, 300, tenant="capped") as capped, MoEClient(target, 120) as anyone:
+        streams, shed = [], None
+        for _ in range(6):                          # a replica holds at most one: <= 3 replicas
+            s = capped.generate(long_req)
+            try:
+                next(s)
+                streams.append(s)
+            except grpc.RpcError as exc:
+                shed = exc
+                break
+        assert shed is not None and shed.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, shed
+        assert "tenant 'capped'" in shed.details() and "retry after" in shed.details()
+        assert 1 <= len(streams) <= 3
+        assert len(anyone.complete(short_req).token_ids) == 4                 # another tenant: served
+        with MoEClient(target, 60, metadata=[("x-moe-tenant", "not a name")]) as bad:
+            with pytest.raises(grpc.RpcError) as ei:
+                bad.complete(short_req)
+        assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert ei.value.details().startswith("x-moe-tenant:")
+        for s in streams:
+            s.close()                               # cancels the RPC: the replica releases the lease
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                assert len(capped.complete(short_req).token_ids) == 4
+                break
+            except grpc.RpcError as exc:
+                if exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+    deadline = time.monotonic() + 20
+    while True:                                     # replicas push every 0.5 s
+        lines = [l for l in _scrape(cluster["metrics_url"]).splitlines()
+                 if l.startswith("moe_serve_tenant_requests_total{") and 'tenant="capped"' in l]
+        seen = {status for status in ("RESOURCE_EXHAUSTED", "OK", "CANCELLED")
+                if any(f'status="{status}"' in l for l in lines)}
+        if len(seen) == 3 or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert seen == {"RESOURCE_EXHAUSTED", "OK", "CANCELLED"}, lines
+
+
 def _gauge_sum(text: str, name: str) -> float:
     return sum(float(l.rsplit(" ", 1)[1]) for l in text.splitlines() if l.startswith(name + "{"))
 
@@ -322,6 +380,7 @@ def test_shard_replica_killed_mid_stream_loses_no_token(cluster, ckpt):
                                                  ignore_eos=True)).token_ids)
     out = ray_query(cluster, f"""
 from serving.client import MoEClient, build_request
+from serving.launcher import DEFAULT_CONFIG
 victims = [a for a in ray.util.list_named_actors(all_namespaces=True) if "#ExpertShard0#" in a["name"]]
 streamed, killed_at = [], None
 with MoEClient({cluster["grpc_target"]!r}) as c:
@@ -352,6 +411,7 @@ def test_engine_replica_killed_mid_stream_answers_unavailable_and_a_resumed_stre
     out = ray_query(cluster, f"""
 import grpc, time
 from serving.client import MoEClient, build_request
+from serving.launcher import DEFAULT_CONFIG
 
 def kill_engine_replicas():
     victims = [a for a in ray.util.list_named_actors(all_namespaces=True) if "#EngineReplica#" in a["name"]]

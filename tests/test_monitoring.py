@@ -178,9 +178,11 @@ def _report(rng: random.Random, replica: str) -> MetricsReport:
         if status == "OK":
             ttft = rng.lognormvariate(-1.5, 1.0)
             itl = [rng.uniform(0.005, 0.05) for _ in range(rng.randint(2, 8))]
-            reqs.append(RequestSample(status, prio, ttft_s=ttft, itl_s=itl, e2e_s=ttft + sum(itl)))
+            reqs.append(RequestSample(status, prio, ttft_s=ttft, itl_s=itl, e2e_s=ttft + sum(itl),
+                                      tenant=("chat", "default", "other")[len(reqs) % 3],
+                                      prompt_tokens=8, completion_tokens=len(itl) + 1))
         else:
-            reqs.append(RequestSample(status, prio))
+            reqs.append(RequestSample(status, prio, tenant=("chat", "default")[len(reqs) % 2]))
     routed = {}
     for layer in range(LAYERS):
         for e in range(EXPERTS):    # expert 0 is hot; contiguous placement: experts 0-3 on shard 0

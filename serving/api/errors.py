@@ -3,6 +3,8 @@
 | raised by            | exception        | gRPC status                                      |
 |----------------------|------------------|--------------------------------------------------|
 | validation           | InvalidRequest   | INVALID_ARGUMENT, details "<field>: <message>"   |
+| tenants (auth)       | Unauthenticated  | UNAUTHENTICATED                                  |
+| tenants (quota)      | Overloaded       | RESOURCE_EXHAUSTED + `grpc-retry-pushback-ms`     |
 | engine / admission   | Overloaded       | RESOURCE_EXHAUSTED + `grpc-retry-pushback-ms`     |
 | engine / replica     | Draining         | UNAVAILABLE                                      |
 | Ray (replica died)   | RayActorError    | UNAVAILABLE + `grpc-retry-pushback-ms` (unary)    |
@@ -80,6 +82,14 @@ class Overloaded(Exception):
     @property
     def retry_after_ms(self) -> int:
         return max(0, int(round(self.retry_after_s * 1000)))
+
+
+class Unauthenticated(Exception):
+    """The RPC carries no bearer token, or one no tenant owns (serving/api/tenants.py)."""
+
+    def __init__(self, message: str = "missing or unknown bearer token"):
+        super().__init__(message)
+        self.message = message
 
 
 class Draining(Exception):

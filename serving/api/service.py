@@ -32,8 +32,9 @@ from typing import Any, AsyncIterator, Callable, Protocol
 import grpc
 
 from serving.api.errors import (LOST_REPLICA_RETRY_MS, Draining, InvalidRequest, Overloaded, RpcAbort,
-                                 is_lost_replica, lost_replica_details, retry_trailers)
+                                 Unauthenticated, is_lost_replica, lost_replica_details, retry_trailers)
 from serving.api.protos import SERVICE_NAME, health_pb2, pb2
+from serving.api.tenants import DEFAULT_TENANT, Release, TenantGate
 from serving.api.validation import ApiLimits, Tokenizer, validate_request
 from serving.engine.async_engine import EngineCoreLost, ExpertsUnreachable
 from serving.engine.request import FinishReason, GenerationRequest, Priority, TokenEvent
@@ -77,6 +78,7 @@ class RequestRecord:
     itl_s: list[float] = field(default_factory=list)   # gaps between consecutive tokens
     e2e_s: float = 0.0                 # service entry -> last event / error
     method: str = "Generate"           # "Generate" or "Complete"
+    tenant: str = DEFAULT_TENANT       # the caller's metric label (TenantGate.label)
 
 
 class _Failure(Exception):
@@ -99,6 +101,8 @@ def _failure_for(exc: BaseException, request_id: str) -> _Failure:
         return exc
     if isinstance(exc, InvalidRequest):
         return _Failure(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+    if isinstance(exc, Unauthenticated):
+        return _Failure(grpc.StatusCode.UNAUTHENTICATED, exc.message)
     if isinstance(exc, Overloaded):
         ms = exc.retry_after_ms
         return _retry_later(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{exc.message}; retry after {ms} ms", ms)
@@ -170,17 +174,22 @@ class GenerateService:
 
     `ready` drives health (SERVING / NOT_SERVING); while it is False, new requests get
     UNAVAILABLE. `grpc_context` is Ray Serve's RayServegRPCContext or a grpc.aio context
-    (anything with set_code / set_details / set_trailing_metadata), or None.
+    (anything with set_code / set_details / set_trailing_metadata, and invocation_metadata
+    where `tenants` is set), or None.
+    With `tenants` (serving/api/tenants.py) every Generate / Complete is first authenticated
+    (UNAUTHENTICATED), then validated, then counted against its tenant's quota
+    (RESOURCE_EXHAUSTED) until it ends; health checks need no token.
     """
 
     def __init__(self, tokenizer: Tokenizer, limits: ApiLimits, engine: EngineClient,
                  on_request_done: Callable[[RequestRecord], None] | None = None, *,
-                 ready: bool = True):
+                 ready: bool = True, tenants: TenantGate | None = None):
         self.tokenizer = tokenizer
         self.limits = limits
         self.engine = engine
         self.on_request_done = on_request_done
         self.ready = ready
+        self.tenants = tenants
 
     # ---- RPCs ---------------------------------------------------------------------
 
@@ -198,8 +207,9 @@ class GenerateService:
         tracker.rec.request_id = request_pb.request_id
         tracker.rec.priority = _PRIORITY_OF.get(int(request_pb.priority))
         status = "CANCELLED"            # if we are torn down mid-stream (client went away)
+        release: Release | None = None
         try:
-            req = self._admit(request_pb)
+            req, release = self._admit(request_pb, grpc_context, tracker)
             tracker.start(req)
             finished = False
             async with aclosing(self._engine_stream(req)) as chunks:
@@ -223,6 +233,8 @@ class GenerateService:
             _set_status(grpc_context, failure)
             raise RpcAbort(failure.code, failure.details) from None
         finally:
+            if release is not None:       # what it did not generate goes back to its tenant's bucket
+                release(max(0, req.sampling.max_tokens - tracker.rec.completion_tokens))
             self._done(tracker.finish(status))
 
     async def complete(self, request_pb: Any, grpc_context: Any = None) -> Any:
@@ -266,10 +278,19 @@ class GenerateService:
 
     # ---- helpers ------------------------------------------------------------------
 
-    def _admit(self, request_pb: Any) -> GenerationRequest:
+    def _admit(self, request_pb: Any, grpc_context: Any, tracker: _Tracker
+               ) -> tuple[GenerationRequest, Release | None]:
+        """Ready, then who is calling, then a valid request, then within its tenant's quota:
+        the request and the lease on that quota (None without tenants)."""
         if not self.ready:
             raise Draining("server is not ready")
-        return validate_request(request_pb, self.limits, self.tokenizer)
+        if self.tenants is None:
+            return validate_request(request_pb, self.limits, self.tokenizer), None
+        metadata = grpc_context.invocation_metadata() if grpc_context is not None else ()
+        tenant = self.tenants.identify(metadata)
+        tracker.rec.tenant = self.tenants.label(tenant)
+        req = validate_request(request_pb, self.limits, self.tokenizer)
+        return req, self.tenants.acquire(tenant, len(req.prompt_token_ids) + req.sampling.max_tokens)
 
     async def _engine_stream(self, req: GenerationRequest) -> AsyncIterator[list[TokenEvent]]:
         """The engine's events as non-empty chunks (lists), whichever the engine client yields."""

@@ -6,6 +6,8 @@ from dataclasses import asdict, dataclass, fields
 
 import torch
 
+from serving.api.tenants import TenantsConfig
+
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 TRANSPORTS = ("serve", "local", "collective")
 INGRESSES = ("engine", "deployment")
@@ -60,6 +62,8 @@ class AppConfig:
     engine_num_cpus: float = 0.25
     shard_num_cpus: float = 0.1
     collective_timeout_s: float = 60.0    # collective: one MoE layer's round trip, at most
+    tenants: TenantsConfig | None = None  # bearer-token auth and per-tenant quotas on each replica serving
+                                          # the API (serving/api/tenants.py); None: every caller is "default"
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -76,6 +80,8 @@ class AppConfig:
             raise ValueError(f"wide_step_tokens must be >= 1, got {self.wide_step_tokens}")
         if self.compute_nice is not None and not -20 <= self.compute_nice <= 19:
             raise ValueError(f"compute_nice must be None or in -20..19, got {self.compute_nice}")
+        if self.tenants is not None and not isinstance(self.tenants, TenantsConfig):
+            raise ValueError(f"tenants must be a mapping (serving/api/tenants.py), got {self.tenants!r}")
         if self.stream_chunk_tokens < 1 or self.stream_chunk_min_running < 0 or self.stream_max_hold_s < 0:
             raise ValueError("stream_chunk_tokens must be >= 1, stream_chunk_min_running and "
                              "stream_max_hold_s >= 0")
@@ -90,6 +96,8 @@ class AppConfig:
         unknown = sorted(set(args) - known)
         if unknown:
             raise ValueError(f"unknown application args {unknown}; known: {sorted(known)}")
+        if isinstance(args.get("tenants"), dict):
+            args = {**args, "tenants": TenantsConfig.from_dict(args["tenants"])}
         return cls(**args)
 
     @property
@@ -104,7 +112,10 @@ class AppConfig:
         return min(self.max_model_len, max_position_embeddings)
 
     def to_args(self) -> dict:
-        return asdict(self)
+        """The args dict `from_args` reads back (what the Serve config's `args:` holds)."""
+        args = asdict(self)
+        args["tenants"] = self.tenants.to_dict() if self.tenants is not None else None
+        return args
 
 
 def node_resource(node_index: int) -> str:

@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from serving.api.service import EngineClient, GenerateService, RequestRecord
+from serving.api.tenants import TenantGate
 from serving.api.validation import ApiLimits
 from serving.deployments.config import AppConfig
 from serving.deployments.reporter import MetricsReporter
@@ -24,19 +25,21 @@ from serving.model.tokenizer import Tokenizer
 def request_sample(record: RequestRecord) -> RequestSample:
     priority = record.priority.name.lower() if record.priority is not None else "unknown"
     return RequestSample(status=record.status, priority=priority, ttft_s=record.ttft_s,
-                         itl_s=record.itl_s, e2e_s=record.e2e_s)
+                         itl_s=record.itl_s, e2e_s=record.e2e_s, tenant=record.tenant,
+                         prompt_tokens=record.prompt_tokens, completion_tokens=record.completion_tokens)
 
 
 def build_service(cfg: AppConfig, model_cfg: MoEConfig, tokenizer: Tokenizer, engine: EngineClient,
                   reporter: MetricsReporter, *, ready: bool) -> GenerateService:
     """The servicer for the served model (`model_cfg` sets the request limits, with `cfg`'s caps),
-    every finished RPC reported (status, TTFT, ITL, e2e) through `reporter`."""
+    every finished RPC reported (status, TTFT, ITL, e2e, tenant) through `reporter`; with
+    `cfg.tenants`, bearer-token auth and per-tenant quotas on this replica."""
     limits = ApiLimits.from_model_config(model_cfg,
                                          max_model_len=cfg.model_len(model_cfg.max_position_embeddings),
                                          max_tokens_limit=cfg.max_tokens_limit)
     return GenerateService(tokenizer, limits, engine,
                            on_request_done=lambda r: reporter.record_request(request_sample(r)),
-                           ready=ready)
+                           ready=ready, tenants=TenantGate(cfg.tenants) if cfg.tenants is not None else None)
 
 
 class GrpcFace:
