@@ -170,3 +170,25 @@ def test_tenant_auth_and_quota_through_the_proxy(serve_target):
         assert "tenant 'chat'" in ei.value.details()
         assert dict(ei.value.trailing_metadata() or ()).get("grpc-retry-pushback-ms") == "400"
         assert len([t for ch in stream for t in ch.token_ids]) == 39    # the admitted stream: whole
+
+
+@pytest.mark.parametrize("method", ["Complete", "Generate"])
+def test_malformed_payload_is_invalid_argument_through_the_proxy(serve_target, method):
+    """Bytes that do not parse as a GenerateRequest: the proxy's lenient deserializer
+    (serving/api/protos.py) hands the replica a MalformedRequest, and the client gets
+    INVALID_ARGUMENT "request: ...", not gRPC's UNKNOWN."""
+    from serving.api.protos import pb2
+    payload = b"\x0a\xff\xff\xff"                      # field 1 (text) with a length past the end
+    with pytest.raises(Exception):
+        pb2.GenerateRequest.FromString(payload)
+    with grpc.insecure_channel(serve_target) as ch:
+        path = f"/moe_serving.v1.MoEServing/{method}"
+        call = (ch.unary_unary(path, request_serializer=None, response_deserializer=pb2.CompleteResponse.FromString)
+                if method == "Complete" else
+                ch.unary_stream(path, request_serializer=None, response_deserializer=pb2.GenerateResponse.FromString))
+        with pytest.raises(grpc.RpcError) as ei:
+            r = call(payload, timeout=30, metadata=(("application", "moe"),))
+            if method == "Generate":
+                list(r)
+    assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT, ei.value
+    assert ei.value.details().startswith("request: not a valid moe_serving.v1.GenerateRequest")

@@ -15,7 +15,6 @@ import fcntl
 import hashlib
 import os
 import shutil
-import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path

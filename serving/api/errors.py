@@ -3,6 +3,7 @@
 | raised by            | exception        | gRPC status                                      |
 |----------------------|------------------|--------------------------------------------------|
 | validation           | InvalidRequest   | INVALID_ARGUMENT, details "<field>: <message>"   |
+| deserializer         | MalformedRequest | INVALID_ARGUMENT, details "request: ..." (bytes that are not a GenerateRequest) |
 | tenants (auth)       | Unauthenticated  | UNAUTHENTICATED                                  |
 | tenants (quota)      | Overloaded       | RESOURCE_EXHAUSTED + `grpc-retry-pushback-ms`     |
 | engine / admission   | Overloaded       | RESOURCE_EXHAUSTED + `grpc-retry-pushback-ms`     |
@@ -82,6 +83,20 @@ class Overloaded(Exception):
     @property
     def retry_after_ms(self) -> int:
         return max(0, int(round(self.retry_after_s * 1000)))
+
+
+class MalformedRequest:
+    """What the request deserializer hands the servicer in place of bytes that do not parse as the
+    method's message (serving/api/protos.py), so validation answers INVALID_ARGUMENT; gRPC itself
+    would answer UNKNOWN. It has the two attributes the service reads before validating."""
+    request_id = ""
+    priority = 0
+
+    def __init__(self, reason: str):
+        self.reason = reason
+
+    def __reduce__(self):       # Ray's proxy pickles the request to the replica
+        return (type(self), (self.reason,))
 
 
 class Unauthenticated(Exception):

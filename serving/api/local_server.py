@@ -16,7 +16,7 @@ from typing import Any, AsyncIterator
 import grpc
 
 from serving.api.errors import RpcAbort
-from serving.api.protos import SERVICE_NAMES, health_pb2_grpc, pb2_grpc
+from serving.api.protos import SERVICE_NAMES, health_pb2_grpc, pb2_grpc, register_moe_serving
 from serving.api.service import GenerateService
 from serving.engine.request import FinishReason, GenerationRequest, TokenEvent
 
@@ -52,7 +52,7 @@ async def start_local_server(service: GenerateService, *, host: str = "127.0.0.1
                              ) -> tuple[grpc.aio.Server, int]:
     """Start serving `service`; returns (server, bound port). Stop with `server.stop(0)`."""
     server = grpc.aio.server()
-    pb2_grpc.add_MoEServingServicer_to_server(LocalMoEServicer(service), server)
+    register_moe_serving(LocalMoEServicer(service), server)
     health_pb2_grpc.add_HealthServicer_to_server(LocalHealthServicer(service), server)
     if reflection:
         from grpc_reflection.v1alpha import reflection as grpc_reflection

@@ -6,6 +6,10 @@ Import messages from here, never from `serving.api.gen` directly:
 """
 from __future__ import annotations
 
+from typing import Any, Callable
+
+import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: F401  (re-exported)
 
 from serving.api import codegen
@@ -22,6 +26,37 @@ SERVICE_NAME: str = pb2.DESCRIPTOR.services_by_name["MoEServing"].full_name
 SERVICE_NAMES: tuple[str, ...] = (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name)
 
 
+def _lenient(parse: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    """A request deserializer that never raises: bytes that do not parse become a MalformedRequest,
+    which validation answers with INVALID_ARGUMENT (gRPC answers a deserializer's error UNKNOWN)."""
+    from serving.api.errors import MalformedRequest
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return parse(data)
+        except DecodeError as exc:
+            return MalformedRequest(str(exc))
+    return deserialize
+
+
+def register_moe_serving(servicer: Any, server: Any) -> None:
+    """`pb2_grpc.add_MoEServingServicer_to_server`, but with lenient request deserializers."""
+    parse = _lenient(pb2.GenerateRequest.FromString)
+    handlers = {
+        "Generate": grpc.unary_stream_rpc_method_handler(
+            servicer.Generate, request_deserializer=parse,
+            response_serializer=pb2.GenerateResponse.SerializeToString),
+        "Complete": grpc.unary_unary_rpc_method_handler(
+            servicer.Complete, request_deserializer=parse,
+            response_serializer=pb2.CompleteResponse.SerializeToString),
+    }
+    methods = set(pb2.DESCRIPTOR.services_by_name["MoEServing"].methods_by_name)
+    if methods != set(handlers):           # the proto grew a method: register it here too
+        raise RuntimeError(f"MoEServing methods {sorted(methods)} != registered {sorted(handlers)}")
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
+
+
 def add_MoEServingServicer_to_server(servicer, server) -> None:
     """The servicer function the Ray proxy imports, through *this* module, which generates
     `serving/api/gen/` first. (Ray's `gRPCOptions` only logs a warning and skips a servicer
@@ -32,7 +67,7 @@ def add_MoEServingServicer_to_server(servicer, server) -> None:
     from serving.api import log_filters, proxy_status
     log_filters.install()
     proxy_status.install()
-    pb2_grpc.add_MoEServingServicer_to_server(servicer, server)
+    register_moe_serving(servicer, server)
 
 
 #: `gRPCOptions(grpc_servicer_functions=SERVICER_FUNCTIONS)` for the Ray Serve proxy: the
@@ -43,5 +78,5 @@ SERVICER_FUNCTIONS: list[str] = [
     "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
 ]
 
-__all__ = ["pb2", "pb2_grpc", "add_MoEServingServicer_to_server", "health_pb2", "health_pb2_grpc", "SERVICE_NAME",
+__all__ = ["pb2", "pb2_grpc", "add_MoEServingServicer_to_server", "register_moe_serving", "health_pb2", "health_pb2_grpc", "SERVICE_NAME",
            "SERVICE_NAMES", "SERVICER_FUNCTIONS"]

@@ -11,7 +11,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from serving.api.errors import InvalidRequest
+from serving.api.errors import InvalidRequest, MalformedRequest
 from serving.engine.request import GenerationRequest, Priority
 from serving.model.sampling import SamplingParams
 
@@ -150,6 +150,8 @@ def validate_request(req: Any, limits: ApiLimits, tokenizer: Tokenizer, *,
     Raises InvalidRequest (field, message) for anything the client must fix. Cheap checks
     run first, so a bad request is rejected before its prompt is tokenized.
     """
+    if isinstance(req, MalformedRequest):
+        raise InvalidRequest("request", f"not a valid moe_serving.v1.GenerateRequest ({req.reason})")
     request_id = _validate_request_id(req.request_id, limits)
     if int(req.priority) not in _PRIORITIES:
         raise InvalidRequest("priority", f"unknown value {int(req.priority)}; use "
