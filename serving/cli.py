@@ -12,6 +12,8 @@
   moe-serve simulate --trace spike|diurnal|poisson|FILE.csv --gpus 1000 [--json]
   moe-serve calibrate --out FILE
   moe-serve placement --checkpoint DIR --expert-shards S [--strategy load_aware] [--metrics-url URL]
+  moe-serve manifest --checkpoint /models/DIR [--expert-shards S] [--nodes N] [--image IMG]  (KubeRay RayService)
+  moe-serve token-hash < token    (sha256 for the Serve config's tenants.tokens)
 """
 from __future__ import annotations
 
@@ -160,6 +162,29 @@ def cmd_generate(a: argparse.Namespace) -> int:
     return run_generate(a)
 
 
+def cmd_manifest(a: argparse.Namespace) -> int:
+    """Print (or write) a KubeRay RayService for the Serve config with these flags (serving/kuberay.py)."""
+    from serving.kuberay import SERVE_HTTP_PORT, rayservice_manifest, render
+    from serving.launcher import resolve_serve_config
+    if a.nodes < 1 or a.expert_shards < 1:
+        raise ValueError("--nodes and --expert-shards must be >= 1")
+    if not a.checkpoint.startswith("/"):
+        raise ValueError(f"--checkpoint is a path inside the pods and must be absolute, got {a.checkpoint!r}")
+    cfg = resolve_serve_config(a.config, checkpoint=a.checkpoint, expert_shards=a.expert_shards, nodes=a.nodes,
+                               grpc_port=a.grpc_port, metrics_port=a.metrics_port, http_port=SERVE_HTTP_PORT,
+                               transport=a.transport, dtype=a.dtype)
+    manifest = rayservice_manifest(cfg, name=a.name, image=a.image, checkpoint_claim=a.checkpoint_claim,
+                                   head_cpu=a.head_cpu, head_memory=a.head_memory,
+                                   worker_cpu=a.worker_cpu, worker_memory=a.worker_memory)
+    flags = [f"--checkpoint {a.checkpoint}", f"--expert-shards {a.expert_shards}", f"--nodes {a.nodes}"]
+    text = render(manifest, "moe-serve manifest " + " ".join(flags))
+    if a.out:
+        Path(a.out).write_text(text)
+    else:
+        print(text, end="")
+    return 0
+
+
 def cmd_token_hash(a: argparse.Namespace) -> int:
     """sha256 of a bearer token read from stdin (one line), for the Serve config's `tenants.tokens`."""
     from serving.api.tenants import token_sha256
@@ -284,6 +309,28 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("generate", help="send one request to a running cluster")
     add_generate_arguments(p)
     p.set_defaults(fn=cmd_generate)
+
+    from serving.kuberay import GRPC_PORT, METRICS_PORT
+    from serving.launcher import DEFAULT_CONFIG
+    p = sub.add_parser("manifest", help="a KubeRay RayService for the app (serving/kuberay.py)")
+    p.add_argument("--checkpoint", required=True, help="the checkpoint dir inside the pods (absolute; its "
+                                                        "parent is where the checkpoint volume is mounted)")
+    p.add_argument("--expert-shards", type=int, default=2)
+    p.add_argument("--nodes", type=int, default=2, help="Ray nodes: the head pod and nodes-1 expert worker pods")
+    p.add_argument("--transport", choices=["serve", "local", "collective"], default=None)
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default=None)
+    p.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="Serve config file")
+    p.add_argument("--grpc-port", type=int, default=GRPC_PORT)
+    p.add_argument("--metrics-port", type=int, default=METRICS_PORT)
+    p.add_argument("--name", default="moe-serve")
+    p.add_argument("--image", default="moe-serving:latest", help="built from cluster/Dockerfile")
+    p.add_argument("--checkpoint-claim", default="moe-checkpoints", help="PersistentVolumeClaim holding the checkpoints")
+    p.add_argument("--head-cpu", default="8")
+    p.add_argument("--head-memory", default="32Gi")
+    p.add_argument("--worker-cpu", default="8")
+    p.add_argument("--worker-memory", default="32Gi")
+    p.add_argument("--out", default=None, help="write here instead of stdout")
+    p.set_defaults(fn=cmd_manifest)
 
     p = sub.add_parser("token-hash", help="sha256 of a bearer token read from stdin, for the Serve "
                                           "config's tenants.tokens (serving/api/tenants.py)")

@@ -1,0 +1,122 @@
+"""A KubeRay RayService manifest for the app: the same Serve config `moe-serve up` deploys, on a
+Kubernetes cluster instead of local Ray nodes.
+
+    moe-serve manifest --checkpoint /models/mixtral-small --expert-shards 2 --nodes 2 > rayservice.yaml
+    kubectl apply -f rayservice.yaml
+
+Layout (what `moe-serve up` does with local nodes, here with pods):
+  - the head pod is node 0: it carries the `moe_node_0` resource, so the engine replicas, the
+    MetricsHub and Serve's gRPC proxy run there;
+  - worker group `expert-node-<i>` (one pod each, i = 1..nodes-1) carries `moe_node_<i>`, so
+    ExpertShard s (or the collective transport's shard actor s) runs on node s mod nodes;
+  - `serveConfigV2` is `resolve_serve_config`'s output (cluster/serve_config.yaml with the flags
+    filled in), with the metrics endpoint on 0.0.0.0 so Prometheus can scrape the pod, and the
+    workers' setup hook as the application's runtime_env (as `moe-serve up` sets it for the job);
+  - the checkpoint is read from a volume mounted at the checkpoint's directory on every pod
+    (a PersistentVolumeClaim `--checkpoint-claim`, ReadOnlyMany), never from a model hub;
+  - KubeRay's head Service `<name>-head-svc` exposes the head container's named ports: gRPC
+    (`grpc`, the Serve config's port) and metrics (`metrics`) among them.
+
+The image is built from cluster/Dockerfile (torch CPU wheel pinned, this package installed).
+Tested here: the manifest's structure and its Serve config against Ray's own schema and our
+AppConfig (tests/test_kuberay.py). Not tested here: applying it to a Kubernetes cluster (none is
+reachable from this machine).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from serving.deployments.config import node_resource
+from serving.deployments.startup_priority import WORKER_RUNTIME_ENV
+
+RAY_VERSION = "2.60.0"
+GRPC_PORT, METRICS_PORT, SERVE_HTTP_PORT = 9000, 9464, 8000     # `moe-serve manifest`'s defaults
+# Ray's processes inherit these (moe-serve up sets the same in its host process; README "How it works")
+POD_ENV = [{"name": "HF_HUB_OFFLINE", "value": "1"}, {"name": "OMP_WAIT_POLICY", "value": "PASSIVE"}]
+
+
+def _container(name: str, image: str, cpu: str, memory: str, mount: str, ports: list[tuple[str, int]]) -> dict:
+    container = {
+        "name": name, "image": image, "env": [dict(e) for e in POD_ENV],
+        "resources": {"requests": {"cpu": cpu, "memory": memory}, "limits": {"cpu": cpu, "memory": memory}},
+        "volumeMounts": [{"name": "checkpoint", "mountPath": mount, "readOnly": True}],
+        # compute_nice (the step loop and shard threads ahead of Serve's streaming threads) needs it
+        "securityContext": {"capabilities": {"add": ["SYS_NICE"]}},
+        "lifecycle": {"preStop": {"exec": {"command": ["/bin/sh", "-c", "ray stop"]}}},
+    }
+    if ports:
+        container["ports"] = [{"name": n, "containerPort": p} for n, p in ports]
+    return container
+
+
+def _pod(container: dict, claim: str) -> dict:
+    return {"spec": {"containers": [container],
+                     "volumes": [{"name": "checkpoint",
+                                  "persistentVolumeClaim": {"claimName": claim, "readOnly": True}}]}}
+
+
+def _resources_param(resources: dict[str, float]) -> str:
+    """rayStartParams values go into the `ray start` command line: the JSON quoted, as KubeRay's
+    docs write it ('"{\\"TPU\\": 4}"')."""
+    return json.dumps(json.dumps(resources))
+
+
+def rayservice_manifest(serve_config: dict, *, name: str = "moe-serve", image: str = "moe-serving:latest",
+                        checkpoint_claim: str = "moe-checkpoints", head_cpu: str = "8", head_memory: str = "32Gi",
+                        worker_cpu: str = "8", worker_memory: str = "32Gi") -> dict:
+    """The RayService for `serve_config` (resolve_serve_config's output)."""
+    cfg = json.loads(json.dumps(serve_config))              # a deep copy we may edit
+    app = cfg["applications"][0]
+    args = app["args"]
+    nodes, checkpoint = int(args["nodes"]), str(args["checkpoint"])
+    mount = str(Path(checkpoint).parent)
+    args["metrics_host"] = "0.0.0.0"                        # scraped from outside the pod
+    app["runtime_env"] = {**WORKER_RUNTIME_ENV, **app.get("runtime_env", {})}
+    cfg["proxy_location"] = "HeadOnly"
+    cfg.setdefault("http_options", {}).update(host="0.0.0.0", port=SERVE_HTTP_PORT)
+    grpc_port, metrics_port = int(cfg["grpc_options"]["port"]), int(args["metrics_port"])
+    head_ports = [("gcs", 6379), ("dashboard", 8265), ("serve", SERVE_HTTP_PORT), ("grpc", grpc_port),
+                  ("metrics", metrics_port)]
+    workers = [{
+        "groupName": f"expert-node-{i}", "replicas": 1, "minReplicas": 1, "maxReplicas": 1,
+        "rayStartParams": {"resources": _resources_param({node_resource(i): 1})},
+        "template": _pod(_container("ray-worker", image, worker_cpu, worker_memory, mount, []), checkpoint_claim),
+    } for i in range(1, nodes)]
+    service = {
+        "apiVersion": "ray.io/v1", "kind": "RayService", "metadata": {"name": name},
+        "spec": {
+            "serveConfigV2": yaml.safe_dump(cfg, sort_keys=False),
+            "rayClusterConfig": {
+                "rayVersion": RAY_VERSION,
+                "headGroupSpec": {
+                    "rayStartParams": {"dashboard-host": "0.0.0.0",
+                                       "resources": _resources_param({node_resource(0): 1})},
+                    "template": _pod(_container("ray-head", image, head_cpu, head_memory, mount, head_ports),
+                                     checkpoint_claim),
+                },
+                "workerGroupSpecs": workers,
+            },
+        },
+    }
+    return service
+
+
+class _BlockDumper(yaml.SafeDumper):
+    """Multi-line strings (serveConfigV2) as YAML literal blocks, as KubeRay's examples write them;
+    no anchors."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
+_BlockDumper.add_representer(str, lambda d, v: d.represent_scalar(
+    "tag:yaml.org,2002:str", v, style="|" if "\n" in v else None))
+
+
+def render(manifest: dict, command: str) -> str:
+    return (f"# Generated by `{command}` (serving/kuberay.py); edit the generator, not this file.\n"
+            + yaml.dump(manifest, Dumper=_BlockDumper, sort_keys=False, width=120))
