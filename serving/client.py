@@ -24,7 +24,7 @@ from typing import Any, Iterator, Sequence
 import grpc
 
 from serving.api.protos import health_pb2, health_pb2_grpc, pb2, pb2_grpc
-from serving.api.tenants import AUTH_HEADER, TENANT_HEADER
+from serving.api.tenants import caller_metadata
 
 __all__ = ["MoEClient", "build_request", "add_generate_arguments", "run_generate",
            "FINISH_REASONS", "EXIT_INVALID", "EXIT_RETRYABLE", "EXIT_ERROR", "EXIT_UNAUTHENTICATED"]
@@ -102,9 +102,7 @@ class MoEClient:
         self.target = target
         self.timeout_s = timeout_s
         self.metadata: tuple[tuple[str, str], ...] = tuple(metadata) + (
-            (("application", application),) if application else ()) + (
-            ((TENANT_HEADER, tenant),) if tenant else ()) + (
-            ((AUTH_HEADER, f"Bearer {token}"),) if token else ())
+            (("application", application),) if application else ()) + caller_metadata(tenant, token)
         self.channel = grpc.insecure_channel(target, options=list(options))
         self._stub = pb2_grpc.MoEServingStub(self.channel)
         self._health = health_pb2_grpc.HealthStub(self.channel)
@@ -203,11 +201,20 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout-s", type=float, default=120.0)
     parser.add_argument("--application", default=None,
                         help="Ray Serve application name (only with several apps)")
+    add_caller_arguments(parser)
+
+
+def add_caller_arguments(parser: argparse.ArgumentParser) -> None:
+    """--tenant and --token-env: who the caller is (serving/api/tenants.py); generate, bench, loadtest."""
     parser.add_argument("--tenant", default=None,
                         help="caller's tenant name (x-moe-tenant), where the cluster runs without tokens")
     parser.add_argument("--token-env", default="MOE_SERVE_TOKEN", metavar="VAR",
                         help="environment variable holding the bearer token, if the cluster requires one "
                              "(default MOE_SERVE_TOKEN; read from the environment so it stays out of `ps`)")
+
+
+def caller_token(args: argparse.Namespace) -> str | None:
+    return os.environ.get(args.token_env) or None
 
 
 def _parse_ids(text: str) -> list[int]:
@@ -248,7 +255,7 @@ def run_generate(args: argparse.Namespace) -> int:
                               "usage": {"prompt_tokens": 0, "completion_tokens": 0}}
     logprobs: list[float] = []
     with MoEClient(args.target, args.timeout_s, application=args.application, tenant=args.tenant,
-                   token=os.environ.get(args.token_env) or None) as client:
+                   token=caller_token(args)) as client:
         try:
             if args.stream:
                 for chunk in client.generate(request, resume=args.resume):

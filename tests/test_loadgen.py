@@ -76,8 +76,8 @@ class EchoServer:
 
     def _run(self):
         asyncio.set_event_loop(self.loop)
-        service = GenerateService(TOK, ApiLimits(vocab_size=TOK.vocab_size, max_model_len=512,
-                                                 max_tokens_limit=256), self.engine)
+        service = self.service = GenerateService(TOK, ApiLimits(vocab_size=TOK.vocab_size, max_model_len=512,
+                                                                max_tokens_limit=256), self.engine)
         self.server, self.port = self.loop.run_until_complete(start_local_server(service, port=0))
         self.ready.set()
         self.loop.run_forever()
@@ -86,6 +86,10 @@ class EchoServer:
         asyncio.run_coroutine_threadsafe(self.server.stop(0), self.loop).result(10)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
+
+
+def echo_server_service(server: "EchoServer") -> GenerateService:
+    return server.service
 
 
 @pytest.fixture
@@ -338,6 +342,26 @@ def test_bench_grpc_json(echo_server, capsys):
         assert k in rep
     assert rep["completed"] == 12 and rep["output_tokens"] == 72 and rep["slo_attainment"] == 1.0
     assert rep["path"] == "grpc" and rep["machine"]["cpu_count"] >= 1
+
+
+def test_bench_sends_the_callers_token_and_tenant(echo_server, capsys, monkeypatch):
+    """Against a server that requires a bearer token (serving/api/tenants.py): without one the
+    warm-up fails UNAUTHENTICATED (`moe-serve bench` prints it and exits 1); with $MOE_SERVE_TOKEN
+    every request completes, and the server saw them as the token's tenant."""
+    from serving.api.tenants import TenantGate, TenantsConfig, token_sha256
+    records = []
+    svc = echo_server_service(echo_server)
+    svc.tenants = TenantGate(TenantsConfig(tokens={token_sha256("t0k"): "loadgen"}))
+    svc.on_request_done = records.append
+    args = ["--target", echo_server.target, "--concurrency", "2", "--num-requests", "4", "--max-tokens", "3",
+            "--prompt-len", "4", "--json"]
+    monkeypatch.delenv("MOE_SERVE_TOKEN", raising=False)
+    with pytest.raises(RuntimeError, match="warm-up request failed: UNAUTHENTICATED"):
+        _bench(args)
+    monkeypatch.setenv("MOE_SERVE_TOKEN", "t0k")
+    assert _bench([*args, "--warmup", "0"]) == 0
+    assert json.loads(capsys.readouterr().out)["completed"] == 4
+    assert [r.tenant for r in records if r.status == "OK"] == ["loadgen"] * 4
 
 
 def test_bench_grpc_poisson_table(echo_server, capsys):

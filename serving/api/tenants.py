@@ -21,7 +21,8 @@ belongs to tenant "default".
 
 Quotas are per replica, like Envoy's local rate limit: with R replicas serving the API a tenant may
 hold up to R times its quota across the cluster. Tenants that are not listed share `default_quota`
-(each on its own account) and their metric label is "other", so label cardinality stays bounded.
+(each on its own account). Metric labels name the tenants the config names (a quota or a token) and
+"default"; any other is "other", so label cardinality stays bounded.
 
 Shape of the `tenants:` block of the Serve config's application args (cluster/serve_config.yaml):
 
@@ -49,6 +50,11 @@ DEFAULT_TENANT = "default"
 OTHER_LABEL = "other"
 MAX_TENANT_NAME = 64
 MAX_ACCOUNTS = 4096          # tenants tracked at once; idle ones with a full bucket are dropped beyond it
+
+
+def caller_metadata(tenant: str | None = None, token: str | None = None) -> tuple[tuple[str, str], ...]:
+    """The metadata a client sends to name itself: `x-moe-tenant` and/or `authorization: Bearer`."""
+    return (((TENANT_HEADER, tenant),) if tenant else ()) + (((AUTH_HEADER, f"Bearer {token}"),) if token else ())
 
 
 def token_sha256(token: str) -> str:
@@ -154,6 +160,7 @@ class TenantGate:
         self.config, self.clock = config, clock
         self._lock = threading.Lock()
         self._accounts: dict[str, _Account] = {}
+        self._named = {DEFAULT_TENANT, *config.quotas, *config.tokens.values()}
 
     def identify(self, metadata: Iterable[tuple[str, str | bytes]] | None) -> str:
         """The tenant of an RPC. With tokens configured: the bearer token's tenant, else Unauthenticated.
@@ -177,8 +184,9 @@ class TenantGate:
         return tenant
 
     def label(self, tenant: str) -> str:
-        """The tenant's metric label: listed tenants and "default" by name, any other as "other"."""
-        return tenant if tenant in self.config.quotas or tenant == DEFAULT_TENANT else OTHER_LABEL
+        """The tenant's metric label: the tenants the config names (a quota or a token) and "default"
+        by name, any other as "other"."""
+        return tenant if tenant in self._named else OTHER_LABEL
 
     def quota(self, tenant: str) -> TenantQuota:
         return self.config.quotas.get(tenant, self.config.default_quota)

@@ -67,6 +67,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-duration-s", type=float, default=600.0,
                         help="hard bound: requests still running then are cancelled")
     parser.add_argument("--timeout-s", type=float, default=300.0, help="per-request gRPC deadline")
+    from serving.client import add_caller_arguments
+    add_caller_arguments(parser)
     parser.add_argument("--expert-shards", type=int, default=1,
                         help="--in-process: expert shards behind the transport")
     parser.add_argument("--transport", choices=["local", "collective"], default="local",
@@ -128,8 +130,9 @@ async def _bench_grpc(args: argparse.Namespace, prompts: list[list[int]]
                              temperature=0.0, ignore_eos=True, priority=args.priority,
                              request_id=f"{tag}-{i}"), args.priority
 
-    async with GrpcDriver(args.target, timeout_s=args.timeout_s,
-                          max_in_flight=args.concurrency) as drv:
+    from serving.client import caller_token
+    async with GrpcDriver(args.target, timeout_s=args.timeout_s, max_in_flight=args.concurrency,
+                          tenant=args.tenant, token=caller_token(args)) as drv:
         await drv.wait_ready(timeout_s=30.0)
         warm = args.concurrency if args.warmup is None else args.warmup
         if warm:

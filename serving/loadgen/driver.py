@@ -146,11 +146,14 @@ class GrpcDriver:
     """Drives a moe_serving.v1 endpoint over grpc.aio. Use as `async with`."""
 
     def __init__(self, target: str, *, timeout_s: float = 120.0, application: str | None = None,
-                 max_in_flight: int = 256):
+                 max_in_flight: int = 256, tenant: str | None = None, token: str | None = None):
+        """`tenant` / `token`: who the load comes from (serving/api/tenants.py)."""
         from serving.api.protos import pb2_grpc  # generates the modules on first use
+        from serving.api.tenants import caller_metadata
         self.target = ensure_loopback(target)
         self.timeout_s = timeout_s
-        self.metadata = (("application", application),) if application else None
+        self.metadata = ((("application", application),) if application else ()) + caller_metadata(tenant, token) \
+            or None
         self.max_in_flight = max_in_flight
         n = max(1, min(8, math.ceil(max_in_flight / _STREAMS_PER_CHANNEL)))
         # separate subchannel pools -> separate HTTP/2 connections (no per-connection stream cap)

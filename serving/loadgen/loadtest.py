@@ -50,6 +50,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from serving.loadgen.arrivals import PROFILES, Profile, make_profile
+from serving.client import caller_token
 from serving.loadgen.driver import RequestResult, ensure_loopback
 from serving.loadgen.scrape import ClusterSnapshot, engine_deployment, scrape
 from serving.loadgen.stats import command_line, machine_info, percentile
@@ -100,6 +101,8 @@ def add_loadtest_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout-s", type=float, default=60.0, help="per-request gRPC deadline")
     parser.add_argument("--scrape-interval-s", type=float, default=0.5)
     parser.add_argument("--application", default=None, help="Ray Serve application name")
+    from serving.client import add_caller_arguments
+    add_caller_arguments(parser)
     parser.add_argument("--strict", action="store_true", help="exit 1 if a verdict check fails")
     parser.add_argument("--json", action="store_true", help="print summary.json instead of tables")
 
@@ -174,6 +177,7 @@ async def measure_rate(args: argparse.Namespace, before: ClusterSnapshot | None 
             await asyncio.sleep(every_s)
 
     async with GrpcDriver(args.target, timeout_s=args.timeout_s, application=args.application,
+                          tenant=args.tenant, token=caller_token(args),
                           max_in_flight=args.measure_concurrency) as drv:
         await drv.wait_ready(timeout_s=30.0)
         await drv.closed_loop(make, concurrency=1, num_requests=1, max_duration_s=args.timeout_s)
@@ -235,6 +239,7 @@ async def run_profile(args: argparse.Namespace, profile: Profile
                 pass
 
     async with GrpcDriver(args.target, timeout_s=args.timeout_s, application=args.application,
+                          tenant=args.tenant, token=caller_token(args),
                           max_in_flight=args.max_in_flight) as drv:
         await drv.wait_ready(timeout_s=30.0)
         t0 = time.perf_counter()
