@@ -31,7 +31,7 @@ from typing import Any
 import yaml
 
 from serving.deployments.config import node_resource
-from serving.deployments.startup_priority import WORKER_RUNTIME_ENV
+from serving.deployments.startup_priority import worker_runtime_env
 
 RAY_VERSION = "2.60.0"
 GRPC_PORT, METRICS_PORT, SERVE_HTTP_PORT = 9000, 9464, 8000     # `moe-serve manifest`'s defaults
@@ -75,7 +75,7 @@ def rayservice_manifest(serve_config: dict, *, name: str = "moe-serve", image: s
     nodes, checkpoint = int(args["nodes"]), str(args["checkpoint"])
     mount = str(Path(checkpoint).parent)
     args["metrics_host"] = "0.0.0.0"                        # scraped from outside the pod
-    app["runtime_env"] = {**WORKER_RUNTIME_ENV, **app.get("runtime_env", {})}
+    app["runtime_env"] = {**worker_runtime_env(), **app.get("runtime_env", {})}
     cfg["proxy_location"] = "HeadOnly"
     cfg.setdefault("http_options", {}).update(host="0.0.0.0", port=SERVE_HTTP_PORT)
     grpc_port, metrics_port = int(cfg["grpc_options"]["port"]), int(args["metrics_port"])

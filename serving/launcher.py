@@ -29,7 +29,7 @@ from pathlib import Path
 
 import yaml
 
-from serving.deployments.startup_priority import WORKER_RUNTIME_ENV
+from serving.deployments.startup_priority import worker_runtime_env
 from serving.thread_priority import batch_policy
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -200,7 +200,7 @@ def run_host(state_dir: Path, serve_config: dict, nodes: int, config_path: str |
         # every worker runs startup_priority.boost before its first import (a replica starting
         # mid-spike imports Ray Serve and torch ahead of the busy replicas)
         ray.init(address=cluster.address, logging_level="WARNING", log_to_driver=False,
-                 runtime_env=WORKER_RUNTIME_ENV)
+                 runtime_env=worker_runtime_env())
         pids = sorted({p.process.pid for node in cluster.list_all_nodes()
                        for procs in node.all_processes.values() for p in procs})
         base.update(gcs_address=cluster.address, ray_pids=pids)
@@ -329,7 +329,7 @@ def redeploy(*, state_dir: Path = DEFAULT_STATE_DIR, checkpoint: str | None = No
     os.environ["RAY_TMPDIR"] = state["ray_tmp"]          # the cluster's session dir, never /tmp/ray
     try:
         ray.init(address=state["gcs_address"], logging_level="ERROR", log_to_driver=False,
-                 runtime_env=WORKER_RUNTIME_ENV)
+                 runtime_env=worker_runtime_env())
     finally:                                             # this process's own later ray.init is not ours to move
         if saved_tmpdir is None:
             os.environ.pop("RAY_TMPDIR", None)

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from serving.deployments.config import node_resource
-from serving.deployments.startup_priority import WORKER_RUNTIME_ENV
+from serving.deployments.startup_priority import worker_runtime_env
 from serving.engine.engine import Engine
 from serving.engine.request import GenerationRequest
 from serving.engine.scheduler import SchedulerConfig
@@ -36,7 +36,7 @@ NODES = 2
 @pytest.fixture(scope="module")
 def cluster():
     # as `moe-serve up` starts Ray: every worker runs the start-up boost first (startup_priority.py)
-    with local_ray_cluster(NODES, runtime_env=WORKER_RUNTIME_ENV) as node_of:
+    with local_ray_cluster(NODES, runtime_env=worker_runtime_env()) as node_of:
         yield node_of
 
 

@@ -14,6 +14,7 @@ from ray.serve.schema import ServeDeploySchema
 
 from serving.cli import main
 from serving.deployments.config import AppConfig, node_resource
+from serving.deployments.startup_priority import SETUP_HOOK, worker_runtime_env
 
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED = REPO / "cluster" / "kuberay" / "rayservice.yaml"
@@ -49,8 +50,7 @@ def test_manifest_is_a_valid_rayservice_for_the_app(tmp_path, shards, nodes, tra
     shard_deps = sorted(d["name"] for d in serve_cfg["applications"][0]["deployments"]
                         if d["name"].startswith("ExpertShard"))
     assert shard_deps == ([f"ExpertShard{s}" for s in range(shards)] if cfg.transport == "serve" else [])
-    assert serve_cfg["applications"][0]["runtime_env"]["worker_process_setup_hook"] == \
-        "serving.deployments.startup_priority.boost"
+    assert serve_cfg["applications"][0]["runtime_env"] == {"worker_process_setup_hook": SETUP_HOOK}
 
     cluster = rs["spec"]["rayClusterConfig"]
     head, workers = cluster["headGroupSpec"], cluster["workerGroupSpecs"]
@@ -88,3 +88,11 @@ def test_shipped_example_is_what_the_generator_writes(tmp_path):
     assert command.startswith("moe-serve manifest ")
     _, text = _manifest(tmp_path, *shlex.split(command)[2:])
     assert text == SHIPPED.read_text(), f"regenerate it: {command} --out {SHIPPED.relative_to(REPO)}"
+
+
+def test_the_workers_runtime_env_is_a_fresh_dict_each_time():
+    """ray.init adds keys (env_vars) to the runtime_env it is given: a shared dict would carry them
+    into the next cluster's manifest (it did, in CI, after a test had started a local cluster)."""
+    env = worker_runtime_env()
+    env["env_vars"] = {"__RAY_WORKER_PROCESS_SETUP_HOOK_ENV_VAR": SETUP_HOOK}
+    assert worker_runtime_env() == {"worker_process_setup_hook": SETUP_HOOK}

@@ -6,7 +6,7 @@ then get one fair share among the busy replicas: it took 11-12 s from process st
 constructor on 2 busy cores, while the spike waited for exactly that capacity. So the deployment
 modules call `boost()` before importing torch, and the replica calls `restore()` once it is ready:
 the same idea as systemd's StartupCPUWeight. `moe-serve up` also runs `boost` as every Ray worker's
-setup hook (WORKER_RUNTIME_ENV, the job's runtime_env): before the worker imports Ray Serve
+setup hook (worker_runtime_env(), the job's runtime_env): before the worker imports Ray Serve
 (~0.6 s of CPU idle, at nice 15 otherwise), so a replica starts boosted from its first import.
 
 Only a thread already running niced (a Ray worker's) is boosted, with the threads it starts, and
@@ -22,8 +22,13 @@ import threading
 from serving.thread_priority import raise_priority
 
 BOOST_NICE = 0
-# every Ray worker of the cluster `moe-serve up` starts runs `boost` first (a job-level runtime_env)
-WORKER_RUNTIME_ENV = {"worker_process_setup_hook": "serving.deployments.startup_priority.boost"}
+SETUP_HOOK = "serving.deployments.startup_priority.boost"
+
+
+def worker_runtime_env() -> dict:
+    """The job-level runtime_env under which every Ray worker of the cluster `moe-serve up` starts
+    runs `boost` first. A fresh dict each call: `ray.init` adds keys to the one it is given."""
+    return {"worker_process_setup_hook": SETUP_HOOK}
 
 _saved_nice: int | None = None
 _boosted_tid: int | None = None

@@ -255,9 +255,9 @@ def _bench_inprocess(args: argparse.Namespace, prompts: list[list[int]]
         # as `moe-serve up` runs the engine (serving/launcher.py): OpenMP threads sleep when idle, or
         # the lm_head's second thread spins on a core the shards need (read when torch loads, below)
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-        from serving.deployments.startup_priority import WORKER_RUNTIME_ENV
+        from serving.deployments.startup_priority import worker_runtime_env
         from serving.local_ray import local_ray_cluster
-        with local_ray_cluster(args.nodes, runtime_env=WORKER_RUNTIME_ENV):
+        with local_ray_cluster(args.nodes, runtime_env=worker_runtime_env()):
             return _bench_engine(args, prompts)
     return _bench_engine(args, prompts)
 
