@@ -24,7 +24,7 @@ from typing import Any, Iterator, Sequence
 import grpc
 
 from serving.api.protos import health_pb2, health_pb2_grpc, pb2, pb2_grpc
-from serving.api.tenants import caller_metadata
+from serving.api.tenants import AUTH_HEADER, TENANT_HEADER
 
 __all__ = ["MoEClient", "build_request", "add_generate_arguments", "run_generate",
            "FINISH_REASONS", "EXIT_INVALID", "EXIT_RETRYABLE", "EXIT_ERROR", "EXIT_UNAUTHENTICATED"]
@@ -36,6 +36,14 @@ FINISH_REASONS = {pb2.FINISH_REASON_UNSPECIFIED: None, pb2.FINISH_REASON_STOP: "
                   pb2.FINISH_REASON_LENGTH: "length", pb2.FINISH_REASON_CANCELLED: "cancelled"}
 
 EXIT_ERROR, EXIT_INVALID, EXIT_RETRYABLE, EXIT_UNAUTHENTICATED = 1, 2, 3, 4
+
+
+def call_metadata(application: str | None = None, tenant: str | None = None,
+                  token: str | None = None) -> tuple[tuple[str, str], ...]:
+    """A call's metadata: the Serve application it is routed to, and who the caller is
+    (`x-moe-tenant` and/or `authorization: Bearer`, serving/api/tenants.py)."""
+    return ((("application", application),) if application else ()) + (
+        ((TENANT_HEADER, tenant),) if tenant else ()) + (((AUTH_HEADER, f"Bearer {token}"),) if token else ())
 
 
 def build_request(prompt: str | None = None, prompt_ids: Sequence[int] | None = None, *,
@@ -101,8 +109,7 @@ class MoEClient:
         `tenant`: the caller's name where the cluster runs without tokens (`x-moe-tenant`)."""
         self.target = target
         self.timeout_s = timeout_s
-        self.metadata: tuple[tuple[str, str], ...] = tuple(metadata) + (
-            (("application", application),) if application else ()) + caller_metadata(tenant, token)
+        self.metadata = tuple(metadata) + call_metadata(application, tenant, token)
         self.channel = grpc.insecure_channel(target, options=list(options))
         self._stub = pb2_grpc.MoEServingStub(self.channel)
         self._health = health_pb2_grpc.HealthStub(self.channel)

@@ -32,16 +32,15 @@ import yaml
 
 from serving.deployments.config import node_resource
 from serving.deployments.startup_priority import worker_runtime_env
+from serving.launcher import RAY_PROCESS_ENV
 
 RAY_VERSION = "2.60.0"
 GRPC_PORT, METRICS_PORT, SERVE_HTTP_PORT = 9000, 9464, 8000     # `moe-serve manifest`'s defaults
-# Ray's processes inherit these (moe-serve up sets the same in its host process; README "How it works")
-POD_ENV = [{"name": "HF_HUB_OFFLINE", "value": "1"}, {"name": "OMP_WAIT_POLICY", "value": "PASSIVE"}]
 
 
 def _container(name: str, image: str, cpu: str, memory: str, mount: str, ports: list[tuple[str, int]]) -> dict:
     container = {
-        "name": name, "image": image, "env": [dict(e) for e in POD_ENV],
+        "name": name, "image": image, "env": [{"name": k, "value": v} for k, v in RAY_PROCESS_ENV.items()],
         "resources": {"requests": {"cpu": cpu, "memory": memory}, "limits": {"cpu": cpu, "memory": memory}},
         "volumeMounts": [{"name": "checkpoint", "mountPath": mount, "readOnly": True}],
         # compute_nice (the step loop and shard threads ahead of Serve's streaming threads) needs it
@@ -77,10 +76,9 @@ def rayservice_manifest(serve_config: dict, *, name: str = "moe-serve", image: s
     args["metrics_host"] = "0.0.0.0"                        # scraped from outside the pod
     app["runtime_env"] = {**worker_runtime_env(), **app.get("runtime_env", {})}
     cfg["proxy_location"] = "HeadOnly"
-    cfg.setdefault("http_options", {}).update(host="0.0.0.0", port=SERVE_HTTP_PORT)
-    grpc_port, metrics_port = int(cfg["grpc_options"]["port"]), int(args["metrics_port"])
-    head_ports = [("gcs", 6379), ("dashboard", 8265), ("serve", SERVE_HTTP_PORT), ("grpc", grpc_port),
-                  ("metrics", metrics_port)]
+    cfg["http_options"]["host"] = "0.0.0.0"
+    head_ports = [("gcs", 6379), ("dashboard", 8265), ("serve", int(cfg["http_options"]["port"])),
+                  ("grpc", int(cfg["grpc_options"]["port"])), ("metrics", int(args["metrics_port"]))]
     workers = [{
         "groupName": f"expert-node-{i}", "replicas": 1, "minReplicas": 1, "maxReplicas": 1,
         "rayStartParams": {"resources": _resources_param({node_resource(i): 1})},

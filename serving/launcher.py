@@ -35,6 +35,18 @@ from serving.thread_priority import batch_policy
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO_ROOT / "cluster" / "serve_config.yaml"
 DEFAULT_STATE_DIR = Path(os.environ.get("MOE_SERVE_STATE_DIR", ".moe-serve"))
+# What every Ray process of a cluster we start inherits (moe-serve up, the collective in-process bench,
+# the KubeRay pods): no model hub, ever; OpenMP threads sleep when idle instead of spinning: an engine
+# replica's second thread (head_threads) would otherwise spin after every lm_head on a core the shards
+# need (one request at a time, ITL p50 18.9-19.7 ms spinning, 16.6-17.3 passive).
+RAY_PROCESS_ENV = {"HF_HUB_OFFLINE": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+
+
+def apply_ray_process_env() -> None:
+    """RAY_PROCESS_ENV into this process's environment (what is set already stays); before torch and
+    Ray start, which read it."""
+    for key, value in RAY_PROCESS_ENV.items():
+        os.environ.setdefault(key, value)
 APP_NAME = "moe"
 ORPHAN_GRACE_S = 2.0    # `down`: once the host and Ray's daemons exited, how long the rest may take
 
@@ -161,7 +173,7 @@ def run_host(state_dir: Path, serve_config: dict, nodes: int, config_path: str |
     ray_tmp = Path(tempfile.mkdtemp(prefix="moe-", dir="/tmp"))      # short: unix socket paths
     (ray_tmp / "ray").mkdir()
     os.environ["RAY_TMPDIR"] = str(ray_tmp)                          # never touch /tmp/ray
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    apply_ray_process_env()                                          # Ray's processes inherit it
     stop = {"now": False}
 
     def _on_signal(signum, frame):
@@ -182,10 +194,6 @@ def run_host(state_dir: Path, serve_config: dict, nodes: int, config_path: str |
                 nodes=nodes, config=config_path, **_deployed(serve_config))
     _write_state(state_dir, status="starting", **base)
     cluster = None
-    # Ray's processes inherit this environment. OpenMP threads sleep when idle instead of spinning:
-    # an engine replica's second thread (head_threads) would otherwise spin after every lm_head on a
-    # core the shards need (one request at a time, ITL p50 18.9-19.7 ms spinning, 16.6-17.3 passive)
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     # Ray's processes and every thread they start inherit SCHED_BATCH: a serving thread that wakes
     # up does not preempt a compute thread, which our code puts back under SCHED_OTHER
     # (serving/thread_priority.py)

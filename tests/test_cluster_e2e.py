@@ -205,6 +205,20 @@ def test_metrics_after_traffic(cluster):
     assert check.returncode == 0, check.stdout + check.stderr
 
 
+def _open_until_shed(open_stream, limit: int) -> tuple[list, grpc.RpcError | None]:
+    """Open streams, each read to its first chunk, until one is refused (at most `limit`):
+    (the open streams, the refusal or None)."""
+    streams = []
+    for _ in range(limit):
+        s = open_stream()
+        try:
+            next(s)
+        except grpc.RpcError as exc:
+            return streams, exc
+        streams.append(s)
+    return streams, None
+
+
 def test_a_tenant_over_its_quota_is_shed_while_other_callers_are_served(cluster):
     """Tenant `capped` (x-moe-tenant) may hold 1 request per engine replica: once its streams hold
     that, its next call is RESOURCE_EXHAUSTED naming the tenant, through Ray's proxy, while a caller
@@ -214,15 +228,7 @@ def test_a_tenant_over_its_quota_is_shed_while_other_callers_are_served(cluster)
     long_req = build_request(prompt_ids=[5, 6, 7], max_tokens=200, temperature=0, ignore_eos=True)
     short_req = build_request(prompt_ids=[5, 6], max_tokens=4, temperature=0)
     with MoEClient(target, 300, tenant="capped") as capped, MoEClient(target, 120) as anyone:
-        streams, shed = [], None
-        for _ in range(6):                          # a replica holds at most one: <= 3 replicas
-            s = capped.generate(long_req)
-            try:
-                next(s)
-                streams.append(s)
-            except grpc.RpcError as exc:
-                shed = exc
-                break
+        streams, shed = _open_until_shed(lambda: capped.generate(long_req), 6)   # a replica holds one: <= 3
         assert shed is not None and shed.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, shed
         assert "tenant 'capped'" in shed.details() and "retry after" in shed.details()
         assert 1 <= len(streams) <= 3
@@ -268,15 +274,7 @@ def test_overload_sheds_batch_first_with_pushback_and_cancel_frees_slots(cluster
                              priority="batch")                                          # 246 tokens each
     with grpc.insecure_channel(cluster["grpc_target"]) as ch:
         stub = pb2_grpc.MoEServingStub(ch)
-        streams, shed = [], None
-        for _ in range(40):                                # 3 replicas x 8 fill every batch share
-            s = stub.Generate(long_req, timeout=300)
-            try:
-                next(s)
-                streams.append(s)
-            except grpc.RpcError as exc:
-                shed = exc
-                break
+        streams, shed = _open_until_shed(lambda: stub.Generate(long_req, timeout=300), 40)  # 3 x 8 fill them
         assert shed is not None and shed.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, shed
         assert "retry after" in shed.details()            # Ray's proxy drops trailers on streams
         for _ in range(5):                                 # unary: trailer + google.rpc.RetryInfo

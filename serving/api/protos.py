@@ -13,6 +13,7 @@ from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: F401  (re-exported)
 
 from serving.api import codegen
+from serving.api.errors import MalformedRequest
 
 if not codegen.is_up_to_date():
     codegen.generate_protos()
@@ -29,8 +30,6 @@ SERVICE_NAMES: tuple[str, ...] = (SERVICE_NAME, health_pb2.DESCRIPTOR.services_b
 def _lenient(parse: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
     """A request deserializer that never raises: bytes that do not parse become a MalformedRequest,
     which validation answers with INVALID_ARGUMENT (gRPC answers a deserializer's error UNKNOWN)."""
-    from serving.api.errors import MalformedRequest
-
     def deserialize(data: bytes) -> Any:
         try:
             return parse(data)
@@ -78,5 +77,5 @@ SERVICER_FUNCTIONS: list[str] = [
     "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
 ]
 
-__all__ = ["pb2", "pb2_grpc", "add_MoEServingServicer_to_server", "register_moe_serving", "health_pb2", "health_pb2_grpc", "SERVICE_NAME",
-           "SERVICE_NAMES", "SERVICER_FUNCTIONS"]
+__all__ = ["pb2", "pb2_grpc", "add_MoEServingServicer_to_server", "register_moe_serving", "health_pb2",
+           "health_pb2_grpc", "SERVICE_NAME", "SERVICE_NAMES", "SERVICER_FUNCTIONS"]

@@ -36,7 +36,6 @@ Shape of the `tenants:` block of the Serve config's application args (cluster/se
 from __future__ import annotations
 
 import hashlib
-import hmac
 import threading
 import time
 from dataclasses import dataclass, field
@@ -50,11 +49,6 @@ DEFAULT_TENANT = "default"
 OTHER_LABEL = "other"
 MAX_TENANT_NAME = 64
 MAX_ACCOUNTS = 4096          # tenants tracked at once; idle ones with a full bucket are dropped beyond it
-
-
-def caller_metadata(tenant: str | None = None, token: str | None = None) -> tuple[tuple[str, str], ...]:
-    """The metadata a client sends to name itself: `x-moe-tenant` and/or `authorization: Bearer`."""
-    return (((TENANT_HEADER, tenant),) if tenant else ()) + (((AUTH_HEADER, f"Bearer {token}"),) if token else ())
 
 
 def token_sha256(token: str) -> str:
@@ -171,11 +165,10 @@ class TenantGate:
             scheme, _, token = auth.partition(" ")
             if scheme.lower() != "bearer" or not token.strip():
                 raise Unauthenticated(f"missing bearer token: send metadata '{AUTH_HEADER}: Bearer <token>'")
-            digest = token_sha256(token.strip())
-            for known, tenant in self.config.tokens.items():
-                if hmac.compare_digest(known, digest):
-                    return tenant
-            raise Unauthenticated("unknown bearer token")
+            tenant = self.config.tokens.get(token_sha256(token.strip()))
+            if tenant is None:
+                raise Unauthenticated("unknown bearer token")
+            return tenant
         tenant = md.get(TENANT_HEADER, "").strip() or DEFAULT_TENANT
         try:
             _check_name(tenant)

@@ -310,7 +310,10 @@ class RemoteCore:
         try:
             while True:
                 batch, self._mirror = self._conn.recv()
-                post_events((*self._queues[rid], _unpack(rid, item)) for rid, item in batch if rid in self._queues)
+                # one get per event: a stream's end() pops its queue on the event loop's thread, and a
+                # check-then-index here could raise between the two and take down this reader
+                targets = ((self._queues.get(rid), rid, item) for rid, item in batch)
+                post_events((*target, _unpack(rid, item)) for target, rid, item in targets if target is not None)
         except Exception as exc:  # noqa: BLE001 -- EOF or a reset: the core is gone either way
             self._lost = f"the engine core process died ({type(exc).__name__})"
         lost = EngineCoreLost(self._lost)

@@ -252,9 +252,10 @@ def drive_engine(engine, prompts: list[list[int]], *, max_tokens: int, concurren
 def _bench_inprocess(args: argparse.Namespace, prompts: list[list[int]]
                      ) -> tuple[list[RequestResult], float, dict]:
     if args.transport == "collective":
-        # as `moe-serve up` runs the engine (serving/launcher.py): OpenMP threads sleep when idle, or
-        # the lm_head's second thread spins on a core the shards need (read when torch loads, below)
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        # as `moe-serve up` runs the engine: OpenMP threads sleep when idle, or the lm_head's second
+        # thread spins on a core the shards need (read when torch loads, below)
+        from serving.launcher import apply_ray_process_env
+        apply_ray_process_env()
         from serving.deployments.startup_priority import worker_runtime_env
         from serving.local_ray import local_ray_cluster
         with local_ray_cluster(args.nodes, runtime_env=worker_runtime_env()):

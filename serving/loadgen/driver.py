@@ -149,11 +149,10 @@ class GrpcDriver:
                  max_in_flight: int = 256, tenant: str | None = None, token: str | None = None):
         """`tenant` / `token`: who the load comes from (serving/api/tenants.py)."""
         from serving.api.protos import pb2_grpc  # generates the modules on first use
-        from serving.api.tenants import caller_metadata
+        from serving.client import call_metadata
         self.target = ensure_loopback(target)
         self.timeout_s = timeout_s
-        self.metadata = ((("application", application),) if application else ()) + caller_metadata(tenant, token) \
-            or None
+        self.metadata = call_metadata(application, tenant, token) or None
         self.max_in_flight = max_in_flight
         n = max(1, min(8, math.ceil(max_in_flight / _STREAMS_PER_CHANNEL)))
         # separate subchannel pools -> separate HTTP/2 connections (no per-connection stream cap)

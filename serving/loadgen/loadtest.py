@@ -49,8 +49,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from serving.client import add_caller_arguments, caller_token
 from serving.loadgen.arrivals import PROFILES, Profile, make_profile
-from serving.client import caller_token
 from serving.loadgen.driver import RequestResult, ensure_loopback
 from serving.loadgen.scrape import ClusterSnapshot, engine_deployment, scrape
 from serving.loadgen.stats import command_line, machine_info, percentile
@@ -101,7 +101,6 @@ def add_loadtest_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout-s", type=float, default=60.0, help="per-request gRPC deadline")
     parser.add_argument("--scrape-interval-s", type=float, default=0.5)
     parser.add_argument("--application", default=None, help="Ray Serve application name")
-    from serving.client import add_caller_arguments
     add_caller_arguments(parser)
     parser.add_argument("--strict", action="store_true", help="exit 1 if a verdict check fails")
     parser.add_argument("--json", action="store_true", help="print summary.json instead of tables")
