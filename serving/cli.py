@@ -220,6 +220,7 @@ def cmd_run(a: argparse.Namespace) -> int:
             return 0
         print("\ncluster is up; try:\n"
               f"  moe-serve generate --target {state['grpc_target']} --prompt 'Hello' --stream\n"
+              f"  a KServe v2 / Triton client at {state['grpc_target']}, model {Path(a.checkpoint).name!r}\n"
               f"  curl -s {state['metrics_url']} | grep moe_serve_\n"
               "Ctrl-C stops everything.", flush=True)
         while True:

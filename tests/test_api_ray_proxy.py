@@ -1,4 +1,6 @@
 """GenerateService behind Ray Serve's real gRPC proxy: do the status codes reach the client?
+And does an unmodified tritonclient get through it to the KServe v2 face (serving/api/kserve.py),
+unary and bidirectional streaming?
 
 The proxy only copies a code set on the replica's grpc_context when a result comes back,
 so a streaming method that fails before its first chunk must raise (GenerateService does).
@@ -48,10 +50,15 @@ def serve_target():
     serve.start(http_options={"host": "127.0.0.1", "port": _free_port()},
                 grpc_options=gRPCOptions(port=port, grpc_servicer_functions=SERVICER_FUNCTIONS))
 
+    from serving.deployments.grpc_face import GrpcFace
+
     @serve.deployment(ray_actor_options={"num_cpus": 0})
-    class Ingress:
+    class Ingress(GrpcFace):
+        """The app's real RPC methods (GrpcFace), over an echo engine instead of the model."""
+
         def __init__(self, tenants: dict | None = None):
             from serving.api.errors import Overloaded
+            from serving.api.kserve import KServeService
             from serving.api.local_server import ByteTokenizer, EchoEngine
             from serving.api.service import GenerateService
             from serving.api.tenants import TenantGate, TenantsConfig
@@ -65,19 +72,10 @@ def serve_target():
                         yield ev
 
             tok = ByteTokenizer()
-            self.svc = GenerateService(tok, ApiLimits(vocab_size=tok.vocab_size, max_model_len=64),
-                                       Engine(tok, delay_s=0.05 if tenants else 0.0),
-                                       tenants=TenantGate(TenantsConfig.from_dict(tenants)) if tenants else None)
-
-        async def Generate(self, request, grpc_context=None):
-            async for chunk in self.svc.generate(request, grpc_context):
-                yield chunk
-
-        async def Complete(self, request, grpc_context=None):
-            return await self.svc.complete(request, grpc_context)
-
-        def Check(self, request, grpc_context=None):
-            return self.svc.check(request, grpc_context)
+            self.service = GenerateService(tok, ApiLimits(vocab_size=tok.vocab_size, max_model_len=64),
+                                           Engine(tok, delay_s=0.05 if tenants else 0.0),
+                                           tenants=TenantGate(TenantsConfig.from_dict(tenants)) if tenants else None)
+            self.kserve = KServeService(self.service, "echo")
 
     serve.run(Ingress.bind(), name="moe", route_prefix="/moe")
     serve.run(Ingress.bind(TENANTS), name="tenants", route_prefix="/tenants")
@@ -192,3 +190,60 @@ def test_malformed_payload_is_invalid_argument_through_the_proxy(serve_target, m
                 list(r)
     assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT, ei.value
     assert ei.value.details().startswith("request: not a valid moe_serving.v1.GenerateRequest")
+
+
+def test_tritonclient_through_the_proxy(serve_target):
+    """KServe v2 through Ray's proxy: health, ModelInfer (OK, INVALID_ARGUMENT, RESOURCE_EXHAUSTED
+    with its trailer), and ModelStreamInfer, which is bidirectional: the proxy hands the replica
+    the request stream. On the tenants app the bearer token in the stream's metadata reaches it."""
+    import queue
+
+    import numpy as np
+    import tritonclient.grpc as tc
+    from tritonclient.utils import InferenceServerException
+
+    prompt = tc.InferInput("text_input", [1], "BYTES")
+    prompt.set_data_from_numpy(np.array([b"abc"], dtype=object))
+    stream = tc.InferInput("stream", [1], "BOOL")
+    stream.set_data_from_numpy(np.array([True]))
+    moe = {"application": "moe"}
+    client = tc.InferenceServerClient(serve_target)
+    try:
+        assert client.is_server_live(headers=moe) and client.is_server_ready(headers=moe)
+        assert client.is_model_ready("echo", headers=moe) and not client.is_model_ready("x", headers=moe)
+        result = client.infer("echo", [prompt], parameters={"max_tokens": 4}, headers=moe, request_id="k1")
+        assert result.as_numpy("text_output")[0] == b"abcabca" and result.get_response().id == "k1"
+        with pytest.raises(InferenceServerException) as ei:
+            client.infer("echo", [prompt], parameters={"max_tokens": 0}, headers=moe)
+        assert ei.value.status() == "StatusCode.INVALID_ARGUMENT" and ei.value.message().startswith("max_tokens:")
+        with pytest.raises(InferenceServerException) as ei:
+            client.infer("echo", [prompt], request_id="busy-k", headers=moe)
+        assert ei.value.status() == "StatusCode.RESOURCE_EXHAUSTED" and "retry after 250 ms" in ei.value.message()
+
+        # both requests run at once: on `tenants`, chat (1 in flight) is shed by its quota first
+        chat = {"application": "tenants", "authorization": f"Bearer {CHAT_TOKEN}"}
+        for app, headers, refusal in (
+                ("moe", moe, "RESOURCE_EXHAUSTED: busy; retry after 250 ms"),
+                ("tenants", chat, "RESOURCE_EXHAUSTED: tenant 'chat' is at its quota of 1 requests in flight "
+                                  "on this replica; retry after 400 ms")):
+            results: queue.Queue = queue.Queue()
+            client.start_stream(callback=lambda result, error: results.put((result, error)), headers=headers)
+            client.async_stream_infer("echo", [prompt, stream], request_id="s1", parameters={"max_tokens": 3})
+            client.async_stream_infer("echo", [prompt], request_id="busy-s")
+            client.stop_stream()
+            got = [results.get(timeout=30) for _ in range(4)]
+            assert results.empty(), app
+            texts = [r.as_numpy("text_output")[0] for r, e in got if e is None]
+            assert texts == [b"a", b"b", b"c"], (app, got)
+            (error,) = [e for _, e in got if e is not None]
+            assert str(error) == refusal, app
+
+        results = queue.Queue()            # the tenants app, no token: refused in-band
+        client.start_stream(callback=lambda result, error: results.put((result, error)),
+                            headers={"application": "tenants"})
+        client.async_stream_infer("echo", [prompt], request_id="anon")
+        client.stop_stream()
+        _, error = results.get(timeout=30)
+        assert str(error).startswith("UNAUTHENTICATED:") and results.empty()
+    finally:
+        client.close()

@@ -40,9 +40,11 @@ class FakeEngine:
 
     def __init__(self):
         self.closed: list[str] = []       # request ids whose stream was closed/finished
+        self.requests: list[GenerationRequest] = []    # every request that reached the engine
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
         rid = request.request_id
+        self.requests.append(request)
         try:
             if rid.startswith("busy"):
                 raise Overloaded("engine queue full", retry_after_s=0.25)

@@ -80,6 +80,43 @@ def test_stream_and_complete(cluster):
     assert done.finish_reason == pb2.FINISH_REASON_LENGTH
 
 
+def test_tritonclient_gets_the_same_greedy_completion_as_moe_serving(cluster, ckpt):
+    """KServe v2 (serving/api/kserve.py) on the real cluster, with an unmodified tritonclient: ModelInfer
+    and ModelStreamInfer give the completion moe_serving.v1's Complete gives, token counts included."""
+    import queue
+
+    import numpy as np
+    import tritonclient.grpc as tc
+
+    with MoEClient(cluster["grpc_target"]) as c:
+        done = c.complete(build_request("hello world", max_tokens=12, temperature=0))
+    model = Path(ckpt[0]).name                      # served_model_name unset: the checkpoint's directory
+    prompt = tc.InferInput("text_input", [1], "BYTES")
+    prompt.set_data_from_numpy(np.array([b"hello world"], dtype=object))
+    stream = tc.InferInput("stream", [1], "BOOL")
+    stream.set_data_from_numpy(np.array([True]))
+    params = {"max_tokens": 12, "temperature": 0.0}
+    client = tc.InferenceServerClient(cluster["grpc_target"])
+    try:
+        assert client.is_server_ready() and client.is_model_ready(model)
+        result = client.infer(model, [prompt], parameters=params)
+        assert result.as_numpy("text_output")[0].decode() == "hello world" + done.text
+        assert result.as_numpy("num_output_tokens")[0] == done.usage.completion_tokens
+        assert result.as_numpy("num_input_tokens")[0] == done.usage.prompt_tokens
+        results: queue.Queue = queue.Queue()
+        client.start_stream(callback=lambda result, error: results.put((result, error)))
+        client.async_stream_infer(model, [prompt, stream], parameters=params)
+        client.stop_stream()
+        chunks = []
+        while not results.empty():
+            result, error = results.get()
+            assert error is None, error
+            chunks.append(result.as_numpy("text_output")[0].decode())
+        assert "".join(chunks) == done.text and len(chunks) == done.usage.completion_tokens
+    finally:
+        client.close()
+
+
 def test_cli_greedy_matches_transformers(cluster, ckpt):
     ids = [5, 17, 99, 250, 3, 42, 7]
     out = moe_serve("generate", "--target", cluster["grpc_target"], "--prompt-ids", ",".join(map(str, ids)),

@@ -63,3 +63,11 @@ def test_a_valid_redeploy_goes_on_to_attach(fake_cluster, monkeypatch):
         main(["redeploy", "--state-dir", str(state_dir), "--expert-shards", "4"])
     assert read_state(state_dir)["expert_shards"] == 2          # nothing recorded until it is deployed
     assert "RAY_TMPDIR" not in os.environ       # the cluster's session dir does not leak into this process
+
+
+def test_the_shipped_config_routes_every_service_the_app_answers():
+    """The Serve config's servicer functions are the ones serving/api/protos.py defines, so the proxy
+    routes moe_serving.v1, KServe v2 (inference.GRPCInferenceService) and grpc.health.v1."""
+    from serving.api.protos import SERVICER_FUNCTIONS
+    cfg = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    assert cfg["grpc_options"]["grpc_servicer_functions"] == SERVICER_FUNCTIONS

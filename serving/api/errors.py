@@ -3,7 +3,7 @@
 | raised by            | exception        | gRPC status                                      |
 |----------------------|------------------|--------------------------------------------------|
 | validation           | InvalidRequest   | INVALID_ARGUMENT, details "<field>: <message>"   |
-| deserializer         | MalformedRequest | INVALID_ARGUMENT, details "request: ..." (bytes that are not a GenerateRequest) |
+| deserializer, KServe | MalformedRequest | INVALID_ARGUMENT, details "request: ..." (bytes that are not a GenerateRequest), or the KServe input at fault |
 | tenants (auth)       | Unauthenticated  | UNAUTHENTICATED                                  |
 | tenants (quota)      | Overloaded       | RESOURCE_EXHAUSTED + `grpc-retry-pushback-ms`     |
 | engine / admission   | Overloaded       | RESOURCE_EXHAUSTED + `grpc-retry-pushback-ms`     |
@@ -86,17 +86,22 @@ class Overloaded(Exception):
 
 
 class MalformedRequest:
-    """What the request deserializer hands the servicer in place of bytes that do not parse as the
-    method's message (serving/api/protos.py), so validation answers INVALID_ARGUMENT; gRPC itself
-    would answer UNKNOWN. It has the two attributes the service reads before validating."""
-    request_id = ""
+    """What the servicer gets in place of a request that cannot become a GenerateRequest, so that it
+    is answered INVALID_ARGUMENT (`field`: `message`) after authentication, like any invalid
+    request: bytes that do not parse as the method's message (serving/api/protos.py; gRPC itself
+    would answer UNKNOWN), or a KServe request whose tensors do not translate (serving/api/kserve.py).
+    It has the two attributes the service reads before validating."""
     priority = 0
 
-    def __init__(self, reason: str):
-        self.reason = reason
+    def __init__(self, field: str, message: str, request_id: str = ""):
+        self.field, self.message, self.request_id = field, message, request_id
+
+    @classmethod
+    def undecodable(cls, message_type: str, reason: str) -> "MalformedRequest":
+        return cls("request", f"not a valid {message_type} ({reason})")
 
     def __reduce__(self):       # Ray's proxy pickles the request to the replica
-        return (type(self), (self.reason,))
+        return (type(self), (self.field, self.message, self.request_id))
 
 
 class Unauthenticated(Exception):

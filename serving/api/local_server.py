@@ -16,7 +16,8 @@ from typing import Any, AsyncIterator
 import grpc
 
 from serving.api.errors import RpcAbort
-from serving.api.protos import SERVICE_NAMES, health_pb2_grpc, pb2_grpc, register_moe_serving
+from serving.api.kserve import KServeService
+from serving.api.protos import SERVICE_NAMES, health_pb2_grpc, pb2_grpc, register_kserve, register_moe_serving
 from serving.api.service import GenerateService
 from serving.engine.request import FinishReason, GenerationRequest, TokenEvent
 
@@ -39,6 +40,35 @@ class LocalMoEServicer(pb2_grpc.MoEServingServicer):
         return await self.service.complete(request, context)
 
 
+class LocalKServeServicer:
+    """inference.GRPCInferenceService (serving/api/kserve.py), one method per RPC."""
+
+    def __init__(self, kserve: KServeService):
+        self.kserve = kserve
+
+    async def ServerLive(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        return self.kserve.server_live(request, context)
+
+    async def ServerReady(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        return self.kserve.server_ready(request, context)
+
+    async def ModelReady(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        return self.kserve.model_ready(request, context)
+
+    async def ServerMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        return self.kserve.server_metadata(request, context)
+
+    async def ModelMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        return self.kserve.model_metadata(request, context)
+
+    async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        return await self.kserve.model_infer(request, context)
+
+    async def ModelStreamInfer(self, requests: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        async for response in self.kserve.model_stream_infer(requests, context):
+            yield response
+
+
 class LocalHealthServicer(health_pb2_grpc.HealthServicer):
     def __init__(self, service: GenerateService):
         self.service = service
@@ -48,11 +78,13 @@ class LocalHealthServicer(health_pb2_grpc.HealthServicer):
 
 
 async def start_local_server(service: GenerateService, *, host: str = "127.0.0.1",
-                             port: int = 0, reflection: bool = True
+                             port: int = 0, reflection: bool = True, model_name: str = "local"
                              ) -> tuple[grpc.aio.Server, int]:
-    """Start serving `service`; returns (server, bound port). Stop with `server.stop(0)`."""
+    """Start serving `service` (and KServe v2 over it, the model named `model_name`); returns
+    (server, bound port). Stop with `server.stop(0)`."""
     server = grpc.aio.server()
     register_moe_serving(LocalMoEServicer(service), server)
+    register_kserve(LocalKServeServicer(KServeService(service, model_name)), server)
     health_pb2_grpc.add_HealthServicer_to_server(LocalHealthServicer(service), server)
     if reflection:
         from grpc_reflection.v1alpha import reflection as grpc_reflection

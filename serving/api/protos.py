@@ -27,20 +27,20 @@ SERVICE_NAME: str = pb2.DESCRIPTOR.services_by_name["MoEServing"].full_name
 SERVICE_NAMES: tuple[str, ...] = (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name)
 
 
-def _lenient(parse: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+def _lenient(parse: Callable[[bytes], Any], message_type: str) -> Callable[[bytes], Any]:
     """A request deserializer that never raises: bytes that do not parse become a MalformedRequest,
     which validation answers with INVALID_ARGUMENT (gRPC answers a deserializer's error UNKNOWN)."""
     def deserialize(data: bytes) -> Any:
         try:
             return parse(data)
         except DecodeError as exc:
-            return MalformedRequest(str(exc))
+            return MalformedRequest.undecodable(message_type, str(exc))
     return deserialize
 
 
 def register_moe_serving(servicer: Any, server: Any) -> None:
     """`pb2_grpc.add_MoEServingServicer_to_server`, but with lenient request deserializers."""
-    parse = _lenient(pb2.GenerateRequest.FromString)
+    parse = _lenient(pb2.GenerateRequest.FromString, pb2.GenerateRequest.DESCRIPTOR.full_name)
     handlers = {
         "Generate": grpc.unary_stream_rpc_method_handler(
             servicer.Generate, request_deserializer=parse,
@@ -54,6 +54,30 @@ def register_moe_serving(servicer: Any, server: Any) -> None:
         raise RuntimeError(f"MoEServing methods {sorted(methods)} != registered {sorted(handlers)}")
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
     server.add_registered_method_handlers(SERVICE_NAME, handlers)
+
+
+def register_kserve(servicer: Any, server: Any) -> None:
+    """inference.GRPCInferenceService (KServe v2, serving/api/kserve.py): `servicer`'s method of each
+    RPC's name. Requests arrive as bytes (no deserializer): the servicer parses them, so bytes that
+    do not parse get INVALID_ARGUMENT, and what Ray's proxy pickles to the replica is plain bytes."""
+    from serving.api.kserve_protos import METHODS, SERVICE_NAME as KSERVE_SERVICE
+    kinds = {(False, False): grpc.unary_unary_rpc_method_handler, (False, True): grpc.unary_stream_rpc_method_handler,
+             (True, False): grpc.stream_unary_rpc_method_handler, (True, True): grpc.stream_stream_rpc_method_handler}
+    handlers = {name: kinds[streams](getattr(servicer, name), request_deserializer=None,
+                                     response_serializer=_serialize)
+                for name, streams in METHODS.items()}
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(KSERVE_SERVICE, handlers),))
+    server.add_registered_method_handlers(KSERVE_SERVICE, handlers)
+
+
+def _serialize(message: Any) -> bytes:
+    return message.SerializeToString()
+
+
+def add_GRPCInferenceServiceServicer_to_server(servicer, server) -> None:
+    """The KServe v2 servicer function for the Ray proxy (see add_MoEServingServicer_to_server,
+    which installs the proxy's log filter and status mapping for both)."""
+    register_kserve(servicer, server)
 
 
 def add_MoEServingServicer_to_server(servicer, server) -> None:
@@ -70,12 +94,15 @@ def add_MoEServingServicer_to_server(servicer, server) -> None:
 
 
 #: `gRPCOptions(grpc_servicer_functions=SERVICER_FUNCTIONS)` for the Ray Serve proxy: the
-#: proxy then routes /moe_serving.v1.MoEServing/{Generate,Complete} and
-#: /grpc.health.v1.Health/{Check,Watch} to the ingress methods of the same names.
+#: proxy then routes /moe_serving.v1.MoEServing/{Generate,Complete},
+#: /grpc.health.v1.Health/{Check,Watch} and /inference.GRPCInferenceService/{ServerLive, ...,
+#: ModelInfer, ModelStreamInfer} to the ingress methods of the same names.
 SERVICER_FUNCTIONS: list[str] = [
     "serving.api.protos.add_MoEServingServicer_to_server",
+    "serving.api.protos.add_GRPCInferenceServiceServicer_to_server",
     "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
 ]
 
-__all__ = ["pb2", "pb2_grpc", "add_MoEServingServicer_to_server", "register_moe_serving", "health_pb2",
+__all__ = ["pb2", "pb2_grpc", "add_MoEServingServicer_to_server", "register_moe_serving", "register_kserve",
+           "add_GRPCInferenceServiceServicer_to_server", "health_pb2",
            "health_pb2_grpc", "SERVICE_NAME", "SERVICE_NAMES", "SERVICER_FUNCTIONS"]

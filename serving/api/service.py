@@ -27,7 +27,7 @@ import logging
 import time
 from contextlib import aclosing
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable, Protocol
+from typing import Any, AsyncIterator, Callable, Protocol, Sequence
 
 import grpc
 
@@ -77,7 +77,7 @@ class RequestRecord:
     ttft_s: float | None = None        # service entry -> first token
     itl_s: list[float] = field(default_factory=list)   # gaps between consecutive tokens
     e2e_s: float = 0.0                 # service entry -> last event / error
-    method: str = "Generate"           # "Generate" or "Complete"
+    method: str = "Generate"           # "Generate", "Complete", "ModelInfer" or "ModelStreamInfer"
     tenant: str = DEFAULT_TENANT       # the caller's metric label (TenantGate.label)
 
 
@@ -123,16 +123,17 @@ def _failure_for(exc: BaseException, request_id: str) -> _Failure:
                     f"internal error ({type(exc).__name__}); request_id={request_id}")
 
 
-def _set_status(ctx: Any, failure: _Failure) -> None:
+def set_status(ctx: Any, code: grpc.StatusCode, details: str, trailers: Sequence[tuple[str, Any]] = ()) -> None:
+    """End the RPC of `ctx` (a RayServegRPCContext, a grpc.aio context, or None) with this status."""
     if ctx is None:
         return
-    ctx.set_code(failure.code)
-    ctx.set_details(failure.details)
-    if failure.trailers:
+    ctx.set_code(code)
+    ctx.set_details(details)
+    if trailers:
         try:   # RayServegRPCContext concatenates lists; grpc.aio's context wants a tuple
-            ctx.set_trailing_metadata(list(failure.trailers))
+            ctx.set_trailing_metadata(list(trailers))
         except TypeError:
-            ctx.set_trailing_metadata(tuple(failure.trailers))
+            ctx.set_trailing_metadata(tuple(trailers))
 
 
 class _Tracker:
@@ -193,13 +194,15 @@ class GenerateService:
 
     # ---- RPCs ---------------------------------------------------------------------
 
-    def generate(self, request_pb: Any, grpc_context: Any = None) -> AsyncIterator[Any]:
+    def generate(self, request_pb: Any, grpc_context: Any = None, method: str = "Generate"
+                 ) -> AsyncIterator[Any]:
         """Generate: one GenerateResponse per TokenEvent; the last has finish_reason+usage.
+        (`method` names the RPC in the request's record: the KServe face calls this too.)
 
         On failure the status is set on `grpc_context` and RpcAbort is raised (see the
         module docstring for why a streaming method must raise under Ray Serve).
         """
-        return self._generate(request_pb, grpc_context, "Generate")
+        return self._generate(request_pb, grpc_context, method)
 
     async def _generate(self, request_pb: Any, grpc_context: Any, method: str
                         ) -> AsyncIterator[Any]:
@@ -230,7 +233,7 @@ class GenerateService:
         except Exception as exc:  # noqa: BLE001 - every failure becomes a status
             failure = _failure_for(exc, tracker.rec.request_id or request_pb.request_id)
             status = failure.code.name
-            _set_status(grpc_context, failure)
+            set_status(grpc_context, failure.code, failure.details, failure.trailers)
             raise RpcAbort(failure.code, failure.details) from None
         finally:
             if release is not None:       # what it did not generate goes back to its tenant's bucket

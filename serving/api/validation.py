@@ -151,7 +151,7 @@ def validate_request(req: Any, limits: ApiLimits, tokenizer: Tokenizer, *,
     run first, so a bad request is rejected before its prompt is tokenized.
     """
     if isinstance(req, MalformedRequest):
-        raise InvalidRequest("request", f"not a valid moe_serving.v1.GenerateRequest ({req.reason})")
+        raise InvalidRequest(req.field, req.message)
     request_id = _validate_request_id(req.request_id, limits)
     if int(req.priority) not in _PRIORITIES:
         raise InvalidRequest("priority", f"unknown value {int(req.priority)}; use "

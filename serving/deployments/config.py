@@ -2,7 +2,9 @@
 application in the Serve config file under cluster/)."""
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 
 import torch
 
@@ -17,6 +19,8 @@ NODE_PIN = 0.001     # a sliver of a node's custom resource: pins a replica or a
 @dataclass(frozen=True, kw_only=True, slots=True)
 class AppConfig:
     checkpoint: str                       # HF-format checkpoint directory
+    served_model_name: str | None = None  # the model's name in the KServe v2 API (serving/api/kserve.py);
+                                          # None: the checkpoint directory's name
     expert_shards: int = 2                # S: ExpertShard deployments
     nodes: int = 1                        # Ray nodes carrying a `moe_node_<i>` resource
     placement: str = "contiguous"         # contiguous | round_robin | load_aware (uniform load at deploy)
@@ -80,11 +84,18 @@ class AppConfig:
             raise ValueError(f"wide_step_tokens must be >= 1, got {self.wide_step_tokens}")
         if self.compute_nice is not None and not -20 <= self.compute_nice <= 19:
             raise ValueError(f"compute_nice must be None or in -20..19, got {self.compute_nice}")
+        if self.served_model_name is not None and not self.served_model_name.strip():
+            raise ValueError("served_model_name must be None or a non-empty name")
         if self.tenants is not None and not isinstance(self.tenants, TenantsConfig):
             raise ValueError(f"tenants must be a mapping (serving/api/tenants.py), got {self.tenants!r}")
         if self.stream_chunk_tokens < 1 or self.stream_chunk_min_running < 0 or self.stream_max_hold_s < 0:
             raise ValueError("stream_chunk_tokens must be >= 1, stream_chunk_min_running and "
                              "stream_max_hold_s >= 0")
+
+    @property
+    def model_name(self) -> str:
+        """The served model's name: served_model_name, else the checkpoint directory's name."""
+        return self.served_model_name or Path(os.path.abspath(self.checkpoint)).name
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -24,7 +24,7 @@ from ray import serve
 
 from serving.deployments.config import NODE_PIN, AppConfig, node_resource
 from serving.deployments.engine_core import LocalCore, RemoteCore
-from serving.deployments.grpc_face import GrpcFace, build_service
+from serving.deployments.grpc_face import GrpcFace
 from serving.deployments.placement_sync import PlacementWatcher
 from serving.deployments.reporter import MetricsReporter
 from serving.engine.admission import AdmissionConfig, AdmissionController
@@ -150,8 +150,8 @@ class EngineReplica(GrpcFace):
         self.reporter = MetricsReporter(metrics_hub, f"engine-{replica}", cfg.report_interval_s,
                                         collect_engine=self.core.sample)
         model_cfg = MoEConfig.from_dir(cfg.checkpoint)
-        self.service = build_service(cfg, model_cfg, Tokenizer.from_dir(cfg.checkpoint),
-                                     ReplicaEngineClient(self), self.reporter, ready=True)
+        self.setup_faces(cfg, model_cfg, Tokenizer.from_dir(cfg.checkpoint), ReplicaEngineClient(self),
+                         self.reporter, ready=True)
         startup_priority.restore()               # ready: back to the workers' niceness
         self.core.set_step_nice(cfg.compute_nice)   # ... except the step loop
 

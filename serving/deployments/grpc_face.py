@@ -1,6 +1,7 @@
 """The gRPC face of the app: the RPC methods Ray Serve's gRPC proxy calls on the app's
 ingress deployment, by name (Generate / Complete of moe_serving.v1.MoEServing, Check / Watch
-of grpc.health.v1.Health), each delegating to a GenerateService.
+of grpc.health.v1.Health, and KServe v2's ServerLive ... ModelStreamInfer of
+inference.GRPCInferenceService), each delegating to a GenerateService or the KServeService over it.
 
 Two deployments wear it (AppConfig.ingress picks which one the proxy calls):
 - `engine`: the EngineReplica itself, over an in-process engine client. A streamed message
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from serving.api.kserve import KServeService
 from serving.api.service import EngineClient, GenerateService, RequestRecord
 from serving.api.tenants import TenantGate
 from serving.api.validation import ApiLimits
@@ -43,10 +45,17 @@ def build_service(cfg: AppConfig, model_cfg: MoEConfig, tokenizer: Tokenizer, en
 
 
 class GrpcFace:
-    """Mixin for a Serve deployment with a `service: GenerateService`. `probe_ready` runs
-    before every health answer (the Ingress checks that the engine answers)."""
+    """Mixin for a Serve deployment, which calls `setup_faces` in its constructor. `probe_ready`
+    runs before every health and readiness answer (the Ingress checks that the engine answers)."""
 
     service: GenerateService
+    kserve: KServeService
+
+    def setup_faces(self, cfg: AppConfig, model_cfg: MoEConfig, tokenizer: Tokenizer, engine: EngineClient,
+                    reporter: MetricsReporter, *, ready: bool) -> None:
+        """`service` (build_service's) and `kserve` over it, serving the model as `cfg.model_name`."""
+        self.service = build_service(cfg, model_cfg, tokenizer, engine, reporter, ready=ready)
+        self.kserve = KServeService(self.service, cfg.model_name)
 
     async def Generate(self, request: Any, grpc_context: Any = None):
         async for chunk in self.service.generate(request, grpc_context):
@@ -65,3 +74,29 @@ class GrpcFace:
 
     async def probe_ready(self) -> None:
         """Nothing to probe by default: a replica only gets traffic once it is up."""
+
+    # ---- inference.GRPCInferenceService (KServe v2; serving/api/kserve.py) -------------------
+
+    async def ServerLive(self, request: Any, grpc_context: Any = None) -> Any:
+        return self.kserve.server_live(request, grpc_context)
+
+    async def ServerReady(self, request: Any, grpc_context: Any = None) -> Any:
+        await self.probe_ready()
+        return self.kserve.server_ready(request, grpc_context)
+
+    async def ModelReady(self, request: Any, grpc_context: Any = None) -> Any:
+        await self.probe_ready()
+        return self.kserve.model_ready(request, grpc_context)
+
+    async def ServerMetadata(self, request: Any, grpc_context: Any = None) -> Any:
+        return self.kserve.server_metadata(request, grpc_context)
+
+    async def ModelMetadata(self, request: Any, grpc_context: Any = None) -> Any:
+        return self.kserve.model_metadata(request, grpc_context)
+
+    async def ModelInfer(self, request: Any, grpc_context: Any = None) -> Any:
+        return await self.kserve.model_infer(request, grpc_context)
+
+    async def ModelStreamInfer(self, requests: Any, grpc_context: Any = None):
+        async for response in self.kserve.model_stream_infer(requests, grpc_context):
+            yield response

@@ -10,7 +10,7 @@ from ray import serve
 
 from serving.api import log_filters
 from serving.deployments.config import AppConfig
-from serving.deployments.grpc_face import GrpcFace, build_service
+from serving.deployments.grpc_face import GrpcFace
 from serving.deployments.reporter import MetricsReporter
 from serving.engine.request import GenerationRequest, TokenEvent
 from serving.model.config import MoEConfig
@@ -40,8 +40,8 @@ class Ingress(GrpcFace):
         replica = serve.get_replica_context().replica_id.unique_id
         self.reporter = MetricsReporter(metrics_hub, f"ingress-{replica}", cfg.report_interval_s)
         self.engine_handle = engine_handle
-        self.service = build_service(cfg, MoEConfig.from_dir(cfg.checkpoint), Tokenizer.from_dir(cfg.checkpoint),
-                                     HandleEngineClient(engine_handle), self.reporter, ready=False)
+        self.setup_faces(cfg, MoEConfig.from_dir(cfg.checkpoint), Tokenizer.from_dir(cfg.checkpoint),
+                         HandleEngineClient(engine_handle), self.reporter, ready=False)
 
     async def probe_ready(self) -> None:
         """SERVING once the engine answers (Serve only routes here once replicas run)."""

@@ -1,0 +1,551 @@
+"""KServe v2 / Triton-compatible inference over gRPC (`inference.GRPCInferenceService`, the
+Open Inference Protocol), in front of GenerateService: an unmodified `tritonclient.grpc` or KServe
+client generates text from the served model, through the same port as moe_serving.v1.
+
+The model (ModelMetadata says the same)
+- One model, named AppConfig.served_model_name (default: the checkpoint directory's name),
+  version "1" (an empty version means it too).
+- Inputs, one element each (shape [1], or [1, 1] with a batch dimension):
+      text_input               BYTES  the prompt, UTF-8 (required; a BOS token is prepended)
+      sampling_parameters      BYTES  a JSON object of sampling fields (below); numbers may be
+                                      given as strings, as Triton's vLLM backend accepts them
+      stream                   BOOL   ModelStreamInfer only: one response per streamed chunk
+      exclude_input_in_output  BOOL   false: text_output starts with the prompt. Default: false,
+                                      except when streaming (Triton's vLLM backend does the same)
+- Request parameters (ModelInferRequest.parameters; tritonclient's `parameters=`): the same
+  sampling fields, typed; `priority` (Triton's: 0 or 1 interactive, 2 batch, which is shed
+  first); `triton_enable_empty_final_response` (set by tritonclient's
+  `enable_empty_final_response=True`). A field set both ways is INVALID_ARGUMENT.
+- Sampling fields: max_tokens, temperature, top_p, top_k, seed, stop (a string or a list),
+  ignore_eos: moe_serving.v1.GenerateRequest's, with its defaults and limits.
+- Outputs, all unless `outputs` names some, each shape [1]:
+      text_output        BYTES   the completion; streaming, this chunk's text
+      num_output_tokens  UINT32  tokens generated so far
+      finish_reason      BYTES   "stop", "length" or "cancelled"; "" before the last chunk
+      num_input_tokens   UINT32  prompt tokens (BOS included); 0 before the last chunk
+  Data comes back in raw_output_contents (what tritonclient's `as_numpy` reads).
+- Streamed responses carry the parameter `triton_final_response` (true on a request's last one),
+  as Triton's decoupled models do.
+
+Errors: the statuses of moe_serving.v1: INVALID_ARGUMENT naming the input, parameter or field
+("inputs[text_input]: ...", "parameters[priority]: ...", "sampling_parameters.top_k: ...", or a
+sampling field's own name when the engine's validation rejects its value); RESOURCE_EXHAUSTED with
+retry pushback; UNAVAILABLE while draining; UNAUTHENTICATED with tenants. Also NOT_FOUND for a
+model name or version this server does not serve. ModelStreamInfer answers a failed request
+in-band (`error_message` "<CODE>: <details>", the request's id in `infer_response`) and goes on
+with the stream's other requests. ServerLive/Ready, ModelReady and the metadata need no token,
+like grpc.health.v1.
+
+Every generation goes through GenerateService (auth, validation, tenant quotas, engine,
+metrics): a KServe request becomes a moe_serving.v1.GenerateRequest first, or, when its tensors
+do not translate, a MalformedRequest that validation rejects after authentication.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import struct
+from contextlib import aclosing
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Sequence
+
+import grpc
+from google.protobuf.message import DecodeError
+
+from serving.api.errors import InvalidRequest, MalformedRequest, RpcAbort
+from serving.api.kserve_protos import kserve
+from serving.api.protos import pb2
+from serving.api.service import GenerateService, set_status
+
+logger = logging.getLogger(__name__)
+
+MODEL_VERSION = "1"
+SERVER_NAME = "moe-serving"
+PLATFORM = "moe_serving"
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TensorSpec:
+    name: str
+    datatype: str            # KServe datatype: BYTES, BOOL, UINT32, ...
+    shape: tuple[int, ...] = (1,)
+
+
+INPUTS: dict[str, TensorSpec] = {t.name: t for t in (
+    TensorSpec(name="text_input", datatype="BYTES"),
+    TensorSpec(name="sampling_parameters", datatype="BYTES"),
+    TensorSpec(name="stream", datatype="BOOL"),
+    TensorSpec(name="exclude_input_in_output", datatype="BOOL"),
+)}
+OUTPUTS: dict[str, TensorSpec] = {t.name: t for t in (
+    TensorSpec(name="text_output", datatype="BYTES"),
+    TensorSpec(name="num_output_tokens", datatype="UINT32"),
+    TensorSpec(name="finish_reason", datatype="BYTES"),
+    TensorSpec(name="num_input_tokens", datatype="UINT32"),
+)}
+
+#: Sampling fields (GenerateRequest's) and the Python type each takes.
+SAMPLING_FIELDS: dict[str, type] = {"max_tokens": int, "temperature": float, "top_p": float,
+                                    "top_k": int, "seed": int, "stop": list, "ignore_eos": bool}
+_INT_RANGE = {"max_tokens": (-2**31, 2**31 - 1), "top_k": (-2**31, 2**31 - 1), "seed": (-2**63, 2**63 - 1)}
+PRIORITIES = {0: pb2.PRIORITY_UNSPECIFIED, 1: pb2.PRIORITY_INTERACTIVE, 2: pb2.PRIORITY_BATCH}
+EMPTY_FINAL = "triton_enable_empty_final_response"
+FINAL = "triton_final_response"
+#: Triton request parameters this server does not implement (stateful sequences, its own timeout).
+_UNSUPPORTED = {"sequence_id": "stateful sequences are not supported",
+                "sequence_start": "stateful sequences are not supported",
+                "sequence_end": "stateful sequences are not supported",
+                "timeout": "not supported; set a gRPC deadline (tritonclient: client_timeout=)"}
+_FINISH_NAMES = {pb2.FINISH_REASON_STOP: "stop", pb2.FINISH_REASON_LENGTH: "length",
+                 pb2.FINISH_REASON_CANCELLED: "cancelled"}
+#: GenerateRequest fields that a KServe caller knows by another name (validation's details start
+#: with the field).
+_KSERVE_FIELD = {"prompt": "inputs[text_input]", "request_id": "id"}
+
+
+@dataclass(kw_only=True, slots=True)
+class _Plan:
+    """One KServe inference request, translated."""
+    request: Any                      # pb2.GenerateRequest, or a MalformedRequest to be rejected
+    request_id: str
+    stream: bool = False
+    prompt_prefix: str = ""           # put before the completion's text (exclude_input_in_output false)
+    outputs: tuple[str, ...] = tuple(OUTPUTS)
+    empty_final: bool = False
+
+
+@dataclass(kw_only=True, slots=True)
+class _Progress:
+    """What a request has produced so far."""
+    text: list[str] = field(default_factory=list)
+    output_tokens: int = 0
+    input_tokens: int = 0
+    finish: str = ""
+
+
+class _RequestStatus:
+    """The gRPC context GenerateService sees for one KServe request. The status it sets stays
+    here (one ModelStreamInfer stream carries many requests, and no one of them may end it); the
+    caller's metadata (its tenant) is the call's."""
+
+    def __init__(self, call: Any):
+        self.call = call
+        self.code: grpc.StatusCode | None = None
+        self.details = ""
+        self.trailers: tuple = ()
+
+    def set_code(self, code: grpc.StatusCode) -> None:
+        self.code = code
+
+    def set_details(self, details: str) -> None:
+        name, sep, rest = details.partition(":")
+        self.details = f"{_KSERVE_FIELD[name]}{sep}{rest}" if sep and name in _KSERVE_FIELD else details
+
+    def set_trailing_metadata(self, metadata: Sequence[tuple[str, Any]]) -> None:
+        self.trailers = tuple(metadata)
+
+    def invocation_metadata(self) -> Sequence[tuple[str, Any]]:
+        return self.call.invocation_metadata() if self.call is not None else ()
+
+    @property
+    def code_name(self) -> str:
+        return (self.code or grpc.StatusCode.UNKNOWN).name
+
+
+class NotServed(Exception):
+    """The request names a model or version this server does not serve (NOT_FOUND)."""
+
+
+# ---- tensors ----------------------------------------------------------------------------------
+
+def pack_bytes(values: Sequence[bytes]) -> bytes:
+    """KServe's raw BYTES layout: each element as a 4-byte little-endian length, then its bytes."""
+    return b"".join(struct.pack("<I", len(v)) + v for v in values)
+
+
+def unpack_bytes(raw: bytes, where: str) -> list[bytes]:
+    values, pos = [], 0
+    while pos < len(raw):
+        if pos + 4 > len(raw):
+            raise InvalidRequest(where, "raw BYTES data ends inside an element's 4-byte length")
+        (n,) = struct.unpack_from("<I", raw, pos)
+        pos += 4
+        if pos + n > len(raw):
+            raise InvalidRequest(where, f"raw BYTES element says {n} bytes, {len(raw) - pos} remain")
+        values.append(raw[pos:pos + n])
+        pos += n
+    return values
+
+
+def _input_value(tensor: Any, raw: bytes | None) -> Any:
+    """The one element of an input tensor: bytes for BYTES, bool for BOOL."""
+    where = f"inputs[{tensor.name}]"
+    spec = INPUTS.get(tensor.name)
+    if spec is None:
+        raise InvalidRequest(where, f"unknown input; this model takes {sorted(INPUTS)}")
+    if tensor.datatype != spec.datatype:
+        raise InvalidRequest(f"{where}.datatype", f"must be {spec.datatype}, got {tensor.datatype!r}")
+    if math.prod(tensor.shape) != 1 or any(d < 0 for d in tensor.shape):
+        raise InvalidRequest(f"{where}.shape", f"{list(tensor.shape)} is not one element; use [1] or [1, 1]")
+    if spec.datatype == "BYTES":
+        values = unpack_bytes(raw, where) if raw is not None else list(tensor.contents.bytes_contents)
+    else:
+        values = [b != 0 for b in raw] if raw is not None else list(tensor.contents.bool_contents)
+    if len(values) != 1:
+        raise InvalidRequest(where, f"holds {len(values)} elements of data; its shape says 1")
+    return values[0]
+
+
+def _output_tensor(name: str, value: str | int) -> tuple[Any, bytes]:
+    spec = OUTPUTS[name]
+    raw = pack_bytes([value.encode()]) if spec.datatype == "BYTES" else struct.pack("<I", value)
+    return kserve.ModelInferResponse.InferOutputTensor(name=name, datatype=spec.datatype,
+                                                       shape=list(spec.shape)), raw
+
+
+# ---- sampling fields --------------------------------------------------------------------------
+
+def _typed(name: str, value: Any, where: str) -> Any:
+    """`value` as sampling field `name` takes it (numbers and booleans may come as strings)."""
+    kind = SAMPLING_FIELDS[name]
+    if isinstance(value, str) and kind in (int, float, bool):
+        text = value.strip().lower()
+        try:
+            value = {"true": True, "false": False}[text] if kind is bool else kind(text)
+        except (KeyError, ValueError):
+            raise InvalidRequest(where, f"{value!r} is not a{'n' if kind is int else ''} "
+                                 f"{kind.__name__}") from None
+    if kind is list:
+        value = [value] if isinstance(value, str) else value
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise InvalidRequest(where, "must be a string or a list of strings")
+        return value
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if type(value) is not kind:
+        raise InvalidRequest(where, f"must be a{'n' if kind is int else ''} {kind.__name__}, "
+                             f"got {type(value).__name__}")
+    if name in _INT_RANGE and not _INT_RANGE[name][0] <= value <= _INT_RANGE[name][1]:
+        raise InvalidRequest(where, f"{value} is out of range")
+    return value
+
+
+def _parameter(param: Any) -> Any:
+    kind = param.WhichOneof("parameter_choice")
+    return getattr(param, kind) if kind is not None else None
+
+
+class KServeService:
+    """The RPCs of inference.GRPCInferenceService over a GenerateService (a plain object: the Serve
+    deployment's methods and the local grpc.aio server both delegate here). Requests may come as
+    bytes (they are parsed here, so bytes that do not parse get INVALID_ARGUMENT) or messages."""
+
+    def __init__(self, service: GenerateService, model_name: str):
+        self.service = service
+        self.model_name = model_name
+
+    # ---- health and metadata -----------------------------------------------------------------
+
+    def server_live(self, request: Any, grpc_context: Any = None) -> Any:
+        return kserve.ServerLiveResponse(live=True)
+
+    def server_ready(self, request: Any, grpc_context: Any = None) -> Any:
+        return kserve.ServerReadyResponse(ready=self.service.ready)
+
+    def model_ready(self, request: Any, grpc_context: Any = None) -> Any:
+        req = self._parse(kserve.ModelReadyRequest, request, grpc_context)
+        ready = req is not None and self._serves(req.name, req.version) and self.service.ready
+        return kserve.ModelReadyResponse(ready=ready)
+
+    def server_metadata(self, request: Any, grpc_context: Any = None) -> Any:
+        from importlib.metadata import PackageNotFoundError, version
+        try:
+            ours = version("moe-serving")
+        except PackageNotFoundError:
+            ours = "0"
+        return kserve.ServerMetadataResponse(name=SERVER_NAME, version=ours, extensions=[])
+
+    def model_metadata(self, request: Any, grpc_context: Any = None) -> Any:
+        req = self._parse(kserve.ModelMetadataRequest, request, grpc_context)
+        if req is None:
+            return kserve.ModelMetadataResponse()
+        if not self._serves(req.name, req.version):
+            self._not_found(grpc_context, req.name, req.version)
+            return kserve.ModelMetadataResponse()
+        meta = kserve.ModelMetadataResponse.TensorMetadata
+        return kserve.ModelMetadataResponse(
+            name=self.model_name, versions=[MODEL_VERSION], platform=PLATFORM,
+            inputs=[meta(name=t.name, datatype=t.datatype, shape=list(t.shape)) for t in INPUTS.values()],
+            outputs=[meta(name=t.name, datatype=t.datatype, shape=list(t.shape)) for t in OUTPUTS.values()])
+
+    # ---- inference --------------------------------------------------------------------------
+
+    async def model_infer(self, request: Any, grpc_context: Any = None) -> Any:
+        """ModelInfer: the whole completion in one response. On failure the status (and retry
+        trailers) go on `grpc_context` and an empty response is returned; with no context,
+        RpcAbort is raised."""
+        try:
+            plan = self.plan(request, streaming_rpc=False)
+        except NotServed as exc:
+            set_status(grpc_context, grpc.StatusCode.NOT_FOUND, str(exc))
+            if grpc_context is None:
+                raise RpcAbort(grpc.StatusCode.NOT_FOUND, str(exc)) from None
+            return kserve.ModelInferResponse()
+        status = _RequestStatus(grpc_context)
+        progress = _Progress()
+        try:
+            async with aclosing(self.service.generate(plan.request, status, "ModelInfer")) as chunks:
+                async for chunk in chunks:
+                    self._advance(progress, chunk)
+        except RpcAbort:
+            if grpc_context is None:
+                raise RpcAbort(status.code, status.details) from None
+            set_status(grpc_context, status.code, status.details, status.trailers)
+            return kserve.ModelInferResponse()
+        return self._response(plan, plan.prompt_prefix + "".join(progress.text), progress)
+
+    async def model_stream_infer(self, requests: AsyncIterator[Any], grpc_context: Any = None
+                                 ) -> AsyncIterator[Any]:
+        """ModelStreamInfer: every request read from the stream runs at once, its responses
+        interleaved with the others'. The stream ends once the client has sent its last request
+        and every request has finished; if the client goes away, they are all cancelled."""
+        out: asyncio.Queue = asyncio.Queue()
+        finished, read_all = object(), object()
+        pending = 0
+        tasks: set[asyncio.Task] = set()
+
+        async def serve(request: Any) -> None:
+            try:
+                async for response in self._stream_one(request, grpc_context):
+                    out.put_nowait(response)
+            except Exception:  # noqa: BLE001 - one request's bug must not end the others
+                logger.exception("ModelStreamInfer request failed")
+                out.put_nowait(kserve.ModelStreamInferResponse(error_message="INTERNAL: internal error"))
+            finally:
+                out.put_nowait(finished)
+
+        async def read() -> None:
+            nonlocal pending
+            try:
+                async for request in requests:
+                    pending += 1
+                    task = asyncio.create_task(serve(request))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+            except Exception as exc:  # noqa: BLE001 - the client's side of the stream broke
+                logger.debug("ModelStreamInfer: reading requests stopped: %r", exc)
+            finally:
+                out.put_nowait(read_all)
+
+        reader = asyncio.create_task(read())
+        reading = True
+        try:
+            while reading or pending:
+                item = await out.get()
+                if item is read_all:
+                    reading = False
+                elif item is finished:
+                    pending -= 1
+                else:
+                    yield item
+        finally:
+            for task in (reader, *tasks):
+                task.cancel()
+            await asyncio.gather(reader, *tasks, return_exceptions=True)
+
+    async def _stream_one(self, request: Any, grpc_context: Any) -> AsyncIterator[Any]:
+        """One request of a ModelStreamInfer stream: its responses, or one in-band error."""
+        wrap = kserve.ModelStreamInferResponse
+        try:
+            plan = self.plan(request, streaming_rpc=True)
+        except NotServed as exc:
+            yield wrap(error_message=f"NOT_FOUND: {exc}", infer_response=self._empty(request))
+            return
+        status = _RequestStatus(grpc_context)
+        progress = _Progress()
+        prefix = plan.prompt_prefix
+        try:
+            async with aclosing(self.service.generate(plan.request, status, "ModelStreamInfer")) as chunks:
+                async for chunk in chunks:
+                    self._advance(progress, chunk)
+                    last = bool(progress.finish)
+                    if plan.stream:
+                        yield wrap(infer_response=self._response(
+                            plan, prefix + chunk.text, progress, final=last and not plan.empty_final))
+                        prefix = ""
+        except RpcAbort:
+            yield wrap(error_message=f"{status.code_name}: {status.details}",
+                       infer_response=self._empty(request, plan.request_id))
+            return
+        if not plan.stream:
+            yield wrap(infer_response=self._response(plan, prefix + "".join(progress.text), progress,
+                                                     final=not plan.empty_final))
+        if plan.empty_final:
+            empty = self._empty(request, plan.request_id)
+            empty.parameters[FINAL].bool_param = True
+            yield wrap(infer_response=empty)
+
+    # ---- translation ------------------------------------------------------------------------
+
+    def plan(self, request: Any, *, streaming_rpc: bool) -> _Plan:
+        """The KServe request as a GenerateRequest, and how to answer it. A request whose tensors
+        do not translate gets a MalformedRequest in its place (rejected after authentication).
+        Raises NotServed for another model or version."""
+        if isinstance(request, (bytes, bytearray)):
+            try:
+                request = kserve.ModelInferRequest.FromString(bytes(request))
+            except DecodeError as exc:
+                return _Plan(request=MalformedRequest.undecodable("inference.ModelInferRequest", str(exc)),
+                             request_id="")
+        if not self._serves(request.model_name, request.model_version):
+            raise NotServed(self._unknown(request.model_name, request.model_version))
+        try:
+            return self._translate(request, streaming_rpc)
+        except InvalidRequest as exc:
+            return _Plan(request=MalformedRequest(exc.field, exc.message, request.id), request_id=request.id)
+
+    def _translate(self, request: Any, streaming_rpc: bool) -> _Plan:
+        raw = list(request.raw_input_contents)
+        if raw and len(raw) != len(request.inputs):
+            raise InvalidRequest("raw_input_contents", f"has {len(raw)} entries for {len(request.inputs)} inputs")
+        values: dict[str, Any] = {}
+        for i, tensor in enumerate(request.inputs):
+            if tensor.name in values:
+                raise InvalidRequest(f"inputs[{tensor.name}]", "given twice")
+            values[tensor.name] = _input_value(tensor, raw[i] if raw else None)
+        if "text_input" not in values:
+            raise InvalidRequest("inputs[text_input]", "is required (BYTES, shape [1]: the prompt)")
+        try:
+            prompt = values["text_input"].decode("utf-8")
+        except UnicodeDecodeError:
+            raise InvalidRequest("inputs[text_input]", "is not valid UTF-8") from None
+        stream = bool(values.get("stream", False))
+        if stream and not streaming_rpc:
+            raise InvalidRequest("inputs[stream]", "true needs the streaming RPC ModelStreamInfer; "
+                                 "ModelInfer answers once")
+        sampling, priority, empty_final = self._parameters(request, streaming_rpc)
+        if "sampling_parameters" in values:
+            for name, value in self._json_sampling(values["sampling_parameters"]).items():
+                if name in sampling:
+                    raise InvalidRequest(f"parameters[{name}]", "also set in sampling_parameters; set it once")
+                sampling[name] = value
+        exclude = values.get("exclude_input_in_output", stream)
+        gen = pb2.GenerateRequest(text=prompt, request_id=request.id, priority=priority)
+        for name, value in sampling.items():
+            if name == "stop":
+                gen.stop.extend(value)
+            else:
+                setattr(gen, name, value)
+        return _Plan(request=gen, request_id=request.id, stream=stream,
+                     prompt_prefix="" if exclude else prompt,
+                     outputs=self._requested_outputs(request), empty_final=empty_final)
+
+    def _parameters(self, request: Any, streaming_rpc: bool) -> tuple[dict[str, Any], int, bool]:
+        """Request parameters: (sampling fields, priority, empty final response wanted)."""
+        sampling: dict[str, Any] = {}
+        priority, empty_final = pb2.PRIORITY_UNSPECIFIED, False
+        for key, param in request.parameters.items():
+            where, value = f"parameters[{key}]", _parameter(param)
+            if key in SAMPLING_FIELDS:
+                sampling[key] = _typed(key, value, where)
+            elif key == "priority":
+                if type(value) is not int or value not in PRIORITIES:
+                    raise InvalidRequest(where, f"{value!r} is not a priority; use 1 (interactive) "
+                                         "or 2 (batch, shed first)")
+                priority = PRIORITIES[value]
+            elif key == EMPTY_FINAL:
+                if not streaming_rpc or type(value) is not bool:
+                    raise InvalidRequest(where, "a bool, on ModelStreamInfer only")
+                empty_final = value
+            elif key in _UNSUPPORTED:
+                raise InvalidRequest(where, _UNSUPPORTED[key])
+            else:
+                raise InvalidRequest(where, f"unknown parameter; known: {sorted([*SAMPLING_FIELDS, 'priority'])}")
+        return sampling, priority, empty_final
+
+    @staticmethod
+    def _json_sampling(data: bytes) -> dict[str, Any]:
+        try:
+            fields = json.loads(data)
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise InvalidRequest("inputs[sampling_parameters]", f"is not JSON ({exc})") from None
+        if not isinstance(fields, dict):
+            raise InvalidRequest("inputs[sampling_parameters]", "must be a JSON object")
+        out = {}
+        for name, value in fields.items():
+            where = f"sampling_parameters.{name}"
+            if name not in SAMPLING_FIELDS:
+                raise InvalidRequest(where, f"unknown field; known: {sorted(SAMPLING_FIELDS)}")
+            out[name] = _typed(name, value, where)
+        return out
+
+    @staticmethod
+    def _requested_outputs(request: Any) -> tuple[str, ...]:
+        names = []
+        for out in request.outputs:
+            if out.name not in OUTPUTS:
+                raise InvalidRequest(f"outputs[{out.name}]", f"unknown output; this model gives {list(OUTPUTS)}")
+            if out.parameters:
+                raise InvalidRequest(f"outputs[{out.name}].parameters", "output parameters (classification) "
+                                     "are not supported")
+            names.append(out.name)
+        return tuple(names) or tuple(OUTPUTS)
+
+    # ---- responses --------------------------------------------------------------------------
+
+    @staticmethod
+    def _advance(progress: _Progress, chunk: Any) -> None:
+        progress.text.append(chunk.text)
+        progress.output_tokens += len(chunk.token_ids)
+        if chunk.finish_reason:
+            progress.finish = _FINISH_NAMES.get(chunk.finish_reason, "stop")
+            progress.input_tokens = chunk.usage.prompt_tokens
+            progress.output_tokens = chunk.usage.completion_tokens
+
+    def _response(self, plan: _Plan, text: str, progress: _Progress, *, final: bool | None = None) -> Any:
+        values = {"text_output": text, "num_output_tokens": progress.output_tokens,
+                  "finish_reason": progress.finish, "num_input_tokens": progress.input_tokens}
+        response = kserve.ModelInferResponse(model_name=self.model_name, model_version=MODEL_VERSION,
+                                             id=plan.request_id)
+        for name in plan.outputs:
+            tensor, raw = _output_tensor(name, values[name])
+            response.outputs.append(tensor)
+            response.raw_output_contents.append(raw)
+        if final is not None:
+            response.parameters[FINAL].bool_param = final
+        return response
+
+    def _empty(self, request: Any, request_id: str | None = None) -> Any:
+        rid = request_id if request_id is not None else getattr(request, "id", "")
+        return kserve.ModelInferResponse(model_name=self.model_name, model_version=MODEL_VERSION, id=rid)
+
+    # ---- helpers ------------------------------------------------------------------------------
+
+    def _serves(self, name: str, version: str) -> bool:
+        return name == self.model_name and version in ("", MODEL_VERSION)
+
+    def _unknown(self, name: str, version: str) -> str:
+        if name != self.model_name:
+            return f"model_name: unknown model {name!r}; this server serves {self.model_name!r}"
+        return f"model_version: unknown version {version!r} of {name!r}; it has {MODEL_VERSION!r}"
+
+    def _not_found(self, grpc_context: Any, name: str, version: str) -> None:
+        if grpc_context is None:
+            raise RpcAbort(grpc.StatusCode.NOT_FOUND, self._unknown(name, version))
+        set_status(grpc_context, grpc.StatusCode.NOT_FOUND, self._unknown(name, version))
+
+    @staticmethod
+    def _parse(cls: type, request: Any, grpc_context: Any) -> Any:
+        """A health or metadata request from bytes; None (INVALID_ARGUMENT set) if they do not parse."""
+        if not isinstance(request, (bytes, bytearray)):
+            return request
+        try:
+            return cls.FromString(bytes(request))
+        except DecodeError as exc:
+            details = f"request: not a valid inference.{cls.__name__} ({exc})"
+            if grpc_context is None:
+                raise RpcAbort(grpc.StatusCode.INVALID_ARGUMENT, details) from None
+            set_status(grpc_context, grpc.StatusCode.INVALID_ARGUMENT, details)
+            return None
