@@ -1,12 +1,16 @@
 """Fuzz the gRPC API with bad input: hundreds of seeded random GenerateRequests built from edge
 values of every field, sent over real gRPC on loopback (a grpc.aio server, the real validation, an
 echo engine). Every call must end OK or INVALID_ARGUMENT naming a field, never INTERNAL or UNKNOWN,
-an OK one must respect what it asked for, and the server must stay healthy."""
+an OK one must respect what it asked for, and the server must stay healthy. The same for the
+KServe v2 face's ModelInfer (serving/api/kserve.py), where NOT_FOUND answers another model."""
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import random
+import re
+import struct
 import threading
 
 import grpc
@@ -178,3 +182,110 @@ def test_malformed_payloads_get_invalid_argument_and_the_server_goes_on(server, 
     with MoEClient(target, WAIT_S) as c:
         assert c.health() == "SERVING"
         assert c.complete(prompt="hello", max_tokens=4).text == "hell"
+
+
+# ---- KServe v2 (serving/api/kserve.py) ---------------------------------------------------------
+
+KSERVE_FIELD = re.compile(r"^(inputs\[[^\]]*\](\.datatype|\.shape)?|parameters\[[^\]]*\]|sampling_parameters\.\w+|"
+                          r"outputs\[[^\]]*\](\.parameters)?|raw_input_contents|id|request|max_tokens|"
+                          r"temperature|top_p|top_k|seed|stop):")
+PARAM_VALUES = ({"int64_param": 3}, {"int64_param": -(1 << 63)}, {"int64_param": (1 << 63) - 1},
+                {"uint64_param": (1 << 64) - 1}, {"uint64_param": 2}, {"double_param": math.nan},
+                {"double_param": 0.5}, {"double_param": -1.0}, {"bool_param": True}, {"string_param": ""},
+                {"string_param": "7"}, {"string_param": "x"}, {})
+JSON_VALUES = (0, 1, -1, 2**40, 0.5, "0.5", "nan", "inf", "", "x", True, None, [], ["a"], [1], {}, 1e400)
+
+
+def _kserve_request(rng: random.Random, kserve):
+    """A valid KServe request (raw or typed contents), then 0-3 fields set to edge values."""
+    req = kserve.ModelInferRequest(model_name="local", id=rng.choice(("", "k1", "a" * 128)))
+    text = rng.choice(("a", "hello world", "é" * 10, "💥" * 5)).encode()
+    inputs = [("text_input", "BYTES", [1], text)]
+    if rng.random() < 0.5:
+        inputs.append(("sampling_parameters", "BYTES", [1], json.dumps({"max_tokens": rng.randint(1, 16)}).encode()))
+    else:
+        req.parameters["max_tokens"].int64_param = rng.randint(1, 16)
+    for _ in range(rng.choice((0, 1, 1, 2, 3))):
+        what = rng.choice(("datatype", "shape", "extra", "json", "param", "output", "model", "text", "stream"))
+        if what == "datatype":
+            name, _, shape, value = inputs[0]
+            inputs[0] = (name, rng.choice(("FP32", "BOOL", "INT64", "", "BYTES")), shape, value)
+        elif what == "shape":
+            name, dtype, _, value = inputs[0]
+            inputs[0] = (name, dtype, rng.choice(([], [0], [2], [1, 1], [-1], [1, 2])), value)
+        elif what == "extra":
+            inputs.append((rng.choice(("text_input", "image", "stream", "exclude_input_in_output")),
+                           rng.choice(("BOOL", "BYTES")), [1], rng.choice((True, b"x"))))
+        elif what == "json":
+            inputs.append(("sampling_parameters", "BYTES", [1], rng.choice((
+                b"{", b"[]", b"null", b"\xff", json.dumps({rng.choice(("max_tokens", "top_p", "top_k", "seed",
+                                                                        "temperature", "stop", "ignore_eos", "n")):
+                                                          rng.choice(JSON_VALUES)}).encode()))))
+        elif what == "param":
+            key = rng.choice(("max_tokens", "top_p", "top_k", "seed", "temperature", "stop", "ignore_eos",
+                              "priority", "timeout", "sequence_id", "triton_enable_empty_final_response", "x"))
+            req.parameters[key].CopyFrom(kserve.InferParameter(**rng.choice(PARAM_VALUES)))
+        elif what == "output":
+            req.outputs.add(name=rng.choice(("text_output", "finish_reason", "logits", "")))
+        elif what == "model":
+            req.model_name, req.model_version = rng.choice((("local", "1"), ("local", "2"), ("other", ""), ("", "")))
+        elif what == "text":
+            name, dtype, shape, _ = inputs[0]
+            inputs[0] = (name, dtype, shape, rng.choice((b"", b"\xff\xfe", b"x" * 500, b"\x00")))
+        elif what == "stream":
+            inputs.append(("stream", "BOOL", [1], rng.random() < 0.5))
+    raw = rng.random() < 0.5
+    for name, dtype, shape, value in inputs:
+        tensor = req.inputs.add(name=name, datatype=dtype, shape=shape)
+        data = value if isinstance(value, bytes) else bytes([value])
+        if raw:
+            req.raw_input_contents.append(struct.pack("<I", len(data)) + data if dtype == "BYTES" else data)
+        elif isinstance(value, bytes):
+            tensor.contents.bytes_contents.append(value)
+        else:
+            tensor.contents.bool_contents.append(value)
+    if raw and rng.random() < 0.1:                   # truncated raw data
+        req.raw_input_contents[0] = req.raw_input_contents[0][:rng.randrange(len(req.raw_input_contents[0]))]
+    return req
+
+
+def test_random_kserve_requests_get_ok_invalid_argument_or_not_found(server):
+    """400 seeded KServe requests (and 200 corrupt payloads) over real gRPC: every call ends OK,
+    INVALID_ARGUMENT naming an input, parameter or field, or NOT_FOUND for another model."""
+    from serving.api.kserve import unpack_bytes
+    from serving.api.kserve_protos import SERVICE_NAME, kserve
+    target, _ = server
+    rng = random.Random(4242)
+    outcomes: dict[str, int] = {}
+    with grpc.insecure_channel(target) as ch:
+        call = ch.unary_unary(f"/{SERVICE_NAME}/ModelInfer", request_serializer=None,
+                              response_deserializer=kserve.ModelInferResponse.FromString)
+        valid = _kserve_request(random.Random(1), kserve).SerializeToString()
+        for i in range(CASES + 200):
+            if i < CASES:
+                req = _kserve_request(rng, kserve)
+                payload = req.SerializeToString()
+            else:
+                req, b = None, bytearray(valid)
+                b[rng.randrange(len(b))] ^= 1 << rng.randrange(8)
+                payload = bytes(b) if i % 2 else valid[:rng.randrange(len(valid))]
+            try:
+                response = call(payload, timeout=WAIT_S)
+                code = "OK"
+                assert len(response.outputs) == len(response.raw_output_contents) >= 1
+                if req is not None and "text_output" in [o.name for o in response.outputs]:
+                    index = [o.name for o in response.outputs].index("text_output")
+                    (text,) = unpack_bytes(response.raw_output_contents[index], "text_output")
+                    assert text.decode()
+            except grpc.RpcError as err:
+                code = err.code().name
+                assert err.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND), \
+                    (i, req, err.code(), err.details())
+                pattern = KSERVE_FIELD if err.code() == grpc.StatusCode.INVALID_ARGUMENT else \
+                    re.compile(r"^model_(name|version):")
+                assert pattern.match(err.details()), (i, req, err.details())
+            outcomes[code] = outcomes.get(code, 0) + 1
+    assert outcomes.get("OK", 0) >= 50 and outcomes.get("INVALID_ARGUMENT", 0) >= 150, outcomes
+    assert outcomes.get("NOT_FOUND", 0) >= 5, outcomes
+    with MoEClient(target, WAIT_S) as c:
+        assert c.health() == "SERVING"
