@@ -29,7 +29,8 @@ class RequestSample:
     ttft_s: float | None = None
     itl_s: list[float] = field(default_factory=list)
     e2e_s: float | None = None
-    tenant: str = "default"      # the caller's label (serving/api/tenants.py: listed tenants, default, other)
+    tenant: str = "default"      # the caller's label (serving/api/tenants.py: listed tenants, default, other,
+                                 # unidentified)
     prompt_tokens: int = 0
     completion_tokens: int = 0
 

@@ -182,6 +182,8 @@ def test_config_round_trips_through_app_config_args():
     ({"quotas": {"chat": {"max_in_flight": -1}}}, ">= 0"),
     ({"quotas": {"chat": {"burst_tokens": 10}}}, "burst_tokens needs tokens_per_s"),
     ({"quotas": {"bad name": {}}}, "tenant names"),
+    ({"quotas": {"other": {}}}, "'other' is reserved"),
+    ({"tokens": {"a" * 64: "unidentified"}}, "'unidentified' is reserved"),
     ({"tokens": {CHAT_TOKEN: "chat"}}, "sha256 hex"),
     ({"in_flight_retry_s": 0}, "in_flight_retry_s"),
 ])
@@ -234,7 +236,7 @@ def test_unauthenticated_calls_are_refused_before_validation_but_health_is_open(
         assert c.complete(prompt="abc", max_tokens=3).text == "abc"
     records = th.wait_records(5)
     assert [r.status for r in records] == ["UNAUTHENTICATED"] * 3 + ["INVALID_ARGUMENT", "OK"]
-    assert [r.tenant for r in records[3:]] == ["chat", "chat"]
+    assert [r.tenant for r in records] == ["unidentified"] * 3 + ["chat", "chat"]
     assert len(reached) == 1                               # only the call that passed reached the engine
 
 
@@ -279,7 +281,7 @@ def test_cli_sends_the_token_from_the_environment_and_exits_4_without_it(th, mon
     assert _cli(th.target, "--json") == 0
     monkeypatch.setenv("MY_TOKEN", CHAT_TOKEN)
     assert _cli(th.target, "--token-env", "MY_TOKEN") == 0
-    assert [r.tenant for r in th.wait_records(3)] == ["default", "batch", "chat"]
+    assert [r.tenant for r in th.wait_records(3)] == ["unidentified", "batch", "chat"]
 
 
 def test_without_tokens_the_tenant_header_applies_the_quota():
@@ -302,8 +304,8 @@ def test_without_tokens_the_tenant_header_applies_the_quota():
             assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT
             assert ei.value.details().startswith("x-moe-tenant:")
         assert _cli(h.target, "--tenant", "team-c") == 0
-        # unlisted tenants share one label; a call refused before its caller is known counts as default
-        assert [r.tenant for r in h.wait_records(6)] == ["other"] * 4 + ["default", "other"]
+        # unlisted tenants share one label; a call refused before its caller is known is "unidentified"
+        assert [r.tenant for r in h.wait_records(6)] == ["other"] * 4 + ["unidentified", "other"]
     finally:
         h.close()
 
@@ -325,7 +327,7 @@ def test_hub_counts_requests_and_tokens_per_tenant(th):
     hub.apply(MetricsReport(reporter="r1", requests=[request_sample(r) for r in th.wait_records(2)]))
     text = generate_latest(hub.metrics.registry).decode()
     assert 'moe_serve_tenant_requests_total{status="OK",tenant="chat"} 1.0' in text
-    assert 'moe_serve_tenant_requests_total{status="UNAUTHENTICATED",tenant="default"} 1.0' in text
+    assert 'moe_serve_tenant_requests_total{status="UNAUTHENTICATED",tenant="unidentified"} 1.0' in text
     assert 'moe_serve_tenant_tokens_total{kind="prompt",tenant="chat"} 4.0' in text        # BOS + "abc"
     assert 'moe_serve_tenant_tokens_total{kind="completion",tenant="chat"} 3.0' in text
 

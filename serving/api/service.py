@@ -34,7 +34,7 @@ import grpc
 from serving.api.errors import (LOST_REPLICA_RETRY_MS, Draining, InvalidRequest, Overloaded, RpcAbort,
                                  Unauthenticated, is_lost_replica, lost_replica_details, retry_trailers)
 from serving.api.protos import SERVICE_NAME, health_pb2, pb2
-from serving.api.tenants import DEFAULT_TENANT, Release, TenantGate
+from serving.api.tenants import DEFAULT_TENANT, UNIDENTIFIED_LABEL, Release, TenantGate
 from serving.api.validation import ApiLimits, Tokenizer, validate_request
 from serving.engine.async_engine import EngineCoreLost, ExpertsUnreachable
 from serving.engine.request import FinishReason, GenerationRequest, Priority, TokenEvent
@@ -290,6 +290,7 @@ class GenerateService:
         if self.tenants is None:
             return validate_request(request_pb, self.limits, self.tokenizer), None
         metadata = grpc_context.invocation_metadata() if grpc_context is not None else ()
+        tracker.rec.tenant = UNIDENTIFIED_LABEL          # until identify() names the caller
         tenant = self.tenants.identify(metadata)
         tracker.rec.tenant = self.tenants.label(tenant)
         req = validate_request(request_pb, self.limits, self.tokenizer)

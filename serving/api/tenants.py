@@ -22,7 +22,8 @@ belongs to tenant "default".
 Quotas are per replica, like Envoy's local rate limit: with R replicas serving the API a tenant may
 hold up to R times its quota across the cluster. Tenants that are not listed share `default_quota`
 (each on its own account). Metric labels name the tenants the config names (a quota or a token) and
-"default"; any other is "other", so label cardinality stays bounded.
+"default"; any other is "other", and a call refused before its caller is known (UNAUTHENTICATED, a
+malformed x-moe-tenant) is "unidentified", so label cardinality stays bounded.
 
 Shape of the `tenants:` block of the Serve config's application args (cluster/serve_config.yaml):
 
@@ -47,6 +48,7 @@ TENANT_HEADER = "x-moe-tenant"
 AUTH_HEADER = "authorization"
 DEFAULT_TENANT = "default"
 OTHER_LABEL = "other"
+UNIDENTIFIED_LABEL = "unidentified"   # the metric label of a call refused before its caller was known
 MAX_TENANT_NAME = 64
 MAX_ACCOUNTS = 4096          # tenants tracked at once; idle ones with a full bucket are dropped beyond it
 
@@ -85,9 +87,9 @@ class TenantsConfig:
             if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
                 raise ValueError(f"tenants.tokens keys must be sha256 hex digests (64 lowercase hex "
                                  f"characters; `moe-serve token-hash` prints one), got {digest[:12]!r}...")
-            _check_name(tenant)
+            _check_name(tenant, configured=True)
         for tenant in self.quotas:
-            _check_name(tenant)
+            _check_name(tenant, configured=True)
         if self.in_flight_retry_s <= 0:
             raise ValueError(f"in_flight_retry_s must be > 0, got {self.in_flight_retry_s}")
 
@@ -114,9 +116,11 @@ class TenantsConfig:
                 "tokens": dict(self.tokens), "in_flight_retry_s": self.in_flight_retry_s}
 
 
-def _check_name(tenant: str) -> None:
+def _check_name(tenant: str, *, configured: bool = False) -> None:
     if not tenant or len(tenant) > MAX_TENANT_NAME or not all(c.isalnum() or c in "-_." for c in tenant):
         raise ValueError(f"tenant names are 1-{MAX_TENANT_NAME} of [A-Za-z0-9-_.], got {tenant!r}")
+    if configured and tenant in (OTHER_LABEL, UNIDENTIFIED_LABEL):
+        raise ValueError(f"tenant name {tenant!r} is reserved: it is a metric label of its own")
 
 
 def _quota(d: Mapping, where: str) -> TenantQuota:
