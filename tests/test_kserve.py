@@ -348,3 +348,17 @@ def test_tokens_are_checked_before_validation_and_health_stays_open(h, triton):
     records = {r.request_id: r for r in h.wait_records(4)}
     assert (records["t1"].tenant, records["t2"].tenant) == ("chat", "chat")
     assert not {r.request_id for r in h.engine.requests} - {"t1", "t2"}
+
+
+def test_an_in_band_error_carries_the_requests_id(h):
+    with grpc.insecure_channel(h.target) as channel:
+        call = channel.stream_stream(f"/{SERVICE_NAME}/ModelStreamInfer",
+                                     request_serializer=lambda m: m.SerializeToString(),
+                                     response_deserializer=kserve.ModelStreamInferResponse.FromString)
+        requests = [_request(model_name="other", id="nf"), _request(id="busy-9"), _request(id="ok", outputs=[
+            kserve.ModelInferRequest.InferRequestedOutputTensor(name="finish_reason")])]
+        responses = sorted(call(iter(requests), timeout=WAIT_S), key=lambda r: r.infer_response.id)
+    assert [(r.infer_response.id, r.error_message.split(":")[0]) for r in responses] == \
+        [("busy-9", "RESOURCE_EXHAUSTED"), ("nf", "NOT_FOUND"), ("ok", "")]
+    assert [o.name for o in responses[2].infer_response.outputs] == ["finish_reason"]
+    assert unpack_bytes(responses[2].infer_response.raw_output_contents[0], "finish_reason") == [b"length"]

@@ -49,6 +49,7 @@ import math
 import struct
 from contextlib import aclosing
 from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
 from typing import Any, AsyncIterator, Sequence
 
 import grpc
@@ -157,6 +158,10 @@ class _RequestStatus:
 class NotServed(Exception):
     """The request names a model or version this server does not serve (NOT_FOUND)."""
 
+    def __init__(self, message: str, request_id: str):
+        super().__init__(message)
+        self.request_id = request_id
+
 
 # ---- tensors ----------------------------------------------------------------------------------
 
@@ -232,6 +237,13 @@ def _typed(name: str, value: Any, where: str) -> Any:
     return value
 
 
+def _package_version() -> str:
+    try:
+        return version("moe-serving")
+    except PackageNotFoundError:      # run from a source tree that was not pip-installed
+        return "0"
+
+
 def _parameter(param: Any) -> Any:
     kind = param.WhichOneof("parameter_choice")
     return getattr(param, kind) if kind is not None else None
@@ -260,12 +272,7 @@ class KServeService:
         return kserve.ModelReadyResponse(ready=ready)
 
     def server_metadata(self, request: Any, grpc_context: Any = None) -> Any:
-        from importlib.metadata import PackageNotFoundError, version
-        try:
-            ours = version("moe-serving")
-        except PackageNotFoundError:
-            ours = "0"
-        return kserve.ServerMetadataResponse(name=SERVER_NAME, version=ours, extensions=[])
+        return kserve.ServerMetadataResponse(name=SERVER_NAME, version=_package_version(), extensions=[])
 
     def model_metadata(self, request: Any, grpc_context: Any = None) -> Any:
         req = self._parse(kserve.ModelMetadataRequest, request, grpc_context)
@@ -361,7 +368,7 @@ class KServeService:
         try:
             plan = self.plan(request, streaming_rpc=True)
         except NotServed as exc:
-            yield wrap(error_message=f"NOT_FOUND: {exc}", infer_response=self._empty(request))
+            yield wrap(error_message=f"NOT_FOUND: {exc}", infer_response=self._empty(exc.request_id))
             return
         status = _RequestStatus(grpc_context)
         progress = _Progress()
@@ -377,13 +384,13 @@ class KServeService:
                         prefix = ""
         except RpcAbort:
             yield wrap(error_message=f"{status.code_name}: {status.details}",
-                       infer_response=self._empty(request, plan.request_id))
+                       infer_response=self._empty(plan.request_id))
             return
         if not plan.stream:
             yield wrap(infer_response=self._response(plan, prefix + "".join(progress.text), progress,
                                                      final=not plan.empty_final))
         if plan.empty_final:
-            empty = self._empty(request, plan.request_id)
+            empty = self._empty(plan.request_id)
             empty.parameters[FINAL].bool_param = True
             yield wrap(infer_response=empty)
 
@@ -400,7 +407,7 @@ class KServeService:
                 return _Plan(request=MalformedRequest.undecodable("inference.ModelInferRequest", str(exc)),
                              request_id="")
         if not self._serves(request.model_name, request.model_version):
-            raise NotServed(self._unknown(request.model_name, request.model_version))
+            raise NotServed(self._unknown(request.model_name, request.model_version), request.id)
         try:
             return self._translate(request, streaming_rpc)
         except InvalidRequest as exc:
@@ -517,9 +524,8 @@ class KServeService:
             response.parameters[FINAL].bool_param = final
         return response
 
-    def _empty(self, request: Any, request_id: str | None = None) -> Any:
-        rid = request_id if request_id is not None else getattr(request, "id", "")
-        return kserve.ModelInferResponse(model_name=self.model_name, model_version=MODEL_VERSION, id=rid)
+    def _empty(self, request_id: str) -> Any:
+        return kserve.ModelInferResponse(model_name=self.model_name, model_version=MODEL_VERSION, id=request_id)
 
     # ---- helpers ------------------------------------------------------------------------------
 
