@@ -179,8 +179,11 @@ def cmd_manifest(a: argparse.Namespace) -> int:
                                transport=a.transport, dtype=a.dtype)
     manifest = rayservice_manifest(cfg, name=a.name, image=a.image, checkpoint_claim=a.checkpoint_claim,
                                    head_cpu=a.head_cpu, head_memory=a.head_memory,
-                                   worker_cpu=a.worker_cpu, worker_memory=a.worker_memory)
+                                   worker_cpu=a.worker_cpu, worker_memory=a.worker_memory,
+                                   grpc_ingress=a.grpc_ingress)
     flags = [f"--checkpoint {a.checkpoint}", f"--expert-shards {a.expert_shards}", f"--nodes {a.nodes}"]
+    if a.grpc_ingress != "proxy":
+        flags.append(f"--grpc-ingress {a.grpc_ingress}")
     text = render(manifest, "moe-serve manifest " + " ".join(flags))
     if a.out:
         Path(a.out).write_text(text)
@@ -334,6 +337,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--head-memory", default="32Gi")
     p.add_argument("--worker-cpu", default="8")
     p.add_argument("--worker-memory", default="32Gi")
+    p.add_argument("--grpc-ingress", choices=["proxy", "haproxy"], default="proxy",
+                   help="what answers gRPC on the head (as `moe-serve up --grpc-ingress`)")
     p.add_argument("--out", default=None, help="write here instead of stdout")
     p.set_defaults(fn=cmd_manifest)
 

@@ -97,6 +97,13 @@ def _retry_after_s(details: str) -> float:
     return int(m.group(1)) / 1000 if m else 1.0
 
 
+#: What `generate(resume=N)` goes on after. UNAVAILABLE: the replica serving the stream died (Ray's
+#: proxy says so, serving/api/proxy_status.py) or was draining. CANCELLED: this client did not cancel
+#: (leaving the loop early is not an RpcError), so something on the way reset the stream; HAProxy does
+#: when the replica behind it dies (`moe-serve up --grpc-ingress haproxy`).
+_RESUMABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
+
+
 class MoEClient:
     """A blocking client over one insecure channel (use as a context manager, or close())."""
 
@@ -124,7 +131,8 @@ class MoEClient:
         """Stream GenerateResponse chunks. Raises grpc.RpcError on a non-OK status.
 
         resume: how many times to go on after UNAVAILABLE (the replica serving the stream died,
-        or was draining), each after the delay the status asks for (at most 5 s). The rest is
+        or was draining) or a stream reset by the server's side (CANCELLED; see _RESUMABLE), each
+        after the delay the status asks for (at most 5 s; 1 s if it names none). The rest is
         asked for as a new request whose prompt is the prompt's ids plus the tokens already
         received, with max_tokens what is left (`continuation`), so the stream carries on where it
         stopped: greedy decoding gives exactly the tokens of an undisturbed run; sampling goes on
@@ -149,7 +157,7 @@ class MoEClient:
                 return
             except grpc.RpcError as err:
                 req = continuation(original, received) if received else original   # nothing came: ask again
-                if attempt == resume or err.code() != grpc.StatusCode.UNAVAILABLE or req is None:
+                if attempt == resume or err.code() not in _RESUMABLE or req is None:
                     raise
                 time.sleep(min(5.0, _retry_after_s(err.details() or "")))
             finally:
@@ -202,7 +210,8 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
                         help="print text deltas as they arrive")
     parser.add_argument("--resume", type=int, default=0, metavar="N",
                         help="--stream with --prompt-ids and --max-tokens: go on after UNAVAILABLE "
-                             "(the serving replica was lost) up to N times (MoEClient.generate)")
+                             "(the serving replica was lost) or a stream the server's side reset "
+                             "(CANCELLED) up to N times (MoEClient.generate)")
     parser.add_argument("--json", action="store_true",
                         help="print exactly one JSON object with the result")
     parser.add_argument("--timeout-s", type=float, default=120.0)

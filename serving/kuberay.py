@@ -32,15 +32,16 @@ import yaml
 
 from serving.deployments.config import node_resource
 from serving.deployments.startup_priority import worker_runtime_env
-from serving.launcher import RAY_PROCESS_ENV
+from serving.launcher import GRPC_INGRESSES, HAPROXY_MODE_ENV, RAY_PROCESS_ENV
 
 RAY_VERSION = "2.60.0"
 GRPC_PORT, METRICS_PORT, SERVE_HTTP_PORT = 9000, 9464, 8000     # `moe-serve manifest`'s defaults
 
 
-def _container(name: str, image: str, cpu: str, memory: str, mount: str, ports: list[tuple[str, int]]) -> dict:
+def _container(name: str, image: str, cpu: str, memory: str, mount: str, ports: list[tuple[str, int]],
+               env: dict[str, str]) -> dict:
     container = {
-        "name": name, "image": image, "env": [{"name": k, "value": v} for k, v in RAY_PROCESS_ENV.items()],
+        "name": name, "image": image, "env": [{"name": k, "value": v} for k, v in env.items()],
         "resources": {"requests": {"cpu": cpu, "memory": memory}, "limits": {"cpu": cpu, "memory": memory}},
         "volumeMounts": [{"name": "checkpoint", "mountPath": mount, "readOnly": True}],
         # compute_nice (the step loop and shard threads ahead of Serve's streaming threads) needs it
@@ -66,8 +67,13 @@ def _resources_param(resources: dict[str, float]) -> str:
 
 def rayservice_manifest(serve_config: dict, *, name: str = "moe-serve", image: str = "moe-serving:latest",
                         checkpoint_claim: str = "moe-checkpoints", head_cpu: str = "8", head_memory: str = "32Gi",
-                        worker_cpu: str = "8", worker_memory: str = "32Gi") -> dict:
-    """The RayService for `serve_config` (resolve_serve_config's output)."""
+                        worker_cpu: str = "8", worker_memory: str = "32Gi", grpc_ingress: str = "proxy") -> dict:
+    """The RayService for `serve_config` (resolve_serve_config's output). `grpc_ingress` "haproxy":
+    Ray Serve's HAProxy mode on every pod (serving/launcher.py GRPC_INGRESSES), HAProxy then listens
+    on the head's gRPC port."""
+    if grpc_ingress not in GRPC_INGRESSES:
+        raise ValueError(f"grpc_ingress must be one of {GRPC_INGRESSES}, got {grpc_ingress!r}")
+    env = {**RAY_PROCESS_ENV, **(HAPROXY_MODE_ENV if grpc_ingress == "haproxy" else {})}
     cfg = json.loads(json.dumps(serve_config))              # a deep copy we may edit
     app = cfg["applications"][0]
     args = app["args"]
@@ -82,7 +88,7 @@ def rayservice_manifest(serve_config: dict, *, name: str = "moe-serve", image: s
     workers = [{
         "groupName": f"expert-node-{i}", "replicas": 1, "minReplicas": 1, "maxReplicas": 1,
         "rayStartParams": {"resources": _resources_param({node_resource(i): 1})},
-        "template": _pod(_container("ray-worker", image, worker_cpu, worker_memory, mount, []), checkpoint_claim),
+        "template": _pod(_container("ray-worker", image, worker_cpu, worker_memory, mount, [], env), checkpoint_claim),
     } for i in range(1, nodes)]
     service = {
         "apiVersion": "ray.io/v1", "kind": "RayService", "metadata": {"name": name},
@@ -93,7 +99,7 @@ def rayservice_manifest(serve_config: dict, *, name: str = "moe-serve", image: s
                 "headGroupSpec": {
                     "rayStartParams": {"dashboard-host": "0.0.0.0",
                                        "resources": _resources_param({node_resource(0): 1})},
-                    "template": _pod(_container("ray-head", image, head_cpu, head_memory, mount, head_ports),
+                    "template": _pod(_container("ray-head", image, head_cpu, head_memory, mount, head_ports, env),
                                      checkpoint_claim),
                 },
                 "workerGroupSpecs": workers,

@@ -48,6 +48,10 @@ RAY_PROCESS_ENV = {"HF_HUB_OFFLINE": "1", "OMP_WAIT_POLICY": "PASSIVE"}
 #:   ingress replicas serve gRPC themselves ("direct ingress", ports 40000-41000), and HAProxy on
 #:   the gRPC port balances across them, as the controller tells it. One Python hop fewer per call.
 GRPC_INGRESSES = ("proxy", "haproxy")
+#: The part of `haproxy_env` that is the same everywhere (the KubeRay pods get it too): the mode, and
+#: how long a stopping replica waits for the balancer to stop sending it calls (Ray's default, 30 s,
+#: is for cloud load balancers; HAProxy beside it is told within a second).
+HAPROXY_MODE_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "3"}
 
 
 def haproxy_env(ray_tmp: Path) -> dict[str, str]:
@@ -57,17 +61,14 @@ def haproxy_env(ray_tmp: Path) -> dict[str, str]:
     which two clusters on one machine would share)."""
     home = ray_tmp / "haproxy"
     home.mkdir(parents=True, exist_ok=True)
-    return {"RAY_SERVE_ENABLE_HA_PROXY": "1",
+    return {**HAPROXY_MODE_ENV,
             "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(home / "haproxy.cfg"),
             "RAY_SERVE_HAPROXY_SOCKET_PATH": str(home / "admin.sock"),
             "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": str(home / "metrics.sock"),
             "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(home),
             "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(home / "server-state"),
             "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
-            "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
-            # a stopping replica waits this long for the balancer to stop sending it calls (Ray's
-            # default, 30 s, is for cloud load balancers; HAProxy here is told within a second)
-            "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "3"}
+            "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port())}
 
 
 def apply_ray_process_env() -> None:

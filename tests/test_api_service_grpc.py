@@ -14,7 +14,7 @@ import pytest
 
 from serving.api.errors import Draining, Overloaded, RpcAbort
 from serving.api.local_server import ByteTokenizer, start_local_server
-from serving.api.protos import SERVICE_NAME, health_pb2, pb2
+from serving.api.protos import SERVICE_NAME, health_pb2, pb2, pb2_grpc
 from serving.api.service import GenerateService, RequestRecord
 from serving.api.validation import ApiLimits
 from serving.client import MoEClient, add_generate_arguments, build_request, continuation, run_generate
@@ -278,6 +278,49 @@ def test_a_lost_replica_is_unavailable_and_a_resumed_stream_gives_every_token(cl
     with pytest.raises(grpc.RpcError) as e:          # a text prompt cannot be resumed
         run("lost-3", resume=1, prompt="abc")
     assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+class ResettingServicer(pb2_grpc.MoEServingServicer):
+    """Generate yields token ids 10, 11, ...; a request whose prompt has 3 ids is reset after 5 tokens:
+    the stream ends CANCELLED though the client cancelled nothing (what a client sees through HAProxy
+    when the replica behind it dies)."""
+
+    async def Generate(self, request, context):
+        prompt = list(request.token_ids.ids)
+        for i in range(request.max_tokens):
+            if len(prompt) == 3 and i == 5:
+                await context.abort(grpc.StatusCode.CANCELLED, "Stream removed")
+            last = i == request.max_tokens - 1
+            yield pb2.GenerateResponse(token_ids=[10 + len(prompt) - 3 + i],
+                                       finish_reason=pb2.FINISH_REASON_LENGTH if last else 0)
+
+
+def test_a_stream_reset_by_the_server_is_resumed_like_a_lost_replica():
+    async def start():
+        server = grpc.aio.server()
+        pb2_grpc.add_MoEServingServicer_to_server(ResettingServicer(), server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        return server, port
+
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    server, port = asyncio.run_coroutine_threadsafe(start(), loop).result(WAIT_S)
+    try:
+        with MoEClient(f"127.0.0.1:{port}", WAIT_S) as c:
+            got = []
+            with pytest.raises(grpc.RpcError) as e:
+                for chunk in c.generate(prompt_ids=[1, 2, 3], max_tokens=12):
+                    got.extend(chunk.token_ids)
+            assert e.value.code() == grpc.StatusCode.CANCELLED and got == [10, 11, 12, 13, 14]
+            resumed = [t for ch in c.generate(prompt_ids=[1, 2, 3], max_tokens=12, resume=1) for t in ch.token_ids]
+            assert resumed == list(range(10, 22))            # the rest asked for once, nothing twice
+    finally:
+        asyncio.run_coroutine_threadsafe(server.stop(0), loop).result(WAIT_S)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(WAIT_S)
+        loop.close()
 
 
 def test_continuation_asks_for_what_is_left():

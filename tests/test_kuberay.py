@@ -32,11 +32,14 @@ def _pod_resources(group: dict) -> dict:
     return json.loads(shlex.split(group["rayStartParams"]["resources"])[0])
 
 
-@pytest.mark.parametrize("shards, nodes, transport", [(2, 2, None), (4, 3, "collective"), (3, 1, "serve")])
-def test_manifest_is_a_valid_rayservice_for_the_app(tmp_path, shards, nodes, transport):
+@pytest.mark.parametrize("shards, nodes, transport, ingress", [(2, 2, None, None), (4, 3, "collective", "haproxy"),
+                                                              (3, 1, "serve", "proxy")])
+def test_manifest_is_a_valid_rayservice_for_the_app(tmp_path, shards, nodes, transport, ingress):
     flags = ["--checkpoint", "/models/mx-small", "--expert-shards", str(shards), "--nodes", str(nodes)]
     if transport:
         flags += ["--transport", transport]
+    if ingress:
+        flags += ["--grpc-ingress", ingress]
     rs, _ = _manifest(tmp_path, *flags)
     assert rs["apiVersion"] == "ray.io/v1" and rs["kind"] == "RayService"
     serve_cfg = yaml.safe_load(rs["spec"]["serveConfigV2"])
@@ -74,6 +77,8 @@ def test_manifest_is_a_valid_rayservice_for_the_app(tmp_path, shards, nodes, tra
         assert c["volumeMounts"] == [{"name": "checkpoint", "mountPath": "/models", "readOnly": True}]
         assert spec["volumes"][0]["persistentVolumeClaim"]["claimName"] == "moe-checkpoints"
         assert {"name": "OMP_WAIT_POLICY", "value": "PASSIVE"} in c["env"]
+        # Ray Serve's HAProxy mode is read from the environment of every Ray process
+        assert ({"name": "RAY_SERVE_ENABLE_HA_PROXY", "value": "1"} in c["env"]) == (ingress == "haproxy")
 
 
 def test_bad_flags_are_refused(tmp_path, capsys):
