@@ -31,7 +31,12 @@ def moe_serve(*args: str, timeout: float = 120, check: bool = True) -> subproces
 def running_cluster(checkpoint: Path, state_dir: Path, *, shards: int, nodes: int = 2, config: Path | None = None,
                     extra: tuple[str, ...] = ()):
     """`moe-serve up` with these flags (and `extra` ones); yields its state, then `down`, then checks
-    that every process it started (those alive once it was up) is gone."""
+    that every process it started (those alive once it was up) is gone. $MOE_TEST_GRPC_INGRESS
+    (proxy | haproxy) picks `--grpc-ingress` for the clusters that do not pick one themselves, to run
+    the cluster tests through HAProxy (default: the launcher's, proxy)."""
+    ingress = os.environ.get("MOE_TEST_GRPC_INGRESS")
+    if ingress and "--grpc-ingress" not in extra:
+        extra = (*extra, "--grpc-ingress", ingress)
     grpc_port, metrics_port = free_port(), free_port()
     state = None
     try:
