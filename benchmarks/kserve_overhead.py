@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import queue
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -36,15 +35,10 @@ import tritonclient.grpc as tc  # noqa: E402
 
 from serving.client import MoEClient, build_request  # noqa: E402
 from serving.launcher import free_port  # noqa: E402
-from serving.loadgen.stats import command_line, machine_info  # noqa: E402
+from serving.loadgen.stats import command_line, machine_info, percentile  # noqa: E402
 
 CLI = [sys.executable, "-m", "serving.cli"]
 PROMPT = "The quick brown fox jumps over the lazy dog. " * 6
-
-
-def _p(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def _measure(target: str, model: str, a: argparse.Namespace) -> dict[str, list[float]]:
@@ -134,10 +128,10 @@ def main(argv: list[str] | None = None) -> int:
           f"{a.max_tokens} tokens, greedy")
     print(f"{'measure':<22} {'p50 ms':>8} {'p90 ms':>8}")
     for name, values in times.items():
-        print(f"{name:<22} {1000 * statistics.median(values):8.1f} {1000 * _p(values, 0.9):8.1f}")
+        print(f"{name:<22} {1000 * percentile(values, 50):8.1f} {1000 * percentile(values, 90):8.1f}")
     print("\nKServe / native (p50):")
     for what in ("stream_ttft", "stream_e2e", "unary_e2e"):
-        ratio = statistics.median(times[f"kserve_{what}"]) / statistics.median(times[f"native_{what}"])
+        ratio = percentile(times[f"kserve_{what}"], 50) / percentile(times[f"native_{what}"], 50)
         print(f"  {what:<12} {ratio:.3f}x")
     if a.json:
         Path(a.json).write_text(json.dumps(times))

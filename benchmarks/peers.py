@@ -70,6 +70,7 @@ import torch  # noqa: E402,F401  (imported so machine_info reports its version)
 import yaml  # noqa: E402
 
 from serving.loadgen.bench import make_prompts  # noqa: E402
+from serving.launcher import GRPC_INGRESSES  # noqa: E402
 from serving.loadgen.stats import command_line, machine_info  # noqa: E402
 
 PEERS = ("transformers", "vllm", "engine", "engine-shards", "cluster", "vllm-server")
@@ -126,8 +127,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--cluster-stream-chunk must be >= 1")
     if not a.ping_pong_list or set(a.ping_pong_list) - {"on", "off"}:
         p.error("--cluster-ping-pong must be on, off or on,off")
-    ingresses = {g.strip() for g in a.cluster_grpc_ingress.split(",") if g.strip()}
-    if not ingresses or ingresses - {"proxy", "haproxy"}:
+    a.grpc_ingress_list = [g.strip() for g in a.cluster_grpc_ingress.split(",") if g.strip()]
+    if not a.grpc_ingress_list or set(a.grpc_ingress_list) - set(GRPC_INGRESSES):
         p.error("--cluster-grpc-ingress must be proxy, haproxy or proxy,haproxy")
     a.threads = a.threads or len(_cores())
     if a.low_load_requests < 0:
@@ -524,10 +525,9 @@ def main(argv: list[str] | None = None) -> int:
     for peer in a.peer_list:
         if peer == "cluster":
             transports = [t.strip() for t in (a.cluster_transport or "").split(",") if t.strip()] or [None]
-            ingresses = [g.strip() for g in a.cluster_grpc_ingress.split(",") if g.strip()]
             for t in transports:
                 for pp in a.ping_pong_list:
-                    for gi in ingresses:
+                    for gi in a.grpc_ingress_list:
                         label = (f"cluster ({t or _config_transport()}{', no ping-pong' if pp == 'off' else ''}"
                                  f"{', HAProxy ingress' if gi == 'haproxy' else ''})")
                         jobs.append(("cluster", label,

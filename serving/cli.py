@@ -31,7 +31,7 @@ DEMO_PROMPT = "The night the promotion went live, the chat service"
 
 
 def _add_cluster_args(p: argparse.ArgumentParser) -> None:
-    from serving.launcher import DEFAULT_CONFIG, DEFAULT_STATE_DIR
+    from serving.launcher import DEFAULT_CONFIG, DEFAULT_STATE_DIR, GRPC_INGRESSES
     p.add_argument("--checkpoint", default=str(DEMO_CHECKPOINT), help="HF-format checkpoint dir")
     p.add_argument("--expert-shards", type=int, default=2, help="S: ExpertShard deployments")
     p.add_argument("--nodes", type=int, default=2, help="local Ray nodes to start")
@@ -42,7 +42,7 @@ def _add_cluster_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["fp32", "bf16"], default=None)
     p.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="Serve config file")
     p.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR)
-    p.add_argument("--grpc-ingress", choices=["proxy", "haproxy"], default="proxy",
+    p.add_argument("--grpc-ingress", choices=GRPC_INGRESSES, default="proxy",
                    help="what answers gRPC: Ray Serve's proxy actor, or HAProxy in front of replicas that "
                         "serve gRPC themselves (one hop fewer; serving/launcher.py GRPC_INGRESSES)")
 
@@ -319,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(fn=cmd_generate)
 
     from serving.kuberay import GRPC_PORT, METRICS_PORT
-    from serving.launcher import DEFAULT_CONFIG
+    from serving.launcher import DEFAULT_CONFIG, GRPC_INGRESSES
     p = sub.add_parser("manifest", help="a KubeRay RayService for the app (serving/kuberay.py)")
     p.add_argument("--checkpoint", required=True, help="the checkpoint dir inside the pods (absolute; its "
                                                         "parent is where the checkpoint volume is mounted)")
@@ -337,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--head-memory", default="32Gi")
     p.add_argument("--worker-cpu", default="8")
     p.add_argument("--worker-memory", default="32Gi")
-    p.add_argument("--grpc-ingress", choices=["proxy", "haproxy"], default="proxy",
+    p.add_argument("--grpc-ingress", choices=GRPC_INGRESSES, default="proxy",
                    help="what answers gRPC on the head (as `moe-serve up --grpc-ingress`)")
     p.add_argument("--out", default=None, help="write here instead of stdout")
     p.set_defaults(fn=cmd_manifest)

@@ -19,14 +19,12 @@ import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cluster_harness import REPO, running_cluster
-from hf_reference import build_hf_checkpoint
 from serving.api.protos import pb2
 from serving.client import MoEClient, build_request
 from serving.launcher import DEFAULT_CONFIG
-from serving.model.checkpoint import write_tokenizer
+from test_cluster_e2e import ckpt  # noqa: F401  (the e2e checkpoint fixture: written by transformers, 320 ids)
 
 pytestmark = pytest.mark.cluster
-VOCAB = 320
 
 
 def _comm(pid: int) -> str:
@@ -35,14 +33,6 @@ def _comm(pid: int) -> str:
             return f.read().strip()
     except OSError:
         return ""
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    path, hf = build_hf_checkpoint(tmp_path_factory.mktemp("ckpt"), "mixtral", vocab_size=VOCAB,
-                                   num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=256)
-    write_tokenizer(path, VOCAB)
-    return path, hf
 
 
 @pytest.fixture(scope="module")

@@ -19,19 +19,10 @@ from serving.api.kserve_protos import METHODS, SERVICE_NAME, kserve
 from serving.api.errors import InvalidRequest, MalformedRequest
 from serving.api.tenants import TenantGate, TenantQuota, TenantsConfig, token_sha256
 from serving.engine.request import Priority
-from test_api_service_grpc import WAIT_S, Harness
+from test_api_service_grpc import WAIT_S, h  # noqa: F401  (h: the harness fixture)
 
 MODEL = "local"             # start_local_server's default model name
 TOKEN = "kserve-token"
-
-
-@pytest.fixture
-def h():
-    harness = Harness()
-    try:
-        yield harness
-    finally:
-        harness.close()
 
 
 @pytest.fixture

@@ -43,6 +43,7 @@ do not translate, a MalformedRequest that validation rejects after authenticatio
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import math
@@ -237,11 +238,20 @@ def _typed(name: str, value: Any, where: str) -> Any:
     return value
 
 
+@functools.cache
 def _package_version() -> str:
     try:
         return version("moe-serving")
     except PackageNotFoundError:      # run from a source tree that was not pip-installed
         return "0"
+
+
+def _fail(grpc_context: Any, code: grpc.StatusCode, details: str, trailers: Sequence[tuple[str, Any]] = ()) -> None:
+    """End a unary RPC with this status: on `grpc_context` (the caller then returns an empty
+    response), or, with no context, by raising RpcAbort."""
+    if grpc_context is None:
+        raise RpcAbort(code, details)
+    set_status(grpc_context, code, details, trailers)
 
 
 def _parameter(param: Any) -> Any:
@@ -279,7 +289,7 @@ class KServeService:
         if req is None:
             return kserve.ModelMetadataResponse()
         if not self._serves(req.name, req.version):
-            self._not_found(grpc_context, req.name, req.version)
+            _fail(grpc_context, grpc.StatusCode.NOT_FOUND, self._unknown(req.name, req.version))
             return kserve.ModelMetadataResponse()
         meta = kserve.ModelMetadataResponse.TensorMetadata
         return kserve.ModelMetadataResponse(
@@ -296,9 +306,7 @@ class KServeService:
         try:
             plan = self.plan(request, streaming_rpc=False)
         except NotServed as exc:
-            set_status(grpc_context, grpc.StatusCode.NOT_FOUND, str(exc))
-            if grpc_context is None:
-                raise RpcAbort(grpc.StatusCode.NOT_FOUND, str(exc)) from None
+            _fail(grpc_context, grpc.StatusCode.NOT_FOUND, str(exc))
             return kserve.ModelInferResponse()
         status = _RequestStatus(grpc_context)
         progress = _Progress()
@@ -307,9 +315,7 @@ class KServeService:
                 async for chunk in chunks:
                     self._advance(progress, chunk)
         except RpcAbort:
-            if grpc_context is None:
-                raise RpcAbort(status.code, status.details) from None
-            set_status(grpc_context, status.code, status.details, status.trailers)
+            _fail(grpc_context, status.code, status.details, status.trailers)
             return kserve.ModelInferResponse()
         return self._response(plan, plan.prompt_prefix + "".join(progress.text), progress)
 
@@ -537,11 +543,6 @@ class KServeService:
             return f"model_name: unknown model {name!r}; this server serves {self.model_name!r}"
         return f"model_version: unknown version {version!r} of {name!r}; it has {MODEL_VERSION!r}"
 
-    def _not_found(self, grpc_context: Any, name: str, version: str) -> None:
-        if grpc_context is None:
-            raise RpcAbort(grpc.StatusCode.NOT_FOUND, self._unknown(name, version))
-        set_status(grpc_context, grpc.StatusCode.NOT_FOUND, self._unknown(name, version))
-
     @staticmethod
     def _parse(cls: type, request: Any, grpc_context: Any) -> Any:
         """A health or metadata request from bytes; None (INVALID_ARGUMENT set) if they do not parse."""
@@ -550,8 +551,6 @@ class KServeService:
         try:
             return cls.FromString(bytes(request))
         except DecodeError as exc:
-            details = f"request: not a valid inference.{cls.__name__} ({exc})"
-            if grpc_context is None:
-                raise RpcAbort(grpc.StatusCode.INVALID_ARGUMENT, details) from None
-            set_status(grpc_context, grpc.StatusCode.INVALID_ARGUMENT, details)
+            _fail(grpc_context, grpc.StatusCode.INVALID_ARGUMENT,
+                  f"request: not a valid inference.{cls.__name__} ({exc})")
             return None
