@@ -99,7 +99,8 @@ def main() -> int:
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", spec["checkpoint"],
            "--host", "127.0.0.1", "--port", str(port), "--seed", "0",
            "--dtype", {"fp32": "float32", "bf16": "bfloat16"}[spec["dtype"]],
-           "--max-model-len", str(max_len), "--max-num-seqs", str(spec.get("max_num_seqs", 64))]
+           "--max-model-len", str(max_len), "--max-num-seqs", str(spec.get("max_num_seqs", 64)),
+           "--enable-prefix-caching" if spec.get("enable_prefix_caching") else "--no-enable-prefix-caching"]
     print("$ " + " ".join(cmd), file=sys.stderr, flush=True)
     t_load = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=sys.stderr, stderr=sys.stderr, start_new_session=True)

@@ -87,6 +87,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-prompts", type=int, default=64)
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--prefix-len", type=int, default=0,
+                   help="a shared prefix of this many token ids before every prompt (a system prompt)")
+    p.add_argument("--prefix-caching", choices=["on", "off"], default="off",
+                   help="vLLM's and our engine's prefix caching (default off: every peer computes every "
+                        "prompt). on: peers vllm, engine and transformers only, each timed run from an empty "
+                        "cache (a cluster's would be warm after its first run)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--repeat", type=int, default=3, help="timed runs per peer (best and median reported)")
     p.add_argument("--rounds", type=int, default=1,
@@ -131,6 +137,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not a.grpc_ingress_list or set(a.grpc_ingress_list) - set(GRPC_INGRESSES):
         p.error("--cluster-grpc-ingress must be proxy, haproxy or proxy,haproxy")
     a.threads = a.threads or len(_cores())
+    if a.prefix_len < 0:
+        p.error("--prefix-len must be >= 0")
+    if a.prefix_caching == "on" and set(a.peer_list) - {"vllm", "engine", "transformers"}:
+        p.error("--prefix-caching on: peers vllm, engine and transformers only")
     if a.low_load_requests < 0:
         p.error("--low-load-requests must be >= 0")
     for name in ("num_prompts", "prompt_len", "max_tokens", "repeat", "rounds", "threads"):
@@ -222,8 +232,8 @@ def _bench_args(a: argparse.Namespace, vocab_size: int, concurrency: int | None 
     n = a.num_prompts
     return ["--concurrency", str(concurrency or n), "--num-requests", str(requests or n),
             "--warmup", str(n if warmup is None else warmup), "--max-tokens", str(a.max_tokens),
-            "--prompt-len", str(a.prompt_len), "--vocab-size", str(vocab_size), "--seed", str(a.seed),
-            "--json"]
+            "--prompt-len", str(a.prompt_len), "--prefix-len", str(a.prefix_len),
+            "--vocab-size", str(vocab_size), "--seed", str(a.seed), "--json"]
 
 
 # ---- the peers -------------------------------------------------------------------------
@@ -312,7 +322,7 @@ def _bench_run(rep: dict) -> dict:
 
 def run_engine(a, ctx) -> dict:
     cmd = [*_cli(), "bench", "--in-process", "--checkpoint", a.checkpoint, "--dtype", a.dtype,
-           "--threads", str(a.threads), *_bench_args(a, ctx["vocab_size"])]
+           "--threads", str(a.threads), "--prefix-caching", a.prefix_caching, *_bench_args(a, ctx["vocab_size"])]
     return _repeat_bench(a, ctx, cmd)
 
 
@@ -333,7 +343,7 @@ def _repeat_bench(a, ctx, cmd: list[str]) -> dict:
 def run_engine_shards(a, ctx) -> dict:
     cmd = [*_cli(), "bench", "--in-process", "--transport", "collective", "--expert-shards", "2", "--nodes", "2",
            "--checkpoint", a.checkpoint, "--dtype", a.dtype, "--threads", str(a.threads),
-           *_bench_args(a, ctx["vocab_size"])]
+           "--prefix-caching", a.prefix_caching, *_bench_args(a, ctx["vocab_size"])]
     return _repeat_bench(a, ctx, cmd)
 
 
@@ -343,8 +353,8 @@ def cluster_config(a, out_dir: Path, ping_pong: bool = False) -> Path:
     share the same cores)."""
     cfg = yaml.safe_load(SERVE_CONFIG.read_text())
     app = cfg["applications"][0]
-    n, model_len = a.num_prompts, a.prompt_len + a.max_tokens
-    app["args"].update(max_num_seqs=n, max_model_len=model_len, max_queued=n,
+    n, model_len = a.num_prompts, a.prefix_len + a.prompt_len + a.max_tokens
+    app["args"].update(max_num_seqs=n, max_model_len=model_len, max_queued=n, prefix_caching=a.prefix_caching == "on",
                        max_num_batched_tokens=max(app["args"].get("max_num_batched_tokens", 2048), model_len),
                        max_tokens_limit=max(a.max_tokens, 2), token_budget=0, ttft_slo_s=1e6,
                        ping_pong=ping_pong, stream_chunk_tokens=a.cluster_stream_chunk)
@@ -493,12 +503,13 @@ def main(argv: list[str] | None = None) -> int:
               f"  moe-serve checkpoint --family mixtral --size small --out {a.checkpoint}", file=sys.stderr)
         return 2
     vocab = int(json.loads(cfg_path.read_text())["vocab_size"])
-    prompts = make_prompts(a.num_prompts, a.prompt_len, vocab, a.seed)
+    prompts = make_prompts(a.num_prompts, a.prompt_len, vocab, a.seed, a.prefix_len)
     machine = machine_info()
     header = {
         "command": command_line(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": machine, "checkpoint": a.checkpoint, "dtype": a.dtype,
-        "workload": {"num_prompts": a.num_prompts, "prompt_len": a.prompt_len, "max_tokens": a.max_tokens,
+        "workload": {"num_prompts": a.num_prompts, "prompt_len": a.prompt_len, "prefix_len": a.prefix_len,
+                     "prefix_caching": a.prefix_caching, "max_tokens": a.max_tokens,
                      "seed": a.seed, "vocab_size": vocab, "greedy": True, "ignore_eos": True,
                      "concurrency": a.num_prompts, "repeat": a.repeat, "threads": a.threads},
     }
@@ -507,7 +518,9 @@ def main(argv: list[str] | None = None) -> int:
           f"machine   {machine['cpu_model']}, {machine.get('cores_available', machine['cpu_count'])} cores, "
           f"load average {machine.get('load_avg_1m')} (1 min) at start, torch {machine.get('torch')}, "
           f"python {machine['python']}, {machine['platform']}\n"
-          f"workload  {a.num_prompts} prompts x {a.prompt_len} token ids (seed {a.seed}) -> {a.max_tokens} new "
+          f"workload  {a.num_prompts} prompts x {a.prompt_len} token ids (seed {a.seed})"
+          + (f" after a shared prefix of {a.prefix_len}, prefix caching {a.prefix_caching}" if a.prefix_len else "")
+          + f" -> {a.max_tokens} new "
           f"tokens each, greedy, EOS ignored, all at once; {a.dtype}; {Path(a.checkpoint).name}; "
           f"{a.threads} thread(s) per peer; best of {a.repeat} timed runs"
           + (f"; {a.rounds} rounds" if a.rounds > 1 else ""), flush=True)
@@ -517,7 +530,7 @@ def main(argv: list[str] | None = None) -> int:
     spec_path.write_text(json.dumps({"checkpoint": a.checkpoint, "dtype": a.dtype, "prompts": prompts,
                                      "max_tokens": a.max_tokens, "warmup": a.num_prompts,
                                      "max_num_seqs": a.num_prompts, "repeat": a.repeat,
-                                     "threads": a.threads}))
+                                     "threads": a.threads, "enable_prefix_caching": a.prefix_caching == "on"}))
     ctx = {"spec_path": spec_path, "vocab_size": vocab, "log": work / "peers.log"}
     print(f"logs      {ctx['log']}", flush=True)
 

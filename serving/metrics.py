@@ -47,6 +47,8 @@ class EngineSample:
     preemptions: int = 0                         # delta
     prompt_tokens: int = 0                       # delta
     generated_tokens: int = 0                    # delta
+    prefix_query_tokens: int = 0                 # delta: tokens of joining sequences, looked up in the prefix cache
+    prefix_hit_tokens: int = 0                   # delta: ... found cached
     step_seconds: list[float] = field(default_factory=list)
     routed_tokens: dict[tuple[int, int, int], int] = field(default_factory=dict)  # (layer, expert, shard) -> delta
     phase_seconds: dict[str, float] = field(default_factory=dict)     # step phase -> delta (engine/step_phases.py)
@@ -90,8 +92,15 @@ class Metrics:
         self.kv_blocks = Gauge("kv_blocks", "Paged KV-cache blocks", ["replica"], namespace=ns, registry=r)
         self.preemptions = Counter("preemptions", "Running sequences preempted (KV cache full) and recomputed later",
                                    ["replica"], namespace=ns, registry=r)
-        self.prompt_tokens = Counter("prompt_tokens", "Prompt tokens prefilled",
-                                     ["replica"], namespace=ns, registry=r)
+        self.prompt_tokens = Counter("prompt_tokens", "Prompt tokens of the requests the engine took (prefix-cache "
+                                     "hits included)", ["replica"], namespace=ns, registry=r)
+        self.prefix_query_tokens = Counter("prefix_cache_query_tokens",
+                                           "Tokens of the sequences joining the batch, looked up in the prefix cache "
+                                           "(a preempted sequence counts again when it rejoins)",
+                                           ["replica"], namespace=ns, registry=r)
+        self.prefix_hit_tokens = Counter("prefix_cache_hit_tokens",
+                                         "Of those, the tokens whose K/V were cached already (not prefilled again)",
+                                         ["replica"], namespace=ns, registry=r)
         self.generated_tokens = Counter("generation_tokens", "Tokens generated",
                                         ["replica"], namespace=ns, registry=r)
         self.step = Histogram("engine_step_seconds", "Duration of one engine step",
@@ -196,6 +205,8 @@ class MetricsHub:
             mine(m.preemptions).inc(e.preemptions)
             mine(m.prompt_tokens).inc(e.prompt_tokens)
             mine(m.generated_tokens).inc(e.generated_tokens)
+            mine(m.prefix_query_tokens).inc(e.prefix_query_tokens)
+            mine(m.prefix_hit_tokens).inc(e.prefix_hit_tokens)
             step = mine(m.step)
             for dt in e.step_seconds:
                 step.observe(dt)

@@ -313,9 +313,14 @@ def overview() -> Dashboard:
             unit="percentunit", steps=[(None, "green"), (0.9, "red")], w=8),
         timeseries("KV blocks used", [
             Target(f"sum by (replica) (moe_serve_kv_blocks_used{{{J}}}) / sum by (replica) (moe_serve_kv_blocks{{{J}}})",
-                   "{{replica}}")], unit="percentunit", steps=[(None, "green"), (0.95, "red")], w=12),
+                   "{{replica}}")], unit="percentunit", steps=[(None, "green"), (0.95, "red")], w=8),
         timeseries("Preemptions (KV cache full, recomputed)",
-                   [Target(f"sum(rate(moe_serve_preemptions_total{{{J}}}[1m]))", "preemptions/s")], w=12),
+                   [Target(f"sum(rate(moe_serve_preemptions_total{{{J}}}[1m]))", "preemptions/s")], w=8),
+        timeseries("Prefix cache hit rate", [
+            Target(f"sum(rate(moe_serve_prefix_cache_hit_tokens_total{{{J}}}[1m])) / "
+                   f"sum(rate(moe_serve_prefix_cache_query_tokens_total{{{J}}}[1m]))", "cached / looked-up tokens")],
+            unit="percentunit", w=8,
+            desc="Share of the joining sequences' tokens whose K/V were cached already (not prefilled again)."),
     ]
     return Dashboard("moe-serve-overview", "moe-serve / Overview & SLOs",
                      "Request rates, SLO burn, latency and engine load of a moe-serve cluster.", panels)

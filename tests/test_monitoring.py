@@ -191,6 +191,7 @@ def _report(rng: random.Random, replica: str) -> MetricsReport:
                           kv_slots_total=16, kv_blocks_used=rng.randint(8, 60), kv_blocks_total=64,
                           preemptions=rng.randint(0, 2),
                           prompt_tokens=rng.randint(100, 400), generated_tokens=rng.randint(50, 200),
+                          prefix_query_tokens=rng.randint(300, 400), prefix_hit_tokens=rng.randint(0, 300),
                           step_seconds=[rng.uniform(0.01, 0.08) for _ in range(5)], routed_tokens=routed,
                           phase_seconds={"schedule": 0.001, "dense": 0.04, "experts": 0.1, "head": 0.05,
                                          "sample": 0.009},
@@ -239,7 +240,8 @@ def test_hub_drops_every_series_of_a_replica_that_stopped_reporting(monkeypatch)
     per_replica = {"moe_serve_queue_depth", "moe_serve_running_requests", "moe_serve_kv_slots_used",
                    "moe_serve_kv_slots", "moe_serve_kv_blocks_used", "moe_serve_kv_blocks",
                    "moe_serve_preemptions_total", "moe_serve_prompt_tokens_total",
-                   "moe_serve_generation_tokens_total", "moe_serve_engine_step_seconds_count",
+                   "moe_serve_generation_tokens_total", "moe_serve_prefix_cache_query_tokens_total",
+                   "moe_serve_prefix_cache_hit_tokens_total", "moe_serve_engine_step_seconds_count",
                    "moe_serve_engine_step_phase_seconds_total", "moe_serve_expert_shard_busy_seconds_total"}
     assert per_replica <= set(before) and all(before[f] == {"engine-0", "engine-1"} for f in per_replica)
     now[0] += metrics_mod.STALE_REPORTER_S / 2

@@ -136,6 +136,7 @@ def test_sampler_reports_deltas_and_the_hub_exports_them(tiny_checkpoint):
     sampler = EngineSampler(engine, dispatcher)
     before = dict(engine.stats.phase_seconds_total)
     busy_before = dispatcher.shard_busy_seconds()
+    query_before, hits_before = engine.stats.prefix_query_tokens_total, engine.stats.prefix_hit_tokens_total
     assert set(busy_before) == {0, 1} and all(v > 0 for v in busy_before.values())
     _run(engine)
     sample = sampler()
@@ -147,8 +148,12 @@ def test_sampler_reports_deltas_and_the_hub_exports_them(tiny_checkpoint):
     assert all(v > 0 for v in sample.shard_busy_seconds.values())
     # the shards' compute is part of the engine's experts phase (local transport: same thread)
     assert sum(sample.shard_busy_seconds.values()) <= sample.phase_seconds["experts"]
+    # every request of _run joins with its prompt looked up in the prefix cache (on by default)
+    assert sample.prefix_query_tokens == engine.stats.prefix_query_tokens_total - query_before > 0
+    assert sample.prefix_hit_tokens == engine.stats.prefix_hit_tokens_total - hits_before
     idle = sampler()
     assert not any(idle.phase_seconds.values()) and not any(idle.shard_busy_seconds.values())
+    assert idle.prefix_query_tokens == idle.prefix_hit_tokens == 0
 
     hub = MetricsHub()
     hub.apply(MetricsReport("engine-0", engine=sample))
@@ -161,6 +166,8 @@ def test_sampler_reports_deltas_and_the_hub_exports_them(tiny_checkpoint):
     assert m.step_phase.labels("engine-0", "head")._value.get() == pytest.approx(sample.phase_seconds["head"])
     assert m.shard_busy.labels("engine-0", "0")._value.get() == pytest.approx(sample.shard_busy_seconds[0])
     assert m.shard_busy.labels("engine-1", "0")._value.get() == pytest.approx(0.25)
+    assert m.prefix_query_tokens.labels("engine-0")._value.get() == sample.prefix_query_tokens
+    assert m.prefix_hit_tokens.labels("engine-0")._value.get() == sample.prefix_hit_tokens
 
 
 def test_sampler_never_reports_a_negative_busy_time(tiny_checkpoint):

@@ -240,6 +240,21 @@ def test_unauthenticated_calls_are_refused_before_validation_but_health_is_open(
     assert len(reached) == 1                               # only the call that passed reached the engine
 
 
+def test_each_tenant_is_its_own_prefix_cache_namespace(th):
+    """The engine gets the caller's tenant as the request's cache salt: two tenants sending the same
+    system prompt never share cached K/V (a hit's speed would tell one the other's prompt)."""
+    salts, stream = [], th.engine.stream
+
+    def recording(request):
+        salts.append(request.cache_salt)
+        return stream(request)
+    th.engine.stream = recording
+    for token in (CHAT_TOKEN, BATCH_TOKEN, CHAT_TOKEN):
+        with MoEClient(th.target, WAIT_S, token=token) as c:
+            assert c.complete(prompt="abc", max_tokens=2).text == "ab"
+    assert salts == ["chat", "batch", "chat"]
+
+
 def test_a_tenant_at_its_cap_is_shed_while_another_tenant_is_served(th):
     with MoEClient(th.target, WAIT_S, token=CHAT_TOKEN) as chat, \
             MoEClient(th.target, WAIT_S, token=BATCH_TOKEN) as batch:

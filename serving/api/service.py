@@ -26,7 +26,7 @@ import asyncio
 import logging
 import time
 from contextlib import aclosing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, AsyncIterator, Callable, Protocol, Sequence
 
 import grpc
@@ -293,7 +293,8 @@ class GenerateService:
         tracker.rec.tenant = UNIDENTIFIED_LABEL          # until identify() names the caller
         tenant = self.tenants.identify(metadata)
         tracker.rec.tenant = self.tenants.label(tenant)
-        req = validate_request(request_pb, self.limits, self.tokenizer)
+        # the tenant salts the prefix cache: its hits never reveal another tenant's prompts
+        req = replace(validate_request(request_pb, self.limits, self.tokenizer), cache_salt=tenant)
         return req, self.tenants.acquire(tenant, len(req.prompt_token_ids) + req.sampling.max_tokens)
 
     async def _engine_stream(self, req: GenerationRequest) -> AsyncIterator[list[TokenEvent]]:

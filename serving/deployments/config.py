@@ -36,6 +36,8 @@ class AppConfig:
     kv_block_size: int = 16               # tokens per paged KV-cache block
     kv_cache_tokens: int = 0              # KV-cache size in tokens (0 = max_num_seqs x model len: never preempts)
     priority_preemption: bool = True      # a waiting interactive request takes a running batch one's slot
+    prefix_caching: bool = True           # a request reuses the cached K/V of the whole KV blocks its tokens
+                                          # share with earlier ones of its tenant (system prompt, earlier turns)
     ping_pong: bool = True                # two micro-batches per step: attention overlaps the expert calls
                                           # (serve and collective transports; nothing to overlap with local)
     stream_chunk_tokens: int = 1          # tokens per streamed message (engine -> [ingress ->] client) once

@@ -77,7 +77,7 @@ def build_engine(cfg: AppConfig, placement: Placement, shard_handles=None) -> tu
                             max_model_len=cfg.model_len(model.config.max_position_embeddings),
                             max_num_batched_tokens=cfg.max_num_batched_tokens, block_size=cfg.kv_block_size,
                             num_kv_blocks=-(-cfg.kv_cache_tokens // cfg.kv_block_size) if cfg.kv_cache_tokens else None,
-                            priority_preemption=cfg.priority_preemption)
+                            priority_preemption=cfg.priority_preemption, prefix_caching=cfg.prefix_caching)
     engine = Engine(model, dispatcher, Tokenizer.from_dir(cfg.checkpoint), sched, dtype=cfg.torch_dtype,
                     ping_pong=cfg.ping_pong, step_threads=step_threads)
     return engine, dispatcher
@@ -92,6 +92,7 @@ class EngineSampler:
         s = engine.stats
         self._prompt, self._generated, self._steps = s.prompt_tokens_total, s.generated_tokens_total, s.steps_total
         self._preempted = s.preempted_total
+        self._prefix = (s.prefix_query_tokens_total, s.prefix_hit_tokens_total)
         self._phases = dict(s.phase_seconds_total)
         self._busy = dispatcher.shard_busy_seconds()
 
@@ -105,6 +106,8 @@ class EngineSampler:
             preemptions=s.preempted_total - self._preempted,
             prompt_tokens=s.prompt_tokens_total - self._prompt,
             generated_tokens=s.generated_tokens_total - self._generated,
+            prefix_query_tokens=s.prefix_query_tokens_total - self._prefix[0],
+            prefix_hit_tokens=s.prefix_hit_tokens_total - self._prefix[1],
             step_seconds=list(steps),
             routed_tokens={(layer, e, shard): n
                            for layer, per_shard in self.dispatcher.take_routed_counts().items()
@@ -114,6 +117,7 @@ class EngineSampler:
         self._phases, self._busy = phases, busy
         self._prompt, self._generated, self._steps = s.prompt_tokens_total, s.generated_tokens_total, s.steps_total
         self._preempted = s.preempted_total
+        self._prefix = (s.prefix_query_tokens_total, s.prefix_hit_tokens_total)
         return sample
 
 

@@ -48,6 +48,8 @@ class EngineStats:
     prompt_tokens_total: int = 0
     generated_tokens_total: int = 0
     cancelled_total: int = 0
+    prefix_query_tokens_total: int = 0    # tokens of the sequences that joined, looked up in the prefix cache
+    prefix_hit_tokens_total: int = 0      # ... of which were cached already (not prefilled again)
     recent_step_seconds: list[float] = field(default_factory=list)
     phase_seconds_total: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
 
@@ -148,7 +150,7 @@ class Engine:
 
     def _update(self, out: SchedulerOutput, logits_BV: torch.Tensor) -> None:
         for seq, q in zip(out.seqs, out.q_lens):
-            seq.num_cached += q
+            self.scheduler.computed(seq, q)
         # a sequence whose prompt is only partly prefilled (chunked) samples nothing this step
         rows = [i for i, seq in enumerate(out.seqs) if seq.num_uncached == 0]
         if not rows:
@@ -212,3 +214,5 @@ class Engine:
         self.stats.kv_slots_used = self.config.max_num_seqs - len(self.scheduler.free_slots)
         self.stats.kv_blocks_used = self.scheduler.blocks.num_used
         self.stats.preempted_total = self.scheduler.num_preempted
+        self.stats.prefix_query_tokens_total = self.scheduler.prefix_query_tokens
+        self.stats.prefix_hit_tokens_total = self.scheduler.prefix_hit_tokens

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from serving.model.sampling import SamplingParams
 
@@ -25,6 +25,8 @@ class GenerationRequest:
     sampling: SamplingParams
     priority: Priority = Priority.INTERACTIVE
     arrival_time: float = 0.0          # time.time() at the ingress
+    cache_salt: str = ""               # prefix-cache namespace: only requests with the same salt share
+                                       # cached K/V (the API sets the caller's tenant)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

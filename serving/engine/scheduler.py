@@ -12,6 +12,8 @@ Invariant: there is no decoding phase nor prefill phase. Every step, under a tok
 Before that, with `priority_preemption`, an interactive request that finds every slot taken
 takes the slot of the newest running batch sequence (vLLM's priority policy): batch work never
 holds an interactive request's time to first token hostage.
+With `prefix_caching`, a request joining first takes the cached K/V blocks its tokens begin with
+(serving/engine/block_manager.py) and prefills only the rest.
 KV blocks are taken as sequences grow. When the cache is full, the newest running sequence of
 the lowest priority class is preempted: its blocks are freed, and it goes back to the front of
 its waiting queue to be recomputed (prompt + tokens generated so far) when there is room again.
@@ -21,7 +23,7 @@ from __future__ import annotations
 
 import enum
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from serving.engine.block_manager import BlockManager, blocks_for
@@ -36,6 +38,7 @@ class SchedulerConfig:
     block_size: int = 16                 # tokens per KV-cache block
     num_kv_blocks: int | None = None     # KV-cache size; None: every slot can hold max_model_len (no preemption)
     priority_preemption: bool = True     # a waiting interactive request preempts the newest running batch one
+    prefix_caching: bool = False         # reuse the K/V of whole blocks a new sequence shares with earlier ones
 
     def __post_init__(self) -> None:
         if self.max_num_batched_tokens < self.max_num_seqs:
@@ -101,7 +104,9 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.free_slots: list[int] = list(range(config.max_num_seqs - 1, -1, -1))
         self.num_preempted = 0
-        self.blocks = BlockManager(config.kv_blocks, config.block_size)
+        self.blocks = BlockManager(config.kv_blocks, config.block_size, prefix_caching=config.prefix_caching)
+        self.prefix_query_tokens = 0         # tokens of the sequences that joined (looked up in the prefix cache)
+        self.prefix_hit_tokens = 0           # ... of which were cached already
 
     def add(self, request: GenerationRequest, state: Any = None) -> Sequence:
         n = len(request.prompt_token_ids)
@@ -140,19 +145,28 @@ class Scheduler:
         num_prefill = len(chosen) - len([s for s in decoding if s.status is SeqStatus.RUNNING])
         while budget > 0 and self.free_slots and (queue := self._next_waiting()) is not None:   # 3. new ones
             seq = queue[0]
-            q = min(seq.num_uncached, budget)
-            if blocks_for(q, self.config.block_size) > self.blocks.num_free:
+            prefix = self.blocks.cached_prefix(seq.token_ids, seq.request.cache_salt)
+            hit = len(prefix) * self.config.block_size
+            q = min(len(seq.token_ids) - hit, budget)
+            if not self.blocks.start(self.free_slots[-1], prefix, hit + q):
                 break                                              # no room: wait (never preempt for a newcomer)
             queue.popleft()
             seq.slot = self.free_slots.pop()
-            seq.status = SeqStatus.RUNNING
-            self.blocks.ensure(seq.slot, seq.num_cached + q)
+            seq.status, seq.num_cached = SeqStatus.RUNNING, hit
+            self.prefix_query_tokens += len(seq.token_ids)
+            self.prefix_hit_tokens += hit
             self.running.append(seq)
             chosen.append((seq, q))
             budget -= q
             num_prefill += 1
         return SchedulerOutput(tuple(s for s, _ in chosen), tuple(q for _, q in chosen), num_prefill,
                                tuple(tuple(self.blocks.table(s.slot)) for s, _ in chosen))
+
+    def computed(self, seq: Sequence, q: int) -> None:
+        """The step ran `seq`'s next q tokens: their K/V are in its blocks now (and the blocks they
+        filled join the prefix cache)."""
+        seq.num_cached += q
+        self.blocks.register(seq.slot, seq.token_ids, seq.num_cached, seq.request.cache_salt)
 
     def _preempt_for_priority(self) -> None:
         """Free slots for the waiting requests of the highest waiting class by preempting the newest

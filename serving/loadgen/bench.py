@@ -50,6 +50,11 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-requests", type=int, default=64)
     parser.add_argument("--max-tokens", type=int, default=64, help="tokens generated per request")
     parser.add_argument("--prompt-len", type=int, default=32, help="prompt tokens per request")
+    parser.add_argument("--prefix-len", type=int, default=0,
+                        help="a shared prefix of this many tokens before each prompt (a system prompt: "
+                             "prefix caching reuses it)")
+    parser.add_argument("--prefix-caching", choices=["on", "off"], default="on",
+                        help="--in-process: the engine's prefix caching (a cluster serves with its own)")
     parser.add_argument("--vocab-size", type=int, default=256,
                         help="prompt ids are drawn from [3, VOCAB_SIZE) (valid for any served model)")
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
@@ -98,15 +103,23 @@ def _check(args: argparse.Namespace) -> None:
     for name in ("concurrency", "num_requests", "max_tokens", "prompt_len"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+    if args.prefix_len < 0:
+        raise ValueError("--prefix-len must be >= 0")
     if args.vocab_size < 4:
         raise ValueError("--vocab-size must be >= 4")
     if args.mode != "concurrency" and not (args.rate and args.rate > 0):
         raise ValueError(f"--mode {args.mode} needs --rate > 0")
 
 
-def make_prompts(n: int, prompt_len: int, vocab_size: int, seed: int) -> list[list[int]]:
+def make_prompts(n: int, prompt_len: int, vocab_size: int, seed: int, prefix_len: int = 0) -> list[list[int]]:
+    """n prompts of seeded random ids in [3, vocab_size): `prefix_len` ids every prompt starts with,
+    then `prompt_len` of its own."""
     rng = np.random.default_rng(seed)
-    return rng.integers(3, vocab_size, size=(n, prompt_len)).tolist()
+    own = rng.integers(3, vocab_size, size=(n, prompt_len)).tolist()
+    if not prefix_len:
+        return own
+    prefix = np.random.default_rng([seed, prefix_len]).integers(3, vocab_size, size=prefix_len).tolist()
+    return [prefix + p for p in own]
 
 
 def arrival_times(args: argparse.Namespace) -> np.ndarray | None:
@@ -170,8 +183,8 @@ def build_inprocess_engine(args: argparse.Namespace):
                      ping_pong=False)
     cfg = AppConfig(checkpoint=args.checkpoint, expert_shards=args.expert_shards, transport=args.transport,
                     dtype=args.dtype, max_num_seqs=args.concurrency,
-                    max_model_len=args.prompt_len + args.max_tokens,
-                    max_tokens_limit=args.max_tokens, **extra)
+                    max_model_len=args.prefix_len + args.prompt_len + args.max_tokens,
+                    max_tokens_limit=args.max_tokens, prefix_caching=args.prefix_caching == "on", **extra)
     placement = Placement.build(MoEConfig.from_dir(args.checkpoint), args.expert_shards, "contiguous")
     engine, _ = build_engine(cfg, placement)
     return engine
@@ -284,7 +297,7 @@ def _drive_timed(args: argparse.Namespace, prompts: list[list[int]], engine, loa
     import torch
     warm = args.concurrency if args.warmup is None else args.warmup
     if warm:
-        wprompts = make_prompts(warm, args.prompt_len, args.vocab_size, args.seed + 7)
+        wprompts = make_prompts(warm, args.prompt_len, args.vocab_size, args.seed + 7, args.prefix_len)
         drive_engine(engine, wprompts, max_tokens=2, concurrency=args.concurrency, tag="warmup")
     st = engine.stats
     steps0, step_s0 = st.steps_total, st.step_seconds_total
@@ -333,7 +346,7 @@ def run_bench(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     load_at_start = _loadavg()
-    prompts = make_prompts(args.num_requests, args.prompt_len, args.vocab_size, args.seed)
+    prompts = make_prompts(args.num_requests, args.prompt_len, args.vocab_size, args.seed, args.prefix_len)
     if args.in_process:
         results, wall, extra = _bench_inprocess(args, prompts)
     else:
@@ -344,7 +357,8 @@ def run_bench(args: argparse.Namespace) -> int:
         "machine": {**machine_info(), "load_avg_1m_at_start": load_at_start},
         "path": "in-process" if args.in_process else "grpc",
         "config": {k: getattr(args, k) for k in (
-            "target", "checkpoint", "concurrency", "num_requests", "max_tokens", "prompt_len",
+            "target", "checkpoint", "concurrency", "num_requests", "max_tokens", "prompt_len", "prefix_len",
+            "prefix_caching",
             "dtype", "mode", "rate", "burstiness", "priority", "seed", "expert_shards", "transport", "nodes",
             "threads")},
         **summary, **extra}
@@ -358,7 +372,8 @@ def run_bench(args: argparse.Namespace) -> int:
               f"load average {load_at_start} at start, torch threads "
               f"{report['machine'].get('torch_threads', '-')}\n"
               f"path      {where}   mode {args.mode}   C={args.concurrency} "
-              f"N={args.num_requests} prompt={args.prompt_len} T={args.max_tokens}")
+              f"N={args.num_requests} prompt={args.prompt_len}"
+              + (f" (+ {args.prefix_len} shared)" if args.prefix_len else "") + f" T={args.max_tokens}")
         print(format_table(summary))
     return 0 if summary["failed"] == 0 else 1
 
