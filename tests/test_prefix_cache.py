@@ -79,16 +79,20 @@ def test_shared_blocks_are_released_only_by_their_last_holder():
     assert bm.num_used == 0 and len(bm.cached_prefix(toks)) == 2
 
 
-def test_a_block_computed_twice_at_once_is_registered_once_and_the_copy_is_freed():
+def test_a_block_computed_twice_at_once_is_registered_once_and_both_share_it():
     bm = BlockManager(8, BS, prefix_caching=True)
     toks = [5, 6, 7, 8, 9]
     for seq in (0, 1):                                    # both started before either registered
         assert bm.start(seq, bm.cached_prefix(toks), 5)
+    assert bm.num_used == 4
     bm.register(0, toks, 5)
-    bm.register(1, toks, 5)
-    assert bm.num_cached == 1
+    copy = bm.table(1)[0]
+    bm.register(1, toks, 5)                               # the same content: seq 1 switches to seq 0's block
+    assert bm.num_cached == 1 and bm.table(1)[0] == bm.table(0)[0] != copy
+    assert bm.num_used == 3                               # its copy went back to the free list
     assert [e.block for e in bm.cached_prefix(toks)] == [bm.table(0)[0]]
     bm.free(1)
+    assert bm.num_used == 2                               # the shared block stays with seq 0
     bm.free(0)
     assert bm.num_free == 8 and bm.num_cached == 1
 
@@ -182,3 +186,64 @@ def test_the_cache_salt_decides_who_shares(ckpt, salts):
         _run(engine, [GenerationRequest(request_id=req.request_id, prompt_token_ids=req.prompt_token_ids,
                                         sampling=req.sampling, cache_salt=salt)])
     assert engine.stats.prefix_hit_tokens_total == (24 if salts[0] == salts[1] else 0)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_shared_block_attention_equals_attention_over_the_whole_context(dtype, tol):
+    """decode_attention with `prefix` (P positions every sequence shares, read once) = plain decode
+    attention over [prefix, own context] per sequence, padding masked."""
+    from serving.model.layers import decode_attention
+    g = torch.Generator().manual_seed(0)
+    B, H, G, P, C, d = 5, 8, 2, 24, 16, 32
+    q = torch.randn(B, H, d, generator=g).to(dtype)
+    k_p, v_p = (torch.randn(G, P, d, generator=g).to(dtype) for _ in range(2))
+    k, v = (torch.randn(B, G, C, d, generator=g).to(dtype) for _ in range(2))
+    lens = torch.tensor([1, 16, 7, 3, 12])                       # own positions of each sequence
+    bias = torch.zeros(B, 1, C).masked_fill_(torch.arange(C)[None, None] >= lens[:, None, None], float("-inf"))
+    ours = decode_attention(q, k, v, bias, d ** -0.5, prefix=(k_p, v_p))
+    k_all = torch.cat((k_p[None].expand(B, G, P, d), k), dim=2)
+    v_all = torch.cat((v_p[None].expand(B, G, P, d), v), dim=2)
+    ref = decode_attention(q, k_all, v_all, torch.cat((torch.zeros(B, 1, P), bias), dim=-1), d ** -0.5)
+    assert ours.dtype == dtype and ours.shape == (B, H, d)
+    torch.testing.assert_close(ours.float(), ref.float(), atol=tol, rtol=tol)
+
+
+def test_only_blocks_before_every_sequence_s_last_token_count_as_shared():
+    from serving.model.layers import MIN_SHARED_BLOCKS, shared_prefix_blocks
+    tables = ((7, 8, 9, 1), (7, 8, 9, 2), (7, 8, 9, 3))
+    assert shared_prefix_blocks(tables, (12, 13, 15), (1, 1, 1), 4) == 3
+    assert shared_prefix_blocks(tables, (11, 13, 15), (1, 1, 1), 4) == 2      # one sequence's last token in block 2
+    assert shared_prefix_blocks(((7, 8, 9), (7, 5, 9)), (10, 10), (1, 1), 4) == 0   # 1 < MIN_SHARED_BLOCKS
+    assert MIN_SHARED_BLOCKS == 2
+    assert shared_prefix_blocks(((7, 8, 9),), (10,), (1,), 4) == 0            # one sequence: nothing to share
+
+
+def test_a_request_waits_a_step_rather_than_compute_a_block_another_computes_in_it():
+    s = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=64, max_model_len=64,
+                                  block_size=BS, prefix_caching=True))
+    system = list(range(3, 15))                            # 12 tokens: 3 blocks
+    s.add(_sreq("a", system + [40]))
+    s.add(_sreq("b", system + [50, 51]))
+    s.add(_sreq("c", [99] * 9))                            # behind b: FIFO holds it too
+    out = s.schedule()
+    assert [q.request_id for q in out.seqs] == ["a"]       # b would compute a's blocks again: it waits
+    s.computed(out.seqs[0], 13)
+    out.seqs[0].token_ids.append(7)
+    out = s.schedule()
+    assert [q.request_id for q in out.seqs] == ["a", "b", "c"]
+    assert out.q_lens == (1, 2, 9) and out.seqs[1].num_cached == 12
+    # another salt, or a block nobody computes in this step: no wait
+    s2 = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=64, max_model_len=64,
+                                   block_size=BS, prefix_caching=True))
+    s2.add(_sreq("a", system + [40]))
+    s2.add(_sreq("b", system + [50], salt="other"))
+    assert [q.request_id for q in s2.schedule().seqs] == ["a", "b"]
+
+
+def test_prefill_chunks_of_very_different_lengths_attend_in_groups():
+    from serving.model.layers import attention_groups
+    assert attention_groups((1, 1, 1)) is None                       # all decode
+    assert attention_groups((64, 64, 40)) is None                    # padding 192 rows for 168: one SDPA
+    assert attention_groups((1, 1, 64)) == [[0, 1], [2]]             # decodes apart from the chunk
+    assert attention_groups((256, 64, 64, 64, 1)) == [[4], [1, 2, 3], [0]]   # 4x256 rows for 448: by length
+    assert attention_groups((3, 4, 200)) == [[0, 1], [2]]                # (2, 4] and (128, 256]

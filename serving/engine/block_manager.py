@@ -90,13 +90,16 @@ class BlockManager:
         stay cached (evictable), its last blocks first in line for eviction."""
         self._chains.pop(seq, None)
         for block in reversed(self._tables.pop(seq, [])):
-            self._refs[block] -= 1
-            if self._refs[block]:
-                continue
-            if block in self._by_block:
-                self._evictable[block] = None
-            else:
-                self._free.append(block)
+            self._release(block)
+
+    def _release(self, block: int) -> None:
+        self._refs[block] -= 1
+        if self._refs[block]:
+            return
+        if block in self._by_block:
+            self._evictable[block] = None
+        else:
+            self._free.append(block)
 
     # ---- prefix caching ---------------------------------------------------------------
 
@@ -133,8 +136,10 @@ class BlockManager:
 
     def register(self, seq: int, token_ids: Sequence[int], num_computed: int, salt: str = "") -> None:
         """`seq`'s first `num_computed` tokens have their K/V in its blocks: register the blocks
-        they fill. A block whose content another sequence registered first (both computed it at
-        once) stays private and returns to the free list when `seq` lets go of it."""
+        they fill. Where another sequence registered the same content first (both computed it in
+        the same step: requests arriving together with one system prompt), `seq` switches to that
+        block and its own copy returns to the free list, so they all share the same blocks from
+        then on (and decode attention reads them once: layers.decode_attention's `prefix`)."""
         if not self.prefix_caching:
             return
         chain = self._chains.setdefault(seq, [])
@@ -146,6 +151,12 @@ class BlockManager:
                 entry = CachedBlock(key, table[j], self._next_number)
                 self._next_number += 1
                 self._by_key[key] = self._by_block[table[j]] = entry
+            elif entry.block != table[j]:          # full, never written again: the copies are the same K/V
+                if self._refs[entry.block] == 0:
+                    del self._evictable[entry.block]
+                self._refs[entry.block] += 1
+                self._release(table[j])
+                table[j] = entry.block
             chain.append(entry.number)
 
     def _take(self) -> int:

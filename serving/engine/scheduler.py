@@ -97,6 +97,20 @@ class SchedulerOutput:
         return sum(self.q_lens)
 
 
+def prefix_pending(seq: Sequence, hit: int, chosen: list[tuple[Sequence, int]], block_size: int) -> bool:
+    """Whether a sequence of this step computes the first block `seq` would compute itself (the
+    same tokens up to its end, the same cache salt): `seq` then waits one step and finds the block
+    cached instead of computing it again. Requests arriving together with one system prompt
+    otherwise all compute it in the first step (64 with a 512-token prompt: 3 of them did, 1536
+    tokens of a 2048-token step spent on copies)."""
+    end = hit + block_size
+    if end >= len(seq.token_ids):              # no whole block left to share (its last token is its own)
+        return False
+    salt, head = seq.request.cache_salt, seq.token_ids[:end]
+    return any(other.request.cache_salt == salt and other.num_cached <= hit and end <= other.num_cached + q
+               and other.token_ids[:end] == head for other, q in chosen if q > 1)
+
+
 class Scheduler:
     def __init__(self, config: SchedulerConfig):
         self.config = config
@@ -147,6 +161,8 @@ class Scheduler:
             seq = queue[0]
             prefix = self.blocks.cached_prefix(seq.token_ids, seq.request.cache_salt)
             hit = len(prefix) * self.config.block_size
+            if self.config.prefix_caching and prefix_pending(seq, hit, chosen, self.config.block_size):
+                break                                              # next step it finds that block cached
             q = min(len(seq.token_ids) - hit, budget)
             if not self.blocks.start(self.free_slots[-1], prefix, hit + q):
                 break                                              # no room: wait (never preempt for a newcomer)

@@ -76,6 +76,14 @@ class KVCache:
         self.k[layer][:, block_T, offset_T] = k_THd.transpose(0, 1)
         self.v[layer][:, block_T, offset_T] = v_THd.transpose(0, 1)
 
+    def read_blocks(self, layer: int, blocks_S: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K/V of the S blocks `blocks_S`, in order, as one run of positions: [Hkv, S*bs, hd]
+        (MLA: latent [1, S*bs, R], k_pe [1, S*bs, dr])."""
+        def gather(c: torch.Tensor) -> torch.Tensor:
+            H, _, bs, d = c.shape
+            return c.index_select(1, blocks_S).view(H, -1, d)
+        return gather(self.k[layer]), gather(self.v[layer])
+
     def read(self, layer: int, table_Bn: torch.Tensor, ctx_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K/V of the first `ctx_len` positions of each sequence: [B, Hkv, C, hd] (MLA: [B, 1, C, R], [B, 1, C, dr]).
         Gathers the sequences' blocks (one copy, [Hkv, B, nb*bs, hd]) and returns strided views of it."""

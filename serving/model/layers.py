@@ -99,10 +99,12 @@ class AttentionMetadata:
     qpos_BQ: torch.Tensor | None = None   # position of each padded query row
     # decode-only steps (Q = 1): the mask as an additive fp32 bias (0 / -inf), made once per step
     decode_bias_B1C: torch.Tensor | None = None
-    # mixed steps (some sequences decode, some prefill a chunk): the two groups attend apart, each with
-    # its own metadata, as (token indices idx_t, metadata of those sequences); else ().
-    # One padded SDPA over both would pad every decoding sequence to the longest chunk: 63 decodes +
-    # one 32-token chunk is 2016 query rows for 95 tokens (a 27 ms decode step took 50-80 ms).
+    # decode-only steps whose sequences all begin with the same cached KV blocks (prefix caching: a
+    # shared system prompt): those blocks' ids [S]. Attention reads them once for every sequence
+    # (decode_attention's `prefix`) instead of gathering a copy per sequence; None: no such blocks.
+    shared_blocks_S: torch.Tensor | None = None
+    # steps whose sequences attend in groups (`attention_groups`), each with its own metadata, as
+    # (token indices idx_t, metadata of those sequences); else ().
     parts: tuple[tuple[torch.Tensor, "AttentionMetadata"], ...] = ()
 
     @classmethod
@@ -126,14 +128,15 @@ class AttentionMetadata:
         offset_T = torch.arange(len(seq_T), device=device) - first_T   # index within its sequence's new tokens
         pos_T = start_B[seq_T] + offset_T
         block_T, in_block_T = table_Bn[seq_T, pos_T // block_size], pos_T % block_size
-        if Q > 1 and min(q_lens) == 1:              # mixed: no padded layout for the whole step
-            decode_T = (q_lens_B == 1)[seq_T]
+        groups = attention_groups(q_lens)
+        if groups is not None:                      # no padded layout for the whole step: its groups have one each
             parts = []
-            for idx_t, group in ((decode_T.nonzero().flatten(), [b for b in range(B) if q_lens[b] == 1]),
-                                 ((~decode_T).nonzero().flatten(), [b for b in range(B) if q_lens[b] > 1])):
+            for group in groups:
+                member_B = torch.zeros(B, dtype=torch.bool, device=device)
+                member_B[group] = True
                 sub = cls.build(tuple(block_tables[b] for b in group), tuple(start_pos[b] for b in group),
                                 tuple(q_lens[b] for b in group), sliding_window, block_size, device)
-                parts.append((idx_t, sub))
+                parts.append((member_B[seq_T].nonzero().flatten(), sub))
             return cls(block_T=block_T, offset_T=in_block_T, pos_T=pos_T, table_Bn=table_Bn,
                        pad_index_BQ=None, unpad_index_T=None, mask_B1QC=None, ctx_len=C, parts=tuple(parts))
         ar_Q = torch.arange(Q, device=device)
@@ -144,9 +147,11 @@ class AttentionMetadata:
         mask_BQC = kpos_C[None, None] <= qpos_BQ[:, :, None]
         if sliding_window:
             mask_BQC &= kpos_C[None, None] > qpos_BQ[:, :, None] - sliding_window
+        shared = 0 if Q > 1 or sliding_window else shared_prefix_blocks(block_tables, start_pos, q_lens, block_size)
         return cls(block_T=block_T, offset_T=in_block_T, pos_T=pos_T,
                    table_Bn=table_Bn, pad_index_BQ=pad_index_BQ, unpad_index_T=seq_T * Q + offset_T,
-                   mask_B1QC=mask_BQC[:, None], ctx_len=C, qpos_BQ=qpos_BQ, decode_bias_B1C=_decode_bias(mask_BQC))
+                   mask_B1QC=mask_BQC[:, None], ctx_len=C, qpos_BQ=qpos_BQ, decode_bias_B1C=_decode_bias(mask_BQC),
+                   shared_blocks_S=table_Bn[0, :shared] if shared else None)
 
     @property
     def decode_only(self) -> bool:
@@ -162,7 +167,19 @@ class AttentionMetadata:
         kpos_C = torch.arange(self.ctx_len, device=self.mask_B1QC.device)
         in_window_BQC = kpos_C[None, None] > self.qpos_BQ[:, :, None] - window
         mask_BQC = self.mask_B1QC[:, 0] & in_window_BQC
-        return replace(self, mask_B1QC=mask_BQC[:, None], decode_bias_B1C=_decode_bias(mask_BQC))
+        return replace(self, mask_B1QC=mask_BQC[:, None], decode_bias_B1C=_decode_bias(mask_BQC),
+                       shared_blocks_S=None)     # a window may leave part of the shared blocks behind
+
+    def read_decode_kv(self, kv: KVCache, layer: int):
+        """A decode-only step's cached K/V: (k, v) of every sequence's context past the shared blocks
+        [B, G, C', *] (all of it without shared blocks), the bias over those positions [B, 1, C'], and
+        the shared blocks' (k, v) [G, P, *] read once (None without shared blocks)."""
+        if self.shared_blocks_S is None:
+            return *kv.read(layer, self.table_Bn, self.ctx_len), self.decode_bias_B1C, None
+        S = self.shared_blocks_S.numel()
+        P = S * kv.block_size
+        k, v = kv.read(layer, self.table_Bn[:, S:], self.ctx_len - P)
+        return k, v, self.decode_bias_B1C[..., P:], kv.read_blocks(layer, self.shared_blocks_S)
 
 
 def attend_split(q_T: torch.Tensor, meta: AttentionMetadata, attend) -> torch.Tensor:
@@ -175,6 +192,51 @@ def attend_split(q_T: torch.Tensor, meta: AttentionMetadata, attend) -> torch.Te
     for idx_t, o_t in outs:
         o_T[idx_t] = o_t
     return o_T
+
+
+def attention_groups(q_lens: tuple[int, ...]) -> list[list[int]] | None:
+    """The sequences of a step that attend together, so that no group pads its queries to more
+    than twice their tokens; None when the whole step is one group.
+
+    Prefill chunks attend through one SDPA over queries padded to the group's longest chunk, and
+    decoding sequences through decode_attention. One padded SDPA over a mixed step would pad every
+    decoding sequence to the longest chunk (63 decodes + one 32-token chunk: 2016 query rows for 95
+    tokens; a 27 ms decode step took 50-80 ms), and one over 28 prompts of 64 tokens behind a
+    256-token chunk pads them 4x (that step: 0.42 s against 0.24 s for as many tokens). So decodes are
+    a group, and chunks are grouped by length, (2^(k-1), 2^k] each, when padding them together would
+    more than double their rows."""
+    decodes = [b for b, q in enumerate(q_lens) if q == 1]
+    chunks = [b for b, q in enumerate(q_lens) if q > 1]
+    if not chunks:
+        return None
+    longest, rows = max(q_lens[b] for b in chunks), sum(q_lens[b] for b in chunks)
+    if len(chunks) * longest <= 2 * rows:
+        return None if not decodes else [decodes, chunks]
+    by_size: dict[int, list[int]] = {}
+    for b in chunks:
+        by_size.setdefault((q_lens[b] - 1).bit_length(), []).append(b)
+    return ([decodes] if decodes else []) + [by_size[k] for k in sorted(by_size)]
+
+
+# Below this many shared blocks the step reads every sequence's context the plain way: the shared
+# part's own GEMMs and the merge cost more than a short gather saves
+MIN_SHARED_BLOCKS = 2
+
+
+def shared_prefix_blocks(block_tables: tuple[tuple[int, ...], ...], start_pos: tuple[int, ...],
+                         q_lens: tuple[int, ...], block_size: int) -> int:
+    """How many leading KV blocks every sequence of the step holds in common (the same block ids:
+    prefix-cache sharing), counting only blocks wholly before each sequence's last token, so every
+    sequence keeps at least that token outside them; 0 below MIN_SHARED_BLOCKS or for one sequence."""
+    if len(block_tables) < 2:
+        return 0
+    limit = min((s + q - 1) // block_size for s, q in zip(start_pos, q_lens))
+    n = 0
+    for column in zip(*(t[:limit] for t in block_tables)):
+        if column.count(column[0]) != len(column):
+            break
+        n += 1
+    return n if n >= MIN_SHARED_BLOCKS else 0
 
 
 def _decode_bias(mask_BQC: torch.Tensor) -> torch.Tensor | None:
@@ -212,9 +274,10 @@ def attention(x_TD: torch.Tensor, lw, layer: int, cos_Thd: torch.Tensor, sin_Thd
 def _attend_gqa(q_THd: torch.Tensor, meta: AttentionMetadata, kv: KVCache, layer: int,
                 sinks: torch.Tensor | None, hd: int) -> torch.Tensor:
     """Queries of one group's tokens over their sequences' cached K/V -> o_THd."""
-    k_BHCd, v_BHCd = kv.read(layer, meta.table_Bn, meta.ctx_len)
     if meta.decode_only and sinks is None:
-        return decode_attention(q_THd, k_BHCd, v_BHCd, meta.decode_bias_B1C, hd ** -0.5)
+        k_BHCd, v_BHCd, bias_B1C, shared = meta.read_decode_kv(kv, layer)
+        return decode_attention(q_THd, k_BHCd, v_BHCd, bias_B1C, hd ** -0.5, prefix=shared)
+    k_BHCd, v_BHCd = kv.read(layer, meta.table_Bn, meta.ctx_len)
     q_BHQd = q_THd[meta.pad_index_BQ].transpose(1, 2)
     mask = meta.mask_B1QC
     if sinks is not None:
@@ -234,7 +297,7 @@ def _attend_gqa(q_THd: torch.Tensor, meta: AttentionMetadata, kv: KVCache, layer
 
 
 def decode_attention(q_BHk: torch.Tensor, k_BGCk: torch.Tensor, v_BGCv: torch.Tensor, bias_B1C: torch.Tensor,
-                     scale: float) -> torch.Tensor:
+                     scale: float, prefix: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Attention for one query row per sequence (a decode step) with G KV heads (GQA; MLA: G = 1,
     k = [latent, k_pe], v = latent): two batched GEMMs over the X = G*B (KV head, sequence) pairs,
     each with its N = H/G query heads, softmax in fp32 -> o_BHv (k, v: key and value dims).
@@ -247,6 +310,12 @@ def decode_attention(q_BHk: torch.Tensor, k_BGCk: torch.Tensor, v_BGCv: torch.Te
     A bf16 / fp16 cache runs both GEMMs in its own dtype (fp32 accumulation inside the GEMM, scores
     rounded to it, as transformers' eager attention does): upcasting K/V to fp32 first cost ~1 ms a
     layer at that size alone (timed inside bf16 decode steps: 4.2-4.5 ms of a 27-29 ms step, 4 layers).
+
+    `prefix` = (k_GPk, v_GPv): P more positions that every sequence attends to, before its own C
+    (the KV blocks all of them share: a cached system prompt), read once instead of once per
+    sequence. Their scores are one GEMM per KV head over all B x N query rows, and the two parts
+    are merged under one softmax (shared row maximum, summed denominators): the same attention
+    ("cascade" attention) up to float reassociation.
     """
     B, H, dk = q_BHk.shape
     G, C, dv = k_BGCk.shape[1], k_BGCk.shape[2], v_BGCv.shape[3]
@@ -259,7 +328,19 @@ def decode_attention(q_BHk: torch.Tensor, k_BGCk: torch.Tensor, v_BGCv: torch.Te
         scores_XNC = torch.baddbmm(bias_X1C, q_XNk, k_XCk.transpose(1, 2), alpha=scale)
     else:
         scores_XNC = torch.bmm(q_XNk, k_XCk.transpose(1, 2)).float().mul_(scale).add_(bias_X1C)
-    o_XNv = torch.bmm(scores_XNC.softmax(dim=-1).to(dtype), v_XCv)
+    if prefix is None:
+        o_XNv = torch.bmm(scores_XNC.softmax(dim=-1).to(dtype), v_XCv)
+    else:
+        k_GPk, v_GPv = prefix
+        N, P = H // G, k_GPk.shape[1]
+        q_GMk = q_XNk.reshape(G, B * N, dk)                        # M = B*N query rows per KV head
+        scores_XNP = torch.bmm(q_GMk, k_GPk.transpose(1, 2)).float().mul_(scale).view(G * B, N, P)
+        max_XN1 = torch.maximum(scores_XNC.amax(-1, keepdim=True), scores_XNP.amax(-1, keepdim=True))
+        e_XNC, e_XNP = (scores_XNC - max_XN1).exp_(), (scores_XNP - max_XN1).exp_()
+        denom_XN1 = e_XNC.sum(-1, keepdim=True) + e_XNP.sum(-1, keepdim=True)
+        o_GMv = torch.bmm(e_XNP.view(G, B * N, P).to(dtype), v_GPv)
+        o_XNv = ((torch.bmm(e_XNC.to(dtype), v_XCv).float() + o_GMv.view(G * B, N, dv).float())
+                 / denom_XN1).to(dtype)
     return o_XNv.view(G, B, H // G, dv).transpose(0, 1).reshape(B, H, dv).to(q_BHk.dtype)
 
 
@@ -296,10 +377,14 @@ def mla_attention(x_TD: torch.Tensor, lw, layer: int, cos_Thd: torch.Tensor, sin
 def _attend_mla(q_THX: torch.Tensor, meta: AttentionMetadata, kv: KVCache, layer: int, scale: float
                 ) -> torch.Tensor:
     """Absorbed queries [latent, pe] of one group's tokens over the cached (latent, k_pe) -> o_THR (latent space)."""
+    if meta.decode_only:                     # T = B: one query row per sequence
+        latent_B1CR, k_pe_B1Cr, bias_B1C, shared = meta.read_decode_kv(kv, layer)
+        if shared is not None:               # the shared blocks' (latent, k_pe) [1, P, *]
+            shared = (torch.cat(shared, dim=-1), shared[0])
+        return decode_attention(q_THX, torch.cat((latent_B1CR, k_pe_B1Cr), dim=-1), latent_B1CR, bias_B1C, scale,
+                                prefix=shared)
     latent_B1CR, k_pe_B1Cr = kv.read(layer, meta.table_Bn, meta.ctx_len)
     k_B1CX = torch.cat((latent_B1CR, k_pe_B1Cr), dim=-1)
-    if meta.decode_only:                     # T = B: one query row per sequence
-        return decode_attention(q_THX, k_B1CX, latent_B1CR, meta.decode_bias_B1C, scale)
     q_BHQX = q_THX[meta.pad_index_BQ].transpose(1, 2)
     o_BHQR = F.scaled_dot_product_attention(q_BHQX, k_B1CX, latent_B1CR, attn_mask=meta.mask_B1QC,
                                             scale=scale, enable_gqa=True)
