@@ -127,6 +127,29 @@ def test_cli_greedy_matches_transformers(cluster, ckpt):
     assert result["finish_reason"] == ("length" if len(expected) == 32 else "stop")
 
 
+def _metric_sum(url: str, family: str) -> float:
+    return sum(float(l.rsplit(" ", 1)[1]) for l in _scrape(url).splitlines() if l.startswith(family + "{"))
+
+
+def test_a_repeated_prompt_is_served_from_the_prefix_cache_with_the_same_tokens(cluster, ckpt):
+    """The same 40-token prompt three times over gRPC: a later one finds its first two KV blocks
+    (32 tokens) cached on its engine replica (three calls: two land on the same replica even if
+    there are two), every answer is transformers' greedy one, and the hits reach Prometheus."""
+    g = torch.Generator().manual_seed(23)
+    ids = torch.randint(3, VOCAB, (40,), generator=g).tolist()
+    hits = "moe_serve_prefix_cache_hit_tokens_total"
+    before = _metric_sum(cluster["metrics_url"], hits)
+    expected = _hf_greedy(ckpt[1], ids, 8)
+    with MoEClient(cluster["grpc_target"]) as c:
+        for _ in range(3):
+            resp = c.complete(build_request(prompt_ids=ids, max_tokens=8, temperature=0))
+            assert list(resp.token_ids) == expected
+    deadline = time.monotonic() + 20                        # replicas push every 0.5 s
+    while _metric_sum(cluster["metrics_url"], hits) - before < 32 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert _metric_sum(cluster["metrics_url"], hits) - before >= 32
+
+
 def test_concurrent_requests_of_different_lengths_keep_their_tokens(cluster, ckpt):
     g = torch.Generator().manual_seed(11)
     prompts = [torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in (3, 40, 11, 1, 25)]
