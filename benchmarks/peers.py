@@ -89,6 +89,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--prefix-len", type=int, default=0,
                    help="a shared prefix of this many token ids before every prompt (a system prompt)")
+    p.add_argument("--prefix-groups", type=int, default=1,
+                   help="that many different shared prefixes (prompt i gets prefix i mod N)")
     p.add_argument("--prefix-caching", choices=["on", "off"], default="off",
                    help="vLLM's and our engine's prefix caching (default off: every peer computes every "
                         "prompt). on: peers vllm, engine and transformers only, each timed run from an empty "
@@ -137,8 +139,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not a.grpc_ingress_list or set(a.grpc_ingress_list) - set(GRPC_INGRESSES):
         p.error("--cluster-grpc-ingress must be proxy, haproxy or proxy,haproxy")
     a.threads = a.threads or len(_cores())
-    if a.prefix_len < 0:
-        p.error("--prefix-len must be >= 0")
+    if a.prefix_len < 0 or a.prefix_groups < 1:
+        p.error("--prefix-len must be >= 0 and --prefix-groups >= 1")
     if a.prefix_caching == "on" and set(a.peer_list) - {"vllm", "engine", "transformers"}:
         p.error("--prefix-caching on: peers vllm, engine and transformers only")
     if a.low_load_requests < 0:
@@ -232,7 +234,7 @@ def _bench_args(a: argparse.Namespace, vocab_size: int, concurrency: int | None 
     n = a.num_prompts
     return ["--concurrency", str(concurrency or n), "--num-requests", str(requests or n),
             "--warmup", str(n if warmup is None else warmup), "--max-tokens", str(a.max_tokens),
-            "--prompt-len", str(a.prompt_len), "--prefix-len", str(a.prefix_len),
+            "--prompt-len", str(a.prompt_len), "--prefix-len", str(a.prefix_len), "--prefix-groups", str(a.prefix_groups),
             "--vocab-size", str(vocab_size), "--seed", str(a.seed), "--json"]
 
 
@@ -503,12 +505,13 @@ def main(argv: list[str] | None = None) -> int:
               f"  moe-serve checkpoint --family mixtral --size small --out {a.checkpoint}", file=sys.stderr)
         return 2
     vocab = int(json.loads(cfg_path.read_text())["vocab_size"])
-    prompts = make_prompts(a.num_prompts, a.prompt_len, vocab, a.seed, a.prefix_len)
+    prompts = make_prompts(a.num_prompts, a.prompt_len, vocab, a.seed, a.prefix_len, a.prefix_groups)
     machine = machine_info()
     header = {
         "command": command_line(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": machine, "checkpoint": a.checkpoint, "dtype": a.dtype,
         "workload": {"num_prompts": a.num_prompts, "prompt_len": a.prompt_len, "prefix_len": a.prefix_len,
+                     "prefix_groups": a.prefix_groups,
                      "prefix_caching": a.prefix_caching, "max_tokens": a.max_tokens,
                      "seed": a.seed, "vocab_size": vocab, "greedy": True, "ignore_eos": True,
                      "concurrency": a.num_prompts, "repeat": a.repeat, "threads": a.threads},
@@ -519,7 +522,8 @@ def main(argv: list[str] | None = None) -> int:
           f"load average {machine.get('load_avg_1m')} (1 min) at start, torch {machine.get('torch')}, "
           f"python {machine['python']}, {machine['platform']}\n"
           f"workload  {a.num_prompts} prompts x {a.prompt_len} token ids (seed {a.seed})"
-          + (f" after a shared prefix of {a.prefix_len}, prefix caching {a.prefix_caching}" if a.prefix_len else "")
+          + (f" after a shared prefix of {a.prefix_len} ({a.prefix_groups} different), prefix caching "
+             f"{a.prefix_caching}" if a.prefix_len else "")
           + f" -> {a.max_tokens} new "
           f"tokens each, greedy, EOS ignored, all at once; {a.dtype}; {Path(a.checkpoint).name}; "
           f"{a.threads} thread(s) per peer; best of {a.repeat} timed runs"

@@ -565,3 +565,13 @@ def test_the_summary_names_the_hottest_shard_and_whether_it_scaled_first():
     rows = {r["check"]: r["result"] for r in verdict(summary)}
     assert rows["hottest expert shard scales first"] == "PASS"
     assert rows["new engine replica serving after spike start"] == "FAIL"    # 16 s > 15 s
+
+
+def test_prompts_with_shared_prefixes_in_groups():
+    from serving.loadgen.bench import make_prompts
+    plain = make_prompts(6, 3, 100, 0)
+    assert len(plain) == 6 and all(len(p) == 3 and all(3 <= t < 100 for t in p) for p in plain)
+    grouped = make_prompts(6, 3, 100, 0, prefix_len=5, prefix_groups=2)
+    assert [p[5:] for p in grouped] == plain                         # each prompt's own ids after the prefix
+    assert grouped[0][:5] == grouped[2][:5] == grouped[4][:5] != grouped[1][:5] == grouped[3][:5]
+    assert make_prompts(6, 3, 100, 0, prefix_len=5)[1][:5] == grouped[0][:5]    # group 0's prefix is the one-group one

@@ -247,3 +247,46 @@ def test_prefill_chunks_of_very_different_lengths_attend_in_groups():
     assert attention_groups((1, 1, 64)) == [[0, 1], [2]]             # decodes apart from the chunk
     assert attention_groups((256, 64, 64, 64, 1)) == [[4], [1, 2, 3], [0]]   # 4x256 rows for 448: by length
     assert attention_groups((3, 4, 200)) == [[0, 1], [2]]                # (2, 4] and (128, 256]
+
+
+def test_decodes_sharing_different_prefixes_attend_in_a_group_per_prefix():
+    from serving.model.layers import attention_groups
+    a, b = (1, 2), (3, 4)
+    keys = [a, b, a, None, a, b, a, b, b, (5, 6)]
+    q = (1,) * 10
+    assert attention_groups(q, keys) == [[0, 2, 4, 6], [1, 5, 7, 8], [3, 9]]
+    assert attention_groups(q[:4] + (30,), keys[:4] + [None]) == [[0, 1, 2, 3], [4]]   # 2 on a prefix: too few
+    assert attention_groups((1, 1, 1, 1, 1), [a] * 5) is None                       # one group: the whole step
+    assert attention_groups((1, 1, 1, 1, 64), [a] * 4 + [None]) == [[0, 1, 2, 3], [4]]
+
+
+def test_tenants_with_their_own_system_prompt_decode_together_with_transformers_tokens(ckpt, monkeypatch):
+    """Two cached system prompts (two tenants' salts), four requests on each and two others, all
+    decoding in the same steps: each prompt's group reads its blocks once, the others attend as
+    before, and every request gets transformers' greedy tokens."""
+    from serving.model import layers
+    path, hf = ckpt
+    shared_calls, plain = [], layers.decode_attention
+
+    def counting(*args, prefix=None, **kw):
+        shared_calls.append(None if prefix is None else args[0].shape[0])
+        return plain(*args, prefix=prefix, **kw)
+    monkeypatch.setattr(layers, "decode_attention", counting)
+    g = torch.Generator().manual_seed(21)
+    systems = {salt: torch.randint(3, VOCAB, (26,), generator=g).tolist() for salt in ("a", "b")}
+    engine = _engine(path, block_size=8, prefix_caching=True, max_num_seqs=12)
+
+    def req(rid, ids, salt):
+        r = _req(rid, ids, max_tokens=10)
+        return GenerationRequest(request_id=rid, prompt_token_ids=r.prompt_token_ids, sampling=r.sampling,
+                                 cache_salt=salt)
+    _run(engine, [req(f"warm-{s}", p + [5], s) for s, p in systems.items()])
+    prompts = {f"{s}{i}": (systems[s] + torch.randint(3, VOCAB, (1 + i,), generator=g).tolist(), s)
+               for s in systems for i in range(4)}
+    prompts.update({f"x{i}": (torch.randint(3, VOCAB, (20,), generator=g).tolist(), "a") for i in range(2)})
+    shared_calls.clear()
+    events = _run(engine, [req(rid, p, s) for rid, (p, s) in prompts.items()])
+    for rid, (p, _) in prompts.items():
+        assert [e.token_id for e in events[rid]] == _hf_greedy(hf, p, 10), rid
+    assert 4 in shared_calls                                   # a group of 4 read its prefix once
+    assert None in shared_calls                                # the 2 others, the plain way

@@ -53,6 +53,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prefix-len", type=int, default=0,
                         help="a shared prefix of this many tokens before each prompt (a system prompt: "
                              "prefix caching reuses it)")
+    parser.add_argument("--prefix-groups", type=int, default=1,
+                        help="that many different shared prefixes, request i gets prefix i mod N")
     parser.add_argument("--prefix-caching", choices=["on", "off"], default="on",
                         help="--in-process: the engine's prefix caching (a cluster serves with its own)")
     parser.add_argument("--vocab-size", type=int, default=256,
@@ -103,23 +105,25 @@ def _check(args: argparse.Namespace) -> None:
     for name in ("concurrency", "num_requests", "max_tokens", "prompt_len"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
-    if args.prefix_len < 0:
-        raise ValueError("--prefix-len must be >= 0")
+    if args.prefix_len < 0 or args.prefix_groups < 1:
+        raise ValueError("--prefix-len must be >= 0 and --prefix-groups >= 1")
     if args.vocab_size < 4:
         raise ValueError("--vocab-size must be >= 4")
     if args.mode != "concurrency" and not (args.rate and args.rate > 0):
         raise ValueError(f"--mode {args.mode} needs --rate > 0")
 
 
-def make_prompts(n: int, prompt_len: int, vocab_size: int, seed: int, prefix_len: int = 0) -> list[list[int]]:
-    """n prompts of seeded random ids in [3, vocab_size): `prefix_len` ids every prompt starts with,
-    then `prompt_len` of its own."""
+def make_prompts(n: int, prompt_len: int, vocab_size: int, seed: int, prefix_len: int = 0,
+                 prefix_groups: int = 1) -> list[list[int]]:
+    """n prompts of seeded random ids in [3, vocab_size): `prefix_len` ids shared by the prompts of
+    each of `prefix_groups` groups (prompt i is in group i mod prefix_groups), then `prompt_len` of its own."""
     rng = np.random.default_rng(seed)
     own = rng.integers(3, vocab_size, size=(n, prompt_len)).tolist()
     if not prefix_len:
         return own
-    prefix = np.random.default_rng([seed, prefix_len]).integers(3, vocab_size, size=prefix_len).tolist()
-    return [prefix + p for p in own]
+    prefixes = [np.random.default_rng([seed, prefix_len] + ([k] if k else [])).integers(
+        3, vocab_size, size=prefix_len).tolist() for k in range(prefix_groups)]
+    return [prefixes[i % prefix_groups] + p for i, p in enumerate(own)]
 
 
 def arrival_times(args: argparse.Namespace) -> np.ndarray | None:
@@ -297,7 +301,8 @@ def _drive_timed(args: argparse.Namespace, prompts: list[list[int]], engine, loa
     import torch
     warm = args.concurrency if args.warmup is None else args.warmup
     if warm:
-        wprompts = make_prompts(warm, args.prompt_len, args.vocab_size, args.seed + 7, args.prefix_len)
+        wprompts = make_prompts(warm, args.prompt_len, args.vocab_size, args.seed + 7, args.prefix_len,
+                                args.prefix_groups)
         drive_engine(engine, wprompts, max_tokens=2, concurrency=args.concurrency, tag="warmup")
     st = engine.stats
     steps0, step_s0 = st.steps_total, st.step_seconds_total
@@ -346,7 +351,8 @@ def run_bench(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     load_at_start = _loadavg()
-    prompts = make_prompts(args.num_requests, args.prompt_len, args.vocab_size, args.seed, args.prefix_len)
+    prompts = make_prompts(args.num_requests, args.prompt_len, args.vocab_size, args.seed, args.prefix_len,
+                           args.prefix_groups)
     if args.in_process:
         results, wall, extra = _bench_inprocess(args, prompts)
     else:
@@ -358,7 +364,7 @@ def run_bench(args: argparse.Namespace) -> int:
         "path": "in-process" if args.in_process else "grpc",
         "config": {k: getattr(args, k) for k in (
             "target", "checkpoint", "concurrency", "num_requests", "max_tokens", "prompt_len", "prefix_len",
-            "prefix_caching",
+            "prefix_groups", "prefix_caching",
             "dtype", "mode", "rate", "burstiness", "priority", "seed", "expert_shards", "transport", "nodes",
             "threads")},
         **summary, **extra}

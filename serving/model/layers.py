@@ -128,7 +128,8 @@ class AttentionMetadata:
         offset_T = torch.arange(len(seq_T), device=device) - first_T   # index within its sequence's new tokens
         pos_T = start_B[seq_T] + offset_T
         block_T, in_block_T = table_Bn[seq_T, pos_T // block_size], pos_T % block_size
-        groups = attention_groups(q_lens)
+        groups = attention_groups(q_lens, None if sliding_window else decode_prefix_keys(
+            block_tables, start_pos, q_lens, block_size))
         if groups is not None:                      # no padded layout for the whole step: its groups have one each
             parts = []
             for group in groups:
@@ -194,9 +195,24 @@ def attend_split(q_T: torch.Tensor, meta: AttentionMetadata, attend) -> torch.Te
     return o_T
 
 
-def attention_groups(q_lens: tuple[int, ...]) -> list[list[int]] | None:
+def decode_prefix_keys(block_tables: tuple[tuple[int, ...], ...], start_pos: tuple[int, ...],
+                       q_lens: tuple[int, ...], block_size: int) -> list[tuple[int, ...] | None]:
+    """Per sequence, its first MIN_SHARED_BLOCKS block ids where they lie wholly before its last
+    token (what sequences sharing a cached prefix have in common), else None."""
+    return [tuple(t[:MIN_SHARED_BLOCKS]) if (s + q - 1) // block_size >= MIN_SHARED_BLOCKS else None
+            for t, s, q in zip(block_tables, start_pos, q_lens)]
+
+
+def attention_groups(q_lens: tuple[int, ...], prefix_keys: list[tuple[int, ...] | None] | None = None
+                     ) -> list[list[int]] | None:
     """The sequences of a step that attend together, so that no group pads its queries to more
-    than twice their tokens; None when the whole step is one group.
+    than twice their tokens, and decoding sequences that share cached prefix blocks attend apart
+    from the others (see below); None when the whole step is one group.
+
+    Decodes sharing their first blocks (`prefix_keys`, from decode_prefix_keys: tenants or
+    products each with their own system prompt) form a group each, of MIN_GROUP_SEQS or more,
+    so that each group reads its shared blocks once (decode_attention's `prefix`); the other
+    decodes attend together as before.
 
     Prefill chunks attend through one SDPA over queries padded to the group's longest chunk, and
     decoding sequences through decode_attention. One padded SDPA over a mixed step would pad every
@@ -207,15 +223,37 @@ def attention_groups(q_lens: tuple[int, ...]) -> list[list[int]] | None:
     more than double their rows."""
     decodes = [b for b, q in enumerate(q_lens) if q == 1]
     chunks = [b for b, q in enumerate(q_lens) if q > 1]
-    if not chunks:
-        return None
-    longest, rows = max(q_lens[b] for b in chunks), sum(q_lens[b] for b in chunks)
-    if len(chunks) * longest <= 2 * rows:
-        return None if not decodes else [decodes, chunks]
-    by_size: dict[int, list[int]] = {}
-    for b in chunks:
-        by_size.setdefault((q_lens[b] - 1).bit_length(), []).append(b)
-    return ([decodes] if decodes else []) + [by_size[k] for k in sorted(by_size)]
+    groups = _decode_groups(decodes, prefix_keys) if decodes else []
+    if chunks:
+        longest, rows = max(q_lens[b] for b in chunks), sum(q_lens[b] for b in chunks)
+        if len(chunks) * longest <= 2 * rows:
+            groups.append(chunks)
+        else:
+            by_size: dict[int, list[int]] = {}
+            for b in chunks:
+                by_size.setdefault((q_lens[b] - 1).bit_length(), []).append(b)
+            groups += [by_size[k] for k in sorted(by_size)]
+    return groups if len(groups) > 1 else None
+
+
+# A group of decoding sequences sharing prefix blocks attends on its own from this many sequences
+# (below it, its own gather and GEMMs cost more than reading the blocks once saves)
+MIN_GROUP_SEQS = 4
+
+
+def _decode_groups(decodes: list[int], prefix_keys: list[tuple[int, ...] | None] | None) -> list[list[int]]:
+    if prefix_keys is None:
+        return [decodes]
+    by_key: dict[tuple[int, ...], list[int]] = {}
+    for b in decodes:
+        if prefix_keys[b] is not None:
+            by_key.setdefault(prefix_keys[b], []).append(b)
+    shared = [g for g in by_key.values() if len(g) >= MIN_GROUP_SEQS]
+    if len(shared) == 1 and len(shared[0]) == len(decodes) or not shared:
+        return [decodes]
+    members = {b for g in shared for b in g}
+    rest = [b for b in decodes if b not in members]
+    return shared + ([rest] if rest else [])
 
 
 # Below this many shared blocks the step reads every sequence's context the plain way: the shared
