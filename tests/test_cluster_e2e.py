@@ -241,6 +241,9 @@ def test_metrics_after_traffic(cluster):
     import time
     with MoEClient(cluster["grpc_target"]) as c:
         c.complete(build_request("metrics please", max_tokens=6, temperature=0))
+        with pytest.raises(grpc.RpcError) as ei:           # this test's own refused request (not an earlier test's)
+            c.complete(build_request("metrics please", max_tokens=0))
+        assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     deadline = time.monotonic() + 20
     while True:   # replicas push every 0.5 s
         text = _scrape(cluster["metrics_url"])
@@ -249,7 +252,8 @@ def test_metrics_after_traffic(cluster):
             if line and not line.startswith("#"):
                 name = line.split("{")[0].split(" ")[0]
                 values[name] = values.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
-        if all(values.get(f, 0) > 0 for f in FAMILIES) or time.monotonic() > deadline:
+        if all(values.get(f, 0) > 0 for f in FAMILIES) and 'status="INVALID_ARGUMENT"' in text \
+                or time.monotonic() > deadline:
             break
         time.sleep(0.5)
     for f in FAMILIES:
