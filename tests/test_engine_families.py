@@ -48,7 +48,7 @@ def test_engine_greedy_matches_transformers(family, tmp_path):
 
 @pytest.mark.parametrize("family", SUPPORTED_FAMILIES)
 def test_prefix_caching_and_shared_block_attention_keep_transformers_tokens(family, tmp_path, monkeypatch):
-    """A request caches a 21-token prefix (5 blocks of 4); three more share it, decoding together:
+    """A request caches a 40-token prefix (10 blocks of 4); three more share it, decoding together:
     their steps attend to the shared blocks once for all (decode_attention's `prefix`, where the
     family's attention takes that path), and each still gets transformers' greedy tokens."""
     from serving.model import layers
@@ -67,7 +67,7 @@ def test_prefix_caching_and_shared_block_attention_keep_transformers_tokens(fami
         return plain(*args, prefix=prefix, **kw)
     monkeypatch.setattr(layers, "decode_attention", counting)
     g = torch.Generator().manual_seed(9)
-    system = torch.randint(3, VOCAB, (21,), generator=g).tolist()
+    system = torch.randint(3, VOCAB, (40,), generator=g).tolist()
     prompts = [system + torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in (2, 1, 6, 3)]
 
     def run(batch: dict[int, list[int]]) -> dict[int, list[int]]:
@@ -87,7 +87,7 @@ def test_prefix_caching_and_shared_block_attention_keep_transformers_tokens(fami
         ref = hf.generate(torch.tensor([p]), max_new_tokens=12, do_sample=False,
                           attention_mask=torch.ones(1, len(p), dtype=torch.long))[0, len(p):].tolist()
         assert out[i] == ref, (family, i)
-    assert engine.stats.prefix_hit_tokens_total == 3 * 20
+    assert engine.stats.prefix_hit_tokens_total == 3 * 40
     windows = model.config.sliding_window or model.config.layer_windows
     if not windows and all(getattr(lw, "sinks", None) is None for lw in model.weights.layers):
         assert any(shared_calls), family

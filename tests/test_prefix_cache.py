@@ -208,13 +208,14 @@ def test_shared_block_attention_equals_attention_over_the_whole_context(dtype, t
     torch.testing.assert_close(ours.float(), ref.float(), atol=tol, rtol=tol)
 
 
-def test_only_blocks_before_every_sequence_s_last_token_count_as_shared():
-    from serving.model.layers import MIN_SHARED_BLOCKS, shared_prefix_blocks
+def test_only_blocks_before_every_sequence_s_last_token_count_as_shared(monkeypatch):
+    from serving.model import layers
+    from serving.model.layers import shared_prefix_blocks
+    monkeypatch.setattr(layers, "MIN_SHARED_BLOCKS", 2)
     tables = ((7, 8, 9, 1), (7, 8, 9, 2), (7, 8, 9, 3))
     assert shared_prefix_blocks(tables, (12, 13, 15), (1, 1, 1), 4) == 3
     assert shared_prefix_blocks(tables, (11, 13, 15), (1, 1, 1), 4) == 2      # one sequence's last token in block 2
     assert shared_prefix_blocks(((7, 8, 9), (7, 5, 9)), (10, 10), (1, 1), 4) == 0   # 1 < MIN_SHARED_BLOCKS
-    assert MIN_SHARED_BLOCKS == 2
     assert shared_prefix_blocks(((7, 8, 9),), (10,), (1,), 4) == 0            # one sequence: nothing to share
 
 
@@ -273,8 +274,8 @@ def test_tenants_with_their_own_system_prompt_decode_together_with_transformers_
         return plain(*args, prefix=prefix, **kw)
     monkeypatch.setattr(layers, "decode_attention", counting)
     g = torch.Generator().manual_seed(21)
-    systems = {salt: torch.randint(3, VOCAB, (26,), generator=g).tolist() for salt in ("a", "b")}
-    engine = _engine(path, block_size=8, prefix_caching=True, max_num_seqs=12)
+    systems = {salt: torch.randint(3, VOCAB, (40,), generator=g).tolist() for salt in ("a", "b")}
+    engine = _engine(path, block_size=4, prefix_caching=True, max_num_seqs=12)   # 10 blocks >= MIN_SHARED_BLOCKS
 
     def req(rid, ids, salt):
         r = _req(rid, ids, max_tokens=10)
