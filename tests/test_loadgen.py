@@ -575,3 +575,19 @@ def test_prompts_with_shared_prefixes_in_groups():
     assert [p[5:] for p in grouped] == plain                         # each prompt's own ids after the prefix
     assert grouped[0][:5] == grouped[2][:5] == grouped[4][:5] != grouped[1][:5] == grouped[3][:5]
     assert make_prompts(6, 3, 100, 0, prefix_len=5)[1][:5] == grouped[0][:5]    # group 0's prefix is the one-group one
+
+
+def test_loadtest_requests_share_the_system_prompt():
+    from serving.loadgen.loadtest import _request_factory
+    p = argparse.ArgumentParser()
+    add_loadtest_arguments(p)
+    args = p.parse_args(["--target", "127.0.0.1:1", "--duration", "1", "--out", "x", "--prompt-len", "4",
+                         "--system-prompt-len", "6", "--vocab-size", "50"])
+    make = _request_factory(args, np.random.default_rng(0), ["batch"])
+    reqs = [make(i)[0] for i in range(3)]
+    ids = [list(r.token_ids.ids) for r in reqs]
+    assert all(len(x) == 10 and all(3 <= t < 50 for t in x) for x in ids)
+    assert ids[0][:6] == ids[1][:6] == ids[2][:6] and ids[0][6:] != ids[1][6:]
+    assert reqs[0].priority != reqs[1].priority                       # the given priorities, then interactive
+    args.system_prompt_len = 0
+    assert len(_request_factory(args, np.random.default_rng(0), [])(0)[0].token_ids.ids) == 4

@@ -87,6 +87,9 @@ def add_loadtest_arguments(parser: argparse.ArgumentParser) -> None:
                         help="share of arrivals with batch priority")
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--prompt-len", type=int, default=16)
+    parser.add_argument("--system-prompt-len", type=int, default=0,
+                        help="every request starts with the same this many seeded ids (a chat app's "
+                             "system prompt; the engine's prefix cache computes it once), then --prompt-len of its own")
     parser.add_argument("--vocab-size", type=int, default=256,
                         help="prompt ids are drawn from [3, VOCAB_SIZE)")
     parser.add_argument("--ttft-slo-s", type=float, default=1.0,
@@ -117,9 +120,12 @@ class Scrape:
 def _request_factory(args: argparse.Namespace, rng: np.random.Generator, priorities: Sequence[str]):
     from serving.client import build_request
 
+    system = np.random.default_rng([args.seed, 1]).integers(
+        3, args.vocab_size, size=args.system_prompt_len).tolist()
+
     def make(i: int) -> tuple[Any, str]:
         prio = priorities[i] if i < len(priorities) else "interactive"
-        ids = rng.integers(3, args.vocab_size, size=args.prompt_len).tolist()
+        ids = system + rng.integers(3, args.vocab_size, size=args.prompt_len).tolist()
         return build_request(prompt_ids=ids, max_tokens=args.max_tokens, temperature=0.0,
                              ignore_eos=True, priority=prio, request_id=f"lt-{i}-{prio}"), prio
     return make
@@ -603,6 +609,8 @@ def _check(args: argparse.Namespace) -> float | None:
         raise ValueError("--batch-fraction must be in [0, 1]")
     if args.max_tokens < 1 or args.prompt_len < 1 or args.max_requests < 1 or args.max_in_flight < 1:
         raise ValueError("--max-tokens, --prompt-len, --max-requests, --max-in-flight must be >= 1")
+    if args.system_prompt_len < 0:
+        raise ValueError("--system-prompt-len must be >= 0")
     if str(args.base_rate).lower() == "measure":
         return None
     try:
@@ -664,7 +672,8 @@ def run_loadtest(args: argparse.Namespace) -> int:
     summary.update(settle)
     summary.update(measured_rate=measured, baseline_load=args.baseline_load if measured else None,
                    batch_fraction=args.batch_fraction, max_tokens=args.max_tokens,
-                   prompt_len=args.prompt_len, target=args.target, metrics_url=args.metrics_url,
+                   prompt_len=args.prompt_len, system_prompt_len=args.system_prompt_len,
+                   target=args.target, metrics_url=args.metrics_url,
                    command=command_line(), machine=machine_info(), verdict=checks,
                    timeline=timeline)
     out: Path = args.out
