@@ -239,8 +239,13 @@ def test_overload_unknown_model_and_raw_inputs(h, triton):
     assert ei.value.status() == "StatusCode.RESOURCE_EXHAUSTED"
     for name, version, field in (("other", "", "model_name"), (MODEL, "3", "model_version")):
         with pytest.raises(grpc.RpcError) as ei:
-            _raw_call(h.target, _request(model_name=name, model_version=version))
+            _raw_call(h.target, _request(model_name=name, model_version=version, id=f"nf-{field}"))
         assert ei.value.code() == grpc.StatusCode.NOT_FOUND and ei.value.details().startswith(field)
+    # counted like every other request (moe_serve_requests_total{status="NOT_FOUND"}): a client
+    # sending to the wrong model shows on the dashboards
+    assert sorted((r.request_id, r.status, r.method) for r in h.wait_records(4)) == [
+        ("busy-1", "RESOURCE_EXHAUSTED", "ModelInfer"), ("busy-2", "RESOURCE_EXHAUSTED", "ModelInfer"),
+        ("nf-model_name", "NOT_FOUND", "ModelInfer"), ("nf-model_version", "NOT_FOUND", "ModelInfer")]
     raw = _request(inputs=())            # tritonclient's layout: data in raw_input_contents
     raw.inputs.add(name="text_input", datatype="BYTES", shape=[1, 1])
     raw.raw_input_contents.append(pack_bytes([b"hi"]))
@@ -290,10 +295,10 @@ def test_stream_interleaves_requests_and_answers_failures_in_band(h, triton):
     whole = by_id["whole"]                 # not streamed: one response, then the empty final one
     assert _text(whole[0]) == "hiabc" and not whole[0].get_response().parameters["triton_final_response"].bool_param
     assert not whole[1].get_response().outputs and whole[1].get_response().parameters["triton_final_response"].bool_param
-    # every request but the unknown model's went through GenerateService and was recorded
-    statuses = sorted((r.request_id, r.status, r.method) for r in h.wait_records(4))
+    # every request was recorded, the unknown model's too (refused before GenerateService)
+    statuses = sorted((r.request_id, r.status, r.method) for r in h.wait_records(5))
     assert statuses == [("bad", "INVALID_ARGUMENT", "ModelStreamInfer"),
-                        ("busy-3", "RESOURCE_EXHAUSTED", "ModelStreamInfer"),
+                        ("busy-3", "RESOURCE_EXHAUSTED", "ModelStreamInfer"), ("nf", "NOT_FOUND", "ModelStreamInfer"),
                         ("slow-1", "OK", "ModelStreamInfer"), ("whole", "OK", "ModelStreamInfer")]
 
 

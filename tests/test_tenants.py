@@ -358,3 +358,9 @@ def test_token_hash_command_reads_stdin(monkeypatch, capsys):
     TenantsConfig(tokens={digest: "chat"})                     # what the config accepts
     monkeypatch.setattr("sys.stdin", io.StringIO(""))
     assert main(["token-hash"]) == 2
+
+
+def test_a_request_refused_before_identification_is_recorded_unidentified(th):
+    th.service.record_refused("ModelInfer", grpc.StatusCode.NOT_FOUND, "nf-1")
+    (rec,) = th.wait_records(1)
+    assert (rec.request_id, rec.status, rec.method, rec.tenant) == ("nf-1", "NOT_FOUND", "ModelInfer", "unidentified")

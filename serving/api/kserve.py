@@ -306,6 +306,7 @@ class KServeService:
         try:
             plan = self.plan(request, streaming_rpc=False)
         except NotServed as exc:
+            self.service.record_refused("ModelInfer", grpc.StatusCode.NOT_FOUND, exc.request_id)
             _fail(grpc_context, grpc.StatusCode.NOT_FOUND, str(exc))
             return kserve.ModelInferResponse()
         status = _RequestStatus(grpc_context)
@@ -374,6 +375,7 @@ class KServeService:
         try:
             plan = self.plan(request, streaming_rpc=True)
         except NotServed as exc:
+            self.service.record_refused("ModelStreamInfer", grpc.StatusCode.NOT_FOUND, exc.request_id)
             yield wrap(error_message=f"NOT_FOUND: {exc}", infer_response=self._empty(exc.request_id))
             return
         status = _RequestStatus(grpc_context)

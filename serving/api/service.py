@@ -279,6 +279,15 @@ class GenerateService:
             status=health_pb2.HealthCheckResponse.SERVING if self.ready
             else health_pb2.HealthCheckResponse.NOT_SERVING)
 
+    def record_refused(self, method: str, code: grpc.StatusCode, request_id: str = "") -> None:
+        """Count a request another face refused before it reached this service (KServe: a model
+        this server does not serve), like any other finished request."""
+        tracker = _Tracker(method)
+        tracker.rec.request_id = request_id
+        if self.tenants is not None:
+            tracker.rec.tenant = UNIDENTIFIED_LABEL       # refused before its caller was identified
+        self._done(tracker.finish(code.name))
+
     # ---- helpers ------------------------------------------------------------------
 
     def _admit(self, request_pb: Any, grpc_context: Any, tracker: _Tracker
