@@ -69,7 +69,7 @@ if str(REPO) not in sys.path:
 import torch  # noqa: E402,F401  (imported so machine_info reports its version)
 import yaml  # noqa: E402
 
-from serving.loadgen.bench import make_prompts  # noqa: E402
+from serving.loadgen.bench import add_prefix_arguments, check_prefix_arguments, make_prompts  # noqa: E402
 from serving.launcher import GRPC_INGRESSES  # noqa: E402
 from serving.loadgen.stats import command_line, machine_info  # noqa: E402
 
@@ -87,10 +87,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-prompts", type=int, default=64)
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--prefix-len", type=int, default=0,
-                   help="a shared prefix of this many token ids before every prompt (a system prompt)")
-    p.add_argument("--prefix-groups", type=int, default=1,
-                   help="that many different shared prefixes (prompt i gets prefix i mod N)")
+    add_prefix_arguments(p)
     p.add_argument("--prefix-caching", choices=["on", "off"], default="off",
                    help="vLLM's and our engine's prefix caching (default off: every peer computes every "
                         "prompt). on: peers vllm, engine and transformers only, each timed run from an empty "
@@ -139,8 +136,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not a.grpc_ingress_list or set(a.grpc_ingress_list) - set(GRPC_INGRESSES):
         p.error("--cluster-grpc-ingress must be proxy, haproxy or proxy,haproxy")
     a.threads = a.threads or len(_cores())
-    if a.prefix_len < 0 or a.prefix_groups < 1:
-        p.error("--prefix-len must be >= 0 and --prefix-groups >= 1")
+    try:
+        check_prefix_arguments(a)
+    except ValueError as e:
+        p.error(str(e))
     if a.prefix_caching == "on" and set(a.peer_list) - {"vllm", "engine", "transformers"}:
         p.error("--prefix-caching on: peers vllm, engine and transformers only")
     if a.low_load_requests < 0:

@@ -108,14 +108,12 @@ class BlockManager:
         `token_ids`, leaving at least its last token to compute (its logits sample the next one)."""
         if not self.prefix_caching:
             return []
-        bs, found = self.block_size, []
-        parent: object = ("salt", salt)
-        for j in range((len(token_ids) - 1) // bs):
-            entry = self._by_key.get((parent, tuple(token_ids[j * bs:(j + 1) * bs])))
+        found: list[CachedBlock] = []
+        for j in range((len(token_ids) - 1) // self.block_size):
+            entry = self._by_key.get(self._key(found[-1].number if found else None, salt, token_ids, j))
             if entry is None:
                 break
             found.append(entry)
-            parent = entry.number
         return found
 
     def start(self, seq: int, prefix: Sequence[CachedBlock], num_tokens: int) -> bool:
@@ -126,9 +124,7 @@ class BlockManager:
         if blocks_for(num_tokens, self.block_size) - len(prefix) > self.num_free - revived:
             return False
         for e in prefix:
-            if self._refs[e.block] == 0:
-                del self._evictable[e.block]
-            self._refs[e.block] += 1
+            self._hold(e.block)
         if prefix:
             self._tables[seq] = [e.block for e in prefix]
             self._chains[seq] = [e.number for e in prefix]
@@ -143,21 +139,31 @@ class BlockManager:
         if not self.prefix_caching:
             return
         chain = self._chains.setdefault(seq, [])
-        table, bs = self._tables[seq], self.block_size
-        for j in range(len(chain), num_computed // bs):
-            key = (chain[-1] if chain else ("salt", salt), tuple(token_ids[j * bs:(j + 1) * bs]))
+        table = self._tables[seq]
+        for j in range(len(chain), num_computed // self.block_size):
+            key = self._key(chain[-1] if chain else None, salt, token_ids, j)
             entry = self._by_key.get(key)
             if entry is None:
                 entry = CachedBlock(key, table[j], self._next_number)
                 self._next_number += 1
                 self._by_key[key] = self._by_block[table[j]] = entry
             elif entry.block != table[j]:          # full, never written again: the copies are the same K/V
-                if self._refs[entry.block] == 0:
-                    del self._evictable[entry.block]
-                self._refs[entry.block] += 1
+                self._hold(entry.block)
                 self._release(table[j])
                 table[j] = entry.block
             chain.append(entry.number)
+
+    def _key(self, parent: int | None, salt: str, token_ids: Sequence[int], j: int) -> tuple:
+        """The cache key of block j: the entry number of the block before it (the salt for the
+        first block) and its token ids."""
+        bs = self.block_size
+        return (("salt", salt) if parent is None else parent, tuple(token_ids[j * bs:(j + 1) * bs]))
+
+    def _hold(self, block: int) -> None:
+        """One more sequence holds a registered block (out of the evictable pool if nobody did)."""
+        if self._refs[block] == 0:
+            del self._evictable[block]
+        self._refs[block] += 1
 
     def _take(self) -> int:
         if self._free:

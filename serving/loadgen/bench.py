@@ -50,11 +50,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-requests", type=int, default=64)
     parser.add_argument("--max-tokens", type=int, default=64, help="tokens generated per request")
     parser.add_argument("--prompt-len", type=int, default=32, help="prompt tokens per request")
-    parser.add_argument("--prefix-len", type=int, default=0,
-                        help="a shared prefix of this many tokens before each prompt (a system prompt: "
-                             "prefix caching reuses it)")
-    parser.add_argument("--prefix-groups", type=int, default=1,
-                        help="that many different shared prefixes, request i gets prefix i mod N")
+    add_prefix_arguments(parser)
     parser.add_argument("--prefix-caching", choices=["on", "off"], default="on",
                         help="--in-process: the engine's prefix caching (a cluster serves with its own)")
     parser.add_argument("--vocab-size", type=int, default=256,
@@ -93,6 +89,20 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print exactly one JSON object")
 
 
+def add_prefix_arguments(parser: argparse.ArgumentParser) -> None:
+    """--prefix-len, --prefix-groups: `make_prompts`' shared prefixes (here and benchmarks/peers.py)."""
+    parser.add_argument("--prefix-len", type=int, default=0,
+                        help="a shared prefix of this many token ids before each prompt (a system prompt: "
+                             "prefix caching reuses it)")
+    parser.add_argument("--prefix-groups", type=int, default=1,
+                        help="that many different shared prefixes, prompt i gets prefix i mod N")
+
+
+def check_prefix_arguments(args: argparse.Namespace) -> None:
+    if args.prefix_len < 0 or args.prefix_groups < 1:
+        raise ValueError("--prefix-len must be >= 0 and --prefix-groups >= 1")
+
+
 def _check(args: argparse.Namespace) -> None:
     if args.in_process and not args.checkpoint:
         raise ValueError("--in-process needs --checkpoint")
@@ -105,8 +115,7 @@ def _check(args: argparse.Namespace) -> None:
     for name in ("concurrency", "num_requests", "max_tokens", "prompt_len"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
-    if args.prefix_len < 0 or args.prefix_groups < 1:
-        raise ValueError("--prefix-len must be >= 0 and --prefix-groups >= 1")
+    check_prefix_arguments(args)
     if args.vocab_size < 4:
         raise ValueError("--vocab-size must be >= 4")
     if args.mode != "concurrency" and not (args.rate and args.rate > 0):

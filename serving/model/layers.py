@@ -271,11 +271,9 @@ def shared_prefix_blocks(block_tables: tuple[tuple[int, ...], ...], start_pos: t
     sequence keeps at least that token outside them; 0 below MIN_SHARED_BLOCKS or for one sequence."""
     if len(block_tables) < 2:
         return 0
-    limit = min((s + q - 1) // block_size for s, q in zip(start_pos, q_lens))
-    n = 0
-    for column in zip(*(t[:limit] for t in block_tables)):
-        if column.count(column[0]) != len(column):
-            break
+    limit, first = min((s + q - 1) // block_size for s, q in zip(start_pos, q_lens)), block_tables[0]
+    n = 0                                # every decode step asks: most differ at block 0, so stop at the first
+    while n < limit and all(t[n] == first[n] for t in block_tables):
         n += 1
     return n if n >= MIN_SHARED_BLOCKS else 0
 
