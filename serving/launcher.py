@@ -16,6 +16,7 @@ started that is still alive afterwards is killed by PID. Nothing else is touched
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -131,7 +132,23 @@ def resolve_serve_config(config_path: Path, *, checkpoint: str, expert_shards: i
         args["dtype"] = dtype
     app["deployments"] = _expand_shard_template(app.get("deployments", []), expert_shards,
                                                 args.get("transport", "serve"))
+    _check_router_blocks(app)
     return cfg
+
+
+def _check_router_blocks(app: dict) -> None:
+    """The prefix-affinity router's token block must be the engine's KV block: its matches are
+    meant to be the blocks the replica's prefix cache can hold (serving/routing/prefix_affinity.py)."""
+    from serving.deployments.config import AppConfig
+    default_block = next(f.default for f in dataclasses.fields(AppConfig) if f.name == "kv_block_size")
+    for d in app.get("deployments", []):
+        router = d.get("request_router_config") or {}
+        if d.get("name") == "EngineReplica" and "block_tokens" in (router.get("request_router_kwargs") or {}):
+            block = app["args"].get("kv_block_size", default_block)
+            if router["request_router_kwargs"]["block_tokens"] != block:
+                raise ValueError(f"EngineReplica request_router_kwargs.block_tokens "
+                                 f"({router['request_router_kwargs']['block_tokens']}) must equal "
+                                 f"args.kv_block_size ({block})")
 
 
 def _expand_shard_template(deployments: list[dict], shards: int, transport: str) -> list[dict]:

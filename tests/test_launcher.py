@@ -71,3 +71,19 @@ def test_the_shipped_config_routes_every_service_the_app_answers():
     from serving.api.protos import SERVICER_FUNCTIONS
     cfg = yaml.safe_load(DEFAULT_CONFIG.read_text())
     assert cfg["grpc_options"]["grpc_servicer_functions"] == SERVICER_FUNCTIONS
+
+
+def test_the_routers_block_must_be_the_engines_kv_block(tmp_path):
+    """The shipped config routes engine requests by prefix affinity in KV-block units; a config
+    whose kv_block_size moved without the router's block_tokens is refused before any Ray starts."""
+    from serving.launcher import resolve_serve_config
+    cfg = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    engine = next(d for d in cfg["applications"][0]["deployments"] if d["name"] == "EngineReplica")
+    assert engine["request_router_config"]["request_router_class"] == "serving.routing.ray_router:PrefixAffinityRouter"
+    flags = dict(checkpoint="ckpt", expert_shards=2, nodes=2, grpc_port=1, metrics_port=2, http_port=3)
+    resolve_serve_config(DEFAULT_CONFIG, **flags)                       # as shipped: consistent
+    cfg["applications"][0]["args"]["kv_block_size"] = 32
+    path = tmp_path / "serve_config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(ValueError, match="block_tokens .16. must equal args.kv_block_size .32."):
+        resolve_serve_config(path, **flags)

@@ -1,0 +1,146 @@
+"""Serve request router for the EngineReplica deployment: prefix affinity, else power of two choices.
+
+A thin shim around serving/routing/prefix_affinity.py. Serve config (cluster/serve_config.yaml):
+
+    deployments:
+      - name: EngineReplica
+        request_router_config:
+          request_router_class: serving.routing.ray_router:PrefixAffinityRouter
+          request_router_kwargs: {block_tokens: 16, block_chars: 64, max_load_gap: 8}
+
+Ray 2.60 facts this relies on (ray/serve/_private/request_router/, router.py, proxy.py):
+- The router object lives in every caller of the deployment: Serve's gRPC proxy (one per node),
+  and the Ingress deployment's handle with `ingress: deployment`. Each keeps its own affinity
+  memory; with one proxy (`proxy_location: HeadOnly`) that is one memory. HAProxy's ingress
+  (`--grpc-ingress haproxy`) does not pass through here: it balances by its own rules.
+- From the gRPC proxy a request's only argument is `pickle.dumps(gRPCRequest(user_request_proto))`
+  (proxy_request_response.py); through a handle it is our GenerationRequest.
+- `choose_replicas` returns ranked groups; Serve takes the least loaded replica of the first
+  group that accepts the request (queue below max_ongoing_requests), else the next group.
+- `on_request_routed` is called once a replica accepted the request (Serve's strict
+  max-ongoing-requests mode, on by default outside Ray Client), so only accepted requests are
+  remembered.
+- No FIFOMixin: with it, a replica found for one request may be handed to an older one.
+"""
+from __future__ import annotations
+
+import pickle
+import random
+from typing import Any, List, Optional
+
+from ray.serve._private.common import gRPCRequest
+from ray.serve.request_router import (LocalityMixin, MultiplexMixin, PendingRequest, ReplicaID, RequestRouter,
+                                      RunningReplica)
+
+from serving.routing.prefix_affinity import AffinityConfig, PrefixAffinity, prompt_blocks
+
+MAX_PENDING = 10_000    # prompts remembered between choose_replicas and on_request_routed (oldest dropped)
+
+
+KSERVE_GENERATE = ("ModelInfer", "ModelStreamInfer")   # KServe v2 methods whose request carries a prompt
+
+
+def request_prompt(arg: Any, method: str = "") -> tuple[str | tuple[int, ...], str] | None:
+    """(prompt, cache salt) of a request to `method` as the router sees it, or None (not a
+    generation request, or one the replica will reject: routed by load and answered there)."""
+    if isinstance(arg, (bytes, bytearray)):
+        try:
+            arg = pickle.loads(arg)
+        except Exception:
+            return None
+    if isinstance(arg, gRPCRequest):
+        arg = arg.user_request_proto
+    if isinstance(arg, (bytes, bytearray)):      # KServe requests reach the replica unparsed (api/protos.py)
+        return _kserve_text(arg) if method in KSERVE_GENERATE else None
+    ids = getattr(arg, "prompt_token_ids", None)            # GenerationRequest (handle callers)
+    if ids is not None:
+        return tuple(ids), getattr(arg, "cache_salt", "")
+    try:
+        which = arg.WhichOneof("prompt")                      # moe_serving.v1.GenerateRequest
+    except (AttributeError, ValueError, TypeError):
+        return None
+    if which == "text":
+        return arg.text, ""
+    if which == "token_ids":
+        return tuple(arg.token_ids.ids), ""
+    return None
+
+
+def _kserve_text(data: bytes) -> tuple[str, str] | None:
+    """inputs[text_input] of a serialized KServe v2 ModelInferRequest (contents or raw contents)."""
+    from serving.api.kserve import unpack_bytes
+    from serving.api.kserve_protos import kserve
+    try:
+        request = kserve.ModelInferRequest.FromString(bytes(data))
+        raw = list(request.raw_input_contents)
+        for i, tensor in enumerate(request.inputs):
+            if tensor.name == "text_input":
+                values = (unpack_bytes(raw[i], "text_input") if raw else list(tensor.contents.bytes_contents))
+                return (values[0].decode("utf-8"), "") if len(values) == 1 else None
+    except Exception:             # malformed: the replica answers INVALID_ARGUMENT
+        return None
+    return None
+
+
+class PrefixAffinityRouter(LocalityMixin, MultiplexMixin, RequestRouter):
+    """Serve's RequestRouter around PrefixAffinity (module doc)."""
+
+    def initialize_state(self, **kwargs) -> None:
+        self.affinity = PrefixAffinity(AffinityConfig(**kwargs))
+        self._blocks: dict[str, list[int]] = {}      # internal request id -> its prompt blocks, until routed
+
+    def _prompt_blocks(self, pending: PendingRequest | None) -> list[int]:
+        if pending is None or not pending.args:
+            return []
+        key = pending.metadata.internal_request_id
+        blocks = self._blocks.get(key)
+        if blocks is None:
+            found = request_prompt(pending.args[0], pending.metadata.call_method)
+            blocks = prompt_blocks(found[0], self.affinity.cfg, found[1]) if found else []
+            self._blocks[key] = blocks
+            if len(self._blocks) > MAX_PENDING:        # requests cancelled before any replica took them
+                del self._blocks[next(iter(self._blocks))]
+        return blocks
+
+    async def _loads(self, replicas: List[RunningReplica]) -> dict[ReplicaID, int | None]:
+        """Requests in flight per replica: Serve's cache, probing those it has no fresh entry for."""
+        loads: dict[ReplicaID, int | None] = {}
+        missing = []
+        for r in replicas:
+            n = self.replica_queue_len_cache.get(r.replica_id)
+            loads[r.replica_id] = n
+            if n is None:
+                missing.append(r)
+        if missing:
+            for r, n in await self._probe_queue_lens(missing, 0):
+                loads[r.replica_id] = n
+        return loads
+
+    async def choose_replicas(self, candidate_replicas: List[RunningReplica],
+                              pending_request: Optional[PendingRequest] = None) -> List[List[RunningReplica]]:
+        if pending_request is not None and pending_request.metadata.multiplexed_model_id:
+            ids = self.apply_multiplex_routing(pending_request=pending_request)
+            return [[self._replicas[i] for i in ids]] if ids else []
+        blocks = self._prompt_blocks(pending_request)
+        if blocks and len(candidate_replicas) > 1:
+            ranked = self.affinity.rank(blocks, await self._loads(candidate_replicas))
+            if ranked:     # within a group Serve takes the least loaded, the first of equals: shuffled
+                return [random.sample(g, len(g)) for g in
+                        ([self._replicas[i] for i in group if i in self._replicas] for group in ranked)]
+        return [random.sample(candidate_replicas, min(2, len(candidate_replicas)))]   # power of two choices
+
+    def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result: Any) -> None:
+        blocks = self._blocks.pop(pending_request.metadata.internal_request_id, None)
+        if blocks:
+            self.affinity.record(blocks, replica_id)
+
+    def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
+        self._blocks.pop(internal_request_id, None)     # never routed (cancelled, rejected everywhere)
+
+    def update_replicas(self, replicas: List[RunningReplica]) -> None:
+        super().update_replicas(replicas)
+        self.affinity.keep_only({r.replica_id for r in replicas})
+
+    def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
+        super().on_replica_actor_died(replica_id)
+        self.affinity.forget(replica_id)
