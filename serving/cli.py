@@ -176,7 +176,7 @@ def cmd_manifest(a: argparse.Namespace) -> int:
         raise ValueError(f"--checkpoint is a path inside the pods and must be absolute, got {a.checkpoint!r}")
     cfg = resolve_serve_config(a.config, checkpoint=a.checkpoint, expert_shards=a.expert_shards, nodes=a.nodes,
                                grpc_port=a.grpc_port, metrics_port=a.metrics_port, http_port=SERVE_HTTP_PORT,
-                               transport=a.transport, dtype=a.dtype)
+                               transport=a.transport, dtype=a.dtype, grpc_ingress=a.grpc_ingress)
     manifest = rayservice_manifest(cfg, name=a.name, image=a.image, checkpoint_claim=a.checkpoint_claim,
                                    head_cpu=a.head_cpu, head_memory=a.head_memory,
                                    worker_cpu=a.worker_cpu, worker_memory=a.worker_memory,

@@ -268,7 +268,7 @@ def run_generate(args: argparse.Namespace) -> int:
 
     result: dict[str, Any] = {"request_id": "", "token_ids": [], "text": "",
                               "finish_reason": None,
-                              "usage": {"prompt_tokens": 0, "completion_tokens": 0}}
+                              "usage": {"prompt_tokens": 0, "completion_tokens": 0, "cached_prompt_tokens": 0}}
     logprobs: list[float] = []
     with MoEClient(args.target, args.timeout_s, application=args.application, tenant=args.tenant,
                    token=caller_token(args)) as client:
@@ -309,7 +309,8 @@ def _merge(result: dict[str, Any], logprobs: list[float], msg: Any) -> None:
     if msg.finish_reason:
         result["finish_reason"] = FINISH_REASONS.get(msg.finish_reason, "unknown")
         result["usage"] = {"prompt_tokens": msg.usage.prompt_tokens,
-                           "completion_tokens": msg.usage.completion_tokens}
+                           "completion_tokens": msg.usage.completion_tokens,
+                           "cached_prompt_tokens": msg.usage.cached_prompt_tokens}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -117,8 +117,11 @@ def pid_alive(pid: int) -> bool:
 
 def resolve_serve_config(config_path: Path, *, checkpoint: str, expert_shards: int, nodes: int,
                          grpc_port: int, metrics_port: int, http_port: int,
-                         transport: str | None = None, dtype: str | None = None) -> dict:
-    """The Serve config file with the `up` flags filled in."""
+                         transport: str | None = None, dtype: str | None = None,
+                         grpc_ingress: str = "proxy") -> dict:
+    """The Serve config file with the `up` flags filled in. With `grpc_ingress` "haproxy" and the
+    EngineReplica as the app's ingress, its custom request router is dropped: HAProxy balances
+    the ingress by its own rules, and Ray refuses a custom router there (it would be ignored)."""
     cfg = yaml.safe_load(Path(config_path).read_text())
     cfg["grpc_options"]["port"] = grpc_port
     cfg["http_options"]["port"] = http_port
@@ -133,6 +136,10 @@ def resolve_serve_config(config_path: Path, *, checkpoint: str, expert_shards: i
     app["deployments"] = _expand_shard_template(app.get("deployments", []), expert_shards,
                                                 args.get("transport", "serve"))
     _check_router_blocks(app)
+    if grpc_ingress == "haproxy" and args.get("ingress", "engine") == "engine":
+        for d in app["deployments"]:
+            if d.get("name") == "EngineReplica":
+                d.pop("request_router_config", None)
     return cfg
 
 
@@ -308,7 +315,8 @@ def up(*, checkpoint: str, expert_shards: int, nodes: int, grpc_port: int, metri
         raise FileNotFoundError(f"--checkpoint {checkpoint}: no config.json there")
     serve_config = resolve_serve_config(config_path, checkpoint=checkpoint, expert_shards=expert_shards,
                                         nodes=nodes, grpc_port=grpc_port, metrics_port=metrics_port,
-                                        http_port=free_port(), transport=transport, dtype=dtype)
+                                        http_port=free_port(), transport=transport, dtype=dtype,
+                                        grpc_ingress=grpc_ingress)
     (state_dir / "serve_config.resolved.yaml").write_text(yaml.safe_dump(serve_config, sort_keys=False))
     (state_dir / "state.json").unlink(missing_ok=True)
     log = open(state_dir / "host.log", "w")
@@ -378,7 +386,7 @@ def redeploy(*, state_dir: Path = DEFAULT_STATE_DIR, checkpoint: str | None = No
         config_path, checkpoint=checkpoint, expert_shards=expert_shards or now["expert_shards"],
         nodes=state["nodes"], grpc_port=deployed["grpc_options"]["port"], metrics_port=args["metrics_port"],
         http_port=deployed["http_options"]["port"], transport=transport or now["transport"],
-        dtype=dtype or now["dtype"])
+        dtype=dtype or now["dtype"], grpc_ingress=state.get("grpc_ingress", "proxy"))
     _check_app_args(serve_config["applications"][0]["args"])
 
     deadline = time.monotonic() + timeout_s

@@ -35,7 +35,8 @@ class FakeEngine:
     nofinish -> ends without a finish_reason, chunk -> lists of up to 3 events (as the
     EngineReplica streams them), ctx -> each token follows from the whole context (prompt and
     tokens so far), as a model's would, lost -> the same, but the replica dies (Ray's
-    ActorDiedError) after 5 tokens of a request whose prompt is short (not a continuation).
+    ActorDiedError) after 5 tokens of a request whose prompt is short (not a continuation),
+    cached -> the engine found all but the prompt's last token in its prefix cache.
     """
 
     def __init__(self):
@@ -70,7 +71,8 @@ class FakeEngine:
                     logprob=-0.5 * (i + 1) if request.sampling.logprobs else None,
                     finish_reason=(FinishReason.STOP if rid.startswith("eos")
                                    else FinishReason.LENGTH) if last else None,
-                    prompt_tokens=len(request.prompt_token_ids), completion_tokens=i + 1)
+                    prompt_tokens=len(request.prompt_token_ids), completion_tokens=i + 1,
+                    cached_tokens=len(request.prompt_token_ids) - 1 if rid.startswith("cached") else 0)
                 if not rid.startswith("chunk"):
                     yield ev
                     continue
@@ -171,6 +173,17 @@ def test_a_chunk_of_engine_events_is_one_response_with_every_token(h, client):
     assert chunks[-1].usage.completion_tokens == 7
     rec = h.wait_records(1)[0]
     assert rec.status == "OK" and rec.completion_tokens == 7 and len(rec.itl_s) == 6
+
+
+def test_usage_counts_the_prompt_tokens_served_from_the_prefix_cache(h, client):
+    chunks = list(client.generate(prompt_ids=[5, 6, 7, 8], max_tokens=3, request_id="cached-1"))
+    usage = chunks[-1].usage
+    assert (usage.prompt_tokens, usage.completion_tokens, usage.cached_prompt_tokens) == (4, 3, 3)
+    resp = client.complete(prompt_ids=[5, 6, 7], max_tokens=2, request_id="cached-2")
+    assert (resp.usage.prompt_tokens, resp.usage.cached_prompt_tokens) == (3, 2)
+    assert client.complete(prompt_ids=[5, 6, 7], max_tokens=2).usage.cached_prompt_tokens == 0
+    recs = h.wait_records(3)
+    assert sorted(r.cached_prompt_tokens for r in recs) == [0, 2, 3]
 
 
 def test_complete_and_logprobs(h, client):
@@ -452,7 +465,7 @@ def test_cli_json(h, capsys):
     obj = json.loads(out)                                   # exactly one JSON object
     assert obj == {"request_id": "cli-1", "token_ids": [98, 99, 100], "text": "abc",
                    "finish_reason": "length",
-                   "usage": {"prompt_tokens": 3, "completion_tokens": 3},
+                   "usage": {"prompt_tokens": 3, "completion_tokens": 3, "cached_prompt_tokens": 0},
                    "logprobs": [-0.5, -1.0, -1.5]}
 
 

@@ -141,9 +141,12 @@ def test_a_repeated_prompt_is_served_from_the_prefix_cache_with_the_same_tokens(
     before = _metric_sum(cluster["metrics_url"], hits)
     expected = _hf_greedy(ckpt[1], ids, 8)
     with MoEClient(cluster["grpc_target"]) as c:
+        cached = []
         for _ in range(3):
             resp = c.complete(build_request(prompt_ids=ids, max_tokens=8, temperature=0))
             assert list(resp.token_ids) == expected
+            cached.append(resp.usage.cached_prompt_tokens)
+    assert cached[0] == 0 and max(cached[1:]) == 32        # the caller sees its hit in the usage
     deadline = time.monotonic() + 20                        # replicas push every 0.5 s
     while _metric_sum(cluster["metrics_url"], hits) - before < 32 and time.monotonic() < deadline:
         time.sleep(0.5)

@@ -87,3 +87,21 @@ def test_the_routers_block_must_be_the_engines_kv_block(tmp_path):
     path.write_text(yaml.safe_dump(cfg))
     with pytest.raises(ValueError, match="block_tokens .16. must equal args.kv_block_size .32."):
         resolve_serve_config(path, **flags)
+
+
+@pytest.mark.parametrize("ingress,kept", [("engine", False), ("deployment", True)])
+def test_behind_haproxy_the_ingress_deployment_has_no_custom_router(tmp_path, ingress, kept):
+    """Ray refuses to deploy a custom request router on the ingress deployment in HAProxy mode (it
+    would be bypassed): with the EngineReplica as the ingress its router goes; behind an Ingress
+    deployment the EngineReplica is called through a handle, whose router stays."""
+    cfg = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    cfg["applications"][0]["args"]["ingress"] = ingress
+    path = tmp_path / "serve_config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    flags = dict(checkpoint="ckpt", expert_shards=2, nodes=2, grpc_port=1, metrics_port=2, http_port=3)
+
+    def engine(grpc_ingress):
+        out = resolve_serve_config(path, **flags, grpc_ingress=grpc_ingress)
+        return next(d for d in out["applications"][0]["deployments"] if d["name"] == "EngineReplica")
+    assert "request_router_config" in engine("proxy")
+    assert ("request_router_config" in engine("haproxy")) == kept

@@ -154,6 +154,10 @@ def test_requests_sharing_a_prompt_prefix_get_transformers_tokens_and_skip_its_p
     # "other" and "same" the system prompt's 4 whole blocks (37 // 8), "same" one more (40 - 1) // 8 = 4
     assert engine.stats.prefix_hit_tokens_total - hits_before == (6 + 4 + 4) * 8
     assert engine.stats.kv_blocks_used == 0
+    # each request's events say how much of its prompt came from the cache (the API's usage)
+    assert {e.cached_tokens for e in first} == {0}
+    assert {k: {e.cached_tokens for e in evs} for k, evs in events.items()} == \
+        {"turn2": {6 * 8}, "other": {4 * 8}, "same": {4 * 8}}
 
 
 def test_prefix_caching_with_chunked_prefill_preemption_and_eviction_keeps_every_token(ckpt):

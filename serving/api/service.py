@@ -74,6 +74,7 @@ class RequestRecord:
     priority: Priority | None          # None if the request was rejected before parsing it
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_prompt_tokens: int = 0      # of prompt_tokens, found in the engine's prefix cache
     ttft_s: float | None = None        # service entry -> first token
     itl_s: list[float] = field(default_factory=list)   # gaps between consecutive tokens
     e2e_s: float = 0.0                 # service entry -> last event / error
@@ -163,6 +164,8 @@ class _Tracker:
             self.rec.completion_tokens = ev.completion_tokens
         if ev.prompt_tokens:
             self.rec.prompt_tokens = ev.prompt_tokens
+        if ev.cached_tokens:
+            self.rec.cached_prompt_tokens = ev.cached_tokens
 
     def finish(self, status: str) -> RequestRecord:
         self.rec.status = status
@@ -338,6 +341,7 @@ class GenerateService:
             chunk.finish_reason = _FINISH[FinishReason(ev.finish_reason)]
             chunk.usage.prompt_tokens = tracker.rec.prompt_tokens
             chunk.usage.completion_tokens = tracker.rec.completion_tokens
+            chunk.usage.cached_prompt_tokens = tracker.rec.cached_prompt_tokens
         return chunk
 
     def _done(self, record: RequestRecord) -> None:

@@ -189,7 +189,8 @@ class Engine:
             self._by_id.pop(seq.request_id, None)
         st.emit(TokenEvent(request_id=seq.request_id, token_id=tok, text_delta=delta,
                            logprob=logprob if sp.logprobs else None, finish_reason=reason,
-                           prompt_tokens=seq.num_prompt, completion_tokens=seq.num_generated))
+                           prompt_tokens=seq.num_prompt, completion_tokens=seq.num_generated,
+                           cached_tokens=max(seq.prefix_hit, 0)))
 
     def _drain_inbox(self) -> None:
         with self._inbox_lock:

@@ -39,3 +39,4 @@ class TokenEvent:
     finish_reason: FinishReason | None = None   # set on the last event only
     prompt_tokens: int = 0
     completion_tokens: int = 0                  # generated so far, this token included
+    cached_tokens: int = 0                      # prompt tokens found in the prefix cache at the start

@@ -68,6 +68,7 @@ class Sequence:
     status: SeqStatus = SeqStatus.WAITING
     slot: int = -1                       # KV-cache slot while RUNNING
     num_cached: int = 0                  # tokens whose K/V are in the cache
+    prefix_hit: int = -1                 # tokens found in the prefix cache when it first ran (-1: not yet)
     finish_reason: FinishReason | None = None
     state: Any = None                    # engine-owned per-request state (sampler rng, detokenizer)
 
@@ -169,6 +170,8 @@ class Scheduler:
             queue.popleft()
             seq.slot = self.free_slots.pop()
             seq.status, seq.num_cached = SeqStatus.RUNNING, hit
+            if seq.prefix_hit < 0:                                 # a preempted one rejoining keeps the first
+                seq.prefix_hit = hit
             self.prefix_query_tokens += len(seq.token_ids)
             self.prefix_hit_tokens += hit
             self.running.append(seq)
