@@ -47,21 +47,24 @@ def call_metadata(application: str | None = None, tenant: str | None = None,
 
 
 def build_request(prompt: str | None = None, prompt_ids: Sequence[int] | None = None, *,
-                  max_tokens: int | None = None, temperature: float | None = None,
+                  messages: Sequence[tuple[str, str]] | None = None, max_tokens: int | None = None, temperature: float | None = None,
                   top_p: float | None = None, top_k: int = 0, seed: int | None = None,
                   stop: Sequence[str] = (), priority: str | int | None = None,
                   request_id: str = "", logprobs: bool = False,
                   ignore_eos: bool = False) -> Any:
-    """A GenerateRequest. Give exactly one of prompt / prompt_ids; None means "server
-    default" for the optional fields. priority: "interactive", "batch" or a proto value."""
-    if (prompt is None) == (prompt_ids is None):
-        raise ValueError("give exactly one of prompt or prompt_ids")
+    """A GenerateRequest. Give exactly one of prompt / prompt_ids / messages ((role, content)
+    pairs: a chat, through the model's chat template); None means "server default" for the
+    optional fields. priority: "interactive", "batch" or a proto value."""
+    if sum(p is not None for p in (prompt, prompt_ids, messages)) != 1:
+        raise ValueError("give exactly one of prompt, prompt_ids or messages")
     req = pb2.GenerateRequest(top_k=top_k, stop=list(stop), request_id=request_id,
                               return_logprobs=logprobs, ignore_eos=ignore_eos,
                               priority=priority if isinstance(priority, int)
                               else _PRIORITY[priority])
     if prompt is not None:
         req.text = prompt
+    elif messages is not None:
+        req.chat.messages.extend(pb2.ChatMessage(role=r, content=c) for r, c in messages)
     else:
         req.token_ids.ids.extend(int(i) for i in prompt_ids)  # type: ignore[union-attr]
     if max_tokens is not None:
@@ -195,6 +198,9 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_mutually_exclusive_group(required=True)
     group.add_argument("--prompt", help="prompt text")
     group.add_argument("--prompt-ids", help="prompt token ids, comma-separated: 1,2,3")
+    group.add_argument("--message", nargs=2, action="append", metavar=("ROLE", "TEXT"),
+                       help="a chat turn (system | user | assistant), repeatable, in order: the prompt is the "
+                            "conversation through the model's chat template")
     parser.add_argument("--max-tokens", type=int, default=None,
                         help="tokens to generate (server default: 16)")
     parser.add_argument("--temperature", type=float, default=None, help="0 = greedy")
@@ -259,6 +265,7 @@ def run_generate(args: argparse.Namespace) -> int:
         request = build_request(
             prompt=args.prompt,
             prompt_ids=_parse_ids(args.prompt_ids) if args.prompt_ids is not None else None,
+            messages=[tuple(m) for m in args.message] if args.message else None,
             max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
             top_k=args.top_k, seed=args.seed, stop=args.stop, priority=args.priority,
             request_id=args.request_id, logprobs=args.logprobs, ignore_eos=args.ignore_eos)

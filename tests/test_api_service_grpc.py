@@ -469,6 +469,13 @@ def test_cli_json(h, capsys):
                    "logprobs": [-0.5, -1.0, -1.5]}
 
 
+def test_cli_chat_messages_reach_validation(h, capsys):
+    """--message ROLE TEXT builds a chat prompt; this server's tokenizer has no chat template, and
+    says so naming the field (exit 2: the caller's to fix)."""
+    rc = cli(["--target", h.target, "--message", "system", "be brief", "--message", "user", "hi"])
+    assert rc == 2 and "INVALID_ARGUMENT: prompt.chat: this model has no chat template" in capsys.readouterr().err
+
+
 def test_cli_stream_json_and_text(h, capsys):
     assert cli(["--target", h.target, "--prompt-ids", "1,2", "--max-tokens", "2",
                 "--stream", "--json"]) == 0

@@ -98,6 +98,9 @@ def test_tritonclient_gets_the_same_greedy_completion_as_moe_serving(cluster, ck
     params = {"max_tokens": 12, "temperature": 0.0}
     client = tc.InferenceServerClient(cluster["grpc_target"])
     try:
+        config = client.get_model_config(model).config          # Triton's extension, through Ray's proxy
+        assert config.name == model and config.model_transaction_policy.decoupled
+        assert [(m.name, m.state) for m in client.get_model_repository_index().models] == [(model, "READY")]
         assert client.is_server_ready() and client.is_model_ready(model)
         result = client.infer(model, [prompt], parameters=params)
         assert result.as_numpy("text_output")[0].decode() == "hello world" + done.text
@@ -125,6 +128,24 @@ def test_cli_greedy_matches_transformers(cluster, ckpt):
     expected = _hf_greedy(ckpt[1], ids)
     assert result["token_ids"] == expected
     assert result["finish_reason"] == ("length" if len(expected) == 32 else "stop")
+
+
+def test_a_chat_through_the_cli_gets_the_greedy_answer_to_its_templated_prompt(cluster, ckpt):
+    """`moe-serve generate --message ROLE TEXT ...`: the replica renders the conversation with the
+    checkpoint's chat template (ChatML here) and answers what transformers answers to the prompt
+    its own apply_chat_template builds."""
+    import transformers
+    chat = [("system", "Be brief."), ("user", "hello"), ("assistant", "hi!"), ("user", "and then?")]
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(ckpt[0]))
+    ids = hf_tok.apply_chat_template([{"role": r, "content": c} for r, c in chat], add_generation_prompt=True,
+                                     tokenize=True)
+    ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    flags = [f for r, c in chat for f in ("--message", r, c)]
+    out = moe_serve("generate", "--target", cluster["grpc_target"], *flags, "--max-tokens", "8",
+                    "--temperature", "0", "--json")
+    result = json.loads(out.stdout)
+    assert result["token_ids"] == _hf_greedy(ckpt[1], ids, 8)
+    assert result["usage"]["prompt_tokens"] == len(ids)
 
 
 def _metric_sum(url: str, family: str) -> float:

@@ -11,11 +11,12 @@ import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as tc
+from tritonclient.grpc import model_config_pb2 as triton_config_pb2
 from tritonclient.grpc import service_pb2 as triton_pb2
 from tritonclient.utils import InferenceServerException
 
 from serving.api.kserve import INPUTS, OUTPUTS, KServeService, pack_bytes, unpack_bytes
-from serving.api.kserve_protos import METHODS, SERVICE_NAME, kserve
+from serving.api.kserve_protos import DATA_TYPES, METHODS, SERVICE_NAME, kserve
 from serving.api.errors import InvalidRequest, MalformedRequest
 from serving.api.tenants import TenantGate, TenantQuota, TenantsConfig, token_sha256
 from serving.engine.request import Priority
@@ -89,7 +90,9 @@ def test_our_messages_are_the_same_on_the_wire_as_tritonclients():
     checked = 0
     for message in vars(kserve).values():
         ours = message.DESCRIPTOR
-        stack = [(ours, triton_pb2.DESCRIPTOR.message_types_by_name[ours.name])]
+        theirs = (triton_pb2.DESCRIPTOR.message_types_by_name.get(ours.name)        # grpc_service.proto
+                  or triton_config_pb2.DESCRIPTOR.message_types_by_name[ours.name])  # model_config.proto
+        stack = [(ours, theirs)]
         while stack:
             a, b = stack.pop()
             assert a.full_name == b.full_name
@@ -97,7 +100,9 @@ def test_our_messages_are_the_same_on_the_wire_as_tritonclients():
             assert fa == {k: fb[k] for k in fa}, a.full_name
             stack += [(n, b.nested_types_by_name[n.name]) for n in a.nested_types]
             checked += 1
-    assert checked >= 15
+    assert checked >= 22
+    theirs = {v.name: v.number for v in triton_config_pb2.DataType.DESCRIPTOR.values}
+    assert DATA_TYPES == theirs
     wire = triton_pb2.ModelInferRequest(model_name="m", id="x", raw_input_contents=[b"\x01\x00\x00\x00a"])
     wire.parameters["max_tokens"].int64_param = 5
     parsed = kserve.ModelInferRequest.FromString(wire.SerializeToString())
@@ -144,6 +149,33 @@ def test_health_and_metadata(h, triton):
     with pytest.raises(InferenceServerException) as ei:
         triton.infer(MODEL, [_bytes_input("text_input", "hi")])
     assert ei.value.status() == "StatusCode.UNAVAILABLE"
+
+
+def test_model_config_and_repository_index_as_tritonclient_reads_them(h, triton):
+    """What perf_analyzer / genai-perf ask before they send a request: the model's config (tensors
+    with Triton's data types, decoupled streaming, no batch dimension) and the repository index."""
+    config = triton.get_model_config(MODEL).config
+    assert (config.name, config.platform, config.max_batch_size) == (MODEL, "moe_serving", 0)
+    assert config.model_transaction_policy.decoupled
+    types = {t.name: (triton_config_pb2.DataType.Name(t.data_type), list(t.dims), t.optional) for t in config.input}
+    assert types == {"text_input": ("TYPE_STRING", [1], False), "sampling_parameters": ("TYPE_STRING", [1], True),
+                     "stream": ("TYPE_BOOL", [1], True), "exclude_input_in_output": ("TYPE_BOOL", [1], True)}
+    assert {t.name: triton_config_pb2.DataType.Name(t.data_type) for t in config.output} == {
+        "text_output": "TYPE_STRING", "num_output_tokens": "TYPE_UINT32", "finish_reason": "TYPE_STRING",
+        "num_input_tokens": "TYPE_UINT32"}
+    assert triton.get_model_config(MODEL, "1").config.name == MODEL
+    for name, version in (("other", ""), (MODEL, "2")):
+        with pytest.raises(InferenceServerException) as ei:
+            triton.get_model_config(name, version)
+        assert ei.value.status() == "StatusCode.NOT_FOUND"
+    index = triton.get_model_repository_index().models
+    assert [(m.name, m.version, m.state) for m in index] == [(MODEL, "1", "READY")]
+    h.service.ready = False
+    assert [m.state for m in triton.get_model_repository_index().models] == ["UNAVAILABLE"]
+    h.service.ready = True
+    with pytest.raises(InferenceServerException) as ei:       # not offered: said so, not INTERNAL
+        triton.get_inference_statistics(MODEL)
+    assert ei.value.status() == "StatusCode.UNIMPLEMENTED"
 
 
 # ---- ModelInfer ---------------------------------------------------------------------------------

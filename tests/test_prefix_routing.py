@@ -87,6 +87,12 @@ def test_the_router_reads_the_prompt_of_each_request_shape():
     ids = pb2.GenerateRequest(token_ids=pb2.TokenIds(ids=[1, 2, 3]))
     assert request_prompt(pickle.dumps(gRPCRequest(user_request_proto=text))) == ("You are a helpful assistant.", "")
     assert request_prompt(pickle.dumps(gRPCRequest(user_request_proto=ids))) == ((1, 2, 3), "")
+    chat = pb2.GenerateRequest(chat=pb2.ChatMessages(messages=[pb2.ChatMessage(role="system", content="Be brief."),
+                                                               pb2.ChatMessage(role="user", content="Hi")]))
+    key, _ = request_prompt(pickle.dumps(gRPCRequest(user_request_proto=chat)))
+    chat.chat.messages.add(role="assistant", content="Hello")              # the next turn extends the key
+    assert request_prompt(pickle.dumps(gRPCRequest(user_request_proto=chat)))[0].startswith(key)
+    assert "Be brief." in key and "Hi" in key
     gen = GenerationRequest(request_id="r", prompt_token_ids=(5, 6), sampling=SamplingParams(), cache_salt="t1")
     assert request_prompt(gen) == ((5, 6), "t1")                           # through a handle: the salt too
     infer = kserve.ModelInferRequest(model_name="m", inputs=[kserve.ModelInferRequest.InferInputTensor(

@@ -57,7 +57,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from serving.api.errors import InvalidRequest, MalformedRequest, RpcAbort
-from serving.api.kserve_protos import kserve
+from serving.api.kserve_protos import DATA_TYPES, kserve
 from serving.api.protos import pb2
 from serving.api.service import GenerateService, set_status
 
@@ -246,6 +246,11 @@ def _package_version() -> str:
         return "0"
 
 
+def _triton_type(datatype: str) -> int:
+    """A KServe tensor datatype (BYTES, BOOL, UINT32, ...) as Triton's model-config DataType."""
+    return DATA_TYPES["TYPE_STRING" if datatype == "BYTES" else f"TYPE_{datatype}"]
+
+
 def _fail(grpc_context: Any, code: grpc.StatusCode, details: str, trailers: Sequence[tuple[str, Any]] = ()) -> None:
     """End a unary RPC with this status: on `grpc_context` (the caller then returns an empty
     response), or, with no context, by raising RpcAbort."""
@@ -296,6 +301,36 @@ class KServeService:
             name=self.model_name, versions=[MODEL_VERSION], platform=PLATFORM,
             inputs=[meta(name=t.name, datatype=t.datatype, shape=list(t.shape)) for t in INPUTS.values()],
             outputs=[meta(name=t.name, datatype=t.datatype, shape=list(t.shape)) for t in OUTPUTS.values()])
+
+    def model_config(self, request: Any, grpc_context: Any = None) -> Any:
+        """Triton's ModelConfig: the tensors of ModelMetadata with Triton's data types, no batch
+        dimension (max_batch_size 0: the engine batches continuously), decoupled (ModelStreamInfer
+        may answer one request with many responses)."""
+        req = self._parse(kserve.ModelConfigRequest, request, grpc_context)
+        if req is None:
+            return kserve.ModelConfigResponse()
+        if not self._serves(req.name, req.version):
+            _fail(grpc_context, grpc.StatusCode.NOT_FOUND, self._unknown(req.name, req.version))
+            return kserve.ModelConfigResponse()
+        return kserve.ModelConfigResponse(config=kserve.ModelConfig(
+            name=self.model_name, platform=PLATFORM, backend=PLATFORM, max_batch_size=0,
+            input=[kserve.ModelInput(name=t.name, data_type=_triton_type(t.datatype), dims=list(t.shape),
+                                     optional=t.name != "text_input") for t in INPUTS.values()],
+            output=[kserve.ModelOutput(name=t.name, data_type=_triton_type(t.datatype), dims=list(t.shape))
+                    for t in OUTPUTS.values()],
+            model_transaction_policy=kserve.ModelTransactionPolicy(decoupled=True)))
+
+    def repository_index(self, request: Any, grpc_context: Any = None) -> Any:
+        """Triton's RepositoryIndex: the one model, READY or UNAVAILABLE (with `ready`, only if ready)."""
+        req = self._parse(kserve.RepositoryIndexRequest, request, grpc_context)
+        if req is None:
+            return kserve.RepositoryIndexResponse()
+        ready = self.service.ready
+        if req.ready and not ready:
+            return kserve.RepositoryIndexResponse()
+        return kserve.RepositoryIndexResponse(models=[kserve.RepositoryIndexResponse.ModelIndex(
+            name=self.model_name, version=MODEL_VERSION, state="READY" if ready else "UNAVAILABLE",
+            reason="" if ready else "the server is starting or draining")])
 
     # ---- inference --------------------------------------------------------------------------
 

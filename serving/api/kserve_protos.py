@@ -24,8 +24,9 @@ if not codegen.is_up_to_date():
 SERVICE_NAME = "inference.GRPCInferenceService"
 
 
-def _load() -> tuple[SimpleNamespace, dict[str, tuple[bool, bool]]]:
-    """The message classes by name, and each RPC's (client streams, server streams)."""
+def _load() -> tuple[SimpleNamespace, dict[str, tuple[bool, bool]], dict[str, int]]:
+    """The message classes by name, each RPC's (client streams, server streams), and Triton's
+    DataType values by name."""
     files = descriptor_pb2.FileDescriptorSet.FromString(
         (codegen.GEN_DIR / codegen.KSERVE_DESCRIPTOR_SET).read_bytes())
     pool = descriptor_pool.DescriptorPool()
@@ -36,10 +37,12 @@ def _load() -> tuple[SimpleNamespace, dict[str, tuple[bool, bool]]]:
                for m in proto.message_type}
     (service,) = proto.service
     methods = {m.name: (m.client_streaming, m.server_streaming) for m in service.method}
-    return SimpleNamespace(**classes), methods
+    data_types = {v.name: v.number for v in pool.FindEnumTypeByName(f"{proto.package}.DataType").values}
+    return SimpleNamespace(**classes), methods, data_types
 
 
-#: kserve.ModelInferRequest, kserve.ModelInferResponse, ... (every message of the .proto).
-kserve, METHODS = _load()
+#: kserve.ModelInferRequest, kserve.ModelInferResponse, ... (every message of the .proto);
+#: DATA_TYPES["TYPE_STRING"] == 13 (Triton's model_config.proto DataType).
+kserve, METHODS, DATA_TYPES = _load()
 
-__all__ = ["kserve", "METHODS", "SERVICE_NAME"]
+__all__ = ["kserve", "METHODS", "DATA_TYPES", "SERVICE_NAME"]

@@ -61,6 +61,12 @@ class LocalKServeServicer:
     async def ModelMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         return self.kserve.model_metadata(request, context)
 
+    async def ModelConfig(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        return self.kserve.model_config(request, context)
+
+    async def RepositoryIndex(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        return self.kserve.repository_index(request, context)
+
     async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         return await self.kserve.model_infer(request, context)
 

@@ -31,7 +31,8 @@ class ApiLimits:
     max_model_len: int                 # prompt tokens + max_tokens must fit
     max_tokens_limit: int = 4096       # cap on max_tokens
     default_max_tokens: int = 16       # when max_tokens is unset (capped by room left)
-    max_prompt_chars: int = 1 << 20    # text prompts longer than this are not tokenized
+    max_prompt_chars: int = 1 << 20    # text prompts (a chat's contents together) longer than this are not tokenized
+    max_chat_messages: int = 1024
     max_stop_strings: int = 8
     max_stop_chars: int = 128          # per stop string
     max_request_id_chars: int = 128
@@ -68,7 +69,9 @@ def _validate_request_id(rid: str, limits: ApiLimits) -> str:
 def _prompt_ids(req: Any, limits: ApiLimits, tokenizer: Tokenizer) -> tuple[int, ...]:
     kind = req.WhichOneof("prompt")
     if kind is None:
-        raise InvalidRequest("prompt", "is required: set text or token_ids")
+        raise InvalidRequest("prompt", "is required: set text, token_ids or chat")
+    if kind == "chat":
+        return _chat_ids(req.chat, limits, tokenizer)
     if kind == "text":
         text = req.text
         if not text:
@@ -141,6 +144,39 @@ def _sampling_fields(req: Any, limits: ApiLimits) -> dict[str, Any]:
     return dict(temperature=float(temperature), top_p=float(top_p), top_k=int(req.top_k),
                 seed=seed, stop=stop, logprobs=bool(req.return_logprobs),
                 ignore_eos=bool(req.ignore_eos))
+
+
+CHAT_ROLES = ("system", "user", "assistant")
+
+
+def _chat_ids(chat: Any, limits: ApiLimits, tokenizer: Tokenizer) -> tuple[int, ...]:
+    """A conversation through the model's chat template (serving/model/chat_template.py)."""
+    from serving.model.chat_template import ChatTemplateError
+    messages = list(chat.messages)
+    if not messages:
+        raise InvalidRequest("prompt.chat.messages", "is empty")
+    if len(messages) > limits.max_chat_messages:
+        raise InvalidRequest("prompt.chat.messages", f"has {len(messages)} messages; at most "
+                             f"{limits.max_chat_messages} are allowed")
+    chars = 0
+    for i, m in enumerate(messages):
+        if m.role not in CHAT_ROLES:
+            raise InvalidRequest(f"prompt.chat.messages[{i}].role", f"{m.role!r} is not one of {list(CHAT_ROLES)}")
+        chars += len(m.content)
+    if chars > limits.max_prompt_chars:
+        raise InvalidRequest("prompt.chat.messages", f"hold {chars} characters; at most "
+                             f"{limits.max_prompt_chars} are allowed")
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise InvalidRequest("prompt.chat", "this model has no chat template (tokenizer_config.json "
+                             "chat_template); send text or token_ids")
+    try:
+        ids = tuple(int(i) for i in tokenizer.encode_chat([{"role": m.role, "content": m.content}
+                                                          for m in messages]))
+    except ChatTemplateError as exc:
+        raise InvalidRequest("prompt.chat.messages", f"the model's chat template refused them: {exc}") from None
+    if not ids:
+        raise InvalidRequest("prompt.chat", "renders to no tokens")
+    return ids
 
 
 def validate_request(req: Any, limits: ApiLimits, tokenizer: Tokenizer, *,

@@ -94,6 +94,13 @@ class GrpcFace:
     async def ModelMetadata(self, request: Any, grpc_context: Any = None) -> Any:
         return self.kserve.model_metadata(request, grpc_context)
 
+    async def ModelConfig(self, request: Any, grpc_context: Any = None) -> Any:
+        return self.kserve.model_config(request, grpc_context)
+
+    async def RepositoryIndex(self, request: Any, grpc_context: Any = None) -> Any:
+        await self.probe_ready()
+        return self.kserve.repository_index(request, grpc_context)
+
     async def ModelInfer(self, request: Any, grpc_context: Any = None) -> Any:
         return await self.kserve.model_infer(request, grpc_context)
 

@@ -21,6 +21,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from serving.model.chat_template import CHATML_TEMPLATE, MISTRAL_TEMPLATE
+
 SIZES = {
     "tiny": dict(hidden_size=64, num_hidden_layers=2, num_experts=4, top_k=2, intermediate=128,
                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=1024),
@@ -228,7 +230,7 @@ def _write_bpe_tokenizer(out: Path, vocab_size: int) -> None:
     tok.save(str(out / "tokenizer.json"))
     (out / "tokenizer_config.json").write_text(json.dumps(dict(
         tokenizer_class="PreTrainedTokenizerFast", bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-        model_max_length=4096), indent=2))
+        model_max_length=4096, chat_template=CHATML_TEMPLATE), indent=2))
 
 
 def write_tokenizer(out_dir: str | Path, vocab_size: int) -> Path:
@@ -245,7 +247,8 @@ def _write_sentencepiece_tokenizer(out: Path) -> None:
         shutil.copyfile(path, out / "tokenizer.model")
     (out / "tokenizer_config.json").write_text(json.dumps(dict(
         tokenizer_class="LlamaTokenizer", bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-        add_bos_token=True, add_eos_token=False, legacy=False, model_max_length=4096), indent=2))
+        add_bos_token=True, add_eos_token=False, legacy=False, model_max_length=4096,
+        chat_template=MISTRAL_TEMPLATE), indent=2))
 
 
 ROUTER_WEIGHTS = (".gate.weight", ".gate.wg.weight", ".router.weight")   # [E, D] per family

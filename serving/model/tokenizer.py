@@ -2,7 +2,11 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
+from typing import Sequence
+
+from serving.model.chat_template import ChatTemplate
 
 _BOS_NAMES = ("<s>", "<|begin_of_text|>", "<|startoftext|>")
 _EOS_NAMES = ("</s>", "<|endoftext|>", "<|end_of_text|>", "<|im_end|>")
@@ -15,8 +19,10 @@ def _special_str(value) -> str | None:
 class Tokenizer:
     """encode/decode with explicit BOS handling; special tokens are skipped when decoding."""
 
-    def __init__(self, backend, kind: str, bos_id: int | None, eos_id: int | None):
+    def __init__(self, backend, kind: str, bos_id: int | None, eos_id: int | None,
+                 chat_template: ChatTemplate | None = None):
         self._tok, self.kind, self.bos_id, self.eos_id = backend, kind, bos_id, eos_id
+        self.chat_template = chat_template   # None: the checkpoint has none (chat requests are refused)
         self._single: dict[int, str] = {}    # decode([id]) per id: the detokenizer asks for it every token
 
     @classmethod
@@ -35,12 +41,14 @@ class Tokenizer:
                 ids = model_cfg.get(key + "_id")
                 return ids[0] if isinstance(ids, list) else ids
 
-            return cls(tok, "tokenizers", find("bos_token", _BOS_NAMES), find("eos_token", _EOS_NAMES))
+            return cls(tok, "tokenizers", find("bos_token", _BOS_NAMES), find("eos_token", _EOS_NAMES),
+                       ChatTemplate.from_dir(d))
         if (d / "tokenizer.model").exists():
             import sentencepiece as spm
             sp = spm.SentencePieceProcessor(model_file=str(d / "tokenizer.model"))
             bos, eos = sp.bos_id(), sp.eos_id()
-            return cls(sp, "sentencepiece", bos if bos >= 0 else None, eos if eos >= 0 else None)
+            return cls(sp, "sentencepiece", bos if bos >= 0 else None, eos if eos >= 0 else None,
+                       ChatTemplate.from_dir(d))
         raise ValueError(f"no tokenizer.json or tokenizer.model in {d}")
 
     @property
@@ -53,6 +61,30 @@ class Tokenizer:
         else:
             ids = self._tok.encode(text)
         return [self.bos_id, *ids] if add_bos and self.bos_id is not None else list(ids)
+
+    def encode_chat(self, messages: Sequence[dict[str, str]]) -> list[int]:
+        """The prompt ids of a chat: the chat template's text, its BOS / EOS token strings as those
+        tokens (not their characters), the rest encoded as text. Raises ChatTemplateError (the
+        template refused the messages) or ValueError (no template)."""
+        if self.chat_template is None:
+            raise ValueError("this model has no chat template")
+        text = self.chat_template.render(messages)
+        specials = {s: i for s, i in ((self.chat_template.bos_token, self.bos_id),
+                                      (self.chat_template.eos_token, self.eos_id)) if s and i is not None}
+        if not specials:
+            return self.encode(text, add_bos=False)
+        ids: list[int] = []
+        after_special = False
+        for piece in re.split("(" + "|".join(map(re.escape, specials)) + ")", text):
+            if piece in specials:
+                ids.append(specials[piece])
+                after_special = True
+            elif piece:
+                if self.kind == "sentencepiece" and after_special and piece.startswith(" "):
+                    piece = piece[1:]          # its dummy prefix is that space (as HF's legacy=False tokenizes it)
+                ids.extend(self.encode(piece, add_bos=False))
+                after_special = False
+        return ids
 
     def decode(self, ids: list[int]) -> str:
         ids = [int(i) for i in ids]

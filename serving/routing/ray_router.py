@@ -63,6 +63,8 @@ def request_prompt(arg: Any, method: str = "") -> tuple[str | tuple[int, ...], s
         return arg.text, ""
     if which == "token_ids":
         return tuple(arg.token_ids.ids), ""
+    if which == "chat":                         # the contents in order (the template's text is not rendered here)
+        return "".join(f"\x1e{m.role}\x1f{m.content}" for m in arg.chat.messages), ""
     return None
 
 
