@@ -18,10 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -29,17 +26,11 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+import yaml
 
-import yaml  # noqa: E402
-
-from serving.client import MoEClient, build_request  # noqa: E402
-from serving.launcher import DEFAULT_CONFIG, free_port  # noqa: E402
-from serving.loadgen.stats import command_line, machine_info  # noqa: E402
-
-CLI = [sys.executable, "-m", "serving.cli"]
+from _cluster import DEMO_CHECKPOINT, ensure_checkpoint, local_cluster, print_header
+from serving.client import MoEClient, build_request
+from serving.launcher import DEFAULT_CONFIG
 
 
 def _config(path: Path, a: argparse.Namespace, affinity: bool) -> Path:
@@ -113,38 +104,30 @@ def _quantile(values: list[float], q: float) -> float:
 
 def _run(a: argparse.Namespace, work: Path, affinity: bool, vocab: int) -> dict:
     config = _config(work / "serve_config.yaml", a, affinity)
-    grpc_port, metrics_port = free_port(), free_port()
-    state, env = work / "state", {**os.environ, "HF_HUB_OFFLINE": "1"}
-    subprocess.run([*CLI, "up", "--checkpoint", a.checkpoint, "--expert-shards", str(a.expert_shards),
-                    "--nodes", str(a.nodes), "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port),
-                    "--state-dir", str(state), "--config", str(config), "--transport", a.transport],
-                   check=True, cwd=REPO, env=env, capture_output=True, timeout=600)
-    try:
-        url, target = f"http://127.0.0.1:{metrics_port}/metrics", f"127.0.0.1:{grpc_port}"
-        before, ttfts, lock = _counters(url), [], threading.Lock()
+    with local_cluster(a.checkpoint, config, work / "state", expert_shards=a.expert_shards, nodes=a.nodes,
+                       extra=("--transport", a.transport)) as cluster:
+        before, ttfts, lock = _counters(cluster.metrics_url), [], threading.Lock()
         t0 = time.monotonic()
         with ThreadPoolExecutor(a.concurrency) as pool:
-            for f in [pool.submit(_converse, target, first, later, a.max_tokens, a.think_s, a.seed * 1000 + i,
-                                  ttfts, lock)
+            for f in [pool.submit(_converse, cluster.target, first, later, a.max_tokens, a.think_s,
+                                  a.seed * 1000 + i, ttfts, lock)
                       for i, (first, later) in enumerate(_sessions(a, vocab))]:
                 f.result()
         wall = time.monotonic() - t0
         time.sleep(2.0)                                   # the replicas' last counter push (every 0.5 s)
-        after = _counters(url)
-        per_replica = _growth(after["prompt"], before["prompt"])
-        hit, prompt = sum(_growth(after["hit"], before["hit"]).values()), sum(per_replica.values())
-        follow = [t for turn, t in ttfts if turn > 0 and t is not None]
-        return {"router": "prefix affinity" if affinity else "power of two", "hit_tokens": hit,
-                "prompt_tokens": prompt, "hit_rate": hit / prompt if prompt else float("nan"),
-                "ttft_p50_followup_s": _quantile(follow, 0.5), "ttft_p90_followup_s": _quantile(follow, 0.9),
-                "requests": len(ttfts), "wall_s": wall, "prompt_tokens_per_replica": per_replica}
-    finally:
-        subprocess.run([*CLI, "down", "--state-dir", str(state)], cwd=REPO, env=env, capture_output=True, timeout=180)
+        after = _counters(cluster.metrics_url)
+    per_replica = _growth(after["prompt"], before["prompt"])
+    hit, prompt = sum(_growth(after["hit"], before["hit"]).values()), sum(per_replica.values())
+    follow = [t for turn, t in ttfts if turn > 0 and t is not None]
+    return {"router": "prefix affinity" if affinity else "power of two", "hit_tokens": hit,
+            "prompt_tokens": prompt, "hit_rate": hit / prompt if prompt else float("nan"),
+            "ttft_p50_followup_s": _quantile(follow, 0.5), "ttft_p90_followup_s": _quantile(follow, 0.9),
+            "requests": len(ttfts), "wall_s": wall, "prompt_tokens_per_replica": per_replica}
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", default=str(REPO / "checkpoints" / "demo-mixtral-small"))
+    p.add_argument("--checkpoint", default=str(DEMO_CHECKPOINT))
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--replicas", type=int, default=2, help="engine replicas (held fixed)")
     p.add_argument("--expert-shards", type=int, default=2)
@@ -161,14 +144,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="write every run's results here")
     a = p.parse_args(argv)
-    if not Path(a.checkpoint).is_dir():
-        subprocess.run([*CLI, "checkpoint", "--family", "mixtral", "--size", "small", "--out", a.checkpoint],
-                       check=True, cwd=REPO)
+    ensure_checkpoint(a.checkpoint)
     vocab = json.loads((Path(a.checkpoint) / "config.json").read_text())["vocab_size"]
-    print("command :", command_line(), flush=True)
-    print("machine :", json.dumps(machine_info()), flush=True)
-    head = ("round", "router", "hit rate", "hit tokens", "prompt tokens", "TTFT p50 (s)", "TTFT p90 (s)", "wall (s)")
-    print("  ".join(f"{h:>15}" for h in head), flush=True)
+    head = print_header()
+    columns = ("round", "router", "hit rate", "hit tokens", "prompt tokens", "TTFT p50 (s)", "TTFT p90 (s)", "wall (s)")
+    print("  ".join(f"{c:>15}" for c in columns), flush=True)
     runs = []
     for r in range(a.rounds):
         pair = {}
@@ -186,8 +166,7 @@ def main(argv: list[str] | None = None) -> int:
               f"TTFT p50 {on['ttft_p50_followup_s'] / off['ttft_p50_followup_s']:.2f}x, "
               f"wall {on['wall_s'] / off['wall_s']:.2f}x", flush=True)
     if a.json:
-        Path(a.json).write_text(json.dumps({"command": command_line(), "machine": machine_info(), "runs": runs},
-                                           indent=1))
+        Path(a.json).write_text(json.dumps({**head, "runs": runs}, indent=1))
     return 0
 
 

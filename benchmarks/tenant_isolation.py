@@ -15,22 +15,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+import yaml
 
-import yaml  # noqa: E402
-
-from serving.launcher import DEFAULT_CONFIG, free_port  # noqa: E402
-from serving.loadgen.stats import command_line, machine_info  # noqa: E402
-
-CLI = [sys.executable, "-m", "serving.cli"]
+from _cluster import CLI, DEMO_CHECKPOINT, REPO, ensure_checkpoint, local_cluster, print_header
+from serving.launcher import DEFAULT_CONFIG
 
 
 def _config(path: Path, chat_quota: dict) -> Path:
@@ -43,33 +35,27 @@ def _config(path: Path, chat_quota: dict) -> Path:
 def _run(a: argparse.Namespace, work: Path, capped: bool) -> dict:
     quota = {"max_in_flight": a.chat_max_in_flight} if capped else {}
     config = _config(work / "serve_config.yaml", quota)
-    grpc_port, metrics_port = free_port(), free_port()
-    state = work / "state"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    subprocess.run([*CLI, "up", "--checkpoint", a.checkpoint, "--expert-shards", "2", "--nodes", "2",
-                    "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port), "--state-dir", str(state),
-                    "--config", str(config)], check=True, cwd=REPO, env=env, capture_output=True, timeout=600)
-    try:
-        common = ["--target", f"127.0.0.1:{grpc_port}", "--duration", str(a.duration), "--max-tokens", "24",
+    with local_cluster(a.checkpoint, config, work / "state") as cluster:
+        common = ["--target", cluster.target, "--duration", str(a.duration), "--max-tokens", "24",
                   "--prompt-len", "32", "--json"]
         procs = {
             "chat": subprocess.Popen([*CLI, "loadtest", *common, "--tenant", "chat", "--profile", "spike",
                                       "--base-rate", str(a.chat_base_rate), "--spike-multiplier",
                                       str(a.spike_multiplier), "--out", str(work / "chat")],
-                                     cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True),
+                                     cwd=REPO, env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                     text=True),
             "steady": subprocess.Popen([*CLI, "loadtest", *common, "--tenant", "steady", "--profile", "poisson",
                                         "--base-rate", str(a.steady_rate), "--seed", "7", "--out", str(work / "steady")],
-                                       cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True),
+                                       cwd=REPO, env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                       text=True),
         }
         return {t: json.loads(p.communicate(timeout=a.duration * 4 + 300)[0].strip().splitlines()[-1])
                 for t, p in procs.items()}
-    finally:
-        subprocess.run([*CLI, "down", "--state-dir", str(state)], cwd=REPO, env=env, capture_output=True, timeout=180)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", default=str(REPO / "checkpoints" / "demo-mixtral-small"))
+    p.add_argument("--checkpoint", default=str(DEMO_CHECKPOINT))
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--duration", type=float, default=40.0, help="seconds of arrivals per loadtest")
     p.add_argument("--chat-base-rate", type=float, default=1.5)
@@ -78,11 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--chat-max-in-flight", type=int, default=8)
     p.add_argument("--json", default=None, help="write every run's summaries here")
     a = p.parse_args(argv)
-    if not Path(a.checkpoint).is_dir():
-        subprocess.run([*CLI, "checkpoint", "--family", "mixtral", "--size", "small", "--out", a.checkpoint],
-                       check=True, cwd=REPO)
-    print("command :", command_line())
-    print("machine :", json.dumps(machine_info()))
+    ensure_checkpoint(a.checkpoint)
+    header = print_header()
     rows, runs = [], []
     for r in range(a.rounds):
         for capped in (False, True):
@@ -100,8 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     for row in rows:
         print("  ".join(f"{v:>12.3f}" if isinstance(v, float) else f"{str(v):>12}" for v in row))
     if a.json:
-        Path(a.json).write_text(json.dumps({"command": command_line(), "machine": machine_info(), "runs": runs},
-                                           indent=1))
+        Path(a.json).write_text(json.dumps({**header, "runs": runs}, indent=1))
     return 0
 
 

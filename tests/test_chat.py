@@ -70,6 +70,17 @@ def test_the_template_comes_from_the_config_a_named_list_or_its_own_file(tmp_pat
     assert ChatTemplate.from_dir(tmp_path).render([{"role": "user", "content": "x"}]) == "user:x</s>assistant:"
 
 
+def test_the_template_environment_is_transformers_own():
+    """tojson without HTML escaping, loop controls and strftime_now, as real templates use them."""
+    source = ("{% for m in messages %}{% if m['role'] == 'system' %}{% continue %}{% endif %}"
+              "{{ m | tojson }}{% endfor %}{{ strftime_now('%Y') }}")
+    msgs = [{"role": "system", "content": "skip"}, {"role": "user", "content": "<b>ü</b>"}]
+    ours = ChatTemplate(source).render(msgs)
+    assert ours == transformers.utils.chat_template_utils._compile_jinja_template(source).render(
+        messages=msgs, add_generation_prompt=True)
+    assert '"<b>ü</b>"' in ours
+
+
 def test_a_template_that_refuses_or_breaks_raises_chat_template_error(tmp_path):
     _write_sentencepiece_tokenizer(tmp_path)
     tok = Tokenizer.from_dir(tmp_path)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Sequence
 
@@ -62,6 +63,10 @@ def _raise(message: str) -> None:
     raise ChatTemplateError(message)
 
 
+def _tojson(value, ensure_ascii: bool = False, indent=None, separators=None, sort_keys: bool = False) -> str:
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
 _COMPILED: dict[str, object] = {}
 
 
@@ -69,8 +74,11 @@ def _template(source: str):
     """Compiled once per source (a replica renders every chat request with the same one)."""
     if source not in _COMPILED:
         from jinja2.sandbox import ImmutableSandboxedEnvironment
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                            extensions=["jinja2.ext.loopcontrols"])
         env.globals["raise_exception"] = _raise
+        env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)    # Llama 3.x templates
+        env.filters["tojson"] = _tojson                                          # transformers' (no HTML escaping)
         _COMPILED[source] = env.from_string(source)
     return _COMPILED[source]
 
