@@ -318,9 +318,13 @@ def overview() -> Dashboard:
                    [Target(f"sum(rate(moe_serve_preemptions_total{{{J}}}[1m]))", "preemptions/s")], w=8),
         timeseries("Prefix cache hit rate", [
             Target(f"sum(rate(moe_serve_prefix_cache_hit_tokens_total{{{J}}}[1m])) / "
-                   f"sum(rate(moe_serve_prefix_cache_query_tokens_total{{{J}}}[1m]))", "cached / looked-up tokens")],
+                   f"sum(rate(moe_serve_prefix_cache_query_tokens_total{{{J}}}[1m]))", "all replicas"),
+            Target(f"sum by (replica) (rate(moe_serve_prefix_cache_hit_tokens_total{{{J}}}[1m])) / "
+                   f"sum by (replica) (rate(moe_serve_prefix_cache_query_tokens_total{{{J}}}[1m]))", "{{replica}}")],
             unit="percentunit", w=8,
-            desc="Share of the joining sequences' tokens whose K/V were cached already (not prefilled again)."),
+            desc="Share of the joining sequences' tokens whose K/V were cached already (not prefilled again), "
+                 "in all and per engine replica: each replica has its own cache, and the router "
+                 "(serving/routing/) sends a prompt where its prefix was sent before."),
     ]
     return Dashboard("moe-serve-overview", "moe-serve / Overview & SLOs",
                      "Request rates, SLO burn, latency and engine load of a moe-serve cluster.", panels)
