@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -204,7 +205,8 @@ def cmd_token_hash(a: argparse.Namespace) -> int:
 
 
 def cmd_run(a: argparse.Namespace) -> int:
-    """The `make run` demo: a 2-node cluster on the demo checkpoint, one streamed completion."""
+    """The `make run` demo: a 2-node cluster on the demo checkpoint, one streamed completion.
+    Ctrl-C or SIGTERM (a supervisor, `kill`) stops the cluster it started, at any point."""
     from serving.api.protos import pb2
     from serving.client import MoEClient, build_request
     from serving.launcher import down
@@ -212,8 +214,12 @@ def cmd_run(a: argparse.Namespace) -> int:
         from serving.model.checkpoint import write_checkpoint
         print(f"writing demo checkpoint (mixtral, small) to {a.checkpoint} ...", flush=True)
         write_checkpoint("mixtral", "small", a.checkpoint, seed=0)
-    state = _up(a)
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, stop)
     try:
+        state = _up(a)
         print(f"\n> {DEMO_PROMPT}", flush=True)
         with MoEClient(state["grpc_target"]) as client:
             for chunk in client.generate(build_request(DEMO_PROMPT, max_tokens=a.max_tokens,
@@ -236,6 +242,7 @@ def cmd_run(a: argparse.Namespace) -> int:
         print("\nstopping ...", flush=True)
         return 0
     finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)      # a second SIGTERM must not cut `down` short
         down(state_dir=a.state_dir)
 
 
