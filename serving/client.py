@@ -156,6 +156,8 @@ class MoEClient:
                     if before and chunk.HasField("usage"):
                         chunk.usage.prompt_tokens -= before
                         chunk.usage.completion_tokens += before
+                        chunk.usage.cached_prompt_tokens = min(chunk.usage.cached_prompt_tokens,
+                                                               chunk.usage.prompt_tokens)
                     yield chunk
                 return
             except grpc.RpcError as err:
