@@ -12,6 +12,7 @@ and UNAUTHENTICATED must come back out.
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import time
 
@@ -45,8 +46,8 @@ def serve_target():
 
     os.environ["PYTHONPATH"] = REPO + os.pathsep + os.environ.get("PYTHONPATH", "")
     port = _free_port()
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-             _node_ip_address="127.0.0.1")
+    from local_ray_init import init_local_ray
+    ray_tmp = init_local_ray(num_cpus=2, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": _free_port()},
                 grpc_options=gRPCOptions(port=port, grpc_servicer_functions=SERVICER_FUNCTIONS))
 
@@ -97,6 +98,7 @@ def serve_target():
     finally:
         serve.shutdown()
         ray.shutdown()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 def test_stream_and_unary_ok(serve_target):

@@ -180,11 +180,10 @@ def test_serve_calls_our_policy_on_a_real_cluster(monkeypatch):
             return "ok"
 
     import shutil
-    import tempfile
-    ray_tmp = tempfile.mkdtemp(prefix="moe-ad-")        # short: Ray's socket paths live under it
+
+    from local_ray_init import init_local_ray
     # a new local cluster of our own (never one already running here), on loopback
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR",
-             _node_ip_address="127.0.0.1", _temp_dir=ray_tmp)
+    ray_tmp = init_local_ray(num_cpus=2, include_dashboard=False, logging_level="ERROR")
     try:
         serve.run(Loaded.bind(), name="autoscale-test", route_prefix=None)
         deadline, running = time.monotonic() + 45, 0
