@@ -135,27 +135,25 @@ def resolve_serve_config(config_path: Path, *, checkpoint: str, expert_shards: i
         args["dtype"] = dtype
     app["deployments"] = _expand_shard_template(app.get("deployments", []), expert_shards,
                                                 args.get("transport", "serve"))
-    _check_router_blocks(app)
+    engine = next((d for d in app["deployments"] if d.get("name") == "EngineReplica"), {})
+    _check_router_blocks(engine, args)
     if grpc_ingress == "haproxy" and args.get("ingress", "engine") == "engine":
-        for d in app["deployments"]:
-            if d.get("name") == "EngineReplica":
-                d.pop("request_router_config", None)
+        engine.pop("request_router_config", None)
     return cfg
 
 
-def _check_router_blocks(app: dict) -> None:
+def _check_router_blocks(engine: dict, args: dict) -> None:
     """The prefix-affinity router's token block must be the engine's KV block: its matches are
     meant to be the blocks the replica's prefix cache can hold (serving/routing/prefix_affinity.py)."""
     from serving.deployments.config import AppConfig
-    default_block = next(f.default for f in dataclasses.fields(AppConfig) if f.name == "kv_block_size")
-    for d in app.get("deployments", []):
-        router = d.get("request_router_config") or {}
-        if d.get("name") == "EngineReplica" and "block_tokens" in (router.get("request_router_kwargs") or {}):
-            block = app["args"].get("kv_block_size", default_block)
-            if router["request_router_kwargs"]["block_tokens"] != block:
-                raise ValueError(f"EngineReplica request_router_kwargs.block_tokens "
-                                 f"({router['request_router_kwargs']['block_tokens']}) must equal "
-                                 f"args.kv_block_size ({block})")
+    kwargs = (engine.get("request_router_config") or {}).get("request_router_kwargs") or {}
+    if "block_tokens" not in kwargs:
+        return
+    block = args.get("kv_block_size", next(f.default for f in dataclasses.fields(AppConfig)
+                                           if f.name == "kv_block_size"))
+    if kwargs["block_tokens"] != block:
+        raise ValueError(f"EngineReplica request_router_kwargs.block_tokens ({kwargs['block_tokens']}) "
+                         f"must equal args.kv_block_size ({block})")
 
 
 def _expand_shard_template(deployments: list[dict], shards: int, transport: str) -> list[dict]:

@@ -290,11 +290,7 @@ class KServeService:
         return kserve.ServerMetadataResponse(name=SERVER_NAME, version=_package_version(), extensions=[])
 
     def model_metadata(self, request: Any, grpc_context: Any = None) -> Any:
-        req = self._parse(kserve.ModelMetadataRequest, request, grpc_context)
-        if req is None:
-            return kserve.ModelMetadataResponse()
-        if not self._serves(req.name, req.version):
-            _fail(grpc_context, grpc.StatusCode.NOT_FOUND, self._unknown(req.name, req.version))
+        if not self._served_model(kserve.ModelMetadataRequest, request, grpc_context):
             return kserve.ModelMetadataResponse()
         meta = kserve.ModelMetadataResponse.TensorMetadata
         return kserve.ModelMetadataResponse(
@@ -306,11 +302,7 @@ class KServeService:
         """Triton's ModelConfig: the tensors of ModelMetadata with Triton's data types, no batch
         dimension (max_batch_size 0: the engine batches continuously), decoupled (ModelStreamInfer
         may answer one request with many responses)."""
-        req = self._parse(kserve.ModelConfigRequest, request, grpc_context)
-        if req is None:
-            return kserve.ModelConfigResponse()
-        if not self._serves(req.name, req.version):
-            _fail(grpc_context, grpc.StatusCode.NOT_FOUND, self._unknown(req.name, req.version))
+        if not self._served_model(kserve.ModelConfigRequest, request, grpc_context):
             return kserve.ModelConfigResponse()
         return kserve.ModelConfigResponse(config=kserve.ModelConfig(
             name=self.model_name, platform=PLATFORM, backend=PLATFORM, max_batch_size=0,
@@ -571,6 +563,17 @@ class KServeService:
         return kserve.ModelInferResponse(model_name=self.model_name, model_version=MODEL_VERSION, id=request_id)
 
     # ---- helpers ------------------------------------------------------------------------------
+
+    def _served_model(self, cls: type, request: Any, grpc_context: Any) -> bool:
+        """A (name, version) request about this server's model; False with INVALID_ARGUMENT (bytes
+        that do not parse) or NOT_FOUND (another model or version) set on the context."""
+        req = self._parse(cls, request, grpc_context)
+        if req is None:
+            return False
+        if not self._serves(req.name, req.version):
+            _fail(grpc_context, grpc.StatusCode.NOT_FOUND, self._unknown(req.name, req.version))
+            return False
+        return True
 
     def _serves(self, name: str, version: str) -> bool:
         return name == self.model_name and version in ("", MODEL_VERSION)

@@ -23,6 +23,11 @@ class Tokenizer:
                  chat_template: ChatTemplate | None = None):
         self._tok, self.kind, self.bos_id, self.eos_id = backend, kind, bos_id, eos_id
         self.chat_template = chat_template   # None: the checkpoint has none (chat requests are refused)
+        # the template's BOS / EOS strings -> their ids, and the pattern that splits rendered text at them
+        self._chat_specials = {s: i for s, i in ((chat_template.bos_token, bos_id), (chat_template.eos_token, eos_id))
+                               if s and i is not None} if chat_template else {}
+        self._chat_split = (re.compile("(" + "|".join(map(re.escape, self._chat_specials)) + ")")
+                            if self._chat_specials else None)
         self._single: dict[int, str] = {}    # decode([id]) per id: the detokenizer asks for it every token
 
     @classmethod
@@ -69,13 +74,12 @@ class Tokenizer:
         if self.chat_template is None:
             raise ValueError("this model has no chat template")
         text = self.chat_template.render(messages)
-        specials = {s: i for s, i in ((self.chat_template.bos_token, self.bos_id),
-                                      (self.chat_template.eos_token, self.eos_id)) if s and i is not None}
-        if not specials:
+        specials = self._chat_specials
+        if self._chat_split is None:
             return self.encode(text, add_bos=False)
         ids: list[int] = []
         after_special = False
-        for piece in re.split("(" + "|".join(map(re.escape, specials)) + ")", text):
+        for piece in self._chat_split.split(text):
             if piece in specials:
                 ids.append(specials[piece])
                 after_special = True
