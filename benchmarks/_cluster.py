@@ -1,4 +1,4 @@
-"""What the cluster benchmarks (tenant_isolation.py, prefix_routing.py) share: the demo checkpoint,
+"""What the cluster benchmarks (tenant_isolation.py, prefix_routing.py, cold_start.py) share: the demo checkpoint,
 a local cluster up for the length of a `with` block (`moe-serve up` with a Serve config, then
 `moe-serve down`, whatever happens), and the header every benchmark prints."""
 from __future__ import annotations
@@ -51,10 +51,11 @@ def print_header() -> dict:
 
 @contextmanager
 def local_cluster(checkpoint: str, config: Path, state_dir: Path, *, expert_shards: int = 2, nodes: int = 2,
-                  extra: tuple[str, ...] = ()) -> Iterator[Cluster]:
-    """`moe-serve up` on loopback ports with this Serve config; `moe-serve down` on the way out."""
+                  extra: tuple[str, ...] = (), env: dict[str, str] | None = None) -> Iterator[Cluster]:
+    """`moe-serve up` on loopback ports with this Serve config (and `env` added to the environment its
+    processes inherit); `moe-serve down` on the way out."""
     grpc_port, metrics_port = free_port(), free_port()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
     subprocess.run([*CLI, "up", "--checkpoint", checkpoint, "--expert-shards", str(expert_shards),
                     "--nodes", str(nodes), "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port),
                     "--state-dir", str(state_dir), "--config", str(config), *extra],

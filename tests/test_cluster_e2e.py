@@ -242,6 +242,9 @@ print(json.dumps({"shards": shards, "engine": engine, "deployments": sorted(serv
     nice = 5 if os.geteuid() == 0 else 15
     assert info["engine"]["step_loop_nice"] == nice
     assert [s["forward_thread_nice"] for s in shards] == [nice, nice]   # the engine's warm-up called them
+    # GEMM kernels built before the first request, by the engine's first step and by each shard
+    assert info["engine"]["kernel_warm_up"]["gemms"] > 50
+    assert all(s["kernel_warm_up"]["gemms"] > 30 for s in shards), [s["kernel_warm_up"] for s in shards]
     # `moe-serve up` starts Ray under SCHED_BATCH; the compute threads are back under SCHED_OTHER
     assert info["engine"]["process_policy"] == "batch" and info["engine"]["step_loop_policy"] == "other"
     assert [(s["process_policy"], s["forward_thread_policy"]) for s in shards] == [("batch", "other")] * 2

@@ -27,6 +27,7 @@ from serving.model.tokenizer import Tokenizer
 from serving.parallel.collective_transport import CollectiveGroupError, CollectiveTransport
 from serving.parallel.dispatcher import ExpertDispatcher, LocalTransport, ShardCall
 from serving.parallel.expert_shard import ExpertShardWorker
+from serving.model.linear import packable_dtypes
 from serving.parallel.placement import Placement
 
 pytestmark = pytest.mark.cluster
@@ -94,12 +95,16 @@ def test_dispatch_equals_local_on_distinct_nodes(cluster, ckpt, coll2):
 
 def test_four_shards_on_two_nodes_bf16(cluster, ckpt):
     import ray
-    transport, placement = _transport(ckpt, 4, dtype=torch.bfloat16, compute_nice=5)
+    transport, placement = _transport(ckpt, 4, dtype=torch.bfloat16, compute_nice=5, warm_rows=48)
     try:
         assert [i["node_id"] for i in transport.shard_info] == [cluster[s % 2] for s in range(4)]
         # the serving threads run ahead of Ray's workers (nice 15) where we may lower niceness (root)
-        nices = [st["nice"] for st in ray.get([a.status.remote() for a in transport.actors], timeout=30)]
-        assert nices == [5 if os.geteuid() == 0 else 15] * 4
+        status = ray.get([a.status.remote() for a in transport.actors], timeout=30)
+        assert [st["nice"] for st in status] == [5 if os.geteuid() == 0 else 15] * 4
+        # each serving thread built its GEMM kernels first (when bf16 GEMMs are packed here): the
+        # tiny experts' 2 shapes at each of the 36 row buckets up to 48
+        packed = bool(packable_dtypes() & {torch.bfloat16})
+        assert [st["kernel_warm_up"]["gemms"] for st in status] == [2 * 36 if packed else 0] * 4
         cfg = MoEConfig.from_dir(ckpt)
         coll = ExpertDispatcher(placement, transport, cfg.num_experts)
         ref = ExpertDispatcher(placement, LocalTransport(

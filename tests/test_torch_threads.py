@@ -80,6 +80,8 @@ def test_build_engine_wraps_the_lm_head_only_when_asked(tiny_checkpoint, one_thr
     assert isinstance(_engine(tiny_checkpoint).model.lm_head, Linear)
     wrapped = _engine(tiny_checkpoint, head_threads=2)
     assert isinstance(wrapped.model.lm_head, WithThreads) and wrapped.model.lm_head.threads == 2
+    _generate(wrapped, (4, 5), max_tokens=1)     # the first step warms the kernels (through the wrapper too)
+    assert wrapped.kernel_warm_up is not None and wrapped.kernel_warm_up.gemms > 0
     seen = []
     inner = wrapped.model.lm_head.fn
     wrapped.model.lm_head.fn = lambda x: (seen.append(torch.get_num_threads()), inner(x))[1]

@@ -41,7 +41,8 @@ def build_app(args: dict) -> Application:
             name=shard_deployment_name(s),
             ray_actor_options={"num_cpus": cfg.shard_num_cpus,
                                "resources": {node_resource(s % cfg.nodes): NODE_PIN}},
-        ).bind(cfg.checkpoint, placement.to_json(), s, cfg.dtype, cfg.compute_nice) for s in range(cfg.expert_shards)]
+        ).bind(cfg.checkpoint, placement.to_json(), s, cfg.dtype, cfg.compute_nice, cfg.max_num_batched_tokens)
+            for s in range(cfg.expert_shards)]
     engine = EngineReplica.options(
         ray_actor_options={"num_cpus": cfg.engine_num_cpus, "resources": {node_resource(0): NODE_PIN}},
         # Serve must hand every request to the replica's own admission control, which sheds

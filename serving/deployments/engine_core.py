@@ -24,6 +24,7 @@ replica reports itself unhealthy, so Serve replaces it.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import shutil
 import tempfile
@@ -127,7 +128,8 @@ class LocalCore:
                 "core_process_policy": thread_policy(os.getpid()),
                 "core_pid": os.getpid(),
                 "shards": list(getattr(self.dispatcher.transport, "shard_info", [])),
-                "max_num_seqs": sched.max_num_seqs, "kv_tokens": sched.kv_blocks * sched.block_size}
+                "max_num_seqs": sched.max_num_seqs, "kv_tokens": sched.kv_blocks * sched.block_size,
+                "kernel_warm_up": dataclasses.asdict(w) if (w := self.engine.kernel_warm_up) else None}
 
     @property
     def alive(self) -> bool:

@@ -68,7 +68,7 @@ def build_engine(cfg: AppConfig, placement: Placement, shard_handles=None) -> tu
         transport = CollectiveTransport(
             cfg.checkpoint, placement, cfg.torch_dtype, num_cpus=cfg.shard_num_cpus,
             shard_resources=[{node_resource(s % cfg.nodes): NODE_PIN} for s in range(placement.num_shards)],
-            timeout_s=cfg.collective_timeout_s, compute_nice=cfg.compute_nice)
+            timeout_s=cfg.collective_timeout_s, compute_nice=cfg.compute_nice, warm_rows=cfg.max_num_batched_tokens)
     else:
         transport = LocalTransport([ExpertShardWorker.from_checkpoint(cfg.checkpoint, placement, s, cfg.torch_dtype)
                                     for s in range(placement.num_shards)])
@@ -78,8 +78,12 @@ def build_engine(cfg: AppConfig, placement: Placement, shard_handles=None) -> tu
                             max_num_batched_tokens=cfg.max_num_batched_tokens, block_size=cfg.kv_block_size,
                             num_kv_blocks=-(-cfg.kv_cache_tokens // cfg.kv_block_size) if cfg.kv_cache_tokens else None,
                             priority_preemption=cfg.priority_preemption, prefix_caching=cfg.prefix_caching)
+    # the GEMM kernels of the dense part, and of the experts computed in this process (the shards in
+    # other processes warm their own), built by the engine's first step (serving/model/linear.py)
+    warm = model.warm_targets(cfg.max_num_batched_tokens, cfg.max_num_seqs) + [
+        t for w in getattr(transport, "workers", ()) for t in w.warm_targets(cfg.max_num_batched_tokens)]
     engine = Engine(model, dispatcher, Tokenizer.from_dir(cfg.checkpoint), sched, dtype=cfg.torch_dtype,
-                    ping_pong=cfg.ping_pong, step_threads=step_threads)
+                    ping_pong=cfg.ping_pong, step_threads=step_threads, warm_targets=warm)
     return engine, dispatcher
 
 
@@ -212,7 +216,8 @@ class EngineReplica(GrpcFace):
                 "step_loop_nice": info["step_loop_nice"],
                 # scheduling policies (serving/thread_priority.py): the step loop, and its process
                 "step_loop_policy": info["step_loop_policy"], "process_policy": info["core_process_policy"],
-                "engine_process": info["core_pid"] != os.getpid()}
+                "engine_process": info["core_pid"] != os.getpid(),
+                "kernel_warm_up": info["kernel_warm_up"]}      # GEMM kernels built at start (linear.py)
 
     async def describe_shards(self) -> list[dict]:
         """The collective transport's shard actors (shard id, node id, experts); [] otherwise."""

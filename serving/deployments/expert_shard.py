@@ -1,6 +1,7 @@
 """ExpertShard deployment: a shim around ExpertShardWorker (one deployment per shard)."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 import time
@@ -17,6 +18,7 @@ from serving.autoscaling.signals import shard_autoscaling_stats
 from serving.deployments.placement_sync import PlacementWatcher
 from serving.engine.host_allocator import tune_host_allocator
 from serving.engine.load_window import LoadWindow
+from serving.model.linear import warm_up
 from serving.parallel.expert_shard import ExpertShardWorker
 from serving.parallel.placement import Placement
 from serving.thread_priority import compute_policy, raise_priority, thread_nice, thread_policy
@@ -28,12 +30,16 @@ RETAIN_GRACE_S = 5.0
 @serve.deployment
 class ExpertShard:
     def __init__(self, checkpoint: str, placement_json: str, shard_id: int, dtype: str,
-                 compute_nice: int | None = None):
+                 compute_nice: int | None = None, warm_rows: int = 0):
         from serving.deployments.config import DTYPES
         torch.set_num_threads(1)
         tune_host_allocator()
         self.worker = ExpertShardWorker.from_checkpoint(
             checkpoint, Placement.from_json(placement_json), shard_id, DTYPES[dtype])
+        # the GEMM kernels of up to `warm_rows` rows (the engine's tokens per step), built before the
+        # replica is ready. Serve runs this constructor on the thread `forward` runs on (oneDNN keys a
+        # kernel by the OpenMP threads of the calling thread): serving/model/linear.py
+        self.kernel_warm_up = warm_up(self.worker.warm_targets(warm_rows))
         self.load = LoadWindow()
         self.placement_watcher = PlacementWatcher(self._on_placement)
         startup_priority.restore()               # ready: back to the workers' niceness
@@ -71,6 +77,7 @@ class ExpertShard:
                 "node_id": ray.get_runtime_context().get_node_id(),
                 "experts": self.worker.expert_ids(),
                 "experts_loaded_since_start": self.worker.loads_total,
+                "kernel_warm_up": dataclasses.asdict(self.kernel_warm_up),
                 "num_parameters": self.worker.num_parameters(),
                 "forward_thread_nice": thread_nice(self.forward_tid) if self.forward_tid else None,
                 "forward_thread_policy": thread_policy(self.forward_tid) if self.forward_tid else None,

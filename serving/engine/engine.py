@@ -8,7 +8,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 
@@ -17,6 +17,7 @@ from serving.engine.request import FinishReason, GenerationRequest, TokenEvent
 from serving.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput, Sequence
 from serving.engine.step_phases import PHASES, TimedDispatch, step_phases
 from serving.model.kv_cache import KVCache
+from serving.model.linear import WarmTarget, WarmUpReport, warm_up
 from serving.model.model import BatchLayout, ExpertDispatch, MoEModel
 from serving.model.sampling import Sampler
 from serving.model.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -57,7 +58,8 @@ class EngineStats:
 class Engine:
     def __init__(self, model: MoEModel, dispatch: ExpertDispatch, tokenizer: Tokenizer,
                  config: SchedulerConfig, dtype: torch.dtype = torch.float32, device: str = "cpu",
-                 ping_pong: bool = False, step_threads: Callable[[int], int] | None = None):
+                 ping_pong: bool = False, step_threads: Callable[[int], int] | None = None,
+                 warm_targets: Iterable[WarmTarget] = ()):
         if config.max_model_len > model.config.max_position_embeddings:
             raise ValueError(f"max_model_len {config.max_model_len} exceeds the model's "
                              f"max_position_embeddings {model.config.max_position_embeddings}")
@@ -75,6 +77,11 @@ class Engine:
         self.sampler = Sampler()
         self.eos_ids = frozenset(model.config.eos_token_ids)
         self.stats = EngineStats(kv_slots_total=config.max_num_seqs, kv_blocks_total=config.kv_blocks)
+        # the GEMM kernels of every row count a step may bring (serving/model/linear.py), built by the
+        # first step, on the thread that runs the steps (oneDNN keys a kernel by the OpenMP threads of
+        # the thread calling it), not in the first requests' steps: a replica's warm-up request makes it
+        self._warm_targets = tuple(warm_targets)
+        self.kernel_warm_up: WarmUpReport | None = None
         self._inbox_lock = threading.Lock()
         self._new: list[tuple[GenerationRequest, Emit]] = []
         self._aborts: set[str] = set()
@@ -113,6 +120,9 @@ class Engine:
     # ---- the step -------------------------------------------------------------------
     def step(self) -> int:
         """Run one engine step. Returns the number of tokens processed (0 if idle)."""
+        if self._warm_targets:
+            self.kernel_warm_up = warm_up(self._warm_targets, threads_for=self.step_threads)
+            self._warm_targets = ()
         t_start = time.perf_counter()
         self._drain_inbox()
         out = self.scheduler.schedule()

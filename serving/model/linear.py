@@ -14,17 +14,33 @@ costs 1-2 ms more than the GEMM itself (bf16: a 0.5 ms GEMM takes 2.5 ms). A ser
 new row count in nearly every step (tokens per expert, per prefill chunk, sequences in the batch),
 so on CPU the rows are padded up to a few fixed sizes (`bucket_rows`: exact up to 32, then 8 sizes
 per octave, so at most 12.5% padding) and the padded rows' outputs are dropped.
+
+Those kernels are then built once per process, at start (`warm_up`), not on the first requests:
+oneDNN keys each one by the GEMM's shapes, dtypes and the OpenMP thread count of the calling thread
+(not by the weight; a new thread starts at OpenMP's default until torch sets its count), so one GEMM
+per distinct weight shape, row bucket and thread count, on the thread that will serve, covers every
+layer of that shape. oneDNN's cache holds 1024 kernels by default, fewer than a model's buckets x
+shapes x thread counts, and a kernel it evicts is built again when next needed: raised to
+`KERNEL_CACHE`.
 Shape legend: T rows, M rows padded to a bucket, I in features, O out features.
 """
 from __future__ import annotations
 
 import os
-from typing import Sequence
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
 
 PACKING = os.environ.get("MOE_PACKED_LINEAR", "1") != "0" and torch.backends.mkldnn.is_available()
+# oneDNN reads its kernel-cache size when it first builds a kernel (after this import: packing is
+# here); an explicit setting in the environment wins
+KERNEL_CACHE = 4096
+os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(KERNEL_CACHE))
+WARM_UP = os.environ.get("MOE_WARM_KERNELS", "1") != "0"
+WARM_UP_GFLOP = 20.0    # per weight shape and thread count: ~0.1 s of fp32 GEMMs on this 2-core machine
 
 
 def packable_dtypes() -> frozenset[torch.dtype]:
@@ -92,3 +108,56 @@ class Linear:
         else:
             y_MO = F.linear(x_MI, self.weight_OI, self.bias_O)
         return y_MO if M is None or M == T else y_MO[:T]
+
+
+@dataclass(frozen=True, slots=True)
+class WarmTarget:
+    """A linear as the model calls it, and the most rows it is called with."""
+    call: Callable[[torch.Tensor], torch.Tensor]   # the Linear, or a wrapper of it that sets its threads
+    linear: Linear
+    max_rows: int
+
+
+@dataclass(frozen=True, slots=True)
+class WarmUpReport:
+    shapes: int        # distinct (weight shape, dtype, bias, threads) warmed
+    gemms: int         # GEMMs run
+    seconds: float
+
+
+def warm_up(targets: Iterable[WarmTarget], threads_for: Callable[[int], int] | None = None,
+            gflop_per_shape: float = WARM_UP_GFLOP) -> WarmUpReport:
+    """Build now the oneDNN kernels the packed CPU linears of `targets` will need: one GEMM of zeros
+    per distinct weight shape (and dtype, bias, threads), at each row bucket up to its `max_rows`,
+    smallest first, until that shape's GEMMs would exceed `gflop_per_shape` (the largest row counts
+    of large models stay cold: there the GEMM outweighs building its kernel).
+    `threads_for(rows)`: the torch threads a call with that many rows runs on (the engine's
+    StepThreads); None: the current count. A target whose call sets its own (`threads` attribute,
+    torch_threads.WithThreads) runs on those. Off with MOE_WARM_KERNELS=0 (for A/B measurements)."""
+    t0, done, gemms = time.perf_counter(), set(), 0
+    if not WARM_UP:
+        return WarmUpReport(0, 0, 0.0)
+    before = torch.get_num_threads()
+    try:
+        with torch.inference_mode():
+            for t in targets:
+                w = t.linear.weight_OI
+                if not t.linear.packed or t.max_rows < 1:
+                    continue
+                flops, M = 0.0, 0
+                while M < t.max_rows:
+                    M = bucket_rows(M + 1)
+                    flops += 2.0 * M * w.shape[0] * w.shape[1]
+                    if flops > gflop_per_shape * 1e9:
+                        break
+                    threads = getattr(t.call, "threads", None) or (threads_for(M) if threads_for else before)
+                    key = (tuple(w.shape), w.dtype, t.linear.bias_O is not None, threads, M)
+                    if key in done:
+                        continue
+                    done.add(key)
+                    torch.set_num_threads(threads)
+                    t.call(w.new_zeros(M, w.shape[1]))
+                    gemms += 1
+    finally:
+        torch.set_num_threads(before)
+    return WarmUpReport(len({k[:4] for k in done}), gemms, time.perf_counter() - t0)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from serving.model.config import MoEConfig
 from serving.model.kv_cache import KVCache
-from serving.model.linear import Linear
+from serving.model.linear import Linear, WarmTarget
 from serving.model.layers import AttentionMetadata, RotaryEmbedding, attention, mla_attention, rms_norm, swiglu
 from serving.model.moe import ExpertDispatch, route
 from serving.model.weights import CheckpointReader, DenseWeights, load_dense_weights
@@ -51,7 +51,8 @@ class MoEModel:
         self.device = weights.embed.device
         self.dtype = weights.embed.dtype
         self.rope = RotaryEmbedding.from_config(config, self.device)
-        self.lm_head = Linear(weights.lm_head)      # [V, D], prepacked on CPU (fp32; bf16 where oneDNN has it)
+        # [V, D], prepacked on CPU (fp32; bf16 where oneDNN has it); `lm_head` may be wrapped (its threads)
+        self.lm_head = self.lm_head_linear = Linear(weights.lm_head)
 
     @classmethod
     def from_checkpoint(cls, checkpoint_dir: str | Path, dtype: torch.dtype = torch.float32,
@@ -59,6 +60,18 @@ class MoEModel:
         """Config + dense weights only; routed experts are loaded by whoever serves them."""
         config = MoEConfig.from_dir(checkpoint_dir)
         return cls(config, load_dense_weights(CheckpointReader(checkpoint_dir), config, dtype, device))
+
+    def warm_targets(self, max_tokens: int, max_seqs: int) -> list[WarmTarget]:
+        """The dense part's linears and the most rows each sees in a step of `max_tokens` new tokens
+        over `max_seqs` sequences (the lm_head: one row per sequence), for `linear.warm_up`."""
+        out = []
+        for lw in self.weights.layers:
+            ffns = [f for f in (lw.dense_mlp, lw.shared_expert) if f is not None]
+            for lin in (lw.qkv, lw.o, *(x for f in ffns for x in (f.gate_up, f.down))):
+                if lin is not None:
+                    out.append(WarmTarget(lin, lin, max_tokens))
+        out.append(WarmTarget(self.lm_head, self.lm_head_linear, max_seqs))
+        return out
 
     @torch.inference_mode()
     def forward(self, input_ids_T: torch.Tensor, batch: BatchLayout, kv: KVCache, dispatch: ExpertDispatch,

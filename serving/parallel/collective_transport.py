@@ -38,6 +38,7 @@ replicas or autoscaling. Those live in the `serve` transport.
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import logging
 import os
@@ -51,6 +52,7 @@ import torch.distributed as dist
 
 from serving.deployments import startup_priority
 from serving.engine.host_allocator import tune_host_allocator
+from serving.model.linear import WarmUpReport, warm_up
 from serving.parallel.dispatcher import ShardCall
 from serving.parallel.expert_shard import ExpertShardWorker
 from serving.parallel.placement import Placement
@@ -97,7 +99,7 @@ def _as_bytes(t: torch.Tensor) -> torch.Tensor:
 class ExpertShardActor:
     """One expert shard as a plain Ray actor (rank shard_id + 1), serving in a background thread."""
 
-    def __init__(self, checkpoint: str, placement_json: str, shard_id: int, dtype: torch.dtype):
+    def __init__(self, checkpoint: str, placement_json: str, shard_id: int, dtype: torch.dtype, warm_rows: int = 0):
         torch.set_num_threads(1)
         tune_host_allocator()
         self.worker = ExpertShardWorker.from_checkpoint(checkpoint, Placement.from_json(placement_json),
@@ -111,6 +113,9 @@ class ExpertShardActor:
         self.error: str | None = None
         self.calls = self.tokens = 0
         self.forward_s = 0.0                  # wall time in ExpertShardWorker.forward (the rest is waiting)
+        self.warm_rows = warm_rows            # the engine's tokens per step: the most rows an expert gets
+        self.kernel_warm_up: WarmUpReport | None = None
+        self._warmed = threading.Event()
 
     def describe(self) -> dict:
         return {"shard_id": self.worker.shard_id, "node_id": ray.get_runtime_context().get_node_id(),
@@ -128,6 +133,7 @@ class ExpertShardActor:
             self._thread = threading.Thread(target=self._serve, args=(timeout_s,),
                                             name=f"expert-shard-{self.worker.shard_id}", daemon=True)
             self._thread.start()
+            self._warmed.wait(timeout_s)          # its kernels built: connected means ready to serve
 
     def retain(self, keep: dict[int, tuple[int, ...]]) -> None:
         """After a rebalance: drop the experts the new placement took away from this shard."""
@@ -137,10 +143,18 @@ class ExpertShardActor:
         alive = self._thread is not None and self._thread.is_alive()
         return {"serving": alive, "error": self.error, "calls": self.calls, "tokens": self.tokens,
                 "forward_s": self.forward_s,
+                "kernel_warm_up": dataclasses.asdict(self.kernel_warm_up) if self.kernel_warm_up else None,
                 "nice": thread_nice(self._thread.native_id) if alive else None}
 
     def _serve(self, timeout_s: float) -> None:
         try:
+            # the GEMM kernels, built on this thread (oneDNN keys a kernel by the OpenMP threads of the
+            # calling thread) before the first call: the engine's warm-up request waits for it
+            # (serving/model/linear.py)
+            try:
+                self.kernel_warm_up = warm_up(self.worker.warm_targets(self.warm_rows))
+            finally:
+                self._warmed.set()
             self._serve_loop(self._pg, _td(timeout_s))
         except Exception as exc:              # noqa: BLE001 -- reported through status()
             self.error = f"{type(exc).__name__}: {exc}"
@@ -187,8 +201,9 @@ class CollectiveTransport:
     def __init__(self, checkpoint: str, placement: Placement, dtype: torch.dtype = torch.float32, *,
                  shard_resources: Sequence[dict] | None = None, num_cpus: float = 0.1,
                  timeout_s: float = 60.0, connect_timeout_s: float = 180.0,
-                 compute_nice: int | None = None):
+                 compute_nice: int | None = None, warm_rows: int = 0):
         self.checkpoint, self.placement, self.dtype = str(checkpoint), placement, dtype
+        self.warm_rows = warm_rows              # the shards warm their kernels up to this many rows
         self.num_shards = placement.num_shards
         self.shard_resources = list(shard_resources or [{}] * self.num_shards)  # shard s -> actor resources
         self.num_cpus = num_cpus
@@ -288,7 +303,8 @@ class CollectiveTransport:
         try:
             self.actors = [_RemoteShard.options(num_cpus=self.num_cpus, resources=self.shard_resources[s],
                                                 max_restarts=0).remote(
-                self.checkpoint, self.placement.to_json(), s, self.dtype) for s in range(self.num_shards)]
+                self.checkpoint, self.placement.to_json(), s, self.dtype, self.warm_rows)
+                for s in range(self.num_shards)]
             self.shard_info = ray.get([a.describe.remote() for a in self.actors],
                                       timeout=self.connect_timeout_s)
             host, world = _node_ip(), self.num_shards + 1

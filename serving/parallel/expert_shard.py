@@ -13,6 +13,7 @@ from typing import Callable
 import torch
 
 from serving.model.config import MoEConfig
+from serving.model.linear import WarmTarget
 from serving.model.moe import ExpertWeights, experts_forward
 from serving.model.weights import CheckpointReader, load_expert
 from serving.parallel.placement import Placement
@@ -67,6 +68,12 @@ class ExpertShardWorker:
         return sum(w.numel() for ex in self.experts.values() for ew in ex.values()
                    for w in (ew.gate_ID, ew.up_ID, ew.down_DI, ew.gate_bias_I, ew.up_bias_I, ew.down_bias_D)
                    if w is not None)
+
+    def warm_targets(self, max_rows: int) -> list[WarmTarget]:
+        """Its experts' linears, each called with at most `max_rows` rows (the engine's tokens per
+        step: a token reaches an expert once), for `linear.warm_up`."""
+        return [WarmTarget(lin, lin, max_rows) for ex in self.experts.values() for ew in ex.values()
+                for lin in (ew.gate_up, ew.down)]
 
     @torch.inference_mode()
     def forward(self, layer: int, x_ND: torch.Tensor, topk_ids_NK: torch.Tensor,
