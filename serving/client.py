@@ -51,7 +51,9 @@ def build_request(prompt: str | None = None, prompt_ids: Sequence[int] | None = 
                   top_p: float | None = None, top_k: int = 0, seed: int | None = None,
                   stop: Sequence[str] = (), priority: str | int | None = None,
                   request_id: str = "", logprobs: bool = False,
-                  ignore_eos: bool = False) -> Any:
+                  ignore_eos: bool = False, repetition_penalty: float | None = None,
+                  presence_penalty: float = 0.0, frequency_penalty: float = 0.0, min_tokens: int = 0,
+                  stop_token_ids: Sequence[int] = ()) -> Any:
     """A GenerateRequest. Give exactly one of prompt / prompt_ids / messages ((role, content)
     pairs: a chat, through the model's chat template); None means "server default" for the
     optional fields. priority: "interactive", "batch" or a proto value."""
@@ -59,6 +61,8 @@ def build_request(prompt: str | None = None, prompt_ids: Sequence[int] | None = 
         raise ValueError("give exactly one of prompt, prompt_ids or messages")
     req = pb2.GenerateRequest(top_k=top_k, stop=list(stop), request_id=request_id,
                               return_logprobs=logprobs, ignore_eos=ignore_eos,
+                              presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+                              min_tokens=min_tokens, stop_token_ids=[int(i) for i in stop_token_ids],
                               priority=priority if isinstance(priority, int)
                               else _PRIORITY[priority])
     if prompt is not None:
@@ -75,6 +79,8 @@ def build_request(prompt: str | None = None, prompt_ids: Sequence[int] | None = 
         req.top_p = top_p
     if seed is not None:
         req.seed = seed
+    if repetition_penalty is not None:
+        req.repetition_penalty = repetition_penalty
     return req
 
 
@@ -214,6 +220,12 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--request-id", default="")
     parser.add_argument("--logprobs", action="store_true", help="return token logprobs")
     parser.add_argument("--ignore-eos", action="store_true")
+    parser.add_argument("--repetition-penalty", type=float, default=None, help="> 1 discourages repeats (1 = off)")
+    parser.add_argument("--presence-penalty", type=float, default=0.0, help="in [-2, 2] (0 = off)")
+    parser.add_argument("--frequency-penalty", type=float, default=0.0, help="in [-2, 2] (0 = off)")
+    parser.add_argument("--min-tokens", type=int, default=0, help="no stop before this many tokens")
+    parser.add_argument("--stop-token-ids", default=None, metavar="IDS",
+                        help="also stop after these token ids, comma-separated: 2,13")
     parser.add_argument("--stream", action="store_true",
                         help="print text deltas as they arrive")
     parser.add_argument("--resume", type=int, default=0, metavar="N",
@@ -241,13 +253,13 @@ def caller_token(args: argparse.Namespace) -> str | None:
     return os.environ.get(args.token_env) or None
 
 
-def _parse_ids(text: str) -> list[int]:
+def _parse_ids(text: str, flag: str = "--prompt-ids") -> list[int]:
     try:
         ids = [int(x) for x in text.replace(" ", "").split(",") if x]
     except ValueError:
-        raise ValueError(f"--prompt-ids must be comma-separated integers, got {text!r}") from None
+        raise ValueError(f"{flag} must be comma-separated integers, got {text!r}") from None
     if not ids:
-        raise ValueError("--prompt-ids is empty")
+        raise ValueError(f"{flag} is empty")
     return ids
 
 
@@ -270,7 +282,10 @@ def run_generate(args: argparse.Namespace) -> int:
             messages=[tuple(m) for m in args.message] if args.message else None,
             max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
             top_k=args.top_k, seed=args.seed, stop=args.stop, priority=args.priority,
-            request_id=args.request_id, logprobs=args.logprobs, ignore_eos=args.ignore_eos)
+            request_id=args.request_id, logprobs=args.logprobs, ignore_eos=args.ignore_eos,
+            repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
+            frequency_penalty=args.frequency_penalty, min_tokens=args.min_tokens,
+            stop_token_ids=_parse_ids(args.stop_token_ids, "--stop-token-ids") if args.stop_token_ids else ())
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_INVALID

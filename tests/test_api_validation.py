@@ -57,6 +57,33 @@ def test_all_fields_convert():
     assert s.stop == ("x", "yz") and s.logprobs and s.ignore_eos
 
 
+def test_penalties_and_stops_convert():
+    s = check(build_request(prompt_ids=[5, 6], max_tokens=10, repetition_penalty=1.2, presence_penalty=-0.5,
+                            frequency_penalty=2.0, min_tokens=10, stop_token_ids=[0, TOK.vocab_size - 1])).sampling
+    assert (s.repetition_penalty, s.presence_penalty, s.frequency_penalty) == (pytest.approx(1.2), -0.5, 2.0)
+    assert s.min_tokens == 10 and s.stop_token_ids == (0, TOK.vocab_size - 1) and s.penalized
+    d = check(build_request("ab")).sampling          # unset: all off
+    assert (d.repetition_penalty, d.presence_penalty, d.frequency_penalty, d.min_tokens, d.stop_token_ids) == (
+        1.0, 0.0, 0.0, 0, ()) and not d.penalized
+
+
+@pytest.mark.parametrize("field,kwargs,needle", [
+    ("repetition_penalty", dict(repetition_penalty=0.0), "(0, 10]"),
+    ("repetition_penalty", dict(repetition_penalty=10.5), "(0, 10]"),
+    ("repetition_penalty", dict(repetition_penalty=float("nan")), "(0, 10]"),
+    ("presence_penalty", dict(presence_penalty=2.5), "[-2, 2]"),
+    ("frequency_penalty", dict(frequency_penalty=-2.01), "[-2, 2]"),
+    ("frequency_penalty", dict(frequency_penalty=float("inf")), "[-2, 2]"),
+    ("min_tokens", dict(min_tokens=-1), ">= 0"),
+    ("min_tokens", dict(min_tokens=9, max_tokens=8), "exceeds max_tokens (8)"),
+    ("stop_token_ids", dict(stop_token_ids=[3, TOK.vocab_size]), "position 1"),
+    ("stop_token_ids", dict(stop_token_ids=[-1]), "outside the vocabulary"),
+    ("stop_token_ids", dict(stop_token_ids=list(range(65))), "at most 64"),
+])
+def test_bad_penalties_and_stops(field, kwargs, needle):
+    invalid(build_request("ab", **kwargs), field, needle)
+
+
 def test_temperature_zero_is_greedy_not_unset():
     assert check(build_request("a", temperature=0.0)).sampling.temperature == 0.0
     assert check(build_request("a")).sampling.temperature == 1.0

@@ -130,6 +130,23 @@ def test_cli_greedy_matches_transformers(cluster, ckpt):
     assert result["finish_reason"] == ("length" if len(expected) == 32 else "stop")
 
 
+def test_penalties_and_stop_ids_over_grpc_match_transformers(cluster, ckpt):
+    """repetition_penalty, min_tokens and stop_token_ids through the whole path (gRPC, Serve, the
+    engine, the expert shards) against transformers' generate with the same settings."""
+    ids = [9, 31, 200, 4, 77, 150]
+    plain = _hf_greedy(ckpt[1], ids, 16)
+    stop = plain[0]                                   # the unconstrained answer would stop at once
+    out = moe_serve("generate", "--target", cluster["grpc_target"], "--prompt-ids", ",".join(map(str, ids)),
+                    "--max-tokens", "16", "--temperature", "0", "--ignore-eos", "--repetition-penalty", "1.5",
+                    "--min-tokens", "3", "--stop-token-ids", str(stop), "--json")
+    result = json.loads(out.stdout)
+    expected = ckpt[1].generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False, repetition_penalty=1.5,
+                                min_new_tokens=3, eos_token_id=[stop], pad_token_id=0,
+                                attention_mask=torch.ones(1, len(ids), dtype=torch.long))[0, len(ids):].tolist()
+    assert result["token_ids"] == expected and result["token_ids"][0] != stop
+    assert result["finish_reason"] == ("stop" if expected[-1] == stop else "length")
+
+
 def test_a_chat_through_the_cli_gets_the_greedy_answer_to_its_templated_prompt(cluster, ckpt):
     """`moe-serve generate --message ROLE TEXT ...`: the replica renders the conversation with the
     checkpoint's chat template (ChatML here) and answers what transformers answers to the prompt

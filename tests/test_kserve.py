@@ -207,6 +207,18 @@ def test_sampling_fields_reach_the_engine_from_parameters_and_json(h, triton):
         (4, 0.5, pytest.approx(0.9), 7, 11, ("zz",), True)
     s = second.sampling
     assert (s.max_tokens, s.temperature, s.top_k, s.seed, s.stop) == (5, 0.0, 3, 2, ("x", "y"))
+    # the penalties and stops: scalars as parameters (a single stop id), lists in the JSON
+    triton.infer(MODEL, [_bytes_input("text_input", "hi")], request_id="p3",
+                 parameters={"max_tokens": 6, "repetition_penalty": 1.25, "presence_penalty": -1,
+                             "frequency_penalty": 0.5, "min_tokens": 2, "stop_token_ids": 13})
+    sampling = json.dumps({"max_tokens": 6, "stop_token_ids": [13, 14], "min_tokens": "3"})
+    triton.infer(MODEL, [_bytes_input("text_input", "hi"), _bytes_input("sampling_parameters", sampling)],
+                 request_id="p4")
+    third, fourth = h.engine.requests[-2:]
+    s = third.sampling
+    assert (s.repetition_penalty, s.presence_penalty, s.frequency_penalty, s.min_tokens, s.stop_token_ids) == \
+        (1.25, -1.0, 0.5, 2, (13,))
+    assert (fourth.sampling.min_tokens, fourth.sampling.stop_token_ids) == (3, (13, 14))
 
 
 def _param(**kw):
@@ -235,6 +247,12 @@ INVALID = [
     (_request(inputs=(("text_input", "BYTES", [1], b"hi"), ("sampling_parameters", "BYTES", [1], b'{"top_k": 2}')),
               parameters=_param(top_k={"int64_param": 2})), "parameters[top_k]: also set in sampling_parameters"),
     (_request(parameters=_param(max_tokens={"string_param": "x"})), "parameters[max_tokens]: 'x' is not an int"),
+    (_request(parameters=_param(stop_token_ids={"string_param": "x"})),
+     "parameters[stop_token_ids]: must be an int or a list of ints"),
+    (_request(inputs=(("text_input", "BYTES", [1], b"hi"),
+                      ("sampling_parameters", "BYTES", [1], b'{"stop_token_ids": [1, "2"]}'))),
+     "sampling_parameters.stop_token_ids: must be an int or a list of ints"),
+    (_request(parameters=_param(repetition_penalty={"double_param": 0.0})), "repetition_penalty: 0.0 must be in (0, 10]"),
     (_request(parameters=_param(max_tokens={"int64_param": 99})), "max_tokens: 99 exceeds the limit 32"),
     (_request(parameters=_param(top_p={"double_param": 2.0})), "top_p: 2.0 must be in (0, 1]"),
     (_request(parameters=_param(priority={"uint64_param": 7})), "parameters[priority]: 7 is not a priority"),

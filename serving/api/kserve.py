@@ -17,7 +17,8 @@ The model (ModelMetadata says the same)
   first); `triton_enable_empty_final_response` (set by tritonclient's
   `enable_empty_final_response=True`). A field set both ways is INVALID_ARGUMENT.
 - Sampling fields: max_tokens, temperature, top_p, top_k, seed, stop (a string or a list),
-  ignore_eos: moe_serving.v1.GenerateRequest's, with its defaults and limits.
+  ignore_eos, repetition_penalty, presence_penalty, frequency_penalty, min_tokens, stop_token_ids
+  (an int or a list): moe_serving.v1.GenerateRequest's, with its defaults and limits.
 - Outputs, all unless `outputs` names some, each shape [1]:
       text_output        BYTES   the completion; streaming, this chunk's text
       num_output_tokens  UINT32  tokens generated so far
@@ -90,8 +91,12 @@ OUTPUTS: dict[str, TensorSpec] = {t.name: t for t in (
 
 #: Sampling fields (GenerateRequest's) and the Python type each takes.
 SAMPLING_FIELDS: dict[str, type] = {"max_tokens": int, "temperature": float, "top_p": float,
-                                    "top_k": int, "seed": int, "stop": list, "ignore_eos": bool}
-_INT_RANGE = {"max_tokens": (-2**31, 2**31 - 1), "top_k": (-2**31, 2**31 - 1), "seed": (-2**63, 2**63 - 1)}
+                                    "top_k": int, "seed": int, "stop": list, "ignore_eos": bool,
+                                    "repetition_penalty": float, "presence_penalty": float,
+                                    "frequency_penalty": float, "min_tokens": int,
+                                    "stop_token_ids": tuple}     # tuple: an int or a list of ints
+_INT32 = (-2**31, 2**31 - 1)
+_INT_RANGE = {"max_tokens": _INT32, "top_k": _INT32, "min_tokens": _INT32, "seed": (-2**63, 2**63 - 1)}
 PRIORITIES = {0: pb2.PRIORITY_UNSPECIFIED, 1: pb2.PRIORITY_INTERACTIVE, 2: pb2.PRIORITY_BATCH}
 EMPTY_FINAL = "triton_enable_empty_final_response"
 FINAL = "triton_final_response"
@@ -227,6 +232,11 @@ def _typed(name: str, value: Any, where: str) -> Any:
         value = [value] if isinstance(value, str) else value
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise InvalidRequest(where, "must be a string or a list of strings")
+        return value
+    if kind is tuple:
+        value = [value] if type(value) is int else value
+        if not isinstance(value, list) or not all(type(v) is int and _INT32[0] <= v <= _INT32[1] for v in value):
+            raise InvalidRequest(where, "must be an int or a list of ints")
         return value
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
@@ -476,8 +486,8 @@ class KServeService:
         exclude = values.get("exclude_input_in_output", stream)
         gen = pb2.GenerateRequest(text=prompt, request_id=request.id, priority=priority)
         for name, value in sampling.items():
-            if name == "stop":
-                gen.stop.extend(value)
+            if name in ("stop", "stop_token_ids"):
+                getattr(gen, name).extend(value)
             else:
                 setattr(gen, name, value)
         return _Plan(request=gen, request_id=request.id, stream=stream,

@@ -35,6 +35,7 @@ class ApiLimits:
     max_chat_messages: int = 1024
     max_stop_strings: int = 8
     max_stop_chars: int = 128          # per stop string
+    max_stop_token_ids: int = 64
     max_request_id_chars: int = 128
 
     def __post_init__(self) -> None:
@@ -143,7 +144,32 @@ def _sampling_fields(req: Any, limits: ApiLimits) -> dict[str, Any]:
                                  f"{limits.max_stop_chars} are allowed")
     return dict(temperature=float(temperature), top_p=float(top_p), top_k=int(req.top_k),
                 seed=seed, stop=stop, logprobs=bool(req.return_logprobs),
-                ignore_eos=bool(req.ignore_eos))
+                ignore_eos=bool(req.ignore_eos), **_penalty_fields(req, limits))
+
+
+def _penalty_fields(req: Any, limits: ApiLimits) -> dict[str, Any]:
+    repetition = 1.0
+    if req.HasField("repetition_penalty"):
+        repetition = req.repetition_penalty
+        if not (math.isfinite(repetition) and 0.0 < repetition <= 10.0):
+            raise InvalidRequest("repetition_penalty", f"{repetition} must be in (0, 10] (1 = off)")
+    for name in ("presence_penalty", "frequency_penalty"):
+        value = getattr(req, name)
+        if not (math.isfinite(value) and -2.0 <= value <= 2.0):
+            raise InvalidRequest(name, f"{value} must be in [-2, 2] (0 = off)")
+    if req.min_tokens < 0:
+        raise InvalidRequest("min_tokens", f"{req.min_tokens} must be >= 0 (0 = off)")
+    ids = tuple(req.stop_token_ids)
+    if len(ids) > limits.max_stop_token_ids:
+        raise InvalidRequest("stop_token_ids", f"has {len(ids)} ids; at most {limits.max_stop_token_ids} "
+                             "are allowed")
+    for pos, tok in enumerate(ids):
+        if not 0 <= tok < limits.vocab_size:
+            raise InvalidRequest("stop_token_ids", f"id {tok} at position {pos} is outside the vocabulary "
+                                 f"[0, {limits.vocab_size})")
+    return dict(repetition_penalty=float(repetition), presence_penalty=float(req.presence_penalty),
+                frequency_penalty=float(req.frequency_penalty), min_tokens=int(req.min_tokens),
+                stop_token_ids=ids)
 
 
 CHAT_ROLES = ("system", "user", "assistant")
@@ -196,6 +222,8 @@ def validate_request(req: Any, limits: ApiLimits, tokenizer: Tokenizer, *,
     sampling = _sampling_fields(req, limits)       # before tokenizing the prompt
     prompt = _prompt_ids(req, limits, tokenizer)
     max_tokens = _max_tokens(req, len(prompt), limits)
+    if sampling["min_tokens"] > max_tokens:
+        raise InvalidRequest("min_tokens", f"{sampling['min_tokens']} exceeds max_tokens ({max_tokens})")
     return GenerationRequest(
         request_id=request_id,
         prompt_token_ids=prompt,

@@ -74,7 +74,7 @@ class Engine:
         self.kv = KVCache(model.config, config.max_num_seqs, config.max_model_len, dtype, device,
                           block_size=config.block_size, num_blocks=config.kv_blocks)
         self.scheduler = Scheduler(config)
-        self.sampler = Sampler()
+        self.sampler = Sampler(eos_ids=frozenset(model.config.eos_token_ids))
         self.eos_ids = frozenset(model.config.eos_token_ids)
         self.stats = EngineStats(kv_slots_total=config.max_num_seqs, kv_blocks_total=config.kv_blocks)
         # the GEMM kernels of every row count a step may bring (serving/model/linear.py), built by the
@@ -169,7 +169,8 @@ class Engine:
         if len(rows) < len(out.seqs):
             logits_BV = logits_BV[rows]
         tokens_B, logprobs_B = self.sampler.sample(logits_BV, [s.request.sampling for s in seqs],
-                                                   [s.state.generator for s in seqs])
+                                                   [s.state.generator for s in seqs],
+                                                   [(s.token_ids, s.num_prompt) for s in seqs])
         for seq, tok, lp in zip(seqs, tokens_B.tolist(), logprobs_B.tolist()):
             seq.token_ids.append(tok)
             self.stats.generated_tokens_total += 1
@@ -179,9 +180,9 @@ class Engine:
         sp, st = seq.request.sampling, seq.state
         st.text += st.detok.push(tok)
         reason, end = None, None
-        if tok in self.eos_ids and not sp.ignore_eos:
+        if (tok in self.eos_ids and not sp.ignore_eos) or tok in sp.stop_token_ids:
             reason = FinishReason.STOP
-        elif sp.stop:
+        elif sp.stop and seq.num_generated >= sp.min_tokens:
             window = max(0, st.text_sent - max(len(x) for x in sp.stop))
             hits = [p for p in (st.text.find(x, window) for x in sp.stop) if p >= 0]
             if hits:

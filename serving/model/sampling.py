@@ -1,4 +1,5 @@
-"""Per-request sampling: greedy, or temperature -> top-k -> top-p (HF order and semantics) -> multinomial.
+"""Per-request sampling: greedy, or temperature -> top-k -> top-p (HF order and semantics) -> multinomial,
+after the min_tokens mask and the repetition / frequency / presence penalties where a request has them.
 
 Shape legend: B rows (one per sequence), V vocab, S rows that sample (not greedy).
 """
@@ -20,6 +21,11 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     logprobs: bool = False
     ignore_eos: bool = False
+    repetition_penalty: float = 1.0    # 1 => off; over the prompt and the output
+    presence_penalty: float = 0.0      # 0 => off; over the output
+    frequency_penalty: float = 0.0     # 0 => off; over the output
+    min_tokens: int = 0                # EOS / stop_token_ids masked until this many were generated
+    stop_token_ids: tuple[int, ...] = ()
 
     def __post_init__(self):
         if self.max_tokens < 1:
@@ -30,6 +36,14 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not self.repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise ValueError(f"min_tokens must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}")
+
+    @property
+    def penalized(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
     @property
     def greedy(self) -> bool:
@@ -62,12 +76,30 @@ def greedy_argmax(logits_BV: torch.Tensor) -> torch.Tensor:
     return chunk_B * c + inner_B
 
 
+# a row's context: (its token ids, prompt then output so far; how many of them are the prompt)
+History = tuple[Sequence[int], int]
+
+
 class Sampler:
+    def __init__(self, eos_ids: frozenset[int] | Sequence[int] = ()):
+        self.eos_ids = tuple(sorted(eos_ids))     # masked by min_tokens (unless ignore_eos)
+
     def sample(self, logits_BV: torch.Tensor, params: Sequence[SamplingParams],
-               generators: Sequence[torch.Generator | None]) -> tuple[torch.Tensor, torch.Tensor]:
+               generators: Sequence[torch.Generator | None], histories: Sequence[History] | None = None,
+               ) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (token_ids_B int64, logprobs_B fp32 = log_softmax(raw logits) at the chosen token).
-        Logprobs cost a pass over [B, V]; only rows whose params ask for them get one (others are NaN)."""
-        logits_BV = logits_BV.float()
+        Logprobs cost a pass over [B, V]; only rows whose params ask for them get one (others are NaN).
+        `histories` (per row) is read only for rows with penalties or an unmet min_tokens, whose logits
+        are adjusted first (`adjust_logits`); the logprobs stay those of the raw logits (vLLM's default)."""
+        logits_BV = raw_BV = logits_BV.float()
+        adjust = [] if histories is None else [
+            i for i, p in enumerate(params)
+            if (p.min_tokens or p.penalized) and (p.penalized or self._stop_mask(p, histories[i]))]
+        if adjust:
+            with torch.inference_mode():             # the model's logits are inference tensors
+                if any(params[i].logprobs for i in adjust):
+                    logits_BV = logits_BV.clone()
+                self.adjust_logits(logits_BV, adjust, params, histories)
         token_ids_B = greedy_argmax(logits_BV)
         sampled = [i for i, p in enumerate(params) if not p.greedy]
         if sampled:
@@ -80,9 +112,53 @@ class Sampler:
         want = [i for i, p in enumerate(params) if p.logprobs]
         if want:
             rows = torch.tensor(want, device=logits_BV.device)
-            lw_WV = logits_BV[rows]
+            lw_WV = raw_BV[rows]
             logprobs_B[rows] = lw_WV.gather(1, token_ids_B[rows, None])[:, 0] - torch.logsumexp(lw_WV, dim=-1)
         return token_ids_B, logprobs_B
+
+    def _stop_mask(self, p: SamplingParams, history: History) -> tuple[int, ...]:
+        """The token ids this row may not sample yet: its stops while min_tokens is unmet."""
+        ids, num_prompt = history
+        if len(ids) - num_prompt >= p.min_tokens:
+            return ()
+        return p.stop_token_ids + (() if p.ignore_eos else self.eos_ids)
+
+    def adjust_logits(self, logits_BV: torch.Tensor, rows: Sequence[int], params: Sequence[SamplingParams],
+                      histories: Sequence[History]) -> None:
+        """In place, for `rows`: the min_tokens mask (stops -> -inf), then the penalties as vLLM
+        applies them: repetition over the prompt and the output (logit / p where > 0, * p where not),
+        then frequency (x the count in the output) and presence (once if in the output)."""
+        for i in rows:
+            masked = self._stop_mask(params[i], histories[i])
+            if masked:
+                logits_BV[i, list(masked)] = float("-inf")
+        pen = [i for i in rows if params[i].penalized]
+        if not pen:
+            return
+        dev, V = logits_BV.device, logits_BV.shape[-1]
+        S = len(pen)
+
+        def padded(seqs: list[Sequence[int]]) -> torch.Tensor:   # [S, L] ids, padding = V (a spare column)
+            out = torch.full((S, max(1, max(len(x) for x in seqs))), V, dtype=torch.int64)
+            for j, x in enumerate(seqs):
+                if len(x):
+                    out[j, :len(x)] = torch.as_tensor(x, dtype=torch.int64)
+            return out.to(dev)
+
+        hist = [histories[i] for i in pen]
+        outputs_SL = padded([ids[n:] for ids, n in hist])
+        counts_SV = torch.zeros(S, V + 1, device=dev).scatter_add_(
+            1, outputs_SL, torch.ones(outputs_SL.shape, device=dev))[:, :V]
+        x_SV = logits_BV[pen]
+        rep_S1 = torch.tensor([params[i].repetition_penalty for i in pen], device=dev)[:, None]
+        if bool((rep_S1 != 1).any()):
+            seen_SV = torch.zeros(S, V + 1, dtype=torch.bool, device=dev).scatter_(
+                1, padded([ids[:n] for ids, n in hist]), True)[:, :V] | (counts_SV > 0)
+            x_SV = torch.where(seen_SV, torch.where(x_SV > 0, x_SV / rep_S1, x_SV * rep_S1), x_SV)
+        freq_S1 = torch.tensor([params[i].frequency_penalty for i in pen], device=dev)[:, None]
+        pres_S1 = torch.tensor([params[i].presence_penalty for i in pen], device=dev)[:, None]
+        x_SV = x_SV - freq_S1 * counts_SV - pres_S1 * (counts_SV > 0).float()
+        logits_BV[pen] = x_SV
 
     @staticmethod
     def _filtered_probs(logits_SV: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
