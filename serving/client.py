@@ -53,7 +53,7 @@ def build_request(prompt: str | None = None, prompt_ids: Sequence[int] | None = 
                   request_id: str = "", logprobs: bool = False,
                   ignore_eos: bool = False, repetition_penalty: float | None = None,
                   presence_penalty: float = 0.0, frequency_penalty: float = 0.0, min_tokens: int = 0,
-                  stop_token_ids: Sequence[int] = ()) -> Any:
+                  stop_token_ids: Sequence[int] = (), top_logprobs: int = 0) -> Any:
     """A GenerateRequest. Give exactly one of prompt / prompt_ids / messages ((role, content)
     pairs: a chat, through the model's chat template); None means "server default" for the
     optional fields. priority: "interactive", "batch" or a proto value."""
@@ -63,6 +63,7 @@ def build_request(prompt: str | None = None, prompt_ids: Sequence[int] | None = 
                               return_logprobs=logprobs, ignore_eos=ignore_eos,
                               presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
                               min_tokens=min_tokens, stop_token_ids=[int(i) for i in stop_token_ids],
+                              top_logprobs=top_logprobs,
                               priority=priority if isinstance(priority, int)
                               else _PRIORITY[priority])
     if prompt is not None:
@@ -86,8 +87,9 @@ def build_request(prompt: str | None = None, prompt_ids: Sequence[int] | None = 
 
 def continuation(request: Any, received: Sequence[int]) -> Any | None:
     """The request for the rest of `request` once `received` tokens came back: prompt = its
-    token ids + received, max_tokens = what is left. None if it cannot be resumed (a text prompt,
-    max_tokens unset) or nothing is left."""
+    token ids + received, max_tokens and min_tokens = what is left of them. None if it cannot be
+    resumed (a text prompt, max_tokens unset) or nothing is left. (presence / frequency penalties
+    then count only the tokens generated after the resume: the received ones are prompt.)"""
     if request.WhichOneof("prompt") != "token_ids" or not request.HasField("max_tokens"):
         return None
     left = request.max_tokens - len(received)
@@ -97,6 +99,7 @@ def continuation(request: Any, received: Sequence[int]) -> Any | None:
     rest.CopyFrom(request)
     rest.token_ids.ids.extend(int(t) for t in received)
     rest.max_tokens = left
+    rest.min_tokens = max(0, request.min_tokens - len(received))
     return rest
 
 
@@ -219,6 +222,8 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--priority", choices=["interactive", "batch"], default=None)
     parser.add_argument("--request-id", default="")
     parser.add_argument("--logprobs", action="store_true", help="return token logprobs")
+    parser.add_argument("--top-logprobs", type=int, default=0, metavar="K",
+                        help="with --logprobs: also the K most likely tokens at each position (JSON: top_logprobs)")
     parser.add_argument("--ignore-eos", action="store_true")
     parser.add_argument("--repetition-penalty", type=float, default=None, help="> 1 discourages repeats (1 = off)")
     parser.add_argument("--presence-penalty", type=float, default=0.0, help="in [-2, 2] (0 = off)")
@@ -285,7 +290,8 @@ def run_generate(args: argparse.Namespace) -> int:
             request_id=args.request_id, logprobs=args.logprobs, ignore_eos=args.ignore_eos,
             repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
             frequency_penalty=args.frequency_penalty, min_tokens=args.min_tokens,
-            stop_token_ids=_parse_ids(args.stop_token_ids, "--stop-token-ids") if args.stop_token_ids else ())
+            stop_token_ids=_parse_ids(args.stop_token_ids, "--stop-token-ids") if args.stop_token_ids else (),
+            top_logprobs=args.top_logprobs)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_INVALID
@@ -294,19 +300,20 @@ def run_generate(args: argparse.Namespace) -> int:
                               "finish_reason": None,
                               "usage": {"prompt_tokens": 0, "completion_tokens": 0, "cached_prompt_tokens": 0}}
     logprobs: list[float] = []
+    top: list[list[dict]] = []
     with MoEClient(args.target, args.timeout_s, application=args.application, tenant=args.tenant,
                    token=caller_token(args)) as client:
         try:
             if args.stream:
                 for chunk in client.generate(request, resume=args.resume):
-                    _merge(result, logprobs, chunk)
+                    _merge(result, logprobs, chunk, top)
                     if not args.json and chunk.text:
                         sys.stdout.write(chunk.text)
                         sys.stdout.flush()
                 if not args.json:
                     sys.stdout.write("\n")
             else:
-                _merge(result, logprobs, client.complete(request))
+                _merge(result, logprobs, client.complete(request), top)
         except grpc.RpcError as e:
             code = e.code() if hasattr(e, "code") else None
             name = code.name if code is not None else "UNKNOWN"
@@ -317,6 +324,8 @@ def run_generate(args: argparse.Namespace) -> int:
             return _exit_code(code)
     if args.logprobs:
         result["logprobs"] = logprobs
+    if args.top_logprobs:
+        result["top_logprobs"] = top
     if args.json:
         print(json.dumps(result))
     elif not args.stream:
@@ -324,12 +333,14 @@ def run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _merge(result: dict[str, Any], logprobs: list[float], msg: Any) -> None:
+def _merge(result: dict[str, Any], logprobs: list[float], msg: Any, top: list[list[dict]]) -> None:
     """Fold a GenerateResponse chunk or a CompleteResponse into the JSON result."""
     result["request_id"] = msg.request_id or result["request_id"]
     result["text"] += msg.text
     result["token_ids"].extend(msg.token_ids)
     logprobs.extend(msg.logprobs)
+    top.extend([{"token_id": t, "logprob": lp} for t, lp in zip(pos.token_ids, pos.logprobs)]
+               for pos in msg.top_logprobs)
     if msg.finish_reason:
         result["finish_reason"] = FINISH_REASONS.get(msg.finish_reason, "unknown")
         result["usage"] = {"prompt_tokens": msg.usage.prompt_tokens,

@@ -72,7 +72,10 @@ class FakeEngine:
                     finish_reason=(FinishReason.STOP if rid.startswith("eos")
                                    else FinishReason.LENGTH) if last else None,
                     prompt_tokens=len(request.prompt_token_ids), completion_tokens=i + 1,
-                    cached_tokens=len(request.prompt_token_ids) - 1 if rid.startswith("cached") else 0)
+                    cached_tokens=len(request.prompt_token_ids) - 1 if rid.startswith("cached") else 0,
+                    top_logprobs=(tuple(range(tok, tok + request.sampling.top_logprobs)),
+                                  tuple(-0.5 * (i + 1) - j for j in range(request.sampling.top_logprobs)))
+                    if request.sampling.top_logprobs else None)
                 if not rid.startswith("chunk"):
                     yield ev
                     continue
@@ -345,6 +348,10 @@ def test_continuation_asks_for_what_is_left():
     assert continuation(req, [7] * 5) is None                             # nothing left
     assert continuation(build_request(prompt="hi", max_tokens=5), [7]) is None
     assert continuation(build_request(prompt_ids=[1], max_tokens=None), [7]) is None
+    # min_tokens counts down with the tokens received (else it would exceed what is left of max_tokens)
+    held = build_request(prompt_ids=[1], max_tokens=6, min_tokens=4, stop_token_ids=[9])
+    assert [continuation(held, [7] * n).min_tokens for n in (1, 3, 4, 5)] == [3, 1, 0, 0]
+    assert list(continuation(held, [7]).stop_token_ids) == [9]
 
 
 @pytest.mark.parametrize("method", ["generate", "complete"])
@@ -496,6 +503,17 @@ def test_cli_stream_resumes_after_a_lost_replica(h, capsys):
     resumed = json.loads(capsys.readouterr().out)
     assert resumed["token_ids"] == whole["token_ids"] and len(whole["token_ids"]) == 9
     assert resumed["text"] == whole["text"] and resumed["usage"] == whole["usage"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_cli_top_logprobs_one_list_per_token(h, capsys, stream):
+    assert cli(["--target", h.target, "--prompt", "a", "--max-tokens", "3", "--logprobs", "--top-logprobs", "2",
+                "--request-id", "chunk-top", "--json"] + (["--stream"] if stream else [])) == 0
+    obj = json.loads(capsys.readouterr().out)
+    assert obj["token_ids"] == [98, 99, 100] and obj["logprobs"] == [-0.5, -1.0, -1.5]
+    assert obj["top_logprobs"] == [[{"token_id": t, "logprob": lp}, {"token_id": t + 1, "logprob": lp - 1}]
+                                   for t, lp in zip(obj["token_ids"], obj["logprobs"])]
+    assert h.engine.requests[-1].sampling.top_logprobs == 2
 
 
 def test_cli_penalties_and_stops_reach_the_engine(h, capsys):

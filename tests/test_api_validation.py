@@ -59,7 +59,9 @@ def test_all_fields_convert():
 
 def test_penalties_and_stops_convert():
     s = check(build_request(prompt_ids=[5, 6], max_tokens=10, repetition_penalty=1.2, presence_penalty=-0.5,
-                            frequency_penalty=2.0, min_tokens=10, stop_token_ids=[0, TOK.vocab_size - 1])).sampling
+                            frequency_penalty=2.0, min_tokens=10, stop_token_ids=[0, TOK.vocab_size - 1],
+                            logprobs=True, top_logprobs=20)).sampling
+    assert s.top_logprobs == 20
     assert (s.repetition_penalty, s.presence_penalty, s.frequency_penalty) == (pytest.approx(1.2), -0.5, 2.0)
     assert s.min_tokens == 10 and s.stop_token_ids == (0, TOK.vocab_size - 1) and s.penalized
     d = check(build_request("ab")).sampling          # unset: all off
@@ -79,6 +81,9 @@ def test_penalties_and_stops_convert():
     ("stop_token_ids", dict(stop_token_ids=[3, TOK.vocab_size]), "position 1"),
     ("stop_token_ids", dict(stop_token_ids=[-1]), "outside the vocabulary"),
     ("stop_token_ids", dict(stop_token_ids=list(range(65))), "at most 64"),
+    ("top_logprobs", dict(top_logprobs=21, logprobs=True), "[0, 20]"),
+    ("top_logprobs", dict(top_logprobs=-1, logprobs=True), "[0, 20]"),
+    ("top_logprobs", dict(top_logprobs=2), "needs return_logprobs"),
 ])
 def test_bad_penalties_and_stops(field, kwargs, needle):
     invalid(build_request("ab", **kwargs), field, needle)

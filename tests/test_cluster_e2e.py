@@ -138,8 +138,13 @@ def test_penalties_and_stop_ids_over_grpc_match_transformers(cluster, ckpt):
     stop = plain[0]                                   # the unconstrained answer would stop at once
     out = moe_serve("generate", "--target", cluster["grpc_target"], "--prompt-ids", ",".join(map(str, ids)),
                     "--max-tokens", "16", "--temperature", "0", "--ignore-eos", "--repetition-penalty", "1.5",
-                    "--min-tokens", "3", "--stop-token-ids", str(stop), "--json")
+                    "--min-tokens", "3", "--stop-token-ids", str(stop), "--logprobs", "--top-logprobs", "3", "--json")
     result = json.loads(out.stdout)
+    # top_logprobs (of the raw logits) came through the core process and the proxy: 3 per token, ordered
+    assert len(result["top_logprobs"]) == len(result["token_ids"]) == len(result["logprobs"])
+    for top, lp in zip(result["top_logprobs"], result["logprobs"]):
+        assert len(top) == 3 and top[0]["logprob"] >= top[1]["logprob"] >= top[2]["logprob"] >= -1e9
+        assert lp <= top[0]["logprob"] + 1e-6
     expected = ckpt[1].generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False, repetition_penalty=1.5,
                                 min_new_tokens=3, eos_token_id=[stop], pad_token_id=0,
                                 attention_mask=torch.ones(1, len(ids), dtype=torch.long))[0, len(ids):].tolist()

@@ -146,7 +146,8 @@ def test_events_cross_the_core_process_socket_with_every_field():
     from serving.deployments.engine_core import _pack, _unpack
     from serving.engine.request import TokenEvent
     ev = TokenEvent(request_id="r", token_id=7, text_delta="x", logprob=-0.25, finish_reason=FinishReason.STOP,
-                    prompt_tokens=40, completion_tokens=3, cached_tokens=32)
+                    prompt_tokens=40, completion_tokens=3, cached_tokens=32,
+                    top_logprobs=((7, 9), (-0.25, -1.5)))
     assert _unpack("r", _pack(ev)) == ev
     err = RuntimeError("step failed")
     assert _unpack("r", _pack(err)) is err

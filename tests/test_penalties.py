@@ -59,7 +59,7 @@ def test_penalties_change_the_choice_but_not_the_reported_logprob():
     logits = torch.full((2, V), -1.0)
     logits[:, 7], logits[:, 9] = 2.0, 1.9
     params = [SamplingParams(temperature=0, logprobs=True, repetition_penalty=1.5), SamplingParams(temperature=0, logprobs=True)]
-    ids, logprobs = Sampler().sample(logits.clone(), params, [None, None], [([7, 7], 1), ([7, 7], 1)])
+    ids, logprobs, _ = Sampler().sample(logits.clone(), params, [None, None], [([7, 7], 1), ([7, 7], 1)])
     assert ids.tolist() == [9, 7]                       # 2.0 / 1.5 < 1.9: the repeat loses ...
     raw = torch.log_softmax(logits, dim=-1)
     torch.testing.assert_close(logprobs, torch.stack([raw[0, 9], raw[1, 7]]))   # ... logprobs are the raw model's
@@ -71,7 +71,7 @@ def test_min_tokens_masks_eos_and_stop_ids_until_reached():
     p = SamplingParams(temperature=0, max_tokens=8, min_tokens=2, stop_token_ids=(13,))
     no_eos = SamplingParams(temperature=0, max_tokens=8, min_tokens=2, stop_token_ids=(13,), ignore_eos=True)
     histories = [([1, 30], 1), ([1, 30, 31], 1), ([1], 1), ([1], 1)]   # 1, 2, 0 and 0 tokens generated
-    ids, _ = Sampler(eos_ids=(EOS,)).sample(logits, [p, p, p, no_eos], [None] * 4, histories)
+    ids, *_ = Sampler(eos_ids=(EOS,)).sample(logits, [p, p, p, no_eos], [None] * 4, histories)
     assert ids.tolist() == [20, EOS, 20, EOS]   # masked below 2 generated; ignore_eos leaves EOS (it cannot stop)
 
 
@@ -175,3 +175,19 @@ def test_stop_strings_wait_for_min_tokens(ckpt):
     assert len(stopped) == 1 and stopped[0].finish_reason == FinishReason.STOP
     assert len(held) >= 4 and [e.token_id for e in held[:4]] == [e.token_id for e in free[:4]]
     assert text.startswith("".join(e.text_delta for e in held))
+
+
+def test_engine_top_logprobs_are_transformers_log_softmax(ckpt):
+    path, hf = ckpt
+    prompt = [7, 19, 4, 250, 66]
+    evs = _run(_engine(path), [GenerationRequest(request_id="top", prompt_token_ids=tuple(prompt), sampling=SamplingParams(
+        max_tokens=5, temperature=0.0, ignore_eos=True, logprobs=True, top_logprobs=4, repetition_penalty=1.3))])["top"]
+    tokens = [e.token_id for e in evs]
+    with torch.no_grad():
+        ref = torch.log_softmax(hf(torch.tensor([prompt + tokens])).logits[0, len(prompt) - 1:-1].float(), dim=-1)
+    for pos, e in enumerate(evs):
+        ids, lps = e.top_logprobs
+        vals, expected = ref[pos].topk(4)
+        assert list(ids) == expected.tolist(), pos           # of the raw logits, not the penalized ones
+        torch.testing.assert_close(torch.tensor(lps), vals, rtol=1e-4, atol=1e-4)
+        assert e.logprob == pytest.approx(float(ref[pos, e.token_id]), abs=1e-4)

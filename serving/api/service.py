@@ -259,6 +259,7 @@ class GenerateService:
                 texts.append(chunk.text)
                 out.token_ids.extend(chunk.token_ids)
                 out.logprobs.extend(chunk.logprobs)
+                out.top_logprobs.extend(chunk.top_logprobs)
                 if chunk.finish_reason:
                     out.finish_reason = chunk.finish_reason
                     out.usage.CopyFrom(chunk.usage)
@@ -336,6 +337,8 @@ class GenerateService:
                 chunk.token_ids.append(e.token_id)
                 if req.sampling.logprobs and e.logprob is not None:
                     chunk.logprobs.append(float(e.logprob))
+                if req.sampling.top_logprobs and e.top_logprobs is not None:
+                    chunk.top_logprobs.add(token_ids=e.top_logprobs[0], logprobs=e.top_logprobs[1])
         ev = events[-1]
         if ev.finish_reason is not None:
             chunk.finish_reason = _FINISH[FinishReason(ev.finish_reason)]

@@ -36,6 +36,7 @@ class ApiLimits:
     max_stop_strings: int = 8
     max_stop_chars: int = 128          # per stop string
     max_stop_token_ids: int = 64
+    max_top_logprobs: int = 20
     max_request_id_chars: int = 128
 
     def __post_init__(self) -> None:
@@ -167,9 +168,13 @@ def _penalty_fields(req: Any, limits: ApiLimits) -> dict[str, Any]:
         if not 0 <= tok < limits.vocab_size:
             raise InvalidRequest("stop_token_ids", f"id {tok} at position {pos} is outside the vocabulary "
                                  f"[0, {limits.vocab_size})")
+    if not 0 <= req.top_logprobs <= limits.max_top_logprobs:
+        raise InvalidRequest("top_logprobs", f"{req.top_logprobs} must be in [0, {limits.max_top_logprobs}]")
+    if req.top_logprobs and not req.return_logprobs:
+        raise InvalidRequest("top_logprobs", "needs return_logprobs")
     return dict(repetition_penalty=float(repetition), presence_penalty=float(req.presence_penalty),
                 frequency_penalty=float(req.frequency_penalty), min_tokens=int(req.min_tokens),
-                stop_token_ids=ids)
+                stop_token_ids=ids, top_logprobs=int(req.top_logprobs))
 
 
 CHAT_ROLES = ("system", "user", "assistant")

@@ -168,15 +168,16 @@ class Engine:
         seqs = [out.seqs[i] for i in rows]
         if len(rows) < len(out.seqs):
             logits_BV = logits_BV[rows]
-        tokens_B, logprobs_B = self.sampler.sample(logits_BV, [s.request.sampling for s in seqs],
-                                                   [s.state.generator for s in seqs],
-                                                   [(s.token_ids, s.num_prompt) for s in seqs])
-        for seq, tok, lp in zip(seqs, tokens_B.tolist(), logprobs_B.tolist()):
+        tokens_B, logprobs_B, top = self.sampler.sample(logits_BV, [s.request.sampling for s in seqs],
+                                                        [s.state.generator for s in seqs],
+                                                        [(s.token_ids, s.num_prompt) for s in seqs])
+        for i, (seq, tok, lp) in enumerate(zip(seqs, tokens_B.tolist(), logprobs_B.tolist())):
             seq.token_ids.append(tok)
             self.stats.generated_tokens_total += 1
-            self._emit_token(seq, tok, lp)
+            self._emit_token(seq, tok, lp, top.get(i))
 
-    def _emit_token(self, seq: Sequence, tok: int, logprob: float) -> None:
+    def _emit_token(self, seq: Sequence, tok: int, logprob: float,
+                    top_logprobs: tuple[tuple[int, ...], tuple[float, ...]] | None = None) -> None:
         sp, st = seq.request.sampling, seq.state
         st.text += st.detok.push(tok)
         reason, end = None, None
@@ -201,7 +202,7 @@ class Engine:
         st.emit(TokenEvent(request_id=seq.request_id, token_id=tok, text_delta=delta,
                            logprob=logprob if sp.logprobs else None, finish_reason=reason,
                            prompt_tokens=seq.num_prompt, completion_tokens=seq.num_generated,
-                           cached_tokens=max(seq.prefix_hit, 0)))
+                           cached_tokens=max(seq.prefix_hit, 0), top_logprobs=top_logprobs))
 
     def _drain_inbox(self) -> None:
         with self._inbox_lock:

@@ -6,7 +6,7 @@ Shape legend: B rows (one per sequence), V vocab, S rows that sample (not greedy
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 
@@ -26,6 +26,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0     # 0 => off; over the output
     min_tokens: int = 0                # EOS / stop_token_ids masked until this many were generated
     stop_token_ids: tuple[int, ...] = ()
+    top_logprobs: int = 0              # the k most likely tokens' logprobs at each position
 
     def __post_init__(self):
         if self.max_tokens < 1:
@@ -38,6 +39,8 @@ class SamplingParams:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
         if not self.repetition_penalty > 0:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if self.top_logprobs < 0:
+            raise ValueError(f"top_logprobs must be >= 0, got {self.top_logprobs}")
         if not 0 <= self.min_tokens <= self.max_tokens:
             raise ValueError(f"min_tokens must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}")
 
@@ -78,6 +81,14 @@ def greedy_argmax(logits_BV: torch.Tensor) -> torch.Tensor:
 
 # a row's context: (its token ids, prompt then output so far; how many of them are the prompt)
 History = tuple[Sequence[int], int]
+# a row's most likely tokens: (token ids, their logprobs), most likely first
+TopLogprobs = tuple[tuple[int, ...], tuple[float, ...]]
+
+
+class SampleOutput(NamedTuple):
+    token_ids_B: torch.Tensor            # int64
+    logprobs_B: torch.Tensor             # fp32, NaN for rows that did not ask
+    top: dict[int, TopLogprobs]          # row -> its top_logprobs, for rows that asked
 
 
 class Sampler:
@@ -86,9 +97,10 @@ class Sampler:
 
     def sample(self, logits_BV: torch.Tensor, params: Sequence[SamplingParams],
                generators: Sequence[torch.Generator | None], histories: Sequence[History] | None = None,
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns (token_ids_B int64, logprobs_B fp32 = log_softmax(raw logits) at the chosen token).
-        Logprobs cost a pass over [B, V]; only rows whose params ask for them get one (others are NaN).
+               ) -> SampleOutput:
+        """(token_ids_B int64, logprobs_B fp32 = log_softmax(raw logits) at the chosen token, and the
+        top_logprobs of the rows whose params ask for them). Logprobs cost a pass over [B, V]; only rows
+        whose params ask for them get one (others are NaN).
         `histories` (per row) is read only for rows with penalties or an unmet min_tokens, whose logits
         are adjusted first (`adjust_logits`); the logprobs stay those of the raw logits (vLLM's default)."""
         logits_BV = raw_BV = logits_BV.float()
@@ -97,7 +109,7 @@ class Sampler:
             if (p.min_tokens or p.penalized) and (p.penalized or self._stop_mask(p, histories[i]))]
         if adjust:
             with torch.inference_mode():             # the model's logits are inference tensors
-                if any(params[i].logprobs for i in adjust):
+                if any(params[i].logprobs or params[i].top_logprobs for i in adjust):
                     logits_BV = logits_BV.clone()
                 self.adjust_logits(logits_BV, adjust, params, histories)
         token_ids_B = greedy_argmax(logits_BV)
@@ -109,12 +121,22 @@ class Sampler:
                 token_ids_B[i] = torch.multinomial(probs_SV[j], 1, generator=generators[i])[0]
         # log_softmax at the chosen token only, for the rows that want it: no [B, V] log-prob tensor
         logprobs_B = torch.full(token_ids_B.shape, float("nan"), device=logits_BV.device)
-        want = [i for i, p in enumerate(params) if p.logprobs]
+        top: dict[int, TopLogprobs] = {}
+        want = [i for i, p in enumerate(params) if p.logprobs or p.top_logprobs]
         if want:
             rows = torch.tensor(want, device=logits_BV.device)
             lw_WV = raw_BV[rows]
-            logprobs_B[rows] = lw_WV.gather(1, token_ids_B[rows, None])[:, 0] - torch.logsumexp(lw_WV, dim=-1)
-        return token_ids_B, logprobs_B
+            lse_W = torch.logsumexp(lw_WV, dim=-1)
+            logprobs_B[rows] = lw_WV.gather(1, token_ids_B[rows, None])[:, 0] - lse_W
+            k = max(params[i].top_logprobs for i in want)
+            if k:
+                top_vals, top_ids = lw_WV.topk(min(k, lw_WV.shape[-1]), dim=-1)    # most likely first
+                vals, cand = (top_vals - lse_W[:, None]).tolist(), top_ids.tolist()
+                for j, i in enumerate(want):
+                    n = params[i].top_logprobs
+                    if n:
+                        top[i] = (tuple(cand[j][:n]), tuple(vals[j][:n]))
+        return SampleOutput(token_ids_B, logprobs_B, top)
 
     def _stop_mask(self, p: SamplingParams, history: History) -> tuple[int, ...]:
         """The token ids this row may not sample yet: its stops while min_tokens is unmet."""
