@@ -8,6 +8,7 @@ import torch
 from transformers import RepetitionPenaltyLogitsProcessor
 
 from hf_reference import build_hf_checkpoint
+from test_engine import _run
 from serving.engine.engine import Engine
 from serving.engine.request import FinishReason, GenerationRequest
 from serving.engine.scheduler import SchedulerConfig
@@ -101,18 +102,6 @@ def _engine(path) -> Engine:
     dispatcher = ExpertDispatcher(placement, LocalTransport(workers), model.config.num_experts)
     return Engine(model, dispatcher, Tokenizer.from_dir(path),
                   SchedulerConfig(max_num_seqs=8, max_model_len=256, max_num_batched_tokens=512))
-
-
-def _run(engine, reqs, max_steps=500) -> dict[str, list]:
-    events = {r.request_id: [] for r in reqs}
-    for r in reqs:
-        engine.add_request(r, events[r.request_id].append)
-    for _ in range(max_steps):
-        if not engine.has_work():
-            break
-        engine.step()
-    assert not engine.has_work()
-    return events
 
 
 def _hf(hf, ids, n, **kw) -> list[int]:
