@@ -395,6 +395,14 @@ def test_bench_in_process_tiny(tiny_checkpoint, capsys):
         assert k in rep
     assert rep["completed"] == 6 and rep["output_tokens"] == 30
     assert rep["engine_steps"] >= 5 and rep["ttft_p50_s"] > 0 and rep["tpot_p50_s"] > 0
+    # every request with penalties (what they cost is measured this way): they run, and the report says so
+    rc = _bench(["--in-process", "--checkpoint", str(tiny_checkpoint), "--concurrency", "4", "--num-requests", "4",
+                 "--max-tokens", "5", "--prompt-len", "7", "--repetition-penalty", "1.3", "--frequency-penalty",
+                 "0.5", "--json"])
+    rep = json.loads(capsys.readouterr().out)
+    assert rc == 0 and rep["completed"] == 4 and rep["output_tokens"] == 20
+    assert (rep["config"]["repetition_penalty"], rep["config"]["frequency_penalty"],
+            rep["config"]["presence_penalty"]) == (1.3, 0.5, 0.0)
 
 
 def test_bench_in_process_torch_profile(tiny_checkpoint, capsys, tmp_path):

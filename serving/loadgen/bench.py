@@ -65,6 +65,10 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--slo", default=None,
                         help="goodput bounds in seconds, e.g. ttft=0.5,tpot=0.1 (also e2e, itl)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repetition-penalty", type=float, default=None,
+                        help="every request's (default: off), to measure what penalties cost")
+    parser.add_argument("--frequency-penalty", type=float, default=0.0, help="every request's (default: off)")
+    parser.add_argument("--presence-penalty", type=float, default=0.0, help="every request's (default: off)")
     parser.add_argument("--warmup", type=int, default=None,
                         help="untimed warm-up requests first (default: concurrency, of 2 tokens)")
     parser.add_argument("--max-duration-s", type=float, default=600.0,
@@ -122,6 +126,14 @@ def _check(args: argparse.Namespace) -> None:
         raise ValueError(f"--mode {args.mode} needs --rate > 0")
 
 
+def penalties(args: argparse.Namespace) -> dict[str, float]:
+    """The penalty flags as request / SamplingParams fields (only those set)."""
+    out = {k: getattr(args, k) for k in ("presence_penalty", "frequency_penalty") if getattr(args, k)}
+    if args.repetition_penalty is not None:
+        out["repetition_penalty"] = args.repetition_penalty
+    return out
+
+
 def make_prompts(n: int, prompt_len: int, vocab_size: int, seed: int, prefix_len: int = 0,
                  prefix_groups: int = 1) -> list[list[int]]:
     """n prompts of seeded random ids in [3, vocab_size): `prefix_len` ids shared by the prompts of
@@ -154,7 +166,7 @@ async def _bench_grpc(args: argparse.Namespace, prompts: list[list[int]]
     def make(i: int, max_tokens: int = args.max_tokens, tag: str = "bench") -> tuple[Any, str]:
         return build_request(prompt_ids=prompts[i % len(prompts)], max_tokens=max_tokens,
                              temperature=0.0, ignore_eos=True, priority=args.priority,
-                             request_id=f"{tag}-{i}"), args.priority
+                             request_id=f"{tag}-{i}", **penalties(args)), args.priority
 
     from serving.client import caller_token
     async with GrpcDriver(args.target, timeout_s=args.timeout_s, max_in_flight=args.concurrency,
@@ -205,15 +217,16 @@ def build_inprocess_engine(args: argparse.Namespace):
 
 def drive_engine(engine, prompts: list[list[int]], *, max_tokens: int, concurrency: int,
                  priority: str = "interactive", times: np.ndarray | None = None,
-                 max_duration_s: float = 600.0, tag: str = "bench"
+                 max_duration_s: float = 600.0, tag: str = "bench", sampling_extra: dict | None = None
                  ) -> tuple[list[RequestResult], float, dict]:
     """Run len(prompts) requests through `engine.step()`: closed loop at `concurrency`,
-    or at the arrival `times` (seconds) with at most `concurrency` in flight."""
+    or at the arrival `times` (seconds) with at most `concurrency` in flight (greedy, EOS ignored,
+    plus `sampling_extra` SamplingParams fields)."""
     from serving.engine.request import GenerationRequest, Priority
     from serving.model.sampling import SamplingParams
 
     prio = Priority.BATCH if priority == "batch" else Priority.INTERACTIVE
-    sampling = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    sampling = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, **(sampling_extra or {}))
     results = [RequestResult(index=i, priority=priority, start_s=0.0) for i in range(len(prompts))]
     done: deque[int] = deque()
     t0 = time.perf_counter()
@@ -320,7 +333,8 @@ def _drive_timed(args: argparse.Namespace, prompts: list[list[int]], engine, loa
     with torch.inference_mode(), prof:
         results, wall, extra = drive_engine(
             engine, prompts, max_tokens=args.max_tokens, concurrency=args.concurrency,
-            priority=args.priority, times=arrival_times(args), max_duration_s=args.max_duration_s)
+            priority=args.priority, times=arrival_times(args), max_duration_s=args.max_duration_s,
+            sampling_extra=penalties(args))
     steps = st.steps_total - steps0
     extra.update(load_s=load_s, mean_step_s=(st.step_seconds_total - step_s0) / steps if steps else None)
     if args.torch_profile is not None:
@@ -375,7 +389,7 @@ def run_bench(args: argparse.Namespace) -> int:
             "target", "checkpoint", "concurrency", "num_requests", "max_tokens", "prompt_len", "prefix_len",
             "prefix_groups", "prefix_caching",
             "dtype", "mode", "rate", "burstiness", "priority", "seed", "expert_shards", "transport", "nodes",
-            "threads")},
+            "threads", "repetition_penalty", "frequency_penalty", "presence_penalty")},
         **summary, **extra}
     if args.json:
         print(json.dumps(report))
