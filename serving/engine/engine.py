@@ -5,6 +5,7 @@ A plain object (no Ray): the EngineReplica deployment wraps it, tests drive it d
 """
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from serving.model.sampling import Sampler
 from serving.model.tokenizer import IncrementalDetokenizer, Tokenizer
 
 Emit = Callable[[TokenEvent], None]
+log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -121,8 +123,9 @@ class Engine:
     def step(self) -> int:
         """Run one engine step. Returns the number of tokens processed (0 if idle)."""
         if self._warm_targets:
-            self.kernel_warm_up = warm_up(self._warm_targets, threads_for=self.step_threads)
+            w = self.kernel_warm_up = warm_up(self._warm_targets, threads_for=self.step_threads)
             self._warm_targets = ()
+            log.info("built %d GEMM kernels (%d weight shapes x threads) in %.2f s", w.gemms, w.shapes, w.seconds)
         t_start = time.perf_counter()
         self._drain_inbox()
         out = self.scheduler.schedule()
