@@ -53,7 +53,8 @@ def build_request(prompt: str | None = None, prompt_ids: Sequence[int] | None = 
                   request_id: str = "", logprobs: bool = False,
                   ignore_eos: bool = False, repetition_penalty: float | None = None,
                   presence_penalty: float = 0.0, frequency_penalty: float = 0.0, min_tokens: int = 0,
-                  stop_token_ids: Sequence[int] = (), top_logprobs: int = 0) -> Any:
+                  stop_token_ids: Sequence[int] = (), top_logprobs: int = 0,
+                  logit_bias: dict[int, float] | None = None) -> Any:
     """A GenerateRequest. Give exactly one of prompt / prompt_ids / messages ((role, content)
     pairs: a chat, through the model's chat template); None means "server default" for the
     optional fields. priority: "interactive", "batch" or a proto value."""
@@ -82,6 +83,8 @@ def build_request(prompt: str | None = None, prompt_ids: Sequence[int] | None = 
         req.seed = seed
     if repetition_penalty is not None:
         req.repetition_penalty = repetition_penalty
+    for tok, bias in (logit_bias or {}).items():
+        req.logit_bias[int(tok)] = float(bias)
     return req
 
 
@@ -231,6 +234,8 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-tokens", type=int, default=0, help="no stop before this many tokens")
     parser.add_argument("--stop-token-ids", default=None, metavar="IDS",
                         help="also stop after these token ids, comma-separated: 2,13")
+    parser.add_argument("--logit-bias", nargs="+", default=[], metavar="ID=BIAS",
+                        help="add BIAS (in [-100, 100]) to token ID's logit: 13=-100 bans it")
     parser.add_argument("--stream", action="store_true",
                         help="print text deltas as they arrive")
     parser.add_argument("--resume", type=int, default=0, metavar="N",
@@ -268,6 +273,19 @@ def _parse_ids(text: str, flag: str = "--prompt-ids") -> list[int]:
     return ids
 
 
+def _parse_bias(items: Sequence[str]) -> dict[int, float]:
+    out = {}
+    for item in items:
+        tok, sep, bias = item.partition("=")
+        try:
+            out[int(tok)] = float(bias)
+        except ValueError:
+            raise ValueError(f"--logit-bias takes ID=BIAS pairs (13=-100), got {item!r}") from None
+        if not sep:
+            raise ValueError(f"--logit-bias takes ID=BIAS pairs (13=-100), got {item!r}")
+    return out
+
+
 def _exit_code(code: grpc.StatusCode | None) -> int:
     if code == grpc.StatusCode.INVALID_ARGUMENT:
         return EXIT_INVALID
@@ -291,7 +309,7 @@ def run_generate(args: argparse.Namespace) -> int:
             repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
             frequency_penalty=args.frequency_penalty, min_tokens=args.min_tokens,
             stop_token_ids=_parse_ids(args.stop_token_ids, "--stop-token-ids") if args.stop_token_ids else (),
-            top_logprobs=args.top_logprobs)
+            top_logprobs=args.top_logprobs, logit_bias=_parse_bias(args.logit_bias))
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_INVALID

@@ -519,8 +519,9 @@ def test_cli_top_logprobs_one_list_per_token(h, capsys, stream):
 def test_cli_penalties_and_stops_reach_the_engine(h, capsys):
     assert cli(["--target", h.target, "--prompt", "a", "--max-tokens", "4", "--repetition-penalty", "1.5",
                 "--presence-penalty", "0.25", "--frequency-penalty", "-0.5", "--min-tokens", "2",
-                "--stop-token-ids", "13,14", "--json"]) == 0
+                "--stop-token-ids", "13,14", "--logit-bias", "13=-100", "7=2.5", "--json"]) == 0
     s = h.engine.requests[-1].sampling
+    assert s.logit_bias == ((7, 2.5), (13, -100.0))
     assert (s.repetition_penalty, s.presence_penalty, s.frequency_penalty, s.min_tokens, s.stop_token_ids) == \
         (1.5, 0.25, -0.5, 2, (13, 14))
 
@@ -531,6 +532,8 @@ def test_cli_penalties_and_stops_reach_the_engine(h, capsys):
      "error: INVALID_ARGUMENT: min_tokens: 3 exceeds max_tokens (2)"),
     (["--prompt", "a", "--presence-penalty", "3"], 2, "error: INVALID_ARGUMENT: presence_penalty:"),
     (["--prompt", "a", "--stop-token-ids", "1,x"], 2, "error: --stop-token-ids"),
+    (["--prompt", "a", "--logit-bias", "13"], 2, "error: --logit-bias takes ID=BIAS"),
+    (["--prompt", "a", "--logit-bias", "13=-101"], 2, "error: INVALID_ARGUMENT: logit_bias[13]:"),
     (["--prompt", "a", "--request-id", "busy-3"], 3, "error: RESOURCE_EXHAUSTED:"),
     (["--prompt", "a", "--request-id", "drain-3", "--stream"], 3, "error: UNAVAILABLE:"),
     (["--prompt", "a", "--request-id", "boom-3"], 1, "error: INTERNAL:"),

@@ -62,6 +62,8 @@ def test_penalties_and_stops_convert():
                             frequency_penalty=2.0, min_tokens=10, stop_token_ids=[0, TOK.vocab_size - 1],
                             logprobs=True, top_logprobs=20)).sampling
     assert s.top_logprobs == 20
+    b = check(build_request(prompt_ids=[5], logit_bias={9: -100, 3: 2.5})).sampling
+    assert b.logit_bias == ((3, 2.5), (9, -100.0)) and b.biased and not b.penalized
     assert (s.repetition_penalty, s.presence_penalty, s.frequency_penalty) == (pytest.approx(1.2), -0.5, 2.0)
     assert s.min_tokens == 10 and s.stop_token_ids == (0, TOK.vocab_size - 1) and s.penalized
     d = check(build_request("ab")).sampling          # unset: all off
@@ -84,9 +86,18 @@ def test_penalties_and_stops_convert():
     ("top_logprobs", dict(top_logprobs=21, logprobs=True), "[0, 20]"),
     ("top_logprobs", dict(top_logprobs=-1, logprobs=True), "[0, 20]"),
     ("top_logprobs", dict(top_logprobs=2), "needs return_logprobs"),
+    ("logit_bias[300]", dict(logit_bias={5: 1.0, 300: -1.0}), "outside the vocabulary"),
+    ("logit_bias[5]", dict(logit_bias={5: -100.5}), "[-100, 100]"),
+    ("logit_bias[5]", dict(logit_bias={5: float("nan")}), "[-100, 100]"),
 ])
 def test_bad_penalties_and_stops(field, kwargs, needle):
     invalid(build_request("ab", **kwargs), field, needle)
+
+
+def test_logit_bias_entries_are_capped():
+    from dataclasses import replace
+    invalid(build_request("ab", logit_bias={i: 1.0 for i in range(4)}), "logit_bias", "has 4 entries; at most 3",
+            limits=replace(LIMITS, max_logit_bias=3))
 
 
 def test_temperature_zero_is_greedy_not_unset():

@@ -131,14 +131,15 @@ def test_cli_greedy_matches_transformers(cluster, ckpt):
 
 
 def test_penalties_and_stop_ids_over_grpc_match_transformers(cluster, ckpt):
-    """repetition_penalty, min_tokens and stop_token_ids through the whole path (gRPC, Serve, the
-    engine, the expert shards) against transformers' generate with the same settings."""
+    """repetition_penalty, min_tokens, stop_token_ids and logit_bias through the whole path (gRPC,
+    Serve, the engine, the expert shards) against transformers' generate with the same settings."""
     ids = [9, 31, 200, 4, 77, 150]
     plain = _hf_greedy(ckpt[1], ids, 16)
     stop = plain[0]                                   # the unconstrained answer would stop at once
     out = moe_serve("generate", "--target", cluster["grpc_target"], "--prompt-ids", ",".join(map(str, ids)),
                     "--max-tokens", "16", "--temperature", "0", "--ignore-eos", "--repetition-penalty", "1.5",
-                    "--min-tokens", "3", "--stop-token-ids", str(stop), "--logprobs", "--top-logprobs", "3", "--json")
+                    "--min-tokens", "3", "--stop-token-ids", str(stop), "--logprobs", "--top-logprobs", "3",
+                    "--logit-bias", f"{plain[1]}=-100", "--json")
     result = json.loads(out.stdout)
     # top_logprobs (of the raw logits) came through the core process and the proxy: 3 per token, ordered
     assert len(result["top_logprobs"]) == len(result["token_ids"]) == len(result["logprobs"])
@@ -147,6 +148,7 @@ def test_penalties_and_stop_ids_over_grpc_match_transformers(cluster, ckpt):
         assert lp <= top[0]["logprob"] + 1e-6
     expected = ckpt[1].generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False, repetition_penalty=1.5,
                                 min_new_tokens=3, eos_token_id=[stop], pad_token_id=0,
+                                sequence_bias={(plain[1],): -100.0},
                                 attention_mask=torch.ones(1, len(ids), dtype=torch.long))[0, len(ids):].tolist()
     assert result["token_ids"] == expected and result["token_ids"][0] != stop
     assert result["finish_reason"] == ("stop" if expected[-1] == stop else "length")

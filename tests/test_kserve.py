@@ -211,7 +211,7 @@ def test_sampling_fields_reach_the_engine_from_parameters_and_json(h, triton):
     triton.infer(MODEL, [_bytes_input("text_input", "hi")], request_id="p3",
                  parameters={"max_tokens": 6, "repetition_penalty": 1.25, "presence_penalty": -1,
                              "frequency_penalty": 0.5, "min_tokens": 2, "stop_token_ids": 13})
-    sampling = json.dumps({"max_tokens": 6, "stop_token_ids": [13, 14], "min_tokens": "3"})
+    sampling = json.dumps({"max_tokens": 6, "stop_token_ids": [13, 14], "min_tokens": "3", "logit_bias": {"13": -100}})
     triton.infer(MODEL, [_bytes_input("text_input", "hi"), _bytes_input("sampling_parameters", sampling)],
                  request_id="p4")
     third, fourth = h.engine.requests[-2:]
@@ -219,6 +219,7 @@ def test_sampling_fields_reach_the_engine_from_parameters_and_json(h, triton):
     assert (s.repetition_penalty, s.presence_penalty, s.frequency_penalty, s.min_tokens, s.stop_token_ids) == \
         (1.25, -1.0, 0.5, 2, (13,))
     assert (fourth.sampling.min_tokens, fourth.sampling.stop_token_ids) == (3, (13, 14))
+    assert fourth.sampling.logit_bias == ((13, -100.0),)
 
 
 def _param(**kw):
@@ -253,6 +254,13 @@ INVALID = [
                       ("sampling_parameters", "BYTES", [1], b'{"stop_token_ids": [1, "2"]}'))),
      "sampling_parameters.stop_token_ids: must be an int or a list of ints"),
     (_request(parameters=_param(repetition_penalty={"double_param": 0.0})), "repetition_penalty: 0.0 must be in (0, 10]"),
+    (_request(inputs=(("text_input", "BYTES", [1], b"hi"),
+                      ("sampling_parameters", "BYTES", [1], b'{"logit_bias": {"x": 1}}'))),
+     "sampling_parameters.logit_bias: must be a JSON object of token id -> bias"),
+    (_request(inputs=(("text_input", "BYTES", [1], b"hi"),
+                      ("sampling_parameters", "BYTES", [1], b'{"logit_bias": {"99999999999": 1}}'))),
+     "sampling_parameters.logit_bias: must be a JSON object"),
+    (_request(parameters=_param(logit_bias={"string_param": "13"})), "parameters[logit_bias]: must be a JSON object"),
     (_request(parameters=_param(max_tokens={"int64_param": 99})), "max_tokens: 99 exceeds the limit 32"),
     (_request(parameters=_param(top_p={"double_param": 2.0})), "top_p: 2.0 must be in (0, 1]"),
     (_request(parameters=_param(priority={"uint64_param": 7})), "parameters[priority]: 7 is not a priority"),

@@ -76,6 +76,22 @@ def test_min_tokens_masks_eos_and_stop_ids_until_reached():
     assert ids.tolist() == [20, EOS, 20, EOS]   # masked below 2 generated; ignore_eos leaves EOS (it cannot stop)
 
 
+def test_logit_bias_is_added_before_the_choice_and_not_to_the_logprobs():
+    logits = _logits(2, seed=3)
+    best = int(logits[0].argmax())
+    params = [SamplingParams(temperature=0, logprobs=True, logit_bias=((best, -100.0), (7, 0.5))),
+              SamplingParams(temperature=0, logprobs=True)]
+    adjusted = logits.clone()
+    Sampler().adjust_logits(adjusted, [0], params, [([1], 1), ([1], 1)])
+    expected = logits.clone()
+    expected[0, best] -= 100.0
+    expected[0, 7] += 0.5
+    torch.testing.assert_close(adjusted, expected)
+    ids, logprobs, _ = Sampler().sample(logits.clone(), params, [None, None], [([1], 1), ([1], 1)])
+    assert ids.tolist() == [int(expected[0].argmax()), int(logits[1].argmax())] and ids[0] != best
+    torch.testing.assert_close(logprobs[0], torch.log_softmax(logits[0], -1)[ids[0]])
+
+
 @pytest.mark.parametrize("bad", [dict(repetition_penalty=0.0), dict(min_tokens=-1), dict(min_tokens=9)])
 def test_sampling_params_refuse_out_of_range(bad):
     with pytest.raises(ValueError):
@@ -122,6 +138,7 @@ def test_engine_matches_transformers_generate_with_penalties_and_stops(ckpt):
         "rep-low": (dict(repetition_penalty=0.8), dict(repetition_penalty=0.8)),
         "stop": (dict(stop_token_ids=None), dict(eos_token_id=None)),      # filled per prompt below
         "min": (dict(stop_token_ids=None, min_tokens=6), dict(eos_token_id=None, min_new_tokens=6)),
+        "bias": (dict(logit_bias=None, repetition_penalty=1.2), dict(sequence_bias=None, repetition_penalty=1.2)),
     }
     reqs, expected = [], {}
     for name, (ours, theirs) in cases.items():
@@ -129,6 +146,9 @@ def test_engine_matches_transformers_generate_with_penalties_and_stops(ckpt):
             o, t = dict(ours), dict(theirs)
             if "stop_token_ids" in o:
                 o["stop_token_ids"], t["eos_token_id"] = (stops[i], plain[i][0]), [stops[i], plain[i][0]]
+            if "logit_bias" in o:      # ban the plain answer's first token, favour its fourth a little
+                o["logit_bias"] = ((plain[i][0], -100.0), (stops[i], 2.5))
+                t["sequence_bias"] = {(plain[i][0],): -100.0, (stops[i],): 2.5}
             rid = f"{name}-{i}"
             reqs.append(GenerationRequest(request_id=rid, prompt_token_ids=tuple(p), sampling=SamplingParams(
                 max_tokens=20, temperature=0.0, ignore_eos=True, **o)))
@@ -146,6 +166,7 @@ def test_engine_matches_transformers_generate_with_penalties_and_stops(ckpt):
     assert all(len(events[f"stop-{i}"]) == 1 for i in range(3))     # the plain run's first token is a stop id
     assert all(len(events[f"min-{i}"]) > 6 for i in range(3))
     assert any(events[f"rep-{i}"][k].token_id != plain[i][k] for i in range(3) for k in range(20))
+    assert all(plain[i][0] not in [e.token_id for e in events[f"bias-{i}"]] for i in range(3))
 
 
 def test_stop_strings_wait_for_min_tokens(ckpt):

@@ -18,7 +18,8 @@ The model (ModelMetadata says the same)
   `enable_empty_final_response=True`). A field set both ways is INVALID_ARGUMENT.
 - Sampling fields: max_tokens, temperature, top_p, top_k, seed, stop (a string or a list),
   ignore_eos, repetition_penalty, presence_penalty, frequency_penalty, min_tokens, stop_token_ids
-  (an int or a list): moe_serving.v1.GenerateRequest's, with its defaults and limits.
+  (an int or a list), logit_bias (a JSON object, in sampling_parameters): moe_serving.v1.GenerateRequest's,
+  with its defaults and limits.
 - Outputs, all unless `outputs` names some, each shape [1]:
       text_output        BYTES   the completion; streaming, this chunk's text
       num_output_tokens  UINT32  tokens generated so far
@@ -94,7 +95,8 @@ SAMPLING_FIELDS: dict[str, type] = {"max_tokens": int, "temperature": float, "to
                                     "top_k": int, "seed": int, "stop": list, "ignore_eos": bool,
                                     "repetition_penalty": float, "presence_penalty": float,
                                     "frequency_penalty": float, "min_tokens": int,
-                                    "stop_token_ids": tuple}     # tuple: an int or a list of ints
+                                    "stop_token_ids": tuple,     # tuple: an int or a list of ints
+                                    "logit_bias": dict}          # {"token id": bias}, in the JSON only
 _INT32 = (-2**31, 2**31 - 1)
 _INT_RANGE = {"max_tokens": _INT32, "top_k": _INT32, "min_tokens": _INT32, "seed": (-2**63, 2**63 - 1)}
 PRIORITIES = {0: pb2.PRIORITY_UNSPECIFIED, 1: pb2.PRIORITY_INTERACTIVE, 2: pb2.PRIORITY_BATCH}
@@ -233,6 +235,22 @@ def _typed(name: str, value: Any, where: str) -> Any:
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise InvalidRequest(where, "must be a string or a list of strings")
         return value
+    if kind is dict:
+        bad = InvalidRequest(where, 'must be a JSON object of token id -> bias, e.g. {"13": -100}')
+        if not isinstance(value, dict):
+            raise bad
+        out = {}
+        for k, v in value.items():
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise bad
+            try:
+                tok = int(k)
+            except ValueError:
+                raise bad from None
+            if not _INT32[0] <= tok <= _INT32[1]:
+                raise bad
+            out[tok] = float(v)
+        return out
     if kind is tuple:
         value = [value] if type(value) is int else value
         if not isinstance(value, list) or not all(type(v) is int and _INT32[0] <= v <= _INT32[1] for v in value):
@@ -488,6 +506,8 @@ class KServeService:
         for name, value in sampling.items():
             if name in ("stop", "stop_token_ids"):
                 getattr(gen, name).extend(value)
+            elif name == "logit_bias":
+                gen.logit_bias.update(value)
             else:
                 setattr(gen, name, value)
         return _Plan(request=gen, request_id=request.id, stream=stream,

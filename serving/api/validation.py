@@ -37,6 +37,7 @@ class ApiLimits:
     max_stop_chars: int = 128          # per stop string
     max_stop_token_ids: int = 64
     max_top_logprobs: int = 20
+    max_logit_bias: int = 300          # entries (OpenAI's cap)
     max_request_id_chars: int = 128
 
     def __post_init__(self) -> None:
@@ -172,9 +173,18 @@ def _penalty_fields(req: Any, limits: ApiLimits) -> dict[str, Any]:
         raise InvalidRequest("top_logprobs", f"{req.top_logprobs} must be in [0, {limits.max_top_logprobs}]")
     if req.top_logprobs and not req.return_logprobs:
         raise InvalidRequest("top_logprobs", "needs return_logprobs")
+    bias = dict(req.logit_bias)
+    if len(bias) > limits.max_logit_bias:
+        raise InvalidRequest("logit_bias", f"has {len(bias)} entries; at most {limits.max_logit_bias} are allowed")
+    for tok, value in sorted(bias.items()):
+        if not 0 <= tok < limits.vocab_size:
+            raise InvalidRequest(f"logit_bias[{tok}]", f"token id outside the vocabulary [0, {limits.vocab_size})")
+        if not (math.isfinite(value) and -100.0 <= value <= 100.0):
+            raise InvalidRequest(f"logit_bias[{tok}]", f"{value} must be in [-100, 100]")
     return dict(repetition_penalty=float(repetition), presence_penalty=float(req.presence_penalty),
                 frequency_penalty=float(req.frequency_penalty), min_tokens=int(req.min_tokens),
-                stop_token_ids=ids, top_logprobs=int(req.top_logprobs))
+                stop_token_ids=ids, top_logprobs=int(req.top_logprobs),
+                logit_bias=tuple((int(t), float(v)) for t, v in sorted(bias.items())))
 
 
 CHAT_ROLES = ("system", "user", "assistant")

@@ -27,6 +27,7 @@ class SamplingParams:
     min_tokens: int = 0                # EOS / stop_token_ids masked until this many were generated
     stop_token_ids: tuple[int, ...] = ()
     top_logprobs: int = 0              # the k most likely tokens' logprobs at each position
+    logit_bias: tuple[tuple[int, float], ...] = ()   # (token id, added to its logit), OpenAI's logit_bias
 
     def __post_init__(self):
         if self.max_tokens < 1:
@@ -47,6 +48,11 @@ class SamplingParams:
     @property
     def penalized(self) -> bool:
         return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+    @property
+    def biased(self) -> bool:
+        """Whether the logits are adjusted before sampling whatever was generated (bias or penalties)."""
+        return bool(self.logit_bias) or self.penalized
 
     @property
     def greedy(self) -> bool:
@@ -114,7 +120,7 @@ class Sampler:
         logits_BV = raw_BV = logits_BV.float()
         adjust = [] if histories is None else [
             i for i, p in enumerate(params)
-            if (p.min_tokens or p.penalized) and (p.penalized or self._stop_mask(p, histories[i]))]
+            if (p.min_tokens or p.biased) and (p.biased or self._stop_mask(p, histories[i]))]
         if adjust:
             with torch.inference_mode():             # the model's logits are inference tensors
                 if any(params[i].logprobs or params[i].top_logprobs for i in adjust) or not logits_BV.is_contiguous():
@@ -155,10 +161,14 @@ class Sampler:
 
     def adjust_logits(self, logits_BV: torch.Tensor, rows: Sequence[int], params: Sequence[SamplingParams],
                       histories: Sequence[History]) -> None:
-        """In place, for `rows`: the min_tokens mask (stops -> -inf), then the penalties as vLLM
-        applies them: repetition over the prompt and the output (logit / p where > 0, * p where not),
-        then frequency (x the count in the output) and presence (once if in the output)."""
+        """In place, for `rows`: logit_bias, the min_tokens mask (stops -> -inf), then the penalties as
+        vLLM applies them: repetition over the prompt and the output (logit / p where > 0, * p where
+        not), then frequency (x the count in the output) and presence (once if in the output)."""
         for i in rows:
+            bias = params[i].logit_bias
+            if bias:
+                ids = torch.tensor([t for t, _ in bias], device=logits_BV.device)
+                logits_BV[i, ids] += torch.tensor([b for _, b in bias], device=logits_BV.device)
             masked = self._stop_mask(params[i], histories[i])
             if masked:
                 logits_BV[i, list(masked)] = float("-inf")
