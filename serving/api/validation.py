@@ -69,6 +69,12 @@ def _validate_request_id(rid: str, limits: ApiLimits) -> str:
     return rid
 
 
+def _check_in_vocab(field: str, ids: tuple[int, ...], limits: ApiLimits) -> None:
+    for pos, tok in enumerate(ids):
+        if not 0 <= tok < limits.vocab_size:
+            raise InvalidRequest(field, f"id {tok} at position {pos} is outside the vocabulary [0, {limits.vocab_size})")
+
+
 def _prompt_ids(req: Any, limits: ApiLimits, tokenizer: Tokenizer) -> tuple[int, ...]:
     kind = req.WhichOneof("prompt")
     if kind is None:
@@ -89,10 +95,7 @@ def _prompt_ids(req: Any, limits: ApiLimits, tokenizer: Tokenizer) -> tuple[int,
     ids = tuple(req.token_ids.ids)
     if not ids:
         raise InvalidRequest("prompt", "token_ids is empty")
-    for pos, tok in enumerate(ids):
-        if not 0 <= tok < limits.vocab_size:
-            raise InvalidRequest("prompt.token_ids", f"id {tok} at position {pos} is outside "
-                                 f"the vocabulary [0, {limits.vocab_size})")
+    _check_in_vocab("prompt.token_ids", ids, limits)
     return ids
 
 
@@ -150,6 +153,8 @@ def _sampling_fields(req: Any, limits: ApiLimits) -> dict[str, Any]:
 
 
 def _penalty_fields(req: Any, limits: ApiLimits) -> dict[str, Any]:
+    """The fields that adjust the logits or end generation by token (penalties, logit_bias,
+    min_tokens, stop_token_ids) and top_logprobs."""
     repetition = 1.0
     if req.HasField("repetition_penalty"):
         repetition = req.repetition_penalty
@@ -165,10 +170,7 @@ def _penalty_fields(req: Any, limits: ApiLimits) -> dict[str, Any]:
     if len(ids) > limits.max_stop_token_ids:
         raise InvalidRequest("stop_token_ids", f"has {len(ids)} ids; at most {limits.max_stop_token_ids} "
                              "are allowed")
-    for pos, tok in enumerate(ids):
-        if not 0 <= tok < limits.vocab_size:
-            raise InvalidRequest("stop_token_ids", f"id {tok} at position {pos} is outside the vocabulary "
-                                 f"[0, {limits.vocab_size})")
+    _check_in_vocab("stop_token_ids", ids, limits)
     if not 0 <= req.top_logprobs <= limits.max_top_logprobs:
         raise InvalidRequest("top_logprobs", f"{req.top_logprobs} must be in [0, {limits.max_top_logprobs}]")
     if req.top_logprobs and not req.return_logprobs:

@@ -20,7 +20,7 @@ from serving.engine.step_phases import PHASES, TimedDispatch, step_phases
 from serving.model.kv_cache import KVCache
 from serving.model.linear import WarmTarget, WarmUpReport, warm_up
 from serving.model.model import BatchLayout, ExpertDispatch, MoEModel
-from serving.model.sampling import Sampler
+from serving.model.sampling import Sampler, TopLogprobs
 from serving.model.tokenizer import IncrementalDetokenizer, Tokenizer
 
 Emit = Callable[[TokenEvent], None]
@@ -76,8 +76,8 @@ class Engine:
         self.kv = KVCache(model.config, config.max_num_seqs, config.max_model_len, dtype, device,
                           block_size=config.block_size, num_blocks=config.kv_blocks)
         self.scheduler = Scheduler(config)
-        self.sampler = Sampler(eos_ids=frozenset(model.config.eos_token_ids))
         self.eos_ids = frozenset(model.config.eos_token_ids)
+        self.sampler = Sampler(eos_ids=self.eos_ids)
         self.stats = EngineStats(kv_slots_total=config.max_num_seqs, kv_blocks_total=config.kv_blocks)
         # the GEMM kernels of every row count a step may bring (serving/model/linear.py), built by the
         # first step, on the thread that runs the steps (oneDNN keys a kernel by the OpenMP threads of
@@ -180,7 +180,7 @@ class Engine:
             self._emit_token(seq, tok, lp, top.get(i))
 
     def _emit_token(self, seq: Sequence, tok: int, logprob: float,
-                    top_logprobs: tuple[tuple[int, ...], tuple[float, ...]] | None = None) -> None:
+                    top_logprobs: TopLogprobs | None = None) -> None:
         sp, st = seq.request.sampling, seq.state
         st.text += st.detok.push(tok)
         reason, end = None, None

@@ -4,7 +4,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from serving.model.sampling import SamplingParams
+from serving.model.sampling import SamplingParams, TopLogprobs
 
 
 class Priority(enum.IntEnum):
@@ -40,4 +40,4 @@ class TokenEvent:
     prompt_tokens: int = 0
     completion_tokens: int = 0                  # generated so far, this token included
     cached_tokens: int = 0                      # prompt tokens found in the prefix cache at the start
-    top_logprobs: tuple[tuple[int, ...], tuple[float, ...]] | None = None   # (ids, logprobs), most likely first
+    top_logprobs: TopLogprobs | None = None     # (ids, logprobs), most likely first

@@ -163,10 +163,12 @@ async def _bench_grpc(args: argparse.Namespace, prompts: list[list[int]]
     from serving.client import build_request
     from serving.loadgen.driver import GrpcDriver
 
+    penalty_fields = penalties(args)
+
     def make(i: int, max_tokens: int = args.max_tokens, tag: str = "bench") -> tuple[Any, str]:
         return build_request(prompt_ids=prompts[i % len(prompts)], max_tokens=max_tokens,
                              temperature=0.0, ignore_eos=True, priority=args.priority,
-                             request_id=f"{tag}-{i}", **penalties(args)), args.priority
+                             request_id=f"{tag}-{i}", **penalty_fields), args.priority
 
     from serving.client import caller_token
     async with GrpcDriver(args.target, timeout_s=args.timeout_s, max_in_flight=args.concurrency,

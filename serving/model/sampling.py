@@ -1,5 +1,6 @@
 """Per-request sampling: greedy, or temperature -> top-k -> top-p (HF order and semantics) -> multinomial,
-after the min_tokens mask and the repetition / frequency / presence penalties where a request has them.
+after logit_bias, the min_tokens mask and the repetition / frequency / presence penalties where a
+request has them.
 
 Shape legend: B rows (one per sequence), V vocab, S rows that sample (not greedy).
 """
@@ -115,12 +116,11 @@ class Sampler:
         """(token_ids_B int64, logprobs_B fp32 = log_softmax(raw logits) at the chosen token, and the
         top_logprobs of the rows whose params ask for them). Logprobs cost a pass over [B, V]; only rows
         whose params ask for them get one (others are NaN).
-        `histories` (per row) is read only for rows with penalties or an unmet min_tokens, whose logits
-        are adjusted first (`adjust_logits`); the logprobs stay those of the raw logits (vLLM's default)."""
+        `histories` (per row) is read only for rows with logit_bias, penalties or an unmet min_tokens,
+        whose logits are adjusted first (`adjust_logits`); the logprobs stay those of the raw logits (vLLM's default)."""
         logits_BV = raw_BV = logits_BV.float()
         adjust = [] if histories is None else [
-            i for i, p in enumerate(params)
-            if (p.min_tokens or p.biased) and (p.biased or self._stop_mask(p, histories[i]))]
+            i for i, p in enumerate(params) if p.biased or (p.min_tokens and self._stop_mask(p, histories[i]))]
         if adjust:
             with torch.inference_mode():             # the model's logits are inference tensors
                 if any(params[i].logprobs or params[i].top_logprobs for i in adjust) or not logits_BV.is_contiguous():
