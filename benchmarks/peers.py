@@ -9,10 +9,13 @@ Peers (run sequentially, never at once: every one gets the whole machine):
                 (bash benchmarks/setup_vllm.sh; benchmarks/_vllm_peer.py runs there). vLLM is never
                 a dependency of the project; without that venv this peer is reported as skipped.
   engine        our engine in-process, no Ray, no gRPC: `moe-serve bench --in-process`
-  engine-shards our engine in-process with its experts in 2 shard actors on 2 local Ray nodes
-                over the collective transport, as in the cluster, but no Serve, no gRPC, no
-                streaming: `moe-serve bench --in-process --transport collective` (engine: 1 torch
-                thread, the lm_head and prefill steps on --threads, as the cluster's engine replica).
+  engine-shards our engine in-process with its experts in 2 shards on 2 local Ray nodes over the
+                collective transport, as in the cluster, but no Serve, no gRPC, no streaming:
+                `moe-serve bench --in-process --transport collective` (engine: 1 torch thread, the
+                lm_head and prefill steps on --threads, as the cluster's engine replica). Shard 0
+                is computed by the engine's own process and shard 1 by an actor on the other node,
+                as the cluster runs them; --engine-expert-shard off puts shard 0 in an actor too
+                (on,off: a row each, and for cluster peers on the collective transport as well).
                 engine -> engine-shards -> cluster separates the cost of distributing the experts
                 from the cost of the serving layer
   cluster       our full path: `moe-serve up` (2 Ray nodes, 2 expert shards, one engine replica),
@@ -46,6 +49,7 @@ fairly, peers ten minutes apart may not).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import shlex
@@ -113,6 +117,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cluster-ping-pong", default="off",
                    help="cluster peer's ping-pong micro-batches: on, off or on,off (a row each); "
                         "off is faster when the engine and the shards share a few cores")
+    p.add_argument("--engine-expert-shard", default="on",
+                   help="`collective` (engine-shards, and cluster peers on that transport): shard 0 computed by "
+                        "the engine's own process (on, the Serve config's `engine_expert_shard`), by an actor "
+                        "like shard 1 (off), or on,off (a row each)")
     p.add_argument("--cluster-stream-chunk", type=int, default=4,
                    help="cluster peer's stream_chunk_tokens (tokens per streamed message under load; "
                         "the Serve config ships 1)")
@@ -132,6 +140,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--cluster-stream-chunk must be >= 1")
     if not a.ping_pong_list or set(a.ping_pong_list) - {"on", "off"}:
         p.error("--cluster-ping-pong must be on, off or on,off")
+    a.engine_shard_list = [x.strip() for x in a.engine_expert_shard.split(",") if x.strip()]
+    if not a.engine_shard_list or set(a.engine_shard_list) - {"on", "off"}:
+        p.error("--engine-expert-shard must be on, off or on,off")
     a.grpc_ingress_list = [g.strip() for g in a.cluster_grpc_ingress.split(",") if g.strip()]
     if not a.grpc_ingress_list or set(a.grpc_ingress_list) - set(GRPC_INGRESSES):
         p.error("--cluster-grpc-ingress must be proxy, haproxy or proxy,haproxy")
@@ -341,14 +352,14 @@ def _repeat_bench(a, ctx, cmd: list[str]) -> dict:
             "torch_threads": reps[-1].get("machine", {}).get("torch_threads"), "bench_command": shlex.join(cmd)}
 
 
-def run_engine_shards(a, ctx) -> dict:
+def run_engine_shards(a, ctx, engine_shard: str = "on") -> dict:
     cmd = [*_cli(), "bench", "--in-process", "--transport", "collective", "--expert-shards", "2", "--nodes", "2",
-           "--checkpoint", a.checkpoint, "--dtype", a.dtype, "--threads", str(a.threads),
+           "--engine-expert-shard", engine_shard, "--checkpoint", a.checkpoint, "--dtype", a.dtype, "--threads", str(a.threads),
            "--prefix-caching", a.prefix_caching, *_bench_args(a, ctx["vocab_size"])]
     return _repeat_bench(a, ctx, cmd)
 
 
-def cluster_config(a, out_dir: Path, ping_pong: bool = False) -> Path:
+def cluster_config(a, out_dir: Path, ping_pong: bool = False, engine_shard: bool = True) -> Path:
     """cluster/serve_config.yaml, sized for this workload: every prompt in one batch of one engine
     replica (as the other peers run it), nothing shed, no autoscaling (the replicas would only
     share the same cores)."""
@@ -358,7 +369,8 @@ def cluster_config(a, out_dir: Path, ping_pong: bool = False) -> Path:
     app["args"].update(max_num_seqs=n, max_model_len=model_len, max_queued=n, prefix_caching=a.prefix_caching == "on",
                        max_num_batched_tokens=max(app["args"].get("max_num_batched_tokens", 2048), model_len),
                        max_tokens_limit=max(a.max_tokens, 2), token_budget=0, ttft_slo_s=1e6,
-                       ping_pong=ping_pong, stream_chunk_tokens=a.cluster_stream_chunk)
+                       ping_pong=ping_pong, stream_chunk_tokens=a.cluster_stream_chunk,
+                       engine_expert_shard=engine_shard)
     for d in app.get("deployments", []):
         auto = d.get("autoscaling_config")
         if auto:
@@ -371,9 +383,10 @@ def cluster_config(a, out_dir: Path, ping_pong: bool = False) -> Path:
     return path
 
 
-def run_cluster(a, ctx, transport: str | None, ping_pong: bool = False, grpc_ingress: str = "proxy") -> dict:
+def run_cluster(a, ctx, transport: str | None, ping_pong: bool = False, grpc_ingress: str = "proxy",
+                engine_shard: bool = True) -> dict:
     state = Path(tempfile.mkdtemp(prefix="peers-cluster-"))
-    cfg = cluster_config(a, state, ping_pong)
+    cfg = cluster_config(a, state, ping_pong, engine_shard)
     grpc_port, metrics_port = _free_port(), _free_port()
     while metrics_port == grpc_port:
         metrics_port = _free_port()
@@ -406,6 +419,7 @@ def run_cluster(a, ctx, transport: str | None, ping_pong: bool = False, grpc_ing
         ok = True
         return {**low, "runs": runs, "num_requests": rep["num_requests"], "up_s": up_s,
                 "transport": transport or _config_transport(), "ping_pong": ping_pong,
+                "engine_expert_shard": engine_shard,
                 "stream_chunk_tokens": a.cluster_stream_chunk,
                 "bench_command": shlex.join(cmd)}
     finally:
@@ -542,17 +556,22 @@ def main(argv: list[str] | None = None) -> int:
         if peer == "cluster":
             transports = [t.strip() for t in (a.cluster_transport or "").split(",") if t.strip()] or [None]
             for t in transports:
-                for pp in a.ping_pong_list:
-                    for gi in a.grpc_ingress_list:
-                        label = (f"cluster ({t or _config_transport()}{', no ping-pong' if pp == 'off' else ''}"
-                                 f"{', HAProxy ingress' if gi == 'haproxy' else ''})")
-                        jobs.append(("cluster", label,
-                                     lambda a, ctx, t=t, pp=pp, gi=gi: run_cluster(a, ctx, t, pp == "on", gi)))
+                # engine_expert_shard only means something to the collective transport
+                shard_modes = a.engine_shard_list if (t or _config_transport()) == "collective" else ["on"]
+                for pp, gi, es in itertools.product(a.ping_pong_list, a.grpc_ingress_list, shard_modes):
+                    label = (f"cluster ({t or _config_transport()}{', no ping-pong' if pp == 'off' else ''}"
+                             f"{', HAProxy ingress' if gi == 'haproxy' else ''}"
+                             f"{', shard 0 in an actor' if es == 'off' else ''})")
+                    jobs.append(("cluster", label, lambda a, ctx, t=t, pp=pp, gi=gi, es=es:
+                                 run_cluster(a, ctx, t, pp == "on", gi, es == "on")))
+        elif peer == "engine-shards":
+            for es in a.engine_shard_list:
+                label = ("engine + shard 1 actor, shard 0 in the engine (collective, no Serve/gRPC)" if es == "on"
+                         else "engine + 2 shard actors (collective, no Serve/gRPC)")
+                jobs.append((peer, label, lambda a, ctx, es=es: run_engine_shards(a, ctx, es)))
         else:
             label, run = {"transformers": ("transformers", run_transformers), "vllm": ("vLLM-CPU", run_vllm),
                           "engine": ("engine (in-process)", run_engine),
-                          "engine-shards": ("engine + 2 shard actors (collective, no Serve/gRPC)",
-                                            run_engine_shards),
                           "vllm-server": ("vLLM-CPU OpenAI server", run_vllm_server)}[peer]
             jobs.append((peer, label, run))
 

@@ -214,3 +214,63 @@ def test_close_kills_every_shard_actor(coll2):
     for a in actors:
         with pytest.raises(ray.exceptions.RayActorError):
             ray.get(a.status.remote(), timeout=30)
+
+
+def test_engine_hosted_shard_computes_in_this_process_beside_remote_ranks(cluster, ckpt):
+    """`local_shards`: shard 0 lives in the engine's process (an EP rank itself) and shards 1, 2 are
+    actors, ranks 1 and 2: the output equals the local transport's, one or two layers in flight;
+    the local shard computes on `local_threads` threads and reports its busy time; a killed remote
+    shard breaks the group naming it, and the rebuild serves the same output."""
+    import ray
+    with pytest.raises(ValueError, match="not all"):
+        _transport(ckpt, 2, local_shards=(0, 1))
+    transport, placement = _transport(ckpt, 3, local_shards=(0,), local_threads=1, warm_rows=8)
+    try:
+        info = transport.shard_info
+        assert [(i["shard_id"], i["in_engine"], i["node_id"]) for i in info] == [
+            (0, True, cluster[0]), (1, False, cluster[1]), (2, False, cluster[0])]
+        assert info[0]["pid"] == os.getpid() and os.getpid() not in {info[1]["pid"], info[2]["pid"]}
+        assert info[0]["experts"] == {layer: list(e) for layer, e in placement.experts_of(0).items()}
+        assert len(transport.actors) == 2
+        # the local shard's kernels are warmed as they run: on local_threads threads
+        warm = transport.warm_targets(8)
+        assert warm and len(warm) == 2 * sum(len(e) for e in placement.experts_of(0).values())
+        assert {t.call.threads for t in warm} == {1}
+        cfg = MoEConfig.from_dir(ckpt)
+        coll = ExpertDispatcher(placement, transport, cfg.num_experts)
+        ref = ExpertDispatcher(placement, _local(ckpt, placement), cfg.num_experts)
+        seen_threads = []
+        forward = transport.workers[0].forward
+        transport.workers[0].forward = lambda *a: (seen_threads.append(torch.get_num_threads()), forward(*a))[1]
+        torch.set_num_threads(2)
+        try:
+            for seed, T in enumerate([1, 7, 64, 0]):
+                for layer in cfg.moe_layer_ids:
+                    x, ids, w = _routing(cfg, T, seed)
+                    torch.testing.assert_close(coll(layer, x, ids, w), ref(layer, x, ids, w), rtol=1e-5, atol=1e-6)
+            assert torch.get_num_threads() == 2        # the caller's count, back
+        finally:
+            transport.workers[0].forward = forward
+            torch.set_num_threads(1)
+        assert seen_threads and set(seen_threads) == {1}
+        (xa, ia, wa), (xb, ib, wb) = _routing(cfg, 5, 11), _routing(cfg, 9, 12)
+        pa, pb = coll.submit(0, xa, ia, wa), coll.submit(1, xb, ib, wb)
+        torch.testing.assert_close(pb.wait(), ref(1, xb, ib, wb), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(pa.wait(), ref(0, xa, ia, wa), rtol=1e-5, atol=1e-6)
+        busy = transport.busy_seconds()
+        assert set(busy) == {0, 1, 2} and all(v > 0 for v in busy.values()), busy
+        assert _greedy(ckpt, transport, placement) == _greedy(ckpt, _local(ckpt, placement), placement)
+        # a remote shard dies: the error names it, the next call rebuilds the gang around shard 0
+        x, ids, w = _routing(cfg, 16, 3)
+        before = coll(0, x, ids, w)
+        ray.kill(transport.actors[1], no_restart=True)            # shard 2
+        with pytest.raises(CollectiveGroupError, match="shard 2"):
+            for _ in range(50):
+                coll(0, x, ids, w)
+                time.sleep(0.05)
+        torch.testing.assert_close(coll(0, x, ids, w), before)
+        assert transport.generation == 2 and len(transport.actors) == 2
+        assert transport.busy_seconds()[0] >= busy[0]
+    finally:
+        transport.close()
+    assert transport.actors == []

@@ -82,8 +82,8 @@ def test_round_summary_gives_each_ratio_per_round_and_its_median():
 @pytest.mark.cluster
 def test_engine_and_engine_shards_peers_run_the_same_workload(tmp_path, capsys):
     """The engine-shards peer runs for real (a 2-node local Ray cluster, 2 shard actors, the
-    collective transport) next to the in-process engine, on the same prompts: both rows complete
-    every token, and the table carries both."""
+    collective transport) next to the in-process engine, on the same prompts, with shard 0 in the
+    engine's process and in an actor: every row completes every token, and the table carries each."""
     import json
 
     from serving.model.checkpoint import write_checkpoint
@@ -91,14 +91,17 @@ def test_engine_and_engine_shards_peers_run_the_same_workload(tmp_path, capsys):
     out = tmp_path / "peers.json"
     rc = peers.main(["--checkpoint", str(ckpt), "--peers", "engine,engine-shards", "--repeat", "1",
                      "--num-prompts", "4", "--prompt-len", "8", "--max-tokens", "4", "--threads", "2",
-                     "--low-load-requests", "0", "--json", str(out)])
+                     "--low-load-requests", "0", "--engine-expert-shard", "on,off", "--json", str(out)])
     printed = capsys.readouterr().out
     rep = json.loads(out.read_text())
-    rows = {r["peer"]: r for r in rep["results"]}
-    assert set(rows) == {"engine", "engine-shards"}, printed
+    rows = {r["label"]: r for r in rep["results"]}
+    assert [r["peer"] for r in rep["results"]] == ["engine", "engine-shards", "engine-shards"], printed
     for r in rows.values():
         assert r["ok"], r.get("error")
         assert r["output_tokens"] == 16 and r["output_tokens_per_s"] > 0 and "note" not in r
-    assert "--transport collective" in rows["engine-shards"]["bench_command"]
-    assert "engine + 2 shard actors" in printed
+    on = rows["engine + shard 1 actor, shard 0 in the engine (collective, no Serve/gRPC)"]
+    off = rows["engine + 2 shard actors (collective, no Serve/gRPC)"]
+    assert "--transport collective" in on["bench_command"] and "--engine-expert-shard on" in on["bench_command"]
+    assert "--engine-expert-shard off" in off["bench_command"]
+    assert "shard 0 in the engine" in printed and "engine + 2 shard actors" in printed
     assert rc == 0

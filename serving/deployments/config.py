@@ -68,6 +68,9 @@ class AppConfig:
     engine_num_cpus: float = 0.25
     shard_num_cpus: float = 0.1
     collective_timeout_s: float = 60.0    # collective: one MoE layer's round trip, at most
+    engine_expert_shard: bool = True      # collective: the engine's own process computes shard 0 (whose node
+                                          # it shares) on its step thread while the other shards' actors
+                                          # compute theirs: an EP rank itself, as in vLLM's and DeepSpeed's EP
     tenants: TenantsConfig | None = None  # bearer-token auth and per-tenant quotas on each replica serving
                                           # the API (serving/api/tenants.py); None: every caller is "default"
 

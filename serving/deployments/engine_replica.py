@@ -55,7 +55,8 @@ SHARD_UNREACHABLE = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailab
 
 def build_engine(cfg: AppConfig, placement: Placement, shard_handles=None) -> tuple[Engine, ExpertDispatcher]:
     """The plain engine for `cfg`: experts in-process (`local`), behind Serve handles (`serve`),
-    or in shard actors this engine starts and owns (`collective`; shard s on node s mod nodes)."""
+    or in shard actors this engine starts and owns (`collective`; shard s on node s mod nodes; with
+    `engine_expert_shard`, shard 0 in this process instead)."""
     tune_host_allocator()       # this process serves: keep step-sized blocks (host_allocator.py)
     model = MoEModel.from_checkpoint(cfg.checkpoint, dtype=cfg.torch_dtype)
     step_threads = None
@@ -68,7 +69,9 @@ def build_engine(cfg: AppConfig, placement: Placement, shard_handles=None) -> tu
         transport = CollectiveTransport(
             cfg.checkpoint, placement, cfg.torch_dtype, num_cpus=cfg.shard_num_cpus,
             shard_resources=[{node_resource(s % cfg.nodes): NODE_PIN} for s in range(placement.num_shards)],
-            timeout_s=cfg.collective_timeout_s, compute_nice=cfg.compute_nice, warm_rows=cfg.max_num_batched_tokens)
+            timeout_s=cfg.collective_timeout_s, compute_nice=cfg.compute_nice, warm_rows=cfg.max_num_batched_tokens,
+            local_shards=(0,) if cfg.engine_expert_shard and placement.num_shards > 1 else (),
+            local_threads=cfg.engine_threads)
     else:
         transport = LocalTransport([ExpertShardWorker.from_checkpoint(cfg.checkpoint, placement, s, cfg.torch_dtype)
                                     for s in range(placement.num_shards)])
@@ -80,8 +83,9 @@ def build_engine(cfg: AppConfig, placement: Placement, shard_handles=None) -> tu
                             priority_preemption=cfg.priority_preemption, prefix_caching=cfg.prefix_caching)
     # the GEMM kernels of the dense part, and of the experts computed in this process (the shards in
     # other processes warm their own), built by the engine's first step (serving/model/linear.py)
-    warm = model.warm_targets(cfg.max_num_batched_tokens, cfg.max_num_seqs) + [
-        t for w in getattr(transport, "workers", ()) for t in w.warm_targets(cfg.max_num_batched_tokens)]
+    local_experts = getattr(transport, "warm_targets", None)
+    warm = model.warm_targets(cfg.max_num_batched_tokens, cfg.max_num_seqs) + (
+        local_experts(cfg.max_num_batched_tokens) if local_experts is not None else [])
     engine = Engine(model, dispatcher, Tokenizer.from_dir(cfg.checkpoint), sched, dtype=cfg.torch_dtype,
                     ping_pong=cfg.ping_pong, step_threads=step_threads, warm_targets=warm)
     return engine, dispatcher
@@ -216,7 +220,7 @@ class EngineReplica(GrpcFace):
                 "step_loop_nice": info["step_loop_nice"],
                 # scheduling policies (serving/thread_priority.py): the step loop, and its process
                 "step_loop_policy": info["step_loop_policy"], "process_policy": info["core_process_policy"],
-                "engine_process": info["core_pid"] != os.getpid(),
+                "engine_process": info["core_pid"] != os.getpid(), "engine_core_pid": info["core_pid"],
                 "kernel_warm_up": info["kernel_warm_up"]}      # GEMM kernels built at start (linear.py)
 
     async def describe_shards(self) -> list[dict]:

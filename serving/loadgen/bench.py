@@ -83,6 +83,10 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                              "starts a private local Ray cluster of --nodes nodes and runs each shard in "
                              "its own actor process (the cluster's data plane without Serve or gRPC)")
     parser.add_argument("--nodes", type=int, default=2, help="--in-process --transport collective: Ray nodes")
+    parser.add_argument("--engine-expert-shard", choices=["on", "off"], default="on",
+                        help="--in-process --transport collective: shard 0 computed by the engine's own "
+                             "process (on, as the cluster runs it: AppConfig.engine_expert_shard) or by an "
+                             "actor like the others (off)")
     parser.add_argument("--max-num-batched-tokens", type=int, default=None,
                         help="--in-process: scheduler token budget per step (default: the AppConfig's)")
     parser.add_argument("--threads", type=int, default=None,
@@ -207,7 +211,7 @@ def build_inprocess_engine(args: argparse.Namespace):
         # as an engine replica runs next to its shards (cluster/serve_config.yaml): 1 torch thread,
         # the lm_head and prefill steps on --threads; one batch per step (ping-pong lost on 2 cores)
         extra.update(nodes=args.nodes, engine_threads=1, head_threads=args.threads or len(os.sched_getaffinity(0)),
-                     ping_pong=False)
+                     ping_pong=False, engine_expert_shard=args.engine_expert_shard == "on")
     cfg = AppConfig(checkpoint=args.checkpoint, expert_shards=args.expert_shards, transport=args.transport,
                     dtype=args.dtype, max_num_seqs=args.concurrency,
                     max_model_len=args.prefix_len + args.prompt_len + args.max_tokens,
@@ -391,7 +395,7 @@ def run_bench(args: argparse.Namespace) -> int:
             "target", "checkpoint", "concurrency", "num_requests", "max_tokens", "prompt_len", "prefix_len",
             "prefix_groups", "prefix_caching",
             "dtype", "mode", "rate", "burstiness", "priority", "seed", "expert_shards", "transport", "nodes",
-            "threads", "repetition_penalty", "frequency_penalty", "presence_penalty")},
+            "engine_expert_shard", "threads", "repetition_penalty", "frequency_penalty", "presence_penalty")},
         **summary, **extra}
     if args.json:
         print(json.dumps(report))

@@ -4,14 +4,23 @@ group with the engine; tokens move over it point to point, with no Ray call per 
 Ranks: 0 is the engine (the only producer), rank s+1 is shard s (an `ExpertShardActor`).
 Ray only creates, places, probes and kills the actors. The data path is torch.distributed.
 
-For every MoE layer (`CollectiveTransport.run`), for every shard s that gets tokens:
+The engine can be an expert-parallel rank itself (`local_shards`, as every rank of vLLM's or
+DeepSpeed's EP holds experts): those shards live in the engine's process, as ExpertShardWorkers,
+and the remote ones are ranks 1.. in order. A layer then posts the remote shards' messages,
+computes the local shards' experts on the engine's own thread (`local_threads` torch threads)
+while the remote ones compute theirs, and waits for the remote answers last. On the 2-core
+machine that saves a message, a process and its wake-ups per layer for shard 0, whose node the
+engine shares anyway (README "Peer benchmark").
+
+For every MoE layer (`CollectiveTransport.run`), for every remote shard s that gets tokens:
   1. post irecv of y_ND from rank s+1 (bytes, in x's dtype)
   2. isend one message: header_H = [op, layer, N, D, K, dtype code] (int64[6]), then
      topk_ids_NK (int64) | topk_weights_NK (fp32) | x_ND (dtype), all as bytes
   3. shard s (a serving-loop thread in the actor) has already posted a recv for it into a
      reused INLINE_BYTES buffer. It runs ExpertShardWorker.forward, posts the recv for the
      next message, and sends y_ND back
-  4. wait for every send and every y_ND, all under one deadline (`timeout_s`)
+  4. compute the local shards' calls, then wait for every send and every y_ND, all under one
+     deadline (`timeout_s`)
 A shard that gets no tokens this layer is not contacted at all. Both recvs are posted before
 their data is sent, so gloo moves each message at once, with no rendezvous. A message larger
 than INLINE_BYTES (a long prefill) goes as the header alone (op OP_FORWARD_SPLIT), then the
@@ -52,7 +61,8 @@ import torch.distributed as dist
 
 from serving.deployments import startup_priority
 from serving.engine.host_allocator import tune_host_allocator
-from serving.model.linear import WarmUpReport, warm_up
+from serving.engine.torch_threads import WithThreads
+from serving.model.linear import WarmTarget, WarmUpReport, warm_up
 from serving.parallel.dispatcher import ShardCall
 from serving.parallel.expert_shard import ExpertShardWorker
 from serving.parallel.placement import Placement
@@ -118,15 +128,12 @@ class ExpertShardActor:
         self._warmed = threading.Event()
 
     def describe(self) -> dict:
-        return {"shard_id": self.worker.shard_id, "node_id": ray.get_runtime_context().get_node_id(),
-                "pid": os.getpid(), "experts": self.worker.expert_ids(),
-                "num_parameters": self.worker.num_parameters()}
+        return describe_worker(self.worker, in_engine=False)
 
-    def start(self, store_host: str, store_port: int, world_size: int, timeout_s: float,
+    def start(self, rank: int, store_host: str, store_port: int, world_size: int, timeout_s: float,
               compute_nice: int | None = None) -> None:
-        """Join the group (blocks until every rank has joined), then serve in a thread. The
+        """Join the group as `rank` (blocks until every rank has joined), then serve in a thread. The
         serving thread and gloo's threads run at `compute_nice` (serving/thread_priority.py)."""
-        rank = self.worker.shard_id + 1
         with inherited_priority(compute_nice):
             store = dist.TCPStore(store_host, store_port, world_size, False, timeout=_td(timeout_s))
             self._pg = _gloo_group(store, rank, world_size, _node_ip(), timeout_s)
@@ -191,6 +198,14 @@ class ExpertShardActor:
             self.tokens += N
 
 
+def describe_worker(worker: ExpertShardWorker, in_engine: bool) -> dict:
+    """A shard as `shard_info` lists it: where it runs and which experts it holds."""
+    return {"shard_id": worker.shard_id,
+            "node_id": ray.get_runtime_context().get_node_id() if ray.is_initialized() else None,
+            "pid": os.getpid(), "in_engine": in_engine, "experts": worker.expert_ids(),
+            "num_parameters": worker.num_parameters()}
+
+
 _RemoteShard = ray.remote(ExpertShardActor)
 
 
@@ -201,24 +216,43 @@ class CollectiveTransport:
     def __init__(self, checkpoint: str, placement: Placement, dtype: torch.dtype = torch.float32, *,
                  shard_resources: Sequence[dict] | None = None, num_cpus: float = 0.1,
                  timeout_s: float = 60.0, connect_timeout_s: float = 180.0,
-                 compute_nice: int | None = None, warm_rows: int = 0):
+                 compute_nice: int | None = None, warm_rows: int = 0,
+                 local_shards: Sequence[int] = (), local_threads: int = 1):
         self.checkpoint, self.placement, self.dtype = str(checkpoint), placement, dtype
         self.warm_rows = warm_rows              # the shards warm their kernels up to this many rows
         self.num_shards = placement.num_shards
-        self.shard_resources = list(shard_resources or [{}] * self.num_shards)  # shard s -> actor resources
+        self.local_shards = tuple(sorted(set(local_shards)))      # computed in this process
+        self.remote_shards = tuple(s for s in range(self.num_shards) if s not in self.local_shards)
+        if not self.remote_shards or not set(self.local_shards) <= set(range(self.num_shards)):
+            raise ValueError(f"local_shards {list(local_shards)} must be some, not all, of the "
+                             f"{self.num_shards} shards (all local: the `local` transport)")
+        self._rank = {s: i + 1 for i, s in enumerate(self.remote_shards)}   # remote shard -> its rank
+        # the engine's own shards: their workers (this process's warm-up builds their kernels, on
+        # `local_threads` threads as they run), and the seconds each spent computing
+        self.workers = [ExpertShardWorker.from_checkpoint(checkpoint, placement, s, dtype) for s in self.local_shards]
+        self._local = dict(zip(self.local_shards, self.workers))
+        self.local_threads = local_threads
+        self._local_busy_s = dict.fromkeys(self.local_shards, 0.0)
+        # remote shard -> actor resources (`shard_resources` lists every shard; the local ones' are unused)
+        self.shard_resources = list(shard_resources or [{}] * self.num_shards)
         self.num_cpus = num_cpus
         self.timeout_s = timeout_s              # one layer's round trip, worst case
         self.connect_timeout_s = connect_timeout_s
         self.compute_nice = compute_nice        # the shards' serving threads (thread_priority.py)
         self.generation = 0                     # groups built so far (1 + rebuilds)
         self.actors: list = []
-        self.shard_info: list[dict] = []        # describe() of each shard, at connect time
+        self.shard_info: list[dict] = []        # describe_worker() of each shard, at connect time
         self._pg = None
         self._closed = False
         self._lock = threading.Lock()
         # busy_seconds: per shard, the banked counts of earlier gangs and the last of this one
         self._busy_generation, self._busy_base, self._busy_last = 1, {}, {}
         self._connect()
+
+    def warm_targets(self, max_rows: int) -> list[WarmTarget]:
+        """The local shards' linears, as they are called: on `local_threads` threads."""
+        return [WarmTarget(WithThreads(t.call, self.local_threads), t.linear, t.max_rows)
+                for w in self.workers for t in w.warm_targets(max_rows)]
 
     # ---- the data path ----------------------------------------------------------------
     def run(self, layer: int, calls: Sequence[ShardCall]) -> list[torch.Tensor]:
@@ -236,6 +270,7 @@ class CollectiveTransport:
             pg, deadline = self._pg, time.monotonic() + self.timeout_s
             out: list[torch.Tensor] = []
             pending = []                      # (shard, work, tensors the work reads or writes)
+            local = []                        # (index in out, call): computed by `wait`
             shard = -1
             try:
                 for c in calls:
@@ -244,7 +279,10 @@ class CollectiveTransport:
                     out.append(y_ND)
                     if N == 0:
                         continue
-                    shard, rank = c.shard, c.shard + 1
+                    if c.shard in self._local:
+                        local.append((len(out) - 1, c))
+                        continue
+                    shard, rank = c.shard, self._rank[c.shard]
                     pending.append((shard, pg.recv([_as_bytes(y_ND)], rank, TAG), None))          # 1
                     parts = [_as_bytes(c.topk_ids_NK.to(torch.int64)), _as_bytes(c.topk_weights_NK.float()),
                              _as_bytes(c.x_ND)]
@@ -261,7 +299,7 @@ class CollectiveTransport:
             except RuntimeError as exc:       # gloo: a peer closed its connection
                 pending.clear()
                 raise self._broken(shard, exc) from exc
-            return CollectivePending(self, out, pending, deadline)
+            return CollectivePending(self, out, pending, deadline, local, layer)
 
     def busy_seconds(self, timeout_s: float = 1.0) -> dict[int, float]:
         """shard -> seconds its serving threads have spent in ExpertShardWorker.forward, over every
@@ -273,11 +311,25 @@ class CollectiveTransport:
             for s, v in self._busy_last.items():
                 self._busy_base[s] = self._busy_base.get(s, 0.0) + v
             self._busy_generation, self._busy_last = self.generation, {}
-        for s, st in enumerate(self._probe(timeout_s)):
+        for s, st in zip(self.remote_shards, self._probe(timeout_s)):
             if isinstance(st, dict):
                 self._busy_last[s] = st["forward_s"]
         shards = set(self._busy_base) | set(self._busy_last)
-        return {s: self._busy_base.get(s, 0.0) + self._busy_last.get(s, 0.0) for s in sorted(shards)}
+        busy = {s: self._busy_base.get(s, 0.0) + self._busy_last.get(s, 0.0) for s in shards}
+        return dict(sorted({**busy, **self._local_busy_s}.items()))
+
+    def _compute_local(self, layer: int, c: ShardCall) -> torch.Tensor:
+        """One local shard's call, on the engine's thread with `local_threads` torch threads."""
+        before = torch.get_num_threads()
+        t0 = time.perf_counter()
+        try:
+            if before != self.local_threads:
+                torch.set_num_threads(self.local_threads)
+            return self._local[c.shard].forward(layer, c.x_ND, c.topk_ids_NK, c.topk_weights_NK)
+        finally:
+            if before != self.local_threads:
+                torch.set_num_threads(before)
+            self._local_busy_s[c.shard] += time.perf_counter() - t0
 
     def _failed(self, shard: int, exc: BaseException) -> CollectiveGroupError:
         with self._lock:
@@ -289,29 +341,33 @@ class CollectiveTransport:
         self.placement = placement
 
         def retain() -> None:
-            for s, a in enumerate(list(self.actors)):
+            for s, a in zip(self.remote_shards, list(self.actors)):
                 a.retain.remote(placement.experts_of(s))
+            for s, w in self._local.items():
+                w.retain(placement.experts_of(s))
         timer = threading.Timer(retain_after_s, retain)
         timer.daemon = True
         timer.start()
 
     # ---- lifecycle ----------------------------------------------------------------------
     def _connect(self) -> None:
-        """Start S shard actors, wait until they are loaded, then form the group with them."""
+        """Start an actor per remote shard, wait until they are loaded, then form the group with them."""
         self._teardown()
         self.generation += 1
         try:
             self.actors = [_RemoteShard.options(num_cpus=self.num_cpus, resources=self.shard_resources[s],
                                                 max_restarts=0).remote(
                 self.checkpoint, self.placement.to_json(), s, self.dtype, self.warm_rows)
-                for s in range(self.num_shards)]
-            self.shard_info = ray.get([a.describe.remote() for a in self.actors],
-                                      timeout=self.connect_timeout_s)
-            host, world = _node_ip(), self.num_shards + 1
+                for s in self.remote_shards]
+            info = dict(zip(self.remote_shards, ray.get([a.describe.remote() for a in self.actors],
+                                                        timeout=self.connect_timeout_s)))
+            info.update({s: describe_worker(w, in_engine=True) for s, w in self._local.items()})
+            self.shard_info = [info[s] for s in range(self.num_shards)]    # every shard, in shard order
+            host, world = _node_ip(), len(self.remote_shards) + 1
             store = dist.TCPStore(host, 0, world, True, timeout=_td(self.connect_timeout_s),
                                   wait_for_workers=False)
-            started = [a.start.remote(host, store.port, world, self.connect_timeout_s, self.compute_nice)
-                       for a in self.actors]
+            started = [a.start.remote(self._rank[s], host, store.port, world, self.connect_timeout_s,
+                                      self.compute_nice) for s, a in zip(self.remote_shards, self.actors)]
             self._pg = _gloo_group(store, 0, world, host, self.connect_timeout_s)
             ray.get(started, timeout=self.connect_timeout_s)
             self._store = store
@@ -320,11 +376,11 @@ class CollectiveTransport:
             raise CollectiveGroupError(
                 f"could not build the collective group of {self.num_shards} expert shards "
                 f"(generation {self.generation}): {type(exc).__name__}: {exc}") from exc
-        log.info("collective group %d up: %d shards on nodes %s", self.generation, self.num_shards,
-                 [i["node_id"][:8] for i in self.shard_info])
+        log.info("collective group %d up: shards on nodes %s (in the engine's process: %s)", self.generation,
+                 [(i["node_id"] or "-")[:8] for i in self.shard_info], list(self.local_shards))
 
     def _probe(self, timeout_s: float) -> list[dict | BaseException | None]:
-        """Each current shard actor's `status()`, asked at once through Ray: its dict, the RayError
+        """Each current shard actor's `status()` (in `remote_shards` order), asked at once through Ray: its dict, the RayError
         it died with, or None when it did not answer within `timeout_s`."""
         refs = [a.status.remote() for a in list(self.actors)]
         answered, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s) if refs else ([], [])
@@ -339,7 +395,7 @@ class CollectiveTransport:
     def _broken(self, shard: int, exc: BaseException) -> CollectiveGroupError:
         """Say which shards are at fault, then drop the group and every actor."""
         faults = []
-        for s, st in enumerate(self._probe(2.0)):
+        for s, st in zip(self.remote_shards, self._probe(2.0)):
             if st is None:
                 faults.append(f"shard {s} unresponsive")
             elif isinstance(st, BaseException):
@@ -369,9 +425,9 @@ class CollectiveTransport:
             if self._pg is not None:
                 works = []
                 try:
-                    for s in range(self.num_shards):
+                    for rank in self._rank.values():
                         stop_H = torch.tensor([OP_STOP, 0, 0, 0, 0, 0], dtype=torch.int64)
-                        works.append((self._pg.send([stop_H], s + 1, TAG), stop_H))
+                        works.append((self._pg.send([stop_H], rank, TAG), stop_H))
                     for work, _ in works:
                         work.wait(_td(1.0))
                 except RuntimeError:
@@ -386,12 +442,17 @@ class CollectiveTransport:
 
 
 class CollectivePending:
-    """One layer's sends and receives in flight."""
+    """One layer's sends and receives in flight, and its local shards' calls still to compute."""
 
-    def __init__(self, transport: CollectiveTransport, out: list[torch.Tensor], pending: list, deadline: float):
+    def __init__(self, transport: CollectiveTransport, out: list[torch.Tensor], pending: list, deadline: float,
+                 local: list[tuple[int, ShardCall]] = (), layer: int = 0):
         self.transport, self.out, self.pending, self.deadline = transport, out, pending, deadline
+        self.local, self.layer = list(local), layer
 
     def wait(self) -> list[torch.Tensor]:
+        for i, c in self.local:                # while the remote shards compute theirs
+            self.out[i] = self.transport._compute_local(self.layer, c)
+        self.local = []
         shard = -1
         try:
             for shard, work, _ in self.pending:                                                # 4

@@ -162,3 +162,7 @@ class LocalTransport:
 
     def busy_seconds(self) -> dict[int, float]:
         return dict(enumerate(self._busy_s))
+
+    def warm_targets(self, max_rows: int) -> list:
+        """Every shard's linears (linear.warm_up), on the caller's threads."""
+        return [t for w in self.workers for t in w.warm_targets(max_rows)]
