@@ -54,7 +54,7 @@ def build_request(prompt: str | None = None, prompt_ids: Sequence[int] | None = 
                   ignore_eos: bool = False, repetition_penalty: float | None = None,
                   presence_penalty: float = 0.0, frequency_penalty: float = 0.0, min_tokens: int = 0,
                   stop_token_ids: Sequence[int] = (), top_logprobs: int = 0,
-                  logit_bias: dict[int, float] | None = None) -> Any:
+                  logit_bias: dict[int, float] | None = None, n: int = 0) -> Any:
     """A GenerateRequest. Give exactly one of prompt / prompt_ids / messages ((role, content)
     pairs: a chat, through the model's chat template); None means "server default" for the
     optional fields. priority: "interactive", "batch" or a proto value."""
@@ -64,7 +64,7 @@ def build_request(prompt: str | None = None, prompt_ids: Sequence[int] | None = 
                               return_logprobs=logprobs, ignore_eos=ignore_eos,
                               presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
                               min_tokens=min_tokens, stop_token_ids=[int(i) for i in stop_token_ids],
-                              top_logprobs=top_logprobs,
+                              top_logprobs=top_logprobs, n=n,
                               priority=priority if isinstance(priority, int)
                               else _PRIORITY[priority])
     if prompt is not None:
@@ -91,9 +91,10 @@ def build_request(prompt: str | None = None, prompt_ids: Sequence[int] | None = 
 def continuation(request: Any, received: Sequence[int]) -> Any | None:
     """The request for the rest of `request` once `received` tokens came back: prompt = its
     token ids + received, max_tokens and min_tokens = what is left of them. None if it cannot be
-    resumed (a text prompt, max_tokens unset) or nothing is left. (presence / frequency penalties
-    then count only the tokens generated after the resume: the received ones are prompt.)"""
-    if request.WhichOneof("prompt") != "token_ids" or not request.HasField("max_tokens"):
+    resumed (a text prompt, max_tokens unset, n > 1 completions) or nothing is left. (presence /
+    frequency penalties then count only the tokens generated after the resume: the received ones
+    are prompt.)"""
+    if request.WhichOneof("prompt") != "token_ids" or not request.HasField("max_tokens") or request.n > 1:
         return None
     left = request.max_tokens - len(received)
     if left < 1:
@@ -228,6 +229,9 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-logprobs", type=int, default=0, metavar="K",
                         help="with --logprobs: also the K most likely tokens at each position (JSON: top_logprobs)")
     parser.add_argument("--ignore-eos", action="store_true")
+    parser.add_argument("--n", type=int, default=0, metavar="N",
+                        help="N completions of the prompt, each sampled on its own (seed + i with --seed); JSON: "
+                             "completion 0's fields plus `completions`, text: one line each")
     parser.add_argument("--repetition-penalty", type=float, default=None, help="> 1 discourages repeats (1 = off)")
     parser.add_argument("--presence-penalty", type=float, default=0.0, help="in [-2, 2] (0 = off)")
     parser.add_argument("--frequency-penalty", type=float, default=0.0, help="in [-2, 2] (0 = off)")
@@ -309,29 +313,29 @@ def run_generate(args: argparse.Namespace) -> int:
             repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
             frequency_penalty=args.frequency_penalty, min_tokens=args.min_tokens,
             stop_token_ids=_parse_ids(args.stop_token_ids, "--stop-token-ids") if args.stop_token_ids else (),
-            top_logprobs=args.top_logprobs, logit_bias=_parse_bias(args.logit_bias))
+            top_logprobs=args.top_logprobs, logit_bias=_parse_bias(args.logit_bias), n=args.n)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_INVALID
 
-    result: dict[str, Any] = {"request_id": "", "token_ids": [], "text": "",
-                              "finish_reason": None,
-                              "usage": {"prompt_tokens": 0, "completion_tokens": 0, "cached_prompt_tokens": 0}}
-    logprobs: list[float] = []
-    top: list[list[dict]] = []
+    results: dict[int, dict[str, Any]] = {}       # completion index -> its JSON result
+    live = args.stream and not args.json and args.n <= 1    # n > 1: printed once all are done
     with MoEClient(args.target, args.timeout_s, application=args.application, tenant=args.tenant,
                    token=caller_token(args)) as client:
         try:
             if args.stream:
                 for chunk in client.generate(request, resume=args.resume):
-                    _merge(result, logprobs, chunk, top)
-                    if not args.json and chunk.text:
+                    _merge(results, chunk.index, chunk)
+                    if live and chunk.text:
                         sys.stdout.write(chunk.text)
                         sys.stdout.flush()
-                if not args.json:
+                if live:
                     sys.stdout.write("\n")
             else:
-                _merge(result, logprobs, client.complete(request), top)
+                done = client.complete(request)
+                for c in done.completions or [done]:
+                    _merge(results, c.index if done.completions else 0, c)
+                results.setdefault(0, _empty_result())["request_id"] = done.request_id
         except grpc.RpcError as e:
             code = e.code() if hasattr(e, "code") else None
             name = code.name if code is not None else "UNKNOWN"
@@ -340,25 +344,43 @@ def run_generate(args: argparse.Namespace) -> int:
                 sys.stdout.write("\n")
             print(f"error: {name}: {details}", file=sys.stderr)
             return _exit_code(code)
-    if args.logprobs:
-        result["logprobs"] = logprobs
-    if args.top_logprobs:
-        result["top_logprobs"] = top
+    for r in results.values():
+        logprobs, top = r.pop("logprobs"), r.pop("top_logprobs")
+        if args.logprobs:
+            r["logprobs"] = logprobs
+        if args.top_logprobs:
+            r["top_logprobs"] = top
+    result = dict(results.get(0) or _empty_result())
+    if len(results) > 1:         # n > 1: completion 0's fields, every completion, usage over all
+        result["completions"] = [{"index": i, **{k: v for k, v in results[i].items() if k != "request_id"}}
+                                 for i in sorted(results)]
+        result["usage"] = {**result["usage"], "completion_tokens": sum(
+            r["usage"]["completion_tokens"] for r in results.values())}
     if args.json:
         print(json.dumps(result))
+    elif len(results) > 1:
+        for i in sorted(results):
+            print(f"[{i}] {results[i]['text']}")
     elif not args.stream:
         print(result["text"])
     return 0
 
 
-def _merge(result: dict[str, Any], logprobs: list[float], msg: Any, top: list[list[dict]]) -> None:
-    """Fold a GenerateResponse chunk or a CompleteResponse into the JSON result."""
-    result["request_id"] = msg.request_id or result["request_id"]
+def _empty_result() -> dict[str, Any]:
+    return {"request_id": "", "token_ids": [], "text": "", "finish_reason": None,
+            "usage": {"prompt_tokens": 0, "completion_tokens": 0, "cached_prompt_tokens": 0},
+            "logprobs": [], "top_logprobs": []}
+
+
+def _merge(results: dict[int, dict[str, Any]], index: int, msg: Any) -> None:
+    """Fold a GenerateResponse chunk, a CompleteResponse or a Completion into completion `index`'s result."""
+    result = results.setdefault(index, _empty_result())
+    result["request_id"] = getattr(msg, "request_id", "") or result["request_id"]
     result["text"] += msg.text
     result["token_ids"].extend(msg.token_ids)
-    logprobs.extend(msg.logprobs)
-    top.extend([{"token_id": t, "logprob": lp} for t, lp in zip(pos.token_ids, pos.logprobs)]
-               for pos in msg.top_logprobs)
+    result["logprobs"].extend(msg.logprobs)
+    result["top_logprobs"].extend([{"token_id": t, "logprob": lp} for t, lp in zip(pos.token_ids, pos.logprobs)]
+                                  for pos in msg.top_logprobs)
     if msg.finish_reason:
         result["finish_reason"] = FINISH_REASONS.get(msg.finish_reason, "unknown")
         result["usage"] = {"prompt_tokens": msg.usage.prompt_tokens,

@@ -36,7 +36,9 @@ class FakeEngine:
     EngineReplica streams them), ctx -> each token follows from the whole context (prompt and
     tokens so far), as a model's would, lost -> the same, but the replica dies (Ray's
     ActorDiedError) after 5 tokens of a request whose prompt is short (not a continuation),
-    cached -> the engine found all but the prompt's last token in its prefix cache.
+    cached -> the engine found all but the prompt's last token in its prefix cache,
+    seeded -> token i is 98 + (seed + i) mod 26 (so each of n seeded completions differs),
+    partial -> completion 0 (id ending "/0") streams slowly, the others are shed (Overloaded).
     """
 
     def __init__(self):
@@ -47,7 +49,7 @@ class FakeEngine:
         rid = request.request_id
         self.requests.append(request)
         try:
-            if rid.startswith("busy"):
+            if rid.startswith("busy") or (rid.startswith("partial") and not rid.endswith("/0")):
                 raise Overloaded("engine queue full", retry_after_s=0.25)
             if rid.startswith("drain"):
                 raise Draining("replica draining")
@@ -62,10 +64,10 @@ class FakeEngine:
             n = 2 if rid.startswith("eos") else request.sampling.max_tokens
             held = []
             for i in range(n):
-                if rid.startswith("slow"):
+                if rid.startswith(("slow", "partial")):
                     await asyncio.sleep(0.05)
                 last = i == n - 1 and not rid.startswith("nofinish")
-                tok = 98 + (i % 26)
+                tok = 98 + ((i + (request.sampling.seed or 0) if rid.startswith("seeded") else i) % 26)
                 ev = TokenEvent(
                     request_id=rid, token_id=tok, text_delta=TOK.decode([tok]),
                     logprob=-0.5 * (i + 1) if request.sampling.logprobs else None,
@@ -406,6 +408,87 @@ def test_client_cancel_closes_engine_stream(h, client):
     rec = h.wait_records(1)[0]
     assert rec.status == "CANCELLED" and rec.completion_tokens < 30
     assert h.engine.closed == ["slow-1"]
+
+
+# ---- n completions -------------------------------------------------------------------
+
+def test_n_completions_stream_interleaved_each_with_its_finish_and_usage(h, client):
+    chunks = list(client.generate(prompt_ids=[5, 6], max_tokens=3, n=3, seed=10, request_id="seeded-1"))
+    assert {c.request_id for c in chunks} == {"seeded-1"}
+    by_index: dict[int, list] = {}
+    for c in chunks:
+        by_index.setdefault(c.index, []).append(c)
+    assert sorted(by_index) == [0, 1, 2]
+    for i, cs in by_index.items():      # completion i is sampled with seed 10 + i
+        assert [t for c in cs for t in c.token_ids] == [98 + (10 + i + k) % 26 for k in range(3)]
+        assert [c.finish_reason for c in cs] == [0, 0, pb2.FINISH_REASON_LENGTH]
+        assert (cs[-1].usage.prompt_tokens, cs[-1].usage.completion_tokens) == (2, 3)
+    # completion 0 reached the engine first (the others then find its prompt in the prefix cache)
+    assert [r.request_id for r in h.engine.requests] == ["seeded-1/0", "seeded-1/1", "seeded-1/2"]
+    assert [r.sampling.seed for r in h.engine.requests] == [10, 11, 12]
+    rec = h.wait_records(1)[0]
+    assert (rec.request_id, rec.status, rec.prompt_tokens, rec.completion_tokens) == ("seeded-1", "OK", 2, 9)
+
+
+def test_complete_with_n_returns_every_completion(h, client):
+    resp = client.complete(prompt_ids=[5, 6], max_tokens=2, n=2, seed=3, request_id="seeded-2", logprobs=True)
+    assert [c.index for c in resp.completions] == [0, 1]
+    assert [list(c.token_ids) for c in resp.completions] == [[101, 102], [102, 103]]
+    assert [c.text for c in resp.completions] == ["de", "ef"]
+    assert [list(c.logprobs) for c in resp.completions] == [[-0.5, -1.0]] * 2
+    assert all(c.usage.completion_tokens == 2 and c.finish_reason == pb2.FINISH_REASON_LENGTH
+               for c in resp.completions)
+    # the top-level fields are completion 0's; usage counts every completion's tokens
+    assert (resp.text, list(resp.token_ids), resp.request_id) == ("de", [101, 102], "seeded-2")
+    assert (resp.usage.prompt_tokens, resp.usage.completion_tokens) == (2, 4)
+    one = client.complete(prompt_ids=[5, 6], max_tokens=2, n=1, seed=3, request_id="seeded-3")
+    assert not one.completions and list(one.token_ids) == [101, 102]
+    # unseeded: each completion its own random stream (no seed passed to any)
+    client.complete(prompt_ids=[5, 6], max_tokens=2, n=2)
+    assert [r.sampling.seed for r in h.engine.requests[-2:]] == [None, None]
+
+
+@pytest.mark.parametrize("method", ["generate", "complete"])
+def test_n_completions_refused_before_any_token_when_one_is_shed(h, client, method):
+    """Completion 0 is admitted and streams; completion 1 is shed: the call fails with
+    RESOURCE_EXHAUSTED and its pushback, no chunk was sent, and completion 0's stream was closed."""
+    with pytest.raises(grpc.RpcError) as ei:
+        r = getattr(client, method)(prompt="hi", max_tokens=20, n=2, request_id="partial-1")
+        got = list(r) if method == "generate" else [r]
+        pytest.fail(f"no error; got {got}")
+    assert ei.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "retry after 250 ms" in ei.value.details()
+    deadline = time.monotonic() + WAIT_S
+    while "partial-1/0" not in h.engine.closed and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert "partial-1/0" in h.engine.closed
+    assert h.wait_records(1)[0].status == "RESOURCE_EXHAUSTED"
+
+
+@pytest.mark.parametrize("n", [-1, 17])
+def test_n_out_of_range_is_invalid_argument(client, n):
+    with pytest.raises(grpc.RpcError) as ei:
+        client.complete(prompt="hi", max_tokens=2, n=n)
+    assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT and ei.value.details().startswith("n:")
+
+
+def test_a_request_for_several_completions_is_not_resumed():
+    req = build_request(prompt_ids=[5, 6], max_tokens=8, n=2)
+    assert continuation(req, [98, 99]) is None
+    assert continuation(build_request(prompt_ids=[5, 6], max_tokens=8, n=1), [98]).max_tokens == 7
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_cli_n_completions(h, capsys, stream):
+    argv = ["--target", h.target, "--prompt-ids", "5,6", "--max-tokens", "2", "--n", "2", "--seed", "3",
+            "--request-id", "seeded-cli", *(["--stream"] if stream else [])]
+    assert cli([*argv, "--json"]) == 0
+    obj = json.loads(capsys.readouterr().out)
+    assert (obj["request_id"], obj["token_ids"], obj["text"]) == ("seeded-cli", [101, 102], "de")
+    assert obj["usage"] == {"prompt_tokens": 2, "completion_tokens": 4, "cached_prompt_tokens": 0}
+    assert [(c["index"], c["token_ids"], c["text"], c["finish_reason"]) for c in obj["completions"]] == [
+        (0, [101, 102], "de", "length"), (1, [102, 103], "ef", "length")]
+    assert cli(argv) == 0
+    assert capsys.readouterr().out == "[0] de\n[1] ef\n"
 
 
 # ---- the service without a transport ---------------------------------------------------

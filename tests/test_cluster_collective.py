@@ -82,3 +82,18 @@ def test_both_shards_report_compute_time(cluster):
             break
         time.sleep(0.5)
     assert set(busy) == {"0", "1"} and all(v > 0 for v in busy.values()), busy
+
+
+def test_n_completions_equal_single_requests_with_seeds_and_reuse_the_prompt(cluster):
+    """n = 3 sampled completions through the real engine: completion i equals a request of its
+    own with seed + i, and completions 1, 2 found the prompt's full KV blocks in the prefix cache
+    (completion 0 prefilled them)."""
+    prompt = list(range(100, 140))                # 40 tokens: 2 full blocks of 16
+    kw = dict(prompt_ids=prompt, max_tokens=6, temperature=1.0, ignore_eos=True)
+    with MoEClient(cluster["grpc_target"]) as c:
+        got = c.complete(build_request(**kw, seed=7, n=3))
+        singles = [list(c.complete(build_request(**kw, seed=7 + i)).token_ids) for i in range(3)]
+    assert [list(x.token_ids) for x in got.completions] == singles
+    assert len({tuple(s) for s in singles}) > 1          # sampled: the seeds made them differ
+    assert [x.usage.cached_prompt_tokens >= 32 for x in got.completions[1:]] == [True, True]
+    assert got.usage.completion_tokens == 18

@@ -35,7 +35,7 @@ from serving.api.errors import (LOST_REPLICA_RETRY_MS, Draining, InvalidRequest,
                                  Unauthenticated, is_lost_replica, lost_replica_details, retry_trailers)
 from serving.api.protos import SERVICE_NAME, health_pb2, pb2
 from serving.api.tenants import DEFAULT_TENANT, UNIDENTIFIED_LABEL, Release, TenantGate
-from serving.api.validation import ApiLimits, Tokenizer, validate_request
+from serving.api.validation import ApiLimits, Tokenizer, num_completions, validate_request
 from serving.engine.async_engine import EngineCoreLost, ExpertsUnreachable
 from serving.engine.request import FinishReason, GenerationRequest, Priority, TokenEvent
 
@@ -138,20 +138,22 @@ def set_status(ctx: Any, code: grpc.StatusCode, details: str, trailers: Sequence
 
 
 class _Tracker:
-    """Timing and token counts of one RPC."""
+    """Timing and token counts of one RPC (of each of its completions, when it asks for n)."""
 
     def __init__(self, method: str):
         self.method = method
         self.t0 = time.perf_counter()
         self.last: float | None = None
         self.rec = RequestRecord(request_id="", status="OK", priority=None, method=method)
+        self.completion: dict[int, int] = {}        # completion index -> tokens generated
+        self.cached: dict[int, int] = {}            # completion index -> prompt tokens found cached
 
     def start(self, req: GenerationRequest) -> None:
         self.rec.request_id = req.request_id
         self.rec.priority = req.priority
         self.rec.prompt_tokens = len(req.prompt_token_ids)
 
-    def on_event(self, ev: TokenEvent) -> None:
+    def on_event(self, ev: TokenEvent, index: int = 0) -> None:
         now = time.perf_counter()
         if ev.token_id >= 0:
             if self.last is None:
@@ -159,13 +161,15 @@ class _Tracker:
             else:
                 self.rec.itl_s.append(now - self.last)
             self.last = now
-            self.rec.completion_tokens += 1
+            self.completion[index] = self.completion.get(index, 0) + 1
         if ev.completion_tokens:
-            self.rec.completion_tokens = ev.completion_tokens
+            self.completion[index] = ev.completion_tokens
+        self.rec.completion_tokens = sum(self.completion.values())
         if ev.prompt_tokens:
             self.rec.prompt_tokens = ev.prompt_tokens
         if ev.cached_tokens:
-            self.rec.cached_prompt_tokens = ev.cached_tokens
+            self.cached[index] = ev.cached_tokens
+            self.rec.cached_prompt_tokens = sum(self.cached.values())
 
     def finish(self, status: str) -> RequestRecord:
         self.rec.status = status
@@ -214,19 +218,22 @@ class GenerateService:
         tracker.rec.priority = _PRIORITY_OF.get(int(request_pb.priority))
         status = "CANCELLED"            # if we are torn down mid-stream (client went away)
         release: Release | None = None
+        n = 1
         try:
-            req, release = self._admit(request_pb, grpc_context, tracker)
+            req, n, release = self._admit(request_pb, grpc_context, tracker)
             tracker.start(req)
-            finished = False
-            async with aclosing(self._engine_stream(req)) as chunks:
-                async for events in chunks:
+            finished = 0
+            source = self._engine_stream(req) if n == 1 else self._engine_streams(req, n)
+            async with aclosing(source) as chunks:
+                async for item in chunks:
+                    index, events = (0, item) if n == 1 else item
                     for ev in events:
-                        tracker.on_event(ev)
-                    finished = events[-1].finish_reason is not None
-                    yield self._chunk(req, events, tracker)
-                    if finished:
+                        tracker.on_event(ev, index)
+                    finished += events[-1].finish_reason is not None
+                    yield self._chunk(req, events, tracker, index)
+                    if finished == n:
                         break
-            if not finished:
+            if finished < n:
                 raise _Failure(grpc.StatusCode.INTERNAL, "engine stream ended without a "
                                f"finish reason; request_id={req.request_id}")
             status = "OK"
@@ -240,7 +247,7 @@ class GenerateService:
             raise RpcAbort(failure.code, failure.details) from None
         finally:
             if release is not None:       # what it did not generate goes back to its tenant's bucket
-                release(max(0, req.sampling.max_tokens - tracker.rec.completion_tokens))
+                release(max(0, n * req.sampling.max_tokens - tracker.rec.completion_tokens))
             self._done(tracker.finish(status))
 
     async def complete(self, request_pb: Any, grpc_context: Any = None) -> Any:
@@ -251,25 +258,38 @@ class GenerateService:
         no context, RpcAbort is raised instead.
         """
         out = pb2.CompleteResponse()
-        texts: list[str] = []
+        parts: dict[int, Any] = {}                 # completion index -> pb2.Completion
+        texts: dict[int, list[str]] = {}
         gen = self._generate(request_pb, grpc_context, "Complete")
         try:
             async for chunk in gen:
                 out.request_id = chunk.request_id
-                texts.append(chunk.text)
-                out.token_ids.extend(chunk.token_ids)
-                out.logprobs.extend(chunk.logprobs)
-                out.top_logprobs.extend(chunk.top_logprobs)
+                c = parts.setdefault(chunk.index, pb2.Completion(index=chunk.index))
+                texts.setdefault(chunk.index, []).append(chunk.text)
+                c.token_ids.extend(chunk.token_ids)
+                c.logprobs.extend(chunk.logprobs)
+                c.top_logprobs.extend(chunk.top_logprobs)
                 if chunk.finish_reason:
-                    out.finish_reason = chunk.finish_reason
-                    out.usage.CopyFrom(chunk.usage)
+                    c.finish_reason = chunk.finish_reason
+                    c.usage.CopyFrom(chunk.usage)
         except RpcAbort:
             if grpc_context is None:
                 raise
             return pb2.CompleteResponse()
         finally:
             await gen.aclose()
-        out.text = "".join(texts)
+        for i, c in parts.items():
+            c.text = "".join(texts[i])
+        first = parts[0]
+        out.text, out.finish_reason = first.text, first.finish_reason
+        out.token_ids.extend(first.token_ids)
+        out.logprobs.extend(first.logprobs)
+        out.top_logprobs.extend(first.top_logprobs)
+        out.usage.CopyFrom(first.usage)
+        if len(parts) > 1:                         # n > 1: every completion, usage over all of them
+            out.completions.extend(parts[i] for i in sorted(parts))
+            out.usage.completion_tokens = sum(c.usage.completion_tokens for c in parts.values())
+            out.usage.cached_prompt_tokens = sum(c.usage.cached_prompt_tokens for c in parts.values())
         return out
 
     def check(self, request_pb: Any, grpc_context: Any = None) -> Any:
@@ -295,20 +315,22 @@ class GenerateService:
     # ---- helpers ------------------------------------------------------------------
 
     def _admit(self, request_pb: Any, grpc_context: Any, tracker: _Tracker
-               ) -> tuple[GenerationRequest, Release | None]:
+               ) -> tuple[GenerationRequest, int, Release | None]:
         """Ready, then who is calling, then a valid request, then within its tenant's quota:
-        the request and the lease on that quota (None without tenants)."""
+        the request, its number of completions, and the lease on that quota (None without tenants)."""
         if not self.ready:
             raise Draining("server is not ready")
         if self.tenants is None:
-            return validate_request(request_pb, self.limits, self.tokenizer), None
+            req = validate_request(request_pb, self.limits, self.tokenizer)
+            return req, num_completions(request_pb, self.limits), None
         metadata = grpc_context.invocation_metadata() if grpc_context is not None else ()
         tracker.rec.tenant = UNIDENTIFIED_LABEL          # until identify() names the caller
         tenant = self.tenants.identify(metadata)
         tracker.rec.tenant = self.tenants.label(tenant)
         # the tenant salts the prefix cache: its hits never reveal another tenant's prompts
         req = replace(validate_request(request_pb, self.limits, self.tokenizer), cache_salt=tenant)
-        return req, self.tenants.acquire(tenant, len(req.prompt_token_ids) + req.sampling.max_tokens)
+        n = num_completions(request_pb, self.limits)
+        return req, n, self.tenants.acquire(tenant, len(req.prompt_token_ids) + n * req.sampling.max_tokens)
 
     async def _engine_stream(self, req: GenerationRequest) -> AsyncIterator[list[TokenEvent]]:
         """The engine's events as non-empty chunks (lists), whichever the engine client yields."""
@@ -330,8 +352,57 @@ class GenerateService:
                 elif callable(getattr(stream, "cancel", None)):
                     stream.cancel()     # e.g. a Ray DeploymentResponseGenerator
 
-    def _chunk(self, req: GenerationRequest, events: list[TokenEvent], tracker: _Tracker) -> Any:
-        chunk = pb2.GenerateResponse(request_id=req.request_id, text="".join(e.text_delta for e in events))
+    async def _engine_streams(self, req: GenerationRequest, n: int
+                              ) -> AsyncIterator[tuple[int, list[TokenEvent]]]:
+        """(completion index, chunk) of the n completions of `req`, interleaved as they come.
+        Each is an engine request of its own (id `<request_id>/<i>`, seed + i where a seed is set).
+        Completion 0 starts first; the others start once it has its first token, so its prompt is
+        in the prefix cache and they reuse the K/V. Nothing is yielded until every completion has
+        its first event: a completion the engine refuses (shed, draining) fails the call before
+        any token reached the client, and the others are closed (the engine aborts them)."""
+        seed = req.sampling.seed
+        subs = [replace(req, request_id=f"{req.request_id}/{i}",
+                        sampling=replace(req.sampling, seed=None if seed is None else seed + i)) for i in range(n)]
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(i: int) -> None:
+            finished = False
+            try:
+                async with aclosing(self._engine_stream(subs[i])) as chunks:
+                    async for events in chunks:
+                        finished = events[-1].finish_reason is not None
+                        queue.put_nowait((i, events))
+                        if finished:
+                            return
+                queue.put_nowait((i, _Failure(grpc.StatusCode.INTERNAL, "engine stream ended without a "
+                                              f"finish reason; request_id={subs[i].request_id}")))
+            except Exception as exc:  # noqa: BLE001 - handed to the caller, which fails the call
+                queue.put_nowait((i, exc))
+
+        tasks = [asyncio.create_task(pump(0))]
+        held: list[tuple[int, list[TokenEvent]]] = []    # until every completion has started
+        started: set[int] = set()
+        try:
+            while True:
+                i, item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                if len(tasks) == 1:                      # completion 0's prompt is cached now
+                    tasks += [asyncio.create_task(pump(j)) for j in range(1, n)]
+                started.add(i)
+                held.append((i, item))
+                if len(started) == n:
+                    for one in held:
+                        yield one
+                    held = []
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _chunk(self, req: GenerationRequest, events: list[TokenEvent], tracker: _Tracker, index: int = 0) -> Any:
+        chunk = pb2.GenerateResponse(request_id=req.request_id, text="".join(e.text_delta for e in events),
+                                     index=index)
         for e in events:
             if e.token_id >= 0:
                 chunk.token_ids.append(e.token_id)
@@ -340,11 +411,11 @@ class GenerateService:
                 if req.sampling.top_logprobs and e.top_logprobs is not None:
                     chunk.top_logprobs.add(token_ids=e.top_logprobs[0], logprobs=e.top_logprobs[1])
         ev = events[-1]
-        if ev.finish_reason is not None:
+        if ev.finish_reason is not None:           # this completion's usage
             chunk.finish_reason = _FINISH[FinishReason(ev.finish_reason)]
             chunk.usage.prompt_tokens = tracker.rec.prompt_tokens
-            chunk.usage.completion_tokens = tracker.rec.completion_tokens
-            chunk.usage.cached_prompt_tokens = tracker.rec.cached_prompt_tokens
+            chunk.usage.completion_tokens = tracker.completion.get(index, 0)
+            chunk.usage.cached_prompt_tokens = tracker.cached.get(index, 0)
         return chunk
 
     def _done(self, record: RequestRecord) -> None:

@@ -15,7 +15,7 @@ from serving.api.errors import InvalidRequest, MalformedRequest
 from serving.engine.request import GenerationRequest, Priority
 from serving.model.sampling import SamplingParams
 
-__all__ = ["ApiLimits", "InvalidRequest", "Tokenizer", "validate_request", "new_request_id"]
+__all__ = ["ApiLimits", "InvalidRequest", "Tokenizer", "validate_request", "new_request_id", "num_completions"]
 
 _PRIORITIES = {0: Priority.INTERACTIVE, 1: Priority.INTERACTIVE, 2: Priority.BATCH}
 
@@ -39,6 +39,7 @@ class ApiLimits:
     max_top_logprobs: int = 20
     max_logit_bias: int = 300          # entries (OpenAI's cap)
     max_request_id_chars: int = 128
+    max_n: int = 16                    # completions per request
 
     def __post_init__(self) -> None:
         if self.vocab_size <= 0 or self.max_model_len <= 0 or self.max_tokens_limit <= 0:
@@ -222,6 +223,14 @@ def _chat_ids(chat: Any, limits: ApiLimits, tokenizer: Tokenizer) -> tuple[int, 
     return ids
 
 
+def num_completions(req: Any, limits: ApiLimits) -> int:
+    """How many completions `req` asks for (its `n`; 0 means 1)."""
+    n = int(getattr(req, "n", 0))            # a KServe face's MalformedRequest has none
+    if not 0 <= n <= limits.max_n:
+        raise InvalidRequest("n", f"{n} must be in [0, {limits.max_n}] (0 means 1)")
+    return max(n, 1)
+
+
 def validate_request(req: Any, limits: ApiLimits, tokenizer: Tokenizer, *,
                      arrival_time: float | None = None) -> GenerationRequest:
     """Check a `moe_serving.v1.GenerateRequest` and convert it for the engine.
@@ -232,6 +241,7 @@ def validate_request(req: Any, limits: ApiLimits, tokenizer: Tokenizer, *,
     if isinstance(req, MalformedRequest):
         raise InvalidRequest(req.field, req.message)
     request_id = _validate_request_id(req.request_id, limits)
+    num_completions(req, limits)
     if int(req.priority) not in _PRIORITIES:
         raise InvalidRequest("priority", f"unknown value {int(req.priority)}; use "
                              "PRIORITY_INTERACTIVE or PRIORITY_BATCH")
