@@ -1,8 +1,9 @@
 """The `collective` transport: expert shards are plain Ray actors that share one gloo process
 group with the engine; tokens move over it point to point, with no Ray call per layer.
 
-Ranks: 0 is the engine (the only producer), rank s+1 is shard s (an `ExpertShardActor`).
-Ray only creates, places, probes and kills the actors. The data path is torch.distributed.
+Ranks: 0 is the engine (the only producer), the shards in actors (`ExpertShardActor`) are ranks
+1.. in shard order (shard s is rank s+1 when no shard is local, below). Ray only creates, places,
+probes and kills the actors. The data path is torch.distributed.
 
 The engine can be an expert-parallel rank itself (`local_shards`, as every rank of vLLM's or
 DeepSpeed's EP holds experts): those shards live in the engine's process, as ExpertShardWorkers,
@@ -13,7 +14,7 @@ machine that saves a message, a process and its wake-ups per layer for shard 0, 
 engine shares anyway (README "Peer benchmark").
 
 For every MoE layer (`CollectiveTransport.run`), for every remote shard s that gets tokens:
-  1. post irecv of y_ND from rank s+1 (bytes, in x's dtype)
+  1. post irecv of y_ND from shard s's rank (bytes, in x's dtype)
   2. isend one message: header_H = [op, layer, N, D, K, dtype code] (int64[6]), then
      topk_ids_NK (int64) | topk_weights_NK (fp32) | x_ND (dtype), all as bytes
   3. shard s (a serving-loop thread in the actor) has already posted a recv for it into a
@@ -450,8 +451,12 @@ class CollectivePending:
         self.local, self.layer = list(local), layer
 
     def wait(self) -> list[torch.Tensor]:
-        for i, c in self.local:                # while the remote shards compute theirs
-            self.out[i] = self.transport._compute_local(self.layer, c)
+        local_error = None
+        try:
+            for i, c in self.local:            # while the remote shards compute theirs
+                self.out[i] = self.transport._compute_local(self.layer, c)
+        except Exception as exc:  # noqa: BLE001 -- raised below, once the remote answers are in
+            local_error = exc                  # (left in flight, they would land in the next layer's buffers)
         self.local = []
         shard = -1
         try:
@@ -461,4 +466,6 @@ class CollectivePending:
             raise self.transport._failed(shard, exc) from exc
         finally:
             self.pending = []                 # the tensors the works read or wrote can go now
+        if local_error is not None:
+            raise local_error
         return self.out
