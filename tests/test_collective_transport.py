@@ -283,6 +283,20 @@ def test_engine_hosted_shard_computes_in_this_process_beside_remote_ranks(cluste
         torch.testing.assert_close(coll(0, x, ids, w), before)
         assert transport.generation == 2 and len(transport.actors) == 2
         assert transport.busy_seconds()[0] >= busy[0]
+        # a live rebalance reaches the engine's own shard too: it loads what it newly serves, on
+        # first use, and drops what it no longer does
+        new = Placement.build(cfg, 3, "contiguous")
+        transport.set_placement(new, retain_after_s=0.0)
+        coll_new = ExpertDispatcher(new, transport, cfg.num_experts)
+        ref_new = ExpertDispatcher(new, _local(ckpt, new), cfg.num_experts)
+        x, ids, w = _routing(cfg, 32, 23)
+        for layer in cfg.moe_layer_ids:
+            torch.testing.assert_close(coll_new(layer, x, ids, w), ref_new(layer, x, ids, w), rtol=1e-5, atol=1e-6)
+        deadline = time.monotonic() + 10
+        # round_robin gave shard 0 experts 0, 3; contiguous gives it 0, 1 (32 tokens reach every expert)
+        while {layer: tuple(e) for layer, e in transport.workers[0].expert_ids().items()} != new.experts_of(0):
+            assert time.monotonic() < deadline, transport.workers[0].expert_ids()
+            time.sleep(0.05)
     finally:
         transport.close()
     assert transport.actors == []
