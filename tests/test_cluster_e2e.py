@@ -89,7 +89,7 @@ def test_tritonclient_gets_the_same_greedy_completion_as_moe_serving(cluster, ck
     import tritonclient.grpc as tc
 
     with MoEClient(cluster["grpc_target"]) as c:
-        done = c.complete(build_request("hello world", max_tokens=12, temperature=0))
+        done = c.complete(build_request("hello world", max_tokens=12, temperature=0, logprobs=True))
     model = Path(ckpt[0]).name                      # served_model_name unset: the checkpoint's directory
     prompt = tc.InferInput("text_input", [1], "BYTES")
     prompt.set_data_from_numpy(np.array([b"hello world"], dtype=object))
@@ -102,8 +102,12 @@ def test_tritonclient_gets_the_same_greedy_completion_as_moe_serving(cluster, ck
         assert config.name == model and config.model_transaction_policy.decoupled
         assert [(m.name, m.state) for m in client.get_model_repository_index().models] == [(model, "READY")]
         assert client.is_server_ready() and client.is_model_ready(model)
-        result = client.infer(model, [prompt], parameters=params)
+        cumulative = tc.InferInput("return_cumulative_logprob", [1], "BOOL")
+        cumulative.set_data_from_numpy(np.array([True]))
+        result = client.infer(model, [prompt, cumulative], parameters=params)
         assert result.as_numpy("text_output")[0].decode() == "hello world" + done.text
+        assert result.as_numpy("cumulative_logprob")[0] == pytest.approx(sum(done.logprobs), rel=1e-4, abs=1e-4)
+        assert len(done.logprobs) == 12 and sum(done.logprobs) < 0
         assert result.as_numpy("num_output_tokens")[0] == done.usage.completion_tokens
         assert result.as_numpy("num_input_tokens")[0] == done.usage.prompt_tokens
         results: queue.Queue = queue.Queue()

@@ -159,10 +159,12 @@ def test_model_config_and_repository_index_as_tritonclient_reads_them(h, triton)
     assert config.model_transaction_policy.decoupled
     types = {t.name: (triton_config_pb2.DataType.Name(t.data_type), list(t.dims), t.optional) for t in config.input}
     assert types == {"text_input": ("TYPE_STRING", [1], False), "sampling_parameters": ("TYPE_STRING", [1], True),
-                     "stream": ("TYPE_BOOL", [1], True), "exclude_input_in_output": ("TYPE_BOOL", [1], True)}
+                     "stream": ("TYPE_BOOL", [1], True), "exclude_input_in_output": ("TYPE_BOOL", [1], True),
+                     **{f"return_{x}": ("TYPE_BOOL", [1], True)
+                        for x in ("cumulative_logprob", "finish_reason", "num_output_tokens", "num_input_tokens")}}
     assert {t.name: triton_config_pb2.DataType.Name(t.data_type) for t in config.output} == {
         "text_output": "TYPE_STRING", "num_output_tokens": "TYPE_UINT32", "finish_reason": "TYPE_STRING",
-        "num_input_tokens": "TYPE_UINT32"}
+        "num_input_tokens": "TYPE_UINT32", "cumulative_logprob": "TYPE_FP32"}
     assert triton.get_model_config(MODEL, "1").config.name == MODEL
     for name, version in (("other", ""), (MODEL, "2")):
         with pytest.raises(InferenceServerException) as ei:
@@ -191,6 +193,35 @@ def test_infer_returns_the_completion_with_the_prompt_first_by_default(h, triton
     assert _text(result) == "ab" and [o.name for o in result.get_response().outputs] == ["text_output"]
     rec = h.wait_records(2)[0]
     assert (rec.request_id, rec.status, rec.method, rec.completion_tokens) == ("r1", "OK", "ModelInfer", 3)
+
+
+def test_cumulative_logprob_as_triton_vllm_backend_returns_it(h, triton):
+    """return_cumulative_logprob (Triton's vLLM backend's input) adds the cumulative_logprob output:
+    the sum of the generated tokens' logprobs (the fake engine's token i: -0.5 * (i + 1)); the
+    engine is asked for logprobs only then, or when `outputs` names it."""
+    result = triton.infer(MODEL, [_bytes_input("text_input", "hi"), _bool_input("return_cumulative_logprob", True),
+                                  _bool_input("return_finish_reason", True)], parameters={"max_tokens": 3})
+    assert result.as_numpy("cumulative_logprob").dtype == np.float32
+    assert result.as_numpy("cumulative_logprob")[0] == pytest.approx(-3.0)
+    assert _text(result, "finish_reason") == "length" and h.engine.requests[-1].sampling.logprobs
+    plain = triton.infer(MODEL, [_bytes_input("text_input", "hi")], parameters={"max_tokens": 3})
+    assert plain.as_numpy("cumulative_logprob") is None and not h.engine.requests[-1].sampling.logprobs
+    named = triton.infer(MODEL, [_bytes_input("text_input", "hi")], parameters={"max_tokens": 2},
+                         outputs=[tc.InferRequestedOutput("cumulative_logprob")])
+    assert [o.name for o in named.get_response().outputs] == ["cumulative_logprob"]
+    assert named.as_numpy("cumulative_logprob")[0] == pytest.approx(-1.5)
+    # streamed: the sum so far, chunk by chunk
+    got: queue.Queue = queue.Queue()
+    triton.start_stream(lambda result, error: got.put((result, error)))
+    try:
+        triton.async_stream_infer(MODEL, [_bytes_input("text_input", "hi"), _bool_input("stream", True),
+                                          _bool_input("return_cumulative_logprob", True)],
+                                  parameters={"max_tokens": 3})
+        sums = [got.get(timeout=WAIT_S) for _ in range(3)]
+    finally:
+        triton.stop_stream()
+    assert [e for _, e in sums] == [None] * 3
+    assert [float(r.as_numpy("cumulative_logprob")[0]) for r, _ in sums] == pytest.approx([-0.5, -1.5, -3.0])
 
 
 def test_sampling_fields_reach_the_engine_from_parameters_and_json(h, triton):

@@ -12,6 +12,10 @@ The model (ModelMetadata says the same)
       stream                   BOOL   ModelStreamInfer only: one response per streamed chunk
       exclude_input_in_output  BOOL   false: text_output starts with the prompt. Default: false,
                                       except when streaming (Triton's vLLM backend does the same)
+      return_cumulative_logprob BOOL  true: also the cumulative_logprob output (Triton's vLLM backend's)
+      return_finish_reason, return_num_output_tokens, return_num_input_tokens
+                               BOOL   accepted as Triton's vLLM backend takes them; those outputs
+                                      come back by default here
 - Request parameters (ModelInferRequest.parameters; tritonclient's `parameters=`): the same
   sampling fields, typed; `priority` (Triton's: 0 or 1 interactive, 2 batch, which is shed
   first); `triton_enable_empty_final_response` (set by tritonclient's
@@ -25,6 +29,9 @@ The model (ModelMetadata says the same)
       num_output_tokens  UINT32  tokens generated so far
       finish_reason      BYTES   "stop", "length" or "cancelled"; "" before the last chunk
       num_input_tokens   UINT32  prompt tokens (BOS included); 0 before the last chunk
+      cumulative_logprob FP32    the sum of the generated tokens' log-probabilities so far (raw
+                                 logits, as moe_serving.v1's logprobs); only with
+                                 return_cumulative_logprob, or when `outputs` names it
   Data comes back in raw_output_contents (what tritonclient's `as_numpy` reads).
 - Streamed responses carry the parameter `triton_final_response` (true on a request's last one),
   as Triton's decoupled models do.
@@ -82,13 +89,20 @@ INPUTS: dict[str, TensorSpec] = {t.name: t for t in (
     TensorSpec(name="sampling_parameters", datatype="BYTES"),
     TensorSpec(name="stream", datatype="BOOL"),
     TensorSpec(name="exclude_input_in_output", datatype="BOOL"),
+    TensorSpec(name="return_cumulative_logprob", datatype="BOOL"),
+    TensorSpec(name="return_finish_reason", datatype="BOOL"),
+    TensorSpec(name="return_num_output_tokens", datatype="BOOL"),
+    TensorSpec(name="return_num_input_tokens", datatype="BOOL"),
 )}
 OUTPUTS: dict[str, TensorSpec] = {t.name: t for t in (
     TensorSpec(name="text_output", datatype="BYTES"),
     TensorSpec(name="num_output_tokens", datatype="UINT32"),
     TensorSpec(name="finish_reason", datatype="BYTES"),
     TensorSpec(name="num_input_tokens", datatype="UINT32"),
+    TensorSpec(name="cumulative_logprob", datatype="FP32"),
 )}
+#: The outputs a request gets when it names none (cumulative_logprob needs logprobs computed: asked for).
+DEFAULT_OUTPUTS = ("text_output", "num_output_tokens", "finish_reason", "num_input_tokens")
 
 #: Sampling fields (GenerateRequest's) and the Python type each takes.
 SAMPLING_FIELDS: dict[str, type] = {"max_tokens": int, "temperature": float, "top_p": float,
@@ -121,7 +135,7 @@ class _Plan:
     request_id: str
     stream: bool = False
     prompt_prefix: str = ""           # put before the completion's text (exclude_input_in_output false)
-    outputs: tuple[str, ...] = tuple(OUTPUTS)
+    outputs: tuple[str, ...] = DEFAULT_OUTPUTS
     empty_final: bool = False
 
 
@@ -132,6 +146,7 @@ class _Progress:
     output_tokens: int = 0
     input_tokens: int = 0
     finish: str = ""
+    cumulative_logprob: float = 0.0
 
 
 class _RequestStatus:
@@ -211,9 +226,10 @@ def _input_value(tensor: Any, raw: bytes | None) -> Any:
     return values[0]
 
 
-def _output_tensor(name: str, value: str | int) -> tuple[Any, bytes]:
+def _output_tensor(name: str, value: str | int | float) -> tuple[Any, bytes]:
     spec = OUTPUTS[name]
-    raw = pack_bytes([value.encode()]) if spec.datatype == "BYTES" else struct.pack("<I", value)
+    raw = (pack_bytes([value.encode()]) if spec.datatype == "BYTES"
+           else struct.pack("<f", value) if spec.datatype == "FP32" else struct.pack("<I", value))
     return kserve.ModelInferResponse.InferOutputTensor(name=name, datatype=spec.datatype,
                                                        shape=list(spec.shape)), raw
 
@@ -502,7 +518,9 @@ class KServeService:
                     raise InvalidRequest(f"parameters[{name}]", "also set in sampling_parameters; set it once")
                 sampling[name] = value
         exclude = values.get("exclude_input_in_output", stream)
-        gen = pb2.GenerateRequest(text=prompt, request_id=request.id, priority=priority)
+        outputs = self._requested_outputs(request, cumulative=bool(values.get("return_cumulative_logprob", False)))
+        gen = pb2.GenerateRequest(text=prompt, request_id=request.id, priority=priority,
+                                  return_logprobs="cumulative_logprob" in outputs)
         for name, value in sampling.items():
             if name in ("stop", "stop_token_ids"):
                 getattr(gen, name).extend(value)
@@ -511,8 +529,7 @@ class KServeService:
             else:
                 setattr(gen, name, value)
         return _Plan(request=gen, request_id=request.id, stream=stream,
-                     prompt_prefix="" if exclude else prompt,
-                     outputs=self._requested_outputs(request), empty_final=empty_final)
+                     prompt_prefix="" if exclude else prompt, outputs=outputs, empty_final=empty_final)
 
     def _parameters(self, request: Any, streaming_rpc: bool) -> tuple[dict[str, Any], int, bool]:
         """Request parameters: (sampling fields, priority, empty final response wanted)."""
@@ -554,7 +571,8 @@ class KServeService:
         return out
 
     @staticmethod
-    def _requested_outputs(request: Any) -> tuple[str, ...]:
+    def _requested_outputs(request: Any, cumulative: bool) -> tuple[str, ...]:
+        """The outputs `outputs` names; none named: DEFAULT_OUTPUTS (+ cumulative_logprob if asked for)."""
         names = []
         for out in request.outputs:
             if out.name not in OUTPUTS:
@@ -563,7 +581,7 @@ class KServeService:
                 raise InvalidRequest(f"outputs[{out.name}].parameters", "output parameters (classification) "
                                      "are not supported")
             names.append(out.name)
-        return tuple(names) or tuple(OUTPUTS)
+        return tuple(names) or (*DEFAULT_OUTPUTS, *(("cumulative_logprob",) if cumulative else ()))
 
     # ---- responses --------------------------------------------------------------------------
 
@@ -571,6 +589,7 @@ class KServeService:
     def _advance(progress: _Progress, chunk: Any) -> None:
         progress.text.append(chunk.text)
         progress.output_tokens += len(chunk.token_ids)
+        progress.cumulative_logprob += sum(chunk.logprobs)
         if chunk.finish_reason:
             progress.finish = _FINISH_NAMES.get(chunk.finish_reason, "stop")
             progress.input_tokens = chunk.usage.prompt_tokens
@@ -578,7 +597,8 @@ class KServeService:
 
     def _response(self, plan: _Plan, text: str, progress: _Progress, *, final: bool | None = None) -> Any:
         values = {"text_output": text, "num_output_tokens": progress.output_tokens,
-                  "finish_reason": progress.finish, "num_input_tokens": progress.input_tokens}
+                  "finish_reason": progress.finish, "num_input_tokens": progress.input_tokens,
+                  "cumulative_logprob": progress.cumulative_logprob}
         response = kserve.ModelInferResponse(model_name=self.model_name, model_version=MODEL_VERSION,
                                              id=plan.request_id)
         for name in plan.outputs:
