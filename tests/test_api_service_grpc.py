@@ -446,6 +446,11 @@ def test_complete_with_n_returns_every_completion(h, client):
     # unseeded: each completion its own random stream (no seed passed to any)
     client.complete(prompt_ids=[5, 6], max_tokens=2, n=2)
     assert [r.sampling.seed for r in h.engine.requests[-2:]] == [None, None]
+    # the prompt counts once: its cache hits are completion 0's, each completion reports its own
+    cached = client.complete(prompt_ids=[5, 6, 7, 8], max_tokens=2, n=2, request_id="cached-n")
+    assert [c.usage.cached_prompt_tokens for c in cached.completions] == [3, 3]
+    assert (cached.usage.prompt_tokens, cached.usage.cached_prompt_tokens, cached.usage.completion_tokens) == (4, 3, 4)
+    assert h.wait_records(4)[-1].cached_prompt_tokens == 3
 
 
 @pytest.mark.parametrize("method", ["generate", "complete"])

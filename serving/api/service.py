@@ -169,7 +169,7 @@ class _Tracker:
             self.rec.prompt_tokens = ev.prompt_tokens
         if ev.cached_tokens:
             self.cached[index] = ev.cached_tokens
-            self.rec.cached_prompt_tokens = sum(self.cached.values())
+            self.rec.cached_prompt_tokens = self.cached.get(0, 0)   # the prompt counts once: completion 0's
 
     def finish(self, status: str) -> RequestRecord:
         self.rec.status = status
@@ -286,10 +286,9 @@ class GenerateService:
         out.logprobs.extend(first.logprobs)
         out.top_logprobs.extend(first.top_logprobs)
         out.usage.CopyFrom(first.usage)
-        if len(parts) > 1:                         # n > 1: every completion, usage over all of them
-            out.completions.extend(parts[i] for i in sorted(parts))
+        if len(parts) > 1:                         # n > 1: every completion; the prompt counts once (its
+            out.completions.extend(parts[i] for i in sorted(parts))       # cache hits: completion 0's)
             out.usage.completion_tokens = sum(c.usage.completion_tokens for c in parts.values())
-            out.usage.cached_prompt_tokens = sum(c.usage.cached_prompt_tokens for c in parts.values())
         return out
 
     def check(self, request_pb: Any, grpc_context: Any = None) -> Any:
