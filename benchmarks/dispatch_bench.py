@@ -18,6 +18,9 @@ Transports (serving/parallel/):
          by DeploymentHandle from this driver, which sits on node 0 like the engine does.
   collective  CollectiveTransport: one Ray actor per shard (placed the same way) in one gloo
          group with this driver (rank 0); tokens move point to point, no Ray call per layer.
+  collective-engine  the same with shard 0 computed in this process, on this thread (the
+         cluster's layout: AppConfig.engine_expert_shard), the others in actors; its dispatch
+         time includes shard 0's compute, which runs while the actors compute theirs.
 
 Inputs: the experts of layer --layer of a checkpoint (default: the seeded `small` Mixtral,
 written to a temp dir), x_TD ~ N(0, 1), routing = top-k of random logits (uniform load).
@@ -177,12 +180,15 @@ def _roundtrip(transport, args, S: int, x, w, E: int) -> dict:
     return {"roundtrip_p50_ms": _pct(rt, 50) * 1e3, "roundtrip_p90_ms": _pct(rt, 90) * 1e3}
 
 
-def _collective_transport(ckpt: str, placement: Placement, dtype: torch.dtype, nodes: int):
-    """S shard actors (shard s on node s mod N) in one gloo group with this driver."""
+def _collective_transport(ckpt: str, placement: Placement, dtype: torch.dtype, nodes: int,
+                          local_shards: tuple[int, ...] = ()):
+    """S shard actors (shard s on node s mod N) in one gloo group with this driver; the shards in
+    `local_shards` computed by this process instead."""
     from serving.deployments.config import node_resource
     from serving.parallel.collective_transport import CollectiveTransport
     return CollectiveTransport(ckpt, placement, dtype, shard_resources=[
-        {node_resource(s % nodes): 0.001} for s in range(placement.num_shards)])
+        {node_resource(s % nodes): 0.001} for s in range(placement.num_shards)], local_shards=local_shards,
+        local_threads=torch.get_num_threads())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -198,9 +204,10 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     dtype = DTYPES[args.dtype]
     transports = [t.strip() for t in args.transports.split(",") if t.strip()]
-    unknown = set(transports) - {"local", "serve", "collective"}
+    unknown = set(transports) - {"local", "serve", "collective", "collective-engine"}
     if unknown:
-        print(f"error: unknown transports {sorted(unknown)} (known: local, serve, collective)", file=sys.stderr)
+        print(f"error: unknown transports {sorted(unknown)} (known: local, serve, collective, collective-engine)",
+              file=sys.stderr)
         return 2
     tmp_ckpt = None
     ckpt = args.checkpoint
@@ -233,12 +240,13 @@ def _run(args: argparse.Namespace) -> int:
                 from serving.parallel.serve_transport import ServeTransport
                 handles = cluster.deploy_shards(ckpt, placement, args.dtype)
                 built["serve"] = lambda: ServeTransport(handles)
-            collective = None
-            if "collective" in transports:
-                if cluster is None:
-                    cluster = ServeCluster(args.nodes)
-                collective = _collective_transport(ckpt, placement, dtype, args.nodes)
-                built["collective"] = lambda: collective
+            gangs = []                         # collective transports to close after this S
+            for name, local in (("collective", ()), ("collective-engine", (0,))):
+                if name in transports:
+                    if cluster is None:
+                        cluster = ServeCluster(args.nodes)
+                    gangs.append(_collective_transport(ckpt, placement, dtype, args.nodes, local))
+                    built[name] = lambda gang=gangs[-1]: gang
             for name in transports:
                 transport = Timed(built[name]())
                 dispatcher = ExpertDispatcher(placement, transport, cfg.num_experts)
@@ -264,15 +272,15 @@ def _run(args: argparse.Namespace) -> int:
                            "overhead_p50_ms": _pct(overhead, 50) * 1e3}
                     if args.roundtrip:
                         row.update(_roundtrip(transport.inner, args, S, x, w, cfg.num_experts))
-                        print(f"  {name:<6} S={S} T={T:<4} bare hop p50 {row['roundtrip_p50_ms']:8.3f} ms  "
+                        print(f"  {name:<17} S={S} T={T:<4} bare hop p50 {row['roundtrip_p50_ms']:8.3f} ms  "
                               f"p90 {row['roundtrip_p90_ms']:8.3f} ms", flush=True)
                     rows.append(row)
-                    print(f"  {name:<6} S={S} T={T:<4} dispatch p50 {row['dispatch_p50_ms']:8.3f} ms  "
+                    print(f"  {name:<17} S={S} T={T:<4} dispatch p50 {row['dispatch_p50_ms']:8.3f} ms  "
                           f"compute p50 {row['compute_p50_ms']:7.3f} ms  overhead {row['overhead_p50_ms']:8.3f} ms",
                           flush=True)
             del workers, all_experts
-            if collective is not None:
-                collective.close()
+            for gang in gangs:
+                gang.close()
     finally:
         if cluster is not None:
             cluster.close()
@@ -281,11 +289,11 @@ def _run(args: argparse.Namespace) -> int:
 
     print(f"\nper-MoE-layer dispatch + combine, {args.dtype}, hidden {cfg.hidden_size}, "
           f"{cfg.num_experts} experts top-{cfg.top_k}, ms. transport = time inside transport.run; "
-          "overhead = dispatch - shard compute (local: paired per call; serve: minus the local compute p50)")
-    print(f"{'transport':<10}{'shards':>7}{'tokens':>7}{'called':>7}{'dispatch p50':>14}"
+          "overhead = dispatch - shard compute (local: paired per call; serve, collective*: minus the local compute p50)")
+    print(f"{'transport':<18}{'shards':>7}{'tokens':>7}{'called':>7}{'dispatch p50':>14}"
           f"{'p90':>10}{'transport p50':>15}{'compute p50':>13}{'overhead p50':>14}")
     for r in rows:
-        print(f"{r['transport']:<10}{r['shards']:>7}{r['tokens']:>7}{r['shards_called']:>7}"
+        print(f"{r['transport']:<18}{r['shards']:>7}{r['tokens']:>7}{r['shards_called']:>7}"
               f"{r['dispatch_p50_ms']:>14.3f}{r['dispatch_p90_ms']:>10.3f}{r['transport_p50_ms']:>15.3f}"
               f"{r['compute_p50_ms']:>13.3f}{r['overhead_p50_ms']:>14.3f}")
     report = {**header, "wall_s": time.perf_counter() - t_start, "results": rows}
