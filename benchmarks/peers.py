@@ -352,9 +352,9 @@ def _repeat_bench(a, ctx, cmd: list[str]) -> dict:
             "torch_threads": reps[-1].get("machine", {}).get("torch_threads"), "bench_command": shlex.join(cmd)}
 
 
-def run_engine_shards(a, ctx, engine_shard: str = "on") -> dict:
+def run_engine_shards(a, ctx, engine_shard: bool = True) -> dict:
     cmd = [*_cli(), "bench", "--in-process", "--transport", "collective", "--expert-shards", "2", "--nodes", "2",
-           "--engine-expert-shard", engine_shard, "--checkpoint", a.checkpoint, "--dtype", a.dtype, "--threads", str(a.threads),
+           "--engine-expert-shard", "on" if engine_shard else "off", "--checkpoint", a.checkpoint, "--dtype", a.dtype, "--threads", str(a.threads),
            "--prefix-caching", a.prefix_caching, *_bench_args(a, ctx["vocab_size"])]
     return _repeat_bench(a, ctx, cmd)
 
@@ -568,7 +568,7 @@ def main(argv: list[str] | None = None) -> int:
             for es in a.engine_shard_list:
                 label = ("engine + shard 1 actor, shard 0 in the engine (collective, no Serve/gRPC)" if es == "on"
                          else "engine + 2 shard actors (collective, no Serve/gRPC)")
-                jobs.append((peer, label, lambda a, ctx, es=es: run_engine_shards(a, ctx, es)))
+                jobs.append((peer, label, lambda a, ctx, es=es: run_engine_shards(a, ctx, es == "on")))
         else:
             label, run = {"transformers": ("transformers", run_transformers), "vllm": ("vLLM-CPU", run_vllm),
                           "engine": ("engine (in-process)", run_engine),

@@ -282,11 +282,11 @@ def _parse_bias(items: Sequence[str]) -> dict[int, float]:
     for item in items:
         tok, sep, bias = item.partition("=")
         try:
+            if not sep:
+                raise ValueError
             out[int(tok)] = float(bias)
         except ValueError:
             raise ValueError(f"--logit-bias takes ID=BIAS pairs (13=-100), got {item!r}") from None
-        if not sep:
-            raise ValueError(f"--logit-bias takes ID=BIAS pairs (13=-100), got {item!r}")
     return out
 
 
@@ -333,8 +333,8 @@ def run_generate(args: argparse.Namespace) -> int:
                     sys.stdout.write("\n")
             else:
                 done = client.complete(request)
-                for c in done.completions or [done]:
-                    _merge(results, c.index if done.completions else 0, c)
+                for i, c in enumerate(done.completions or [done]):     # completions come in index order
+                    _merge(results, i, c)
                 results.setdefault(0, _empty_result())["request_id"] = done.request_id
         except grpc.RpcError as e:
             code = e.code() if hasattr(e, "code") else None

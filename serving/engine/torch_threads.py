@@ -21,10 +21,26 @@ count back, so it is for a process where one thread computes (an engine replica'
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
+
+
+@contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """Run the block with `threads` torch intra-op threads; the previous count is restored after
+    (nothing is set when it is already that)."""
+    before = torch.get_num_threads()
+    if before == threads:
+        yield
+        return
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 class WithThreads:
@@ -37,14 +53,8 @@ class WithThreads:
         self.fn, self.threads = fn, threads
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        before = torch.get_num_threads()
-        if before == self.threads:
+        with torch_threads(self.threads):
             return self.fn(x)
-        torch.set_num_threads(self.threads)
-        try:
-            return self.fn(x)
-        finally:
-            torch.set_num_threads(before)
 
 
 @dataclass(frozen=True, slots=True)

@@ -62,7 +62,7 @@ import torch.distributed as dist
 
 from serving.deployments import startup_priority
 from serving.engine.host_allocator import tune_host_allocator
-from serving.engine.torch_threads import WithThreads
+from serving.engine.torch_threads import WithThreads, torch_threads
 from serving.model.linear import WarmTarget, WarmUpReport, warm_up
 from serving.parallel.dispatcher import ShardCall
 from serving.parallel.expert_shard import ExpertShardWorker
@@ -321,15 +321,11 @@ class CollectiveTransport:
 
     def _compute_local(self, layer: int, c: ShardCall) -> torch.Tensor:
         """One local shard's call, on the engine's thread with `local_threads` torch threads."""
-        before = torch.get_num_threads()
         t0 = time.perf_counter()
         try:
-            if before != self.local_threads:
-                torch.set_num_threads(self.local_threads)
-            return self._local[c.shard].forward(layer, c.x_ND, c.topk_ids_NK, c.topk_weights_NK)
+            with torch_threads(self.local_threads):
+                return self._local[c.shard].forward(layer, c.x_ND, c.topk_ids_NK, c.topk_weights_NK)
         finally:
-            if before != self.local_threads:
-                torch.set_num_threads(before)
             self._local_busy_s[c.shard] += time.perf_counter() - t0
 
     def _failed(self, shard: int, exc: BaseException) -> CollectiveGroupError:
