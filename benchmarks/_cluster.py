@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from serving.launcher import free_port  # noqa: E402
+from serving.ports import free_port  # noqa: E402
 from serving.loadgen.stats import command_line, machine_info  # noqa: E402
 
 CLI = [sys.executable, "-m", "serving.cli"]

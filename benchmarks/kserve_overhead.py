@@ -34,7 +34,7 @@ import numpy as np  # noqa: E402
 import tritonclient.grpc as tc  # noqa: E402
 
 from serving.client import MoEClient, build_request  # noqa: E402
-from serving.launcher import free_port  # noqa: E402
+from serving.ports import free_port  # noqa: E402
 from serving.loadgen.stats import command_line, machine_info, percentile  # noqa: E402
 
 CLI = [sys.executable, "-m", "serving.cli"]

@@ -55,7 +55,6 @@ import os
 import shlex
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -75,6 +74,7 @@ import yaml  # noqa: E402
 
 from serving.loadgen.bench import add_prefix_arguments, check_prefix_arguments, make_prompts  # noqa: E402
 from serving.launcher import GRPC_INGRESSES  # noqa: E402
+from serving.ports import free_port  # noqa: E402
 from serving.loadgen.stats import command_line, machine_info  # noqa: E402
 
 PEERS = ("transformers", "vllm", "engine", "engine-shards", "cluster", "vllm-server")
@@ -225,12 +225,6 @@ def _cli() -> list[str]:
     return [sys.executable, "-m", "serving.cli"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _cores() -> list[int]:
     try:
         return sorted(os.sched_getaffinity(0))
@@ -306,7 +300,7 @@ def run_vllm_server(a, ctx) -> dict:
     if a.low_load_requests < 1:
         raise ValueError("vllm-server measures TTFT at low load: --low-load-requests must be >= 1")
     spec = json.loads(Path(ctx["spec_path"]).read_text())
-    spec.update(requests=a.low_load_requests, warmup=2, port=_free_port())
+    spec.update(requests=a.low_load_requests, warmup=2, port=free_port())
     spec_path = Path(ctx["spec_path"]).with_name("spec.vllm-server.json")
     spec_path.write_text(json.dumps(spec))
     return _run_in_vllm_venv(a, ctx, "_vllm_server_peer.py", spec_path)
@@ -387,9 +381,9 @@ def run_cluster(a, ctx, transport: str | None, ping_pong: bool = False, grpc_ing
                 engine_shard: bool = True) -> dict:
     state = Path(tempfile.mkdtemp(prefix="peers-cluster-"))
     cfg = cluster_config(a, state, ping_pong, engine_shard)
-    grpc_port, metrics_port = _free_port(), _free_port()
+    grpc_port, metrics_port = free_port(), free_port()
     while metrics_port == grpc_port:
-        metrics_port = _free_port()
+        metrics_port = free_port()
     up = [*_cli(), "up", "--checkpoint", a.checkpoint, "--expert-shards", "2", "--nodes", "2",
           "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port), "--state-dir", str(state),
           "--config", str(cfg), "--dtype", a.dtype, "--grpc-ingress", grpc_ingress]

@@ -21,7 +21,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -31,6 +30,7 @@ from pathlib import Path
 import yaml
 
 from serving.deployments.startup_priority import worker_runtime_env
+from serving.ports import free_port
 from serving.thread_priority import batch_policy
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -82,12 +82,6 @@ ORPHAN_GRACE_S = 2.0    # `down`: once the host and Ray's daemons exited, how lo
 
 
 # ---- shared helpers --------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def read_state(state_dir: Path) -> dict | None:
     try:
         return json.loads((state_dir / "state.json").read_text())

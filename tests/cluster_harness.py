@@ -12,7 +12,8 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from serving.launcher import _descendants, free_port, pid_alive, read_state
+from serving.launcher import _descendants, pid_alive, read_state
+from serving.ports import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 

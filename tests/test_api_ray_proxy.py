@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import time
 
 import grpc
 import pytest
+
+from serving.ports import free_port
 
 pytestmark = pytest.mark.cluster
 
@@ -30,12 +31,6 @@ TENANTS = {"quotas": {"chat": {"max_in_flight": 1}}, "in_flight_retry_s": 0.4,
            "tokens": {"f782c6855e3280eaef1d6f6de3556ffd08decd912ef0a064e4466b1c28d3fb13": "chat"}}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def serve_target():
     ray = pytest.importorskip("ray")
@@ -45,10 +40,10 @@ def serve_target():
     from serving.api.protos import SERVICER_FUNCTIONS
 
     os.environ["PYTHONPATH"] = REPO + os.pathsep + os.environ.get("PYTHONPATH", "")
-    port = _free_port()
+    port = free_port()
     from local_ray_init import init_local_ray
     ray_tmp = init_local_ray(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": _free_port()},
+    serve.start(http_options={"host": "127.0.0.1", "port": free_port()},
                 grpc_options=gRPCOptions(port=port, grpc_servicer_functions=SERVICER_FUNCTIONS))
 
     from serving.deployments.grpc_face import GrpcFace

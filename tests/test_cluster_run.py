@@ -12,7 +12,8 @@ import time
 import pytest
 
 from cluster_harness import REPO
-from serving.launcher import _descendants, free_port, pid_alive, read_state
+from serving.launcher import _descendants, pid_alive, read_state
+from serving.ports import free_port
 from serving.model.checkpoint import write_checkpoint
 
 pytestmark = pytest.mark.cluster

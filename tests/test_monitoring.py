@@ -11,7 +11,6 @@ import json
 import random
 import re
 import shutil
-import socket
 import subprocess
 import threading
 import time
@@ -26,6 +25,7 @@ from prometheus_client import generate_latest, start_http_server
 
 from serving import monitoring
 from serving.metrics import EngineSample, Metrics, MetricsHub, MetricsReport, RequestSample
+from serving.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 MON = ROOT / "monitoring"
@@ -276,12 +276,6 @@ class _Feeder(threading.Thread):
                 return
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _api(base: str, path: str, **params) -> dict:
     url = f"{base}{path}?{urllib.parse.urlencode(params)}" if params else f"{base}{path}"
     try:
@@ -304,7 +298,7 @@ def prom(tmp_path_factory):
     feeder = _Feeder(hub)
     feeder.start()
     tmp = tmp_path_factory.mktemp("prom")
-    port = _free_port()
+    port = free_port()
     (tmp / "prometheus.yml").write_text(yaml.safe_dump({
         "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
         "rule_files": [str(RULES)],
