@@ -22,6 +22,9 @@ $(STAMP): pyproject.toml
 	# torch first and pinned: it takes the CPU wheel on this disk, never a CUDA build
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[test]'
+	# guided decoding's xgrammar without its triton requirement (~1 GB, GPU kernels only): what it
+	# imports is in pyproject.toml's dependencies
+	$(BIN)/pip install -q --no-deps xgrammar==0.2.9
 	touch $(STAMP)
 
 proto: $(STAMP)

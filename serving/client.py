@@ -19,6 +19,7 @@ import os
 import re
 import sys
 import time
+from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import grpc
@@ -54,10 +55,12 @@ def build_request(prompt: str | None = None, prompt_ids: Sequence[int] | None = 
                   ignore_eos: bool = False, repetition_penalty: float | None = None,
                   presence_penalty: float = 0.0, frequency_penalty: float = 0.0, min_tokens: int = 0,
                   stop_token_ids: Sequence[int] = (), top_logprobs: int = 0,
-                  logit_bias: dict[int, float] | None = None, n: int = 0) -> Any:
+                  logit_bias: dict[int, float] | None = None, n: int = 0,
+                  guided: tuple[str, str | bool] | None = None) -> Any:
     """A GenerateRequest. Give exactly one of prompt / prompt_ids / messages ((role, content)
     pairs: a chat, through the model's chat template); None means "server default" for the
-    optional fields. priority: "interactive", "batch" or a proto value."""
+    optional fields. priority: "interactive", "batch" or a proto value. guided: (kind, spec) of
+    GuidedDecoding, e.g. ("json_schema", schema_text), ("regex", r"\d+"), ("json_object", True)."""
     if sum(p is not None for p in (prompt, prompt_ids, messages)) != 1:
         raise ValueError("give exactly one of prompt, prompt_ids or messages")
     req = pb2.GenerateRequest(top_k=top_k, stop=list(stop), request_id=request_id,
@@ -85,16 +88,20 @@ def build_request(prompt: str | None = None, prompt_ids: Sequence[int] | None = 
         req.repetition_penalty = repetition_penalty
     for tok, bias in (logit_bias or {}).items():
         req.logit_bias[int(tok)] = float(bias)
+    if guided is not None:
+        kind, spec = guided
+        setattr(req.guided, kind, spec)
     return req
 
 
 def continuation(request: Any, received: Sequence[int]) -> Any | None:
     """The request for the rest of `request` once `received` tokens came back: prompt = its
     token ids + received, max_tokens and min_tokens = what is left of them. None if it cannot be
-    resumed (a text prompt, max_tokens unset, n > 1 completions) or nothing is left. (presence /
-    frequency penalties then count only the tokens generated after the resume: the received ones
-    are prompt.)"""
-    if request.WhichOneof("prompt") != "token_ids" or not request.HasField("max_tokens") or request.n > 1:
+    resumed (a text prompt, max_tokens unset, n > 1 completions, guided decoding: its grammar would
+    start over) or nothing is left. (presence / frequency penalties then count only the tokens
+    generated after the resume: the received ones are prompt.)"""
+    if (request.WhichOneof("prompt") != "token_ids" or not request.HasField("max_tokens") or request.n > 1
+            or request.HasField("guided")):
         return None
     left = request.max_tokens - len(received)
     if left < 1:
@@ -240,6 +247,14 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also stop after these token ids, comma-separated: 2,13")
     parser.add_argument("--logit-bias", nargs="+", default=[], metavar="ID=BIAS",
                         help="add BIAS (in [-100, 100]) to token ID's logit: 13=-100 bans it")
+    guided = parser.add_mutually_exclusive_group()
+    guided.add_argument("--json-schema", metavar="SCHEMA",
+                        help="guided decoding: the completion is JSON valid against this JSON Schema (its text, "
+                             "or @FILE)")
+    guided.add_argument("--json-object", action="store_true", help="guided decoding: the completion is a JSON object")
+    guided.add_argument("--regex", metavar="PATTERN", help="guided decoding: the whole completion matches PATTERN")
+    guided.add_argument("--grammar", metavar="EBNF",
+                        help="guided decoding: the completion matches this EBNF grammar's `root` rule (text, or @FILE)")
     parser.add_argument("--stream", action="store_true",
                         help="print text deltas as they arrive")
     parser.add_argument("--resume", type=int, default=0, metavar="N",
@@ -290,6 +305,23 @@ def _parse_bias(items: Sequence[str]) -> dict[int, float]:
     return out
 
 
+def _guided(args: argparse.Namespace) -> tuple[str, str | bool] | None:
+    """--json-schema / --json-object / --regex / --grammar as GuidedDecoding's (kind, value); a
+    value starting with @ names a file to read it from."""
+    if args.json_object:
+        return ("json_object", True)
+    for kind in ("json_schema", "regex", "grammar"):
+        value = getattr(args, kind)
+        if value is not None:
+            if value.startswith("@"):
+                try:
+                    value = Path(value[1:]).read_text()
+                except OSError as exc:
+                    raise ValueError(f"--{kind.replace('_', '-')}: cannot read {value[1:]}: {exc.strerror}") from None
+            return (kind, value)
+    return None
+
+
 def _exit_code(code: grpc.StatusCode | None) -> int:
     if code == grpc.StatusCode.INVALID_ARGUMENT:
         return EXIT_INVALID
@@ -313,7 +345,8 @@ def run_generate(args: argparse.Namespace) -> int:
             repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
             frequency_penalty=args.frequency_penalty, min_tokens=args.min_tokens,
             stop_token_ids=_parse_ids(args.stop_token_ids, "--stop-token-ids") if args.stop_token_ids else (),
-            top_logprobs=args.top_logprobs, logit_bias=_parse_bias(args.logit_bias), n=args.n)
+            top_logprobs=args.top_logprobs, logit_bias=_parse_bias(args.logit_bias), n=args.n,
+            guided=_guided(args))
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_INVALID

@@ -158,6 +158,29 @@ def test_penalties_and_stop_ids_over_grpc_match_transformers(cluster, ckpt):
     assert result["finish_reason"] == ("stop" if expected[-1] == stop else "length")
 
 
+def test_guided_decoding_over_grpc_holds_every_completion_to_its_schema(cluster, tmp_path):
+    """--json-schema through the whole path (the CLI, gRPC, validation in the replica, the grammar
+    compiled and applied in the engine core): 2 sampled completions of random weights, each valid
+    JSON for the schema, each ending by itself; a spec that does not parse is INVALID_ARGUMENT."""
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"},
+                                               "n": {"type": "integer", "minimum": 0, "maximum": 99},
+                                               "tag": {"enum": ["red", "green"]}},
+              "required": ["ok", "n", "tag"], "additionalProperties": False}
+    spec = tmp_path / "schema.json"
+    spec.write_text(json.dumps(schema))
+    out = moe_serve("generate", "--target", cluster["grpc_target"], "--prompt-ids", "9,31,200,4",
+                    "--max-tokens", "120", "--temperature", "0.8", "--seed", "11", "--n", "2",
+                    "--json-schema", f"@{spec}", "--json")
+    result = json.loads(out.stdout)
+    assert len(result["completions"]) == 2
+    for c in result["completions"]:
+        doc = json.loads(c["text"])
+        assert set(doc) == {"ok", "n", "tag"} and isinstance(doc["ok"], bool) and 0 <= doc["n"] <= 99, c
+        assert doc["tag"] in ("red", "green") and c["finish_reason"] == "stop", c
+    bad = moe_serve("generate", "--target", cluster["grpc_target"], "--prompt", "x", "--regex", "[a-", check=False)
+    assert bad.returncode == 2 and "INVALID_ARGUMENT: guided.regex: " in bad.stderr, bad.stderr
+
+
 def test_a_chat_through_the_cli_gets_the_greedy_answer_to_its_templated_prompt(cluster, ckpt):
     """`moe-serve generate --message ROLE TEXT ...`: the replica renders the conversation with the
     checkpoint's chat template (ChatML here) and answers what transformers answers to the prompt

@@ -4,6 +4,7 @@
 |----------------------|------------------|--------------------------------------------------|
 | validation           | InvalidRequest   | INVALID_ARGUMENT, details "<field>: <message>"   |
 | deserializer, KServe | MalformedRequest | INVALID_ARGUMENT, details "request: ..." (bytes that are not a GenerateRequest), or the KServe input at fault |
+| validation (guided)  | GuidedDecodingUnavailable (serving/model/guided.py) | UNIMPLEMENTED: xgrammar is not installed on the server |
 | tenants (auth)       | Unauthenticated  | UNAUTHENTICATED                                  |
 | tenants (quota)      | Overloaded       | RESOURCE_EXHAUSTED + `grpc-retry-pushback-ms`     |
 | engine / admission   | Overloaded       | RESOURCE_EXHAUSTED + `grpc-retry-pushback-ms`     |

@@ -38,6 +38,7 @@ from serving.api.tenants import DEFAULT_TENANT, UNIDENTIFIED_LABEL, Release, Ten
 from serving.api.validation import ApiLimits, Tokenizer, num_completions, validate_request
 from serving.engine.async_engine import EngineCoreLost, ExpertsUnreachable
 from serving.engine.request import FinishReason, GenerationRequest, Priority, TokenEvent
+from serving.model.guided import GuidedDecodingUnavailable
 
 logger = logging.getLogger(__name__)
 
@@ -102,6 +103,8 @@ def _failure_for(exc: BaseException, request_id: str) -> _Failure:
         return exc
     if isinstance(exc, InvalidRequest):
         return _Failure(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+    if isinstance(exc, GuidedDecodingUnavailable):
+        return _Failure(grpc.StatusCode.UNIMPLEMENTED, str(exc))
     if isinstance(exc, Unauthenticated):
         return _Failure(grpc.StatusCode.UNAUTHENTICATED, exc.message)
     if isinstance(exc, Overloaded):

@@ -13,6 +13,7 @@ from typing import Any, Protocol
 
 from serving.api.errors import InvalidRequest, MalformedRequest
 from serving.engine.request import GenerationRequest, Priority
+from serving.model.guided import GUIDE_KINDS, Guide, check_guide
 from serving.model.sampling import SamplingParams
 
 __all__ = ["ApiLimits", "InvalidRequest", "Tokenizer", "validate_request", "new_request_id", "num_completions"]
@@ -40,6 +41,7 @@ class ApiLimits:
     max_logit_bias: int = 300          # entries (OpenAI's cap)
     max_request_id_chars: int = 128
     max_n: int = 16                    # completions per request
+    max_guide_chars: int = 1 << 16     # a guided request's schema / regex / grammar
 
     def __post_init__(self) -> None:
         if self.vocab_size <= 0 or self.max_model_len <= 0 or self.max_tokens_limit <= 0:
@@ -223,6 +225,36 @@ def _chat_ids(chat: Any, limits: ApiLimits, tokenizer: Tokenizer) -> tuple[int, 
     return ids
 
 
+def _guide(req: Any, limits: ApiLimits) -> Guide | None:
+    """The request's `guided` spec, parsed (not yet compiled against the vocabulary), or None."""
+    if not req.HasField("guided"):
+        return None
+    kind = req.guided.WhichOneof("kind")
+    if kind is None:
+        raise InvalidRequest("guided", f"set one of {', '.join(GUIDE_KINDS)}")
+    field = f"guided.{kind}"
+    if kind == "json_object":
+        if not req.guided.json_object:
+            raise InvalidRequest(field, "must be true when set")
+        guide = Guide(kind)
+    else:
+        spec = getattr(req.guided, kind)
+        if not spec.strip():
+            raise InvalidRequest(field, "is empty")
+        if len(spec) > limits.max_guide_chars:
+            raise InvalidRequest(field, f"has {len(spec)} characters; at most {limits.max_guide_chars} are allowed")
+        guide = Guide(kind, spec)
+    for name in ("ignore_eos", "min_tokens"):
+        if getattr(req, name):
+            raise InvalidRequest("guided", f"cannot be combined with {name} (a guided completion ends where "
+                                 "its spec allows end of sequence)")
+    try:
+        check_guide(guide)
+    except ValueError as exc:
+        raise InvalidRequest(field, str(exc)) from None
+    return guide
+
+
 def num_completions(req: Any, limits: ApiLimits) -> int:
     """How many completions `req` asks for (its `n`; 0 means 1)."""
     n = int(getattr(req, "n", 0))            # a KServe face's MalformedRequest has none
@@ -247,6 +279,7 @@ def validate_request(req: Any, limits: ApiLimits, tokenizer: Tokenizer, *,
                              "PRIORITY_INTERACTIVE or PRIORITY_BATCH")
     priority = _PRIORITIES[int(req.priority)]
     sampling = _sampling_fields(req, limits)       # before tokenizing the prompt
+    sampling["guide"] = _guide(req, limits)
     prompt = _prompt_ids(req, limits, tokenizer)
     max_tokens = _max_tokens(req, len(prompt), limits)
     if sampling["min_tokens"] > max_tokens:

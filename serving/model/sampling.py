@@ -1,6 +1,6 @@
 """Per-request sampling: greedy, or temperature -> top-k -> top-p (HF order and semantics) -> multinomial,
-after logit_bias, the min_tokens mask and the repetition / frequency / presence penalties where a
-request has them.
+after logit_bias, the min_tokens mask, the repetition / frequency / presence penalties and the guided
+decoding mask (serving/model/guided.py) where a request has them.
 
 Shape legend: B rows (one per sequence), V vocab, S rows that sample (not greedy).
 """
@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from typing import NamedTuple, Sequence
 
 import torch
+
+from serving.model.guided import Guide, GuideMatcher, apply_guides
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -29,6 +31,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     top_logprobs: int = 0              # the k most likely tokens' logprobs at each position
     logit_bias: tuple[tuple[int, float], ...] = ()   # (token id, added to its logit), OpenAI's logit_bias
+    guide: Guide | None = None         # structured output: the tokens must match it (guided.py)
 
     def __post_init__(self):
         if self.max_tokens < 1:
@@ -45,6 +48,10 @@ class SamplingParams:
             raise ValueError(f"top_logprobs must be >= 0, got {self.top_logprobs}")
         if not 0 <= self.min_tokens <= self.max_tokens:
             raise ValueError(f"min_tokens must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}")
+        if self.guide is not None and (self.ignore_eos or self.min_tokens):
+            # the grammar allows end of sequence only where the output may end: masking it there
+            # could leave nothing to sample
+            raise ValueError("a guided request cannot set ignore_eos or min_tokens")
 
     @property
     def penalized(self) -> bool:
@@ -112,20 +119,26 @@ class Sampler:
 
     def sample(self, logits_BV: torch.Tensor, params: Sequence[SamplingParams],
                generators: Sequence[torch.Generator | None], histories: Sequence[History] | None = None,
-               ) -> SampleOutput:
+               guides: Sequence[GuideMatcher | None] | None = None) -> SampleOutput:
         """(token_ids_B int64, logprobs_B fp32 = log_softmax(raw logits) at the chosen token, and the
         top_logprobs of the rows whose params ask for them). Logprobs cost a pass over [B, V]; only rows
         whose params ask for them get one (others are NaN).
         `histories` (per row) is read only for rows with logit_bias, penalties or an unmet min_tokens,
-        whose logits are adjusted first (`adjust_logits`); the logprobs stay those of the raw logits (vLLM's default)."""
+        whose logits are adjusted first (`adjust_logits`); the logprobs stay those of the raw logits (vLLM's default).
+        `guides` (per row, None where unguided): the tokens each guided row's grammar cannot take next
+        are masked last."""
         logits_BV = raw_BV = logits_BV.float()
         adjust = [] if histories is None else [
             i for i, p in enumerate(params) if p.biased or (p.min_tokens and self._stop_mask(p, histories[i]))]
-        if adjust:
+        guided = [] if guides is None else [i for i, g in enumerate(guides) if g is not None]
+        if adjust or guided:
             with torch.inference_mode():             # the model's logits are inference tensors
-                if any(params[i].logprobs or params[i].top_logprobs for i in adjust) or not logits_BV.is_contiguous():
+                if (any(params[i].logprobs or params[i].top_logprobs for i in {*adjust, *guided})
+                        or not logits_BV.is_contiguous()):
                     logits_BV = logits_BV.clone(memory_format=torch.contiguous_format)
-                self.adjust_logits(logits_BV, adjust, params, histories)
+                if adjust:
+                    self.adjust_logits(logits_BV, adjust, params, histories)
+                apply_guides(logits_BV, guided, [guides[i] for i in guided])
         token_ids_B = greedy_argmax(logits_BV)
         sampled = [i for i, p in enumerate(params) if not p.greedy]
         if sampled:

@@ -57,6 +57,11 @@ class Tokenizer:
         raise ValueError(f"no tokenizer.json or tokenizer.model in {d}")
 
     @property
+    def backend(self):
+        """The underlying `tokenizers.Tokenizer` or `sentencepiece.SentencePieceProcessor` (per `kind`)."""
+        return self._tok
+
+    @property
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size() if self.kind == "tokenizers" else self._tok.get_piece_size()
 
