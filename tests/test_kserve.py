@@ -253,8 +253,37 @@ def test_sampling_fields_reach_the_engine_from_parameters_and_json(h, triton):
     assert fourth.sampling.logit_bias == ((13, -100.0),)
 
 
+def test_vllms_structured_output_parameters_become_guided_decoding(h, triton):
+    """sampling_parameters' structured_outputs (vLLM >= 0.11) and guided_decoding (before), as
+    Triton's vLLM backend passes them to vLLM: each kind reaches the engine as a Guide."""
+    import re
+    from serving.model.guided import Guide
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    cases = [({"structured_outputs": {"json": schema}}, Guide("json_schema", json.dumps(schema))),
+             ({"guided_decoding": {"json": json.dumps(schema)}}, Guide("json_schema", json.dumps(schema))),
+             ({"structured_outputs": {"json_object": True}}, Guide("json_object")),
+             ({"guided_decoding": {"regex": "[0-9]+", "json": None}}, Guide("regex", "[0-9]+")),
+             ({"structured_outputs": {"grammar": 'root ::= "a"'}}, Guide("grammar", 'root ::= "a"'))]
+    for i, (fields, guide) in enumerate(cases):
+        triton.infer(MODEL, [_bytes_input("text_input", "hi"), _bytes_input("sampling_parameters", json.dumps(fields))],
+                     request_id=f"g{i}")
+        assert h.engine.requests[-1].sampling.guide == guide, fields
+    choices = ["yes", "no (1.5*x)?", "a|b"]
+    triton.infer(MODEL, [_bytes_input("text_input", "hi"),
+                         _bytes_input("sampling_parameters", json.dumps({"structured_outputs": {"choice": choices}}))],
+                 request_id="choice")
+    guide = h.engine.requests[-1].sampling.guide
+    assert guide.kind == "regex"
+    assert [c for c in [*choices, "yes|no", "a", "no (1.5xx)?"] if re.fullmatch(guide.spec, c)] == choices
+
+
 def _param(**kw):
     return {k: kserve.InferParameter(**v) for k, v in kw.items()}
+
+
+def _guided_request(fields) -> object:
+    return _request(inputs=(("text_input", "BYTES", [1], b"hi"),
+                            ("sampling_parameters", "BYTES", [1], json.dumps(fields).encode())))
 
 
 INVALID = [
@@ -305,6 +334,16 @@ INVALID = [
     (_request(id="has space"), "id: must be printable ASCII"),
     (_request(raw_input_contents=[b"", b""]), "raw_input_contents: has 2 entries for 1 inputs"),
     (b"\xff\xff\xff\xff", "request: not a valid inference.ModelInferRequest"),
+    (_guided_request({"structured_outputs": {"regex": "[a-"}}), "guided.regex: Regex parsing error"),
+    (_guided_request({"guided_decoding": {"json": "{"}}), "guided.json_schema: is not valid JSON"),
+    (_guided_request({"structured_outputs": {"regex": "a", "json_object": True}}),
+     "sampling_parameters.structured_outputs: set exactly one of"),
+    (_guided_request({"structured_outputs": {"choice": []}}),
+     "sampling_parameters.structured_outputs.choice: must be a non-empty list"),
+    (_guided_request({"guided_decoding": {"backend": "outlines"}}),
+     "sampling_parameters.guided_decoding.backend: unknown field"),
+    (_guided_request({"structured_outputs": {"json_object": True}, "guided_decoding": {"regex": "a"}}),
+     "sampling_parameters.guided_decoding: set one of"),
 ]
 
 

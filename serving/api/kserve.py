@@ -23,7 +23,10 @@ The model (ModelMetadata says the same)
 - Sampling fields: max_tokens, temperature, top_p, top_k, seed, stop (a string or a list),
   ignore_eos, repetition_penalty, presence_penalty, frequency_penalty, min_tokens, stop_token_ids
   (an int or a list), logit_bias (a JSON object, in sampling_parameters): moe_serving.v1.GenerateRequest's,
-  with its defaults and limits.
+  with its defaults and limits. Guided decoding, in sampling_parameters only, as vLLM's SamplingParams
+  take it through Triton's vLLM backend: `structured_outputs` (vLLM >= 0.11) or `guided_decoding`
+  (before), a JSON object with exactly one of json (a schema: object or text), json_object (true),
+  regex, grammar (EBNF) or choice (a list of strings: one of them exactly) -> GenerateRequest.guided.
 - Outputs, all unless `outputs` names some, each shape [1]:
       text_output        BYTES   the completion; streaming, this chunk's text
       num_output_tokens  UINT32  tokens generated so far
@@ -111,6 +114,9 @@ SAMPLING_FIELDS: dict[str, type] = {"max_tokens": int, "temperature": float, "to
                                     "frequency_penalty": float, "min_tokens": int,
                                     "stop_token_ids": tuple,     # tuple: an int or a list of ints
                                     "logit_bias": dict}          # {"token id": bias}, in the JSON only
+#: vLLM's names for its guided-decoding parameters (sampling_parameters JSON only), newest first.
+GUIDED_FIELDS = ("structured_outputs", "guided_decoding")
+_GUIDED_KINDS = ("json", "json_object", "regex", "grammar", "choice")
 _INT32 = (-2**31, 2**31 - 1)
 _INT_RANGE = {"max_tokens": _INT32, "top_k": _INT32, "min_tokens": _INT32, "seed": (-2**63, 2**63 - 1)}
 PRIORITIES = {0: pb2.PRIORITY_UNSPECIFIED, 1: pb2.PRIORITY_INTERACTIVE, 2: pb2.PRIORITY_BATCH}
@@ -526,6 +532,8 @@ class KServeService:
                 getattr(gen, name).extend(value)
             elif name == "logit_bias":
                 gen.logit_bias.update(value)
+            elif name == "guided":
+                setattr(gen.guided, *value)
             else:
                 setattr(gen, name, value)
         return _Plan(request=gen, request_id=request.id, stream=stream,
@@ -565,6 +573,11 @@ class KServeService:
         out = {}
         for name, value in fields.items():
             where = f"sampling_parameters.{name}"
+            if name in GUIDED_FIELDS:
+                if "guided" in out:
+                    raise InvalidRequest(where, f"set one of {list(GUIDED_FIELDS)}, once")
+                out["guided"] = _guided(value, where)
+                continue
             if name not in SAMPLING_FIELDS:
                 raise InvalidRequest(where, f"unknown field; known: {sorted(SAMPLING_FIELDS)}")
             out[name] = _typed(name, value, where)
@@ -644,3 +657,42 @@ class KServeService:
             _fail(grpc_context, grpc.StatusCode.INVALID_ARGUMENT,
                   f"request: not a valid inference.{cls.__name__} ({exc})")
             return None
+
+
+def _guided(value: Any, where: str) -> tuple[str, Any]:
+    """vLLM's structured-output parameters -> (GuidedDecoding field, value)."""
+    if not isinstance(value, dict):
+        raise InvalidRequest(where, f"must be a JSON object with one of {list(_GUIDED_KINDS)}")
+    kinds = [k for k in value if value[k] is not None and value[k] is not False]
+    unknown = [k for k in value if k not in _GUIDED_KINDS]
+    if unknown:
+        raise InvalidRequest(f"{where}.{unknown[0]}", f"unknown field; known: {list(_GUIDED_KINDS)}")
+    if len(kinds) != 1:
+        raise InvalidRequest(where, f"set exactly one of {list(_GUIDED_KINDS)}, got {kinds}")
+    kind, spec = kinds[0], value[kinds[0]]
+    at = f"{where}.{kind}"
+    if kind == "json":
+        if isinstance(spec, dict):
+            spec = json.dumps(spec)
+        if not isinstance(spec, str):
+            raise InvalidRequest(at, "must be a JSON schema (an object, or its text)")
+        return ("json_schema", spec)
+    if kind == "json_object":
+        if spec is not True:
+            raise InvalidRequest(at, "must be true")
+        return ("json_object", True)
+    if kind == "choice":
+        if not (isinstance(spec, list) and spec and all(isinstance(c, str) and c for c in spec)):
+            raise InvalidRequest(at, "must be a non-empty list of non-empty strings")
+        return ("regex", "|".join(_regex_literal(c) for c in spec))
+    if not isinstance(spec, str):
+        raise InvalidRequest(at, "must be a string")
+    return (kind, spec)
+
+
+def _regex_literal(text: str) -> str:
+    """`text` as a regex (xgrammar's dialect) that matches exactly it: its metacharacters escaped."""
+    return "(" + "".join("\\" + c if c in _REGEX_META else c for c in text) + ")"
+
+
+_REGEX_META = frozenset(".^$*+?()[]{}|\\/-")
