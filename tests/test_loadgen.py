@@ -403,6 +403,13 @@ def test_bench_in_process_tiny(tiny_checkpoint, capsys):
     assert rc == 0 and rep["completed"] == 4 and rep["output_tokens"] == 20
     assert (rep["config"]["repetition_penalty"], rep["config"]["frequency_penalty"],
             rep["config"]["presence_penalty"]) == (1.3, 0.5, 0.0)
+    # every request guided (what guided decoding costs): 3 digits, then the EOS the pattern allows,
+    # well before max_tokens
+    rc = _bench(["--in-process", "--checkpoint", str(tiny_checkpoint), "--concurrency", "4", "--num-requests", "4",
+                 "--max-tokens", "12", "--prompt-len", "7", "--guided-regex", "[0-9]{3}", "--json"])
+    rep = json.loads(capsys.readouterr().out)
+    assert rc == 0 and rep["completed"] == 4 and 4 * 2 <= rep["output_tokens"] <= 4 * 4
+    assert rep["config"]["guided_regex"] == "[0-9]{3}"
 
 
 def test_bench_in_process_torch_profile(tiny_checkpoint, capsys, tmp_path):

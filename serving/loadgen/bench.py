@@ -69,6 +69,10 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                         help="every request's (default: off), to measure what penalties cost")
     parser.add_argument("--frequency-penalty", type=float, default=0.0, help="every request's (default: off)")
     parser.add_argument("--presence-penalty", type=float, default=0.0, help="every request's (default: off)")
+    parser.add_argument("--guided-regex", default=None, metavar="PATTERN",
+                        help="every request guided by this regex (GenerateRequest.guided), to measure what guided "
+                             "decoding costs; EOS is then honoured where the pattern may end (e.g. '[a-z ]*' runs "
+                             "to max_tokens unless the model picks EOS)")
     parser.add_argument("--warmup", type=int, default=None,
                         help="untimed warm-up requests first (default: concurrency, of 2 tokens)")
     parser.add_argument("--max-duration-s", type=float, default=600.0,
@@ -138,6 +142,17 @@ def penalties(args: argparse.Namespace) -> dict[str, float]:
     return out
 
 
+def guided_fields(args: argparse.Namespace, engine: bool) -> dict[str, Any]:
+    """--guided-regex as GenerateRequest fields (engine=False) or SamplingParams fields (True): a
+    guided request cannot ignore EOS."""
+    if args.guided_regex is None:
+        return {}
+    if engine:
+        from serving.model.guided import Guide
+        return {"guide": Guide("regex", args.guided_regex), "ignore_eos": False}
+    return {"guided": ("regex", args.guided_regex), "ignore_eos": False}
+
+
 def make_prompts(n: int, prompt_len: int, vocab_size: int, seed: int, prefix_len: int = 0,
                  prefix_groups: int = 1) -> list[list[int]]:
     """n prompts of seeded random ids in [3, vocab_size): `prefix_len` ids shared by the prompts of
@@ -167,12 +182,12 @@ async def _bench_grpc(args: argparse.Namespace, prompts: list[list[int]]
     from serving.client import build_request
     from serving.loadgen.driver import GrpcDriver
 
-    penalty_fields = penalties(args)
+    fields = {"ignore_eos": True, **penalties(args), **guided_fields(args, engine=False)}
 
     def make(i: int, max_tokens: int = args.max_tokens, tag: str = "bench") -> tuple[Any, str]:
         return build_request(prompt_ids=prompts[i % len(prompts)], max_tokens=max_tokens,
-                             temperature=0.0, ignore_eos=True, priority=args.priority,
-                             request_id=f"{tag}-{i}", **penalty_fields), args.priority
+                             temperature=0.0, priority=args.priority,
+                             request_id=f"{tag}-{i}", **fields), args.priority
 
     from serving.client import caller_token
     async with GrpcDriver(args.target, timeout_s=args.timeout_s, max_in_flight=args.concurrency,
@@ -232,7 +247,8 @@ def drive_engine(engine, prompts: list[list[int]], *, max_tokens: int, concurren
     from serving.model.sampling import SamplingParams
 
     prio = Priority.BATCH if priority == "batch" else Priority.INTERACTIVE
-    sampling = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, **(sampling_extra or {}))
+    sampling = SamplingParams(**{"max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True,
+                                 **(sampling_extra or {})})
     results = [RequestResult(index=i, priority=priority, start_s=0.0) for i in range(len(prompts))]
     done: deque[int] = deque()
     t0 = time.perf_counter()
@@ -332,6 +348,8 @@ def _drive_timed(args: argparse.Namespace, prompts: list[list[int]], engine, loa
         wprompts = make_prompts(warm, args.prompt_len, args.vocab_size, args.seed + 7, args.prefix_len,
                                 args.prefix_groups)
         drive_engine(engine, wprompts, max_tokens=2, concurrency=args.concurrency, tag="warmup")
+    if args.guided_regex is not None:
+        engine.prepare_guides()                  # as an engine core does at its warm-up
     st = engine.stats
     steps0, step_s0 = st.steps_total, st.step_seconds_total
     prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) \
@@ -340,7 +358,7 @@ def _drive_timed(args: argparse.Namespace, prompts: list[list[int]], engine, loa
         results, wall, extra = drive_engine(
             engine, prompts, max_tokens=args.max_tokens, concurrency=args.concurrency,
             priority=args.priority, times=arrival_times(args), max_duration_s=args.max_duration_s,
-            sampling_extra=penalties(args))
+            sampling_extra={**penalties(args), **guided_fields(args, engine=True)})
     steps = st.steps_total - steps0
     extra.update(load_s=load_s, mean_step_s=(st.step_seconds_total - step_s0) / steps if steps else None)
     if args.torch_profile is not None:
@@ -395,7 +413,8 @@ def run_bench(args: argparse.Namespace) -> int:
             "target", "checkpoint", "concurrency", "num_requests", "max_tokens", "prompt_len", "prefix_len",
             "prefix_groups", "prefix_caching",
             "dtype", "mode", "rate", "burstiness", "priority", "seed", "expert_shards", "transport", "nodes",
-            "engine_expert_shard", "threads", "repetition_penalty", "frequency_penalty", "presence_penalty")},
+            "engine_expert_shard", "threads", "repetition_penalty", "frequency_penalty", "presence_penalty",
+            "guided_regex")},
         **summary, **extra}
     if args.json:
         print(json.dumps(report))
