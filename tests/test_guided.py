@@ -222,3 +222,30 @@ def test_a_server_without_xgrammar_answers_unimplemented(monkeypatch):
     failure = service._failure_for(ei.value, "r1")
     assert failure.code == grpc.StatusCode.UNIMPLEMENTED and "xgrammar" in failure.details
     assert check(build_request("ab")).sampling.guide is None       # unguided requests are unaffected
+
+
+def test_the_cpu_mask_equals_xgrammars_kernel(tokenizers):
+    """apply_guides' vectorized CPU path against xgrammar's own apply, all rows and some rows."""
+    import xgrammar as xgr
+    tok = tokenizers["sentencepiece"]
+    compiler = GuideCompiler(tok, tok.vocab_size + 5, [tok.eos_id])
+    matchers = [compiler.matcher(g) for g, _ in GUIDES] + [compiler.matcher(Guide("json_object"))]
+    first = xgr.allocate_token_bitmask(1, compiler.vocab_size)
+    for m in matchers[::2]:                          # two of them a token past their start
+        m.fill(first, 0)
+        step = torch.randn(1, compiler.vocab_size)
+        xgr.apply_token_bitmask_inplace(step, first)
+        assert m.accept(int(step.argmax()))
+    logits = torch.randn(6, tok.vocab_size + 5, generator=torch.Generator().manual_seed(2))
+    for rows in ([0, 1, 2, 3], [1, 4], list(range(6))):
+        ms = [matchers[r % 4] for r in rows]
+        ours = logits.clone()
+        apply_guides(ours, rows, ms)
+        ref = logits.clone()
+        bitmask = xgr.allocate_token_bitmask(6, ref.shape[1])
+        for r, m in zip(rows, ms):
+            m.fill(bitmask, r)
+        xgr.apply_token_bitmask_inplace(ref, bitmask, vocab_size=ref.shape[1], indices=rows)
+        assert torch.equal(ours, ref), rows
+        untouched = [r for r in range(6) if r not in rows]
+        assert torch.equal(ours[untouched], logits[untouched])

