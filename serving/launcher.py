@@ -40,7 +40,15 @@ DEFAULT_STATE_DIR = Path(os.environ.get("MOE_SERVE_STATE_DIR", ".moe-serve"))
 # the KubeRay pods): no model hub, ever; OpenMP threads sleep when idle instead of spinning: an engine
 # replica's second thread (head_threads) would otherwise spin after every lm_head on a core the shards
 # need (one request at a time, ITL p50 18.9-19.7 ms spinning, 16.6-17.3 passive).
-RAY_PROCESS_ENV = {"HF_HUB_OFFLINE": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+# And one of the settings Ray's RAY_SERVE_THROUGHPUT_OPTIMIZED turns on (Ray's guide "Enable High
+# Throughput on Ray Serve"): the gRPC proxy reaches the replicas over gRPC instead of Ray actor calls.
+# Measured through Ray's proxy (benchmarks/peers.py --peers cluster --cluster-transport collective,
+# 64 x 64, fp32, alternating, 2026-12-06 10:21-10:29 UTC): 1559 / 1521 tok/s against 1472 / 1538 /
+# 1513 without, low-load TTFT p50 26 / 25 ms against 28 / 29 / 27. Two more of that mode's settings
+# (our code and the request router on the replica's main event loop) measured 1385 / 1443 tok/s on
+# their own, and stopped the engine's metrics from reaching the MetricsHub: not set.
+SERVE_DATA_PATH_ENV = {"RAY_SERVE_PROXY_USE_GRPC": "1"}
+RAY_PROCESS_ENV = {"HF_HUB_OFFLINE": "1", "OMP_WAIT_POLICY": "PASSIVE", **SERVE_DATA_PATH_ENV}
 
 
 #: What answers gRPC in front of the app (`moe-serve up --grpc-ingress`):
