@@ -9,9 +9,9 @@ import re
 import pytest
 import torch
 
-from hf_reference import build_hf_checkpoint
 from test_api_validation import LIMITS, check, invalid
 from test_engine import _engine, _run
+from test_penalties import ckpt  # noqa: F401  (a tiny mixtral checkpoint with a byte-level BPE)
 from serving.client import _guided as cli_guided, build_request, continuation
 from serving.engine.request import FinishReason, GenerationRequest
 from serving.model.checkpoint import _write_sentencepiece_tokenizer, write_tokenizer
@@ -128,24 +128,13 @@ def test_sampling_params_refuse_guides_with_ignore_eos_or_min_tokens():
 
 # ---- the engine ------------------------------------------------------------------------------
 
-VOCAB = 320
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    path, _ = build_hf_checkpoint(tmp_path_factory.mktemp("guided"), "mixtral", vocab_size=VOCAB,
-                                  max_position_embeddings=256)
-    write_tokenizer(path, VOCAB)
-    return path
-
-
 def _guided_req(rid, guide, max_tokens=120, **sp):
     return GenerationRequest(request_id=rid, prompt_token_ids=(1, 40, 41, 42),
                              sampling=SamplingParams(max_tokens=max_tokens, guide=guide, **sp))
 
 
 def test_engine_guided_requests_stop_by_themselves_with_matching_text(ckpt):
-    engine = _engine(ckpt)
+    engine = _engine(ckpt[0])
     assert engine.prepare_guides()                       # what an engine core does at warm-up
     plain = GenerationRequest(request_id="plain", prompt_token_ids=(1, 40, 41, 42),
                               sampling=SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
@@ -162,7 +151,7 @@ def test_engine_guided_requests_stop_by_themselves_with_matching_text(ckpt):
 
 
 def test_engine_guided_request_cut_by_max_tokens_is_a_prefix(ckpt):
-    engine = _engine(ckpt)
+    engine = _engine(ckpt[0])
     evs = _run(engine, [_guided_req("short", Guide("json_schema", json.dumps(SCHEMA)), max_tokens=4, temperature=0)])["short"]
     text = "".join(e.text_delta for e in evs)
     assert evs[-1].finish_reason is FinishReason.LENGTH and len(evs) == 4
