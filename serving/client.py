@@ -60,7 +60,8 @@ def build_request(prompt: str | None = None, prompt_ids: Sequence[int] | None = 
     """A GenerateRequest. Give exactly one of prompt / prompt_ids / messages ((role, content)
     pairs: a chat, through the model's chat template); None means "server default" for the
     optional fields. priority: "interactive", "batch" or a proto value. guided: (kind, spec) of
-    GuidedDecoding, e.g. ("json_schema", schema_text), ("regex", r"\d+"), ("json_object", True)."""
+    GuidedDecoding, e.g. ("json_schema", schema_text), ("regex", r"\d+"), ("json_object", True),
+    ("choice", ["yes", "no"])."""
     if sum(p is not None for p in (prompt, prompt_ids, messages)) != 1:
         raise ValueError("give exactly one of prompt, prompt_ids or messages")
     req = pb2.GenerateRequest(top_k=top_k, stop=list(stop), request_id=request_id,
@@ -90,7 +91,10 @@ def build_request(prompt: str | None = None, prompt_ids: Sequence[int] | None = 
         req.logit_bias[int(tok)] = float(bias)
     if guided is not None:
         kind, spec = guided
-        setattr(req.guided, kind, spec)
+        if kind == "choice":
+            req.guided.choice.choices.extend(spec)
+        else:
+            setattr(req.guided, kind, spec)
     return req
 
 
@@ -253,6 +257,8 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
                              "or @FILE)")
     guided.add_argument("--json-object", action="store_true", help="guided decoding: the completion is a JSON object")
     guided.add_argument("--regex", metavar="PATTERN", help="guided decoding: the whole completion matches PATTERN")
+    guided.add_argument("--choice", nargs="+", metavar="S",
+                        help="guided decoding: the completion is exactly one of these strings")
     guided.add_argument("--grammar", metavar="EBNF",
                         help="guided decoding: the completion matches this EBNF grammar's `root` rule (text, or @FILE)")
     parser.add_argument("--stream", action="store_true",
@@ -310,6 +316,8 @@ def _guided(args: argparse.Namespace) -> tuple[str, str | bool] | None:
     value starting with @ names a file to read it from."""
     if args.json_object:
         return ("json_object", True)
+    if args.choice:
+        return ("choice", list(args.choice))
     for kind in ("json_schema", "regex", "grammar"):
         value = getattr(args, kind)
         if value is not None:

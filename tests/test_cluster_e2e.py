@@ -177,6 +177,10 @@ def test_guided_decoding_over_grpc_holds_every_completion_to_its_schema(cluster,
         doc = json.loads(c["text"])
         assert set(doc) == {"ok", "n", "tag"} and isinstance(doc["ok"], bool) and 0 <= doc["n"] <= 99, c
         assert doc["tag"] in ("red", "green") and c["finish_reason"] == "stop", c
+    picked = json.loads(moe_serve("generate", "--target", cluster["grpc_target"], "--prompt-ids", "9,31",
+                                  "--temperature", "1", "--seed", "5", "--n", "3", "--choice", "red", "green blue",
+                                  "--json").stdout)
+    assert all(c["text"] in ("red", "green blue") and c["finish_reason"] == "stop" for c in picked["completions"])
     bad = moe_serve("generate", "--target", cluster["grpc_target"], "--prompt", "x", "--regex", "[a-", check=False)
     assert bad.returncode == 2 and "INVALID_ARGUMENT: guided.regex: " in bad.stderr, bad.stderr
 

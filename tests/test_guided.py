@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ from test_penalties import ckpt  # noqa: F401  (a tiny mixtral checkpoint with a
 from serving.client import _guided as cli_guided, build_request, continuation
 from serving.engine.request import FinishReason, GenerationRequest
 from serving.model.checkpoint import _write_sentencepiece_tokenizer, write_tokenizer
-from serving.model.guided import Guide, GuideCompiler, apply_guides, check_guide
+from serving.model.guided import Guide, GuideCompiler, apply_guides, check_guide, choice_regex
 from serving.model.sampling import Sampler, SamplingParams
 from serving.model.tokenizer import Tokenizer
 
@@ -160,11 +161,25 @@ def test_engine_guided_request_cut_by_max_tokens_is_a_prefix(ckpt):
 
 # ---- the API: validation and the client ---------------------------------------------------------
 
+CHOICES = ["yes", "no (1.5*x)?", "a|b", "back\\slash [x]{2}/^$-"]
+
+
+def test_a_choice_is_a_regex_of_exactly_those_strings(tokenizers):
+    spec = choice_regex(CHOICES)
+    assert [c for c in [*CHOICES, "yes|no", "a", "no (1.5xx)?", "yesno"] if re.fullmatch(spec, c)] == CHOICES
+    tok = tokenizers["sentencepiece"]
+    compiler = GuideCompiler(tok, tok.vocab_size, [tok.eos_id])
+    for seed in range(4):
+        text, ended = _decode_under(compiler, tok, Guide("regex", spec), seed)
+        assert ended and text in CHOICES, text
+
+
 def test_validation_converts_each_kind():
     for kind, value, guide in [("json_schema", json.dumps(SCHEMA), Guide("json_schema", json.dumps(SCHEMA))),
                                ("json_object", True, Guide("json_object")),
                                ("regex", REGEX, Guide("regex", REGEX)), ("grammar", EBNF, Guide("grammar", EBNF))]:
         assert check(build_request("ab", guided=(kind, value))).sampling.guide == guide
+    assert check(build_request("ab", guided=("choice", CHOICES))).sampling.guide == Guide("regex", choice_regex(CHOICES))
     assert check(build_request("ab")).sampling.guide is None
 
 
@@ -175,10 +190,12 @@ def test_validation_names_the_guided_field_at_fault():
     invalid(build_request("ab", guided=("json_object", False)), "guided.json_object", "must be true")
     empty = build_request("ab")
     empty.guided.SetInParent()
-    invalid(empty, "guided", "set one of json_schema, json_object, regex, grammar")
+    invalid(empty, "guided", "set one of json_schema, json_object, regex, grammar, choice")
+    invalid(build_request("ab", guided=("choice", ["yes", ""])), "guided.choice", "none of them empty")
+    invalid(build_request("ab", guided=("choice", ["a", "b", "c"])), "guided.choice", "has 3 strings; at most 2",
+            limits=replace(LIMITS, max_guide_choices=2))
     invalid(build_request("ab", guided=("regex", "a+"), ignore_eos=True), "guided", "ignore_eos")
     invalid(build_request("ab", max_tokens=5, guided=("regex", "a+"), min_tokens=2), "guided", "min_tokens")
-    from dataclasses import replace
     invalid(build_request("ab", guided=("regex", "a" * 11)), "guided.regex", "at most 10",
             limits=replace(LIMITS, max_guide_chars=10))
 
@@ -189,10 +206,11 @@ def test_guided_streams_are_not_resumed_and_the_cli_reads_specs_from_files(tmp_p
     assert continuation(build_request(prompt_ids=[1, 2], max_tokens=8), [5]) is not None
     schema = tmp_path / "s.json"
     schema.write_text(json.dumps(SCHEMA))
-    ns = dict(json_object=False, json_schema=None, regex=None, grammar=None)
+    ns = dict(json_object=False, json_schema=None, regex=None, grammar=None, choice=None)
     from types import SimpleNamespace
     assert cli_guided(SimpleNamespace(**{**ns, "json_schema": f"@{schema}"})) == ("json_schema", json.dumps(SCHEMA))
     assert cli_guided(SimpleNamespace(**{**ns, "json_object": True})) == ("json_object", True)
+    assert cli_guided(SimpleNamespace(**{**ns, "choice": ["a b", "c"]})) == ("choice", ["a b", "c"])
     assert cli_guided(SimpleNamespace(**ns)) is None
     with pytest.raises(ValueError, match="--grammar: cannot read"):
         cli_guided(SimpleNamespace(**{**ns, "grammar": f"@{tmp_path / 'missing'}"}))

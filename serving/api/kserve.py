@@ -533,7 +533,11 @@ class KServeService:
             elif name == "logit_bias":
                 gen.logit_bias.update(value)
             elif name == "guided":
-                setattr(gen.guided, *value)
+                kind, spec = value
+                if kind == "choice":
+                    gen.guided.choice.choices.extend(spec)
+                else:
+                    setattr(gen.guided, kind, spec)
             else:
                 setattr(gen, name, value)
         return _Plan(request=gen, request_id=request.id, stream=stream,
@@ -684,15 +688,8 @@ def _guided(value: Any, where: str) -> tuple[str, Any]:
     if kind == "choice":
         if not (isinstance(spec, list) and spec and all(isinstance(c, str) and c for c in spec)):
             raise InvalidRequest(at, "must be a non-empty list of non-empty strings")
-        return ("regex", "|".join(_regex_literal(c) for c in spec))
+        return ("choice", list(spec))
     if not isinstance(spec, str):
         raise InvalidRequest(at, "must be a string")
     return (kind, spec)
 
-
-def _regex_literal(text: str) -> str:
-    """`text` as a regex (xgrammar's dialect) that matches exactly it: its metacharacters escaped."""
-    return "(" + "".join("\\" + c if c in _REGEX_META else c for c in text) + ")"
-
-
-_REGEX_META = frozenset(".^$*+?()[]{}|\\/-")

@@ -13,7 +13,7 @@ from typing import Any, Protocol
 
 from serving.api.errors import InvalidRequest, MalformedRequest
 from serving.engine.request import GenerationRequest, Priority
-from serving.model.guided import GUIDE_KINDS, Guide, check_guide
+from serving.model.guided import Guide, check_guide, choice_regex
 from serving.model.sampling import SamplingParams
 
 __all__ = ["ApiLimits", "InvalidRequest", "Tokenizer", "validate_request", "new_request_id", "num_completions"]
@@ -41,7 +41,8 @@ class ApiLimits:
     max_logit_bias: int = 300          # entries (OpenAI's cap)
     max_request_id_chars: int = 128
     max_n: int = 16                    # completions per request
-    max_guide_chars: int = 1 << 16     # a guided request's schema / regex / grammar
+    max_guide_chars: int = 1 << 16     # a guided request's schema / regex / grammar (a choice: as its regex)
+    max_guide_choices: int = 1024      # guided.choice strings
 
     def __post_init__(self) -> None:
         if self.vocab_size <= 0 or self.max_model_len <= 0 or self.max_tokens_limit <= 0:
@@ -225,18 +226,31 @@ def _chat_ids(chat: Any, limits: ApiLimits, tokenizer: Tokenizer) -> tuple[int, 
     return ids
 
 
+API_GUIDE_KINDS = ("json_schema", "json_object", "regex", "grammar", "choice")   # GuidedDecoding's oneof
+
+
 def _guide(req: Any, limits: ApiLimits) -> Guide | None:
     """The request's `guided` spec, parsed (not yet compiled against the vocabulary), or None."""
     if not req.HasField("guided"):
         return None
     kind = req.guided.WhichOneof("kind")
     if kind is None:
-        raise InvalidRequest("guided", f"set one of {', '.join(GUIDE_KINDS)}")
+        raise InvalidRequest("guided", f"set one of {', '.join(API_GUIDE_KINDS)}")
     field = f"guided.{kind}"
     if kind == "json_object":
         if not req.guided.json_object:
             raise InvalidRequest(field, "must be true when set")
         guide = Guide(kind)
+    elif kind == "choice":
+        choices = list(req.guided.choice.choices)
+        if not choices or not all(choices):
+            raise InvalidRequest(field, "needs at least one string, none of them empty")
+        if len(choices) > limits.max_guide_choices:
+            raise InvalidRequest(field, f"has {len(choices)} strings; at most {limits.max_guide_choices} are allowed")
+        guide = Guide("regex", choice_regex(choices))
+        if len(guide.spec) > limits.max_guide_chars:
+            raise InvalidRequest(field, f"is {len(guide.spec)} characters as a pattern; at most "
+                                 f"{limits.max_guide_chars} are allowed")
     else:
         spec = getattr(req.guided, kind)
         if not spec.strip():

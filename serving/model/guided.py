@@ -81,6 +81,14 @@ def _reason(exc: BaseException) -> str:
     return text[:300]
 
 
+_REGEX_META = frozenset(".^$*+?()[]{}|\\/-")
+
+
+def choice_regex(choices: Sequence[str]) -> str:
+    """A regex (xgrammar's dialect) matching exactly one of `choices`: each escaped, alternated."""
+    return "|".join("(" + "".join("\\" + c if c in _REGEX_META else c for c in text) + ")" for text in choices)
+
+
 def check_guide(guide: Guide) -> None:
     """Raise ValueError (why the spec does not parse) or GuidedDecodingUnavailable."""
     _grammar(guide)
