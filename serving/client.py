@@ -24,7 +24,7 @@ from typing import Any, Iterator, Sequence
 
 import grpc
 
-from serving.api.protos import health_pb2, health_pb2_grpc, pb2, pb2_grpc
+from serving.api.protos import health_pb2, health_pb2_grpc, pb2, pb2_grpc, set_guided
 from serving.api.tenants import AUTH_HEADER, TENANT_HEADER
 
 __all__ = ["MoEClient", "build_request", "add_generate_arguments", "run_generate",
@@ -90,11 +90,7 @@ def build_request(prompt: str | None = None, prompt_ids: Sequence[int] | None = 
     for tok, bias in (logit_bias or {}).items():
         req.logit_bias[int(tok)] = float(bias)
     if guided is not None:
-        kind, spec = guided
-        if kind == "choice":
-            req.guided.choice.choices.extend(spec)
-        else:
-            setattr(req.guided, kind, spec)
+        set_guided(req, *guided)
     return req
 
 

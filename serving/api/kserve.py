@@ -70,7 +70,7 @@ from google.protobuf.message import DecodeError
 
 from serving.api.errors import InvalidRequest, MalformedRequest, RpcAbort
 from serving.api.kserve_protos import DATA_TYPES, kserve
-from serving.api.protos import pb2
+from serving.api.protos import pb2, set_guided
 from serving.api.service import GenerateService, set_status
 
 logger = logging.getLogger(__name__)
@@ -533,11 +533,7 @@ class KServeService:
             elif name == "logit_bias":
                 gen.logit_bias.update(value)
             elif name == "guided":
-                kind, spec = value
-                if kind == "choice":
-                    gen.guided.choice.choices.extend(spec)
-                else:
-                    setattr(gen.guided, kind, spec)
+                set_guided(gen, *value)
             else:
                 setattr(gen, name, value)
         return _Plan(request=gen, request_id=request.id, stream=stream,

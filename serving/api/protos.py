@@ -103,6 +103,15 @@ SERVICER_FUNCTIONS: list[str] = [
     "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
 ]
 
-__all__ = ["pb2", "pb2_grpc", "add_MoEServingServicer_to_server", "register_moe_serving", "register_kserve",
+def set_guided(request: Any, kind: str, value: Any) -> None:
+    """Set GenerateRequest.guided's oneof field `kind` (a GuidedDecoding field name) to `value`:
+    a string, True (json_object), or a list of strings (choice)."""
+    if kind == "choice":
+        request.guided.choice.choices.extend(value)
+    else:
+        setattr(request.guided, kind, value)
+
+
+__all__ = ["pb2", "pb2_grpc", "set_guided", "add_MoEServingServicer_to_server", "register_moe_serving", "register_kserve",
            "add_GRPCInferenceServiceServicer_to_server", "health_pb2",
            "health_pb2_grpc", "SERVICE_NAME", "SERVICE_NAMES", "SERVICER_FUNCTIONS"]

@@ -55,17 +55,17 @@ def _xgrammar():
     return xgrammar
 
 
-def _grammar(guide: Guide):
-    """The guide's grammar (no tokenizer needed). Raises ValueError with xgrammar's reason."""
-    xgr = _xgrammar()
+def _build(guide: Guide, from_json_schema, from_regex, from_ebnf):
+    """The guide through the builder of its kind: xgrammar's parsers (`Grammar.from_*`, no tokenizer)
+    or a GrammarCompiler's compile methods (cached by spec text). Raises ValueError with xgrammar's reason."""
     try:
         if guide.kind in ("json_schema", "json_object"):
             spec = guide.spec or JSON_OBJECT_SCHEMA
             json.loads(spec)                         # a clear message for text that is not JSON at all
-            return xgr.Grammar.from_json_schema(spec, any_whitespace=False)
+            return from_json_schema(spec, any_whitespace=False)
         if guide.kind == "regex":
-            return xgr.Grammar.from_regex(guide.spec)
-        return xgr.Grammar.from_ebnf(guide.spec)
+            return from_regex(guide.spec)
+        return from_ebnf(guide.spec)
     except json.JSONDecodeError as exc:
         raise ValueError(f"is not valid JSON: {exc}") from None
     except (RuntimeError, ValueError, TypeError) as exc:
@@ -75,7 +75,7 @@ def _grammar(guide: Guide):
 def _reason(exc: BaseException) -> str:
     """xgrammar's message without its C++ source location prefix ("[time] file.cc:123: ")."""
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    head, sep, rest = text.partition(".cc:")
+    _, sep, rest = text.partition(".cc:")
     if sep:
         text = rest.split(": ", 1)[-1]
     return text[:300]
@@ -91,7 +91,8 @@ def choice_regex(choices: Sequence[str]) -> str:
 
 def check_guide(guide: Guide) -> None:
     """Raise ValueError (why the spec does not parse) or GuidedDecodingUnavailable."""
-    _grammar(guide)
+    xgr = _xgrammar()
+    _build(guide, xgr.Grammar.from_json_schema, xgr.Grammar.from_regex, xgr.Grammar.from_ebnf)
 
 
 class GuideMatcher:
@@ -127,14 +128,10 @@ class GuideCompiler:
 
     def matcher(self, guide: Guide) -> GuideMatcher:
         """A fresh matcher for one request. Raises ValueError if the spec does not compile."""
-        xgr = _xgrammar()
-        grammar = _grammar(guide)
-        with self._lock:
-            try:
-                compiled = self._compiler.compile_grammar(grammar)
-            except (RuntimeError, ValueError) as exc:
-                raise ValueError(_reason(exc)) from None
-        return GuideMatcher(xgr.GrammarMatcher(compiled))
+        c = self._compiler
+        with self._lock:          # a spec compiled before comes from the compiler's cache, not parsed again
+            compiled = _build(guide, c.compile_json_schema, c.compile_regex, c.compile_grammar)
+        return GuideMatcher(_xgrammar().GrammarMatcher(compiled))
 
 
 def tokenizer_info(tokenizer, vocab_size: int, stop_token_ids: list[int]):
