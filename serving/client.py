@@ -57,7 +57,7 @@ def build_request(prompt: str | None = None, prompt_ids: Sequence[int] | None = 
                   stop_token_ids: Sequence[int] = (), top_logprobs: int = 0,
                   logit_bias: dict[int, float] | None = None, n: int = 0,
                   guided: tuple[str, str | bool] | None = None) -> Any:
-    """A GenerateRequest. Give exactly one of prompt / prompt_ids / messages ((role, content)
+    r"""A GenerateRequest. Give exactly one of prompt / prompt_ids / messages ((role, content)
     pairs: a chat, through the model's chat template); None means "server default" for the
     optional fields. priority: "interactive", "batch" or a proto value. guided: (kind, spec) of
     GuidedDecoding, e.g. ("json_schema", schema_text), ("regex", r"\d+"), ("json_object", True),

@@ -52,7 +52,7 @@ def test_load_weighs_against_the_blocks_a_replica_would_prefill():
     blocks = prompt_blocks(list(range(16)), CFG)               # 4 blocks, all on r0
     aff.record(blocks, "r0")
     assert aff.rank(blocks, {"r0": 1, "r1": 0}) == [["r0"], ["r1"]]      # 0 + 2 against 4 + 0
-    assert aff.rank(blocks, {"r0": 2, "r1": 0}) == [["r0", "r1"]]        # 4 against 4: Serve takes the idler
+    assert aff.rank(blocks, {"r0": 2, "r1": 0}) == [["r0"], ["r1"]]      # 4 against 4: the holder first
     assert aff.rank(blocks, {"r0": 3, "r1": 0}) == [["r1"], ["r0"]]      # 6 against 4: load wins
     assert aff.rank(blocks, {"r0": None, "r1": None}) == [["r0"], ["r1"]]  # unknown load counts as 0
     aff.record(blocks, "r1")                                              # the overflow went to r1
@@ -61,6 +61,17 @@ def test_load_weighs_against_the_blocks_a_replica_would_prefill():
     longer = prompt_blocks(list(range(16)) + list(range(900, 916)), CFG)  # 8 blocks, all on r0
     aff.record(longer, "r0")
     assert aff.rank(longer, {"r0": 3, "r2": 0}) == [["r0"], ["r2"]]      # 6 against 8: a long history stays
+
+
+def test_a_next_turn_stays_home_while_its_last_turn_is_still_counted_in_flight():
+    """The caller's in-flight count of the home replica can still include the turn that just
+    finished there (Serve decrements it in a done-callback that races the client's next request).
+    Turn 2: 3 blocks, 2 of them at home; home costs 1 + 2 (the stale count) against 3 + 0."""
+    aff = PrefixAffinity(CFG)
+    turn1 = list(range(200, 209))                                        # 2 blocks and a partial one
+    aff.record(prompt_blocks(turn1, CFG), "r0")
+    turn2 = prompt_blocks(turn1 + list(range(700, 704)), CFG)            # 3 blocks
+    assert aff.rank(turn2, {"r0": 1, "r1": 0}) == [["r0"], ["r1"]]
 def test_memory_is_bounded_per_replica_and_forgets_replicas_that_left():
     aff = PrefixAffinity(AffinityConfig(block_tokens=4, max_blocks_per_replica=3))
     first = prompt_blocks(list(range(8)), aff.cfg)
@@ -191,7 +202,8 @@ async def _conversations_stay_home():
                 router.on_new_queue_len_info(r.replica_id, 0)
     assert len(set(homes.values())) > 1          # new conversations were spread by load
     # conversation 0's next prompt: 8 blocks, 7 of them at home. Home with 6 requests in flight costs
-    # 1 + 6 against 8 elsewhere: it stays; with 8 in flight (1 + 8 > 8) it goes elsewhere
+    # 1 + 6 against 8 elsewhere: it stays (and home now holds all 8); with 8 in flight (0 + 8 against
+    # 8: a tie goes to the holder) it stays; with 9 in flight it goes elsewhere
     home = next(r for r in replicas if r.replica_id.unique_id == homes[0])
     for r in replicas:
         router.on_new_queue_len_info(r.replica_id, 6 if r is home else 0)
@@ -199,6 +211,10 @@ async def _conversations_stay_home():
     assert await _route(router, _pending(n, conversations[0])) == homes[0]
     for r in replicas:
         router.on_new_queue_len_info(r.replica_id, 8 if r is home else 0)
+    n += 1
+    assert await _route(router, _pending(n, conversations[0])) == homes[0]
+    for r in replicas:
+        router.on_new_queue_len_info(r.replica_id, 9 if r is home else 0)
     n += 1
     assert await _route(router, _pending(n, conversations[0])) != homes[0]
     # a replica that left is forgotten: the conversation goes where it went last (not the gone one)

@@ -20,7 +20,10 @@ evicted some) and ranks the replicas for a new prompt by what sending it there w
      holds) spills to an idler replica after a few requests, which then holds it too, and from
      then on new conversations go by load.
   4. The ranking is the replicas grouped by cost, cheapest first: the caller takes the least loaded
-     of the first group that accepts the request, the next group if none does.
+     of the first group that accepts the request, the next group if none does. Equal costs go to
+     the replica holding more of the prompt first: the prefill it saves is certain, while the
+     in-flight counts are an estimate that lags (a caller's count of a request that just finished
+     on its home replica may not be decremented yet when the conversation's next turn arrives).
 
 Memory: at most max_blocks_per_replica hashes per replica, least recently routed dropped first.
 """
@@ -87,9 +90,9 @@ class PrefixAffinity:
             return None
         per_request = self.cfg.load_cost_tokens / self.cfg.block_tokens      # in blocks
         cost = {r: len(blocks) - matches[r] + (loads[r] or 0) * per_request for r in loads}
-        groups: dict[float, list[Hashable]] = {}
-        for r in sorted(loads, key=cost.__getitem__):
-            groups.setdefault(cost[r], []).append(r)
+        groups: dict[tuple[float, int], list[Hashable]] = {}
+        for r in sorted(loads, key=lambda r: (cost[r], -matches[r])):
+            groups.setdefault((cost[r], -matches[r]), []).append(r)
         return list(groups.values())
 
     def record(self, blocks: Sequence[int], replica: Hashable) -> None:
