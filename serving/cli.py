@@ -1,7 +1,7 @@
 """`moe-serve`: the command line.
 
   moe-serve checkpoint --family mixtral|qwen2_moe|qwen3_moe|deepseek_v3|hunyuan_v1_moe|olmoe|gpt_oss
-                      --size tiny|small --out DIR
+                      --size tiny|small --out DIR [--weights float|fp8|mxfp4]
   moe-serve up --checkpoint DIR [--expert-shards S] [--nodes N] [--grpc-port P] [--metrics-port M]
   moe-serve redeploy [--checkpoint DIR] [--expert-shards S] [--transport T] [--dtype D]  (on the running cluster)
   moe-serve down | status
@@ -98,8 +98,8 @@ def cmd_status(a: argparse.Namespace) -> int:
 def cmd_checkpoint(a: argparse.Namespace) -> int:
     from serving.model.checkpoint import write_checkpoint
     out = write_checkpoint(a.family, a.size, a.out, seed=a.seed, hot_experts=tuple(a.hot_experts),
-                           hot_gain=a.hot_gain)
-    print(f"wrote {a.family}/{a.size} checkpoint to {out}")
+                           hot_gain=a.hot_gain, weights=a.weights)
+    print(f"wrote {a.family}/{a.size} checkpoint ({a.weights} weights) to {out}")
     return 0
 
 
@@ -261,6 +261,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hot-experts", type=int, nargs="*", default=[],
                    help="experts the router favours (their router rows x --hot-gain): a skewed load")
     p.add_argument("--hot-gain", type=float, default=4.0)
+    p.add_argument("--weights", choices=["float", "fp8", "mxfp4"], default="float",
+                   help="fp8: the projections in block-wise FP8 with 128x128 scales, as DeepSeek-V3 ships; "
+                        "mxfp4 (gpt_oss): the experts in MXFP4, as gpt-oss ships")
     p.set_defaults(fn=cmd_checkpoint)
 
     p = sub.add_parser("up", help="start a local multi-node cluster serving a checkpoint")

@@ -14,11 +14,14 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import torch
 import transformers
+from safetensors.torch import load_file, save_file
 
 from serving.model.config import MoEConfig
 from serving.model.kv_cache import KVCache
 from serving.model.model import BatchLayout, MoEModel
 from serving.model.moe import ExpertDispatch, local_dispatch
+from serving.model.quantization import (GPT_OSS_MXFP4_CONFIG, SCALE_SUFFIX, FP8BlockQuant, hf_quantization_config,
+                                        mxfp4_experts, quantize_tensors)
 from serving.model.weights import CheckpointReader, load_all_experts
 
 transformers.logging.set_verbosity_error()
@@ -89,6 +92,30 @@ def build_hf_checkpoint(out_dir: str | Path, family: str, seed: int = 0, max_sha
             cfg.pop("head_dim")
         cfg_path.write_text(json.dumps(cfg))
     return out, model
+
+
+def quantize_hf_checkpoint(path: Path, q: FP8BlockQuant) -> int:
+    """Rewrite a single-file save_pretrained checkpoint in place as block-wise FP8 (DeepSeek-V3's
+    format: serving/model/quantization.py); returns how many tensors were quantized. transformers
+    then loads it through its FineGrainedFP8 quantizer (dequantized on a machine without FP8 GEMMs),
+    which needs every quantized dim to be whole blocks."""
+    tensors = load_file(path / "model.safetensors")
+    quantized = quantize_tensors(tensors, q)
+    save_file(quantized, str(path / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["quantization_config"] = hf_quantization_config(q)
+    (path / "config.json").write_text(json.dumps(cfg))
+    return sum(1 for n in quantized if n.endswith(SCALE_SUFFIX))
+
+
+def mxfp4_hf_checkpoint(path: Path) -> None:
+    """Rewrite a single-file gpt_oss save_pretrained checkpoint in place with its experts in MXFP4,
+    as openai/gpt-oss ships them; its hidden and intermediate sizes must be multiples of 32."""
+    save_file(mxfp4_experts(load_file(path / "model.safetensors")), str(path / "model.safetensors"),
+              metadata={"format": "pt"})
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["quantization_config"] = GPT_OSS_MXFP4_CONFIG
+    (path / "config.json").write_text(json.dumps(cfg))
 
 
 def load_ours(checkpoint_dir: str | Path, dtype: torch.dtype = torch.float32) -> tuple[MoEModel, ExpertDispatch]:

@@ -1,8 +1,9 @@
-"""Greedy parity through the whole cluster, for every family at S = 1, 2 and 4 expert shards:
+"""Greedy parity through the whole cluster, for every family at S = 1, 2 and 4 expert shards
+(and DeepSeek-V3's block-wise FP8 checkpoint format at S = 2):
 `moe-serve generate --json --temperature 0` returns transformers' greedy tokens for 32 new tokens,
 alone and with concurrent requests of different lengths in one continuous batch.
 
-One 2-node cluster serves all 21 cases: the first case starts it with `moe-serve up`, every later
+One 2-node cluster serves all 22 cases: the first case starts it with `moe-serve up`, every later
 one swaps checkpoint and shard count with `moe-serve redeploy` (Ray, Serve and the gRPC proxy stay
 up), as an operator would. The Serve config is cluster/serve_config.yaml with one replica per
 deployment (no autoscaling: one engine replica, so concurrent requests share one batch). The module
@@ -17,14 +18,16 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 import yaml
 
 from cluster_harness import moe_serve, ray_query, running_cluster
-from hf_reference import build_hf_checkpoint
+from hf_reference import build_hf_checkpoint, quantize_hf_checkpoint
 from serving.client import MoEClient, build_request
 from serving.launcher import DEFAULT_CONFIG, read_state
 from serving.model.checkpoint import write_tokenizer
 from serving.model.config import MoEConfig
+from serving.model.quantization import FP8BlockQuant
 
 pytestmark = pytest.mark.cluster
 VOCAB = 300
@@ -50,7 +53,10 @@ FAMILIES = {
     # sinks, sliding-window layers, router and expert biases, fused experts
     "gpt_oss": {},
 }
-CASES = [(family, s) for family in FAMILIES for s in SHARDS]
+# and DeepSeek-V3's own checkpoint format: block-wise FP8 projections (serving/model/quantization.py),
+# transformers' reference loading the same FP8 files
+CASES = [(family, s, "float") for family in FAMILIES for s in SHARDS] + [("deepseek_v3", 2, "fp8")]
+FP8 = FP8BlockQuant(block_rows=8, block_cols=8)       # hf_reference's deepseek_v3 dims are whole blocks of 8
 
 SHARD_INFO = """
 app = serve.status().applications["moe"]
@@ -117,11 +123,15 @@ def _hf_greedy(hf, ids, n=NEW_TOKENS):
                        attention_mask=torch.ones(1, len(ids), dtype=torch.long))[0, len(ids):].tolist()
 
 
-@pytest.mark.parametrize("family,shards", CASES, ids=[f"{f}-S{s}" for f, s in CASES])
-def test_greedy_parity_through_the_cluster(family, shards, cluster, tmp_path):
+@pytest.mark.parametrize("family,shards,weights", CASES,
+                         ids=[f"{f}-S{s}" + ("" if w == "float" else f"-{w}") for f, s, w in CASES])
+def test_greedy_parity_through_the_cluster(family, shards, weights, cluster, tmp_path):
     seed = SHARDS.index(shards) + 1
     path, hf = build_hf_checkpoint(tmp_path / "ckpt", family, seed=seed, vocab_size=VOCAB,
                                    max_position_embeddings=256, **FAMILIES[family])
+    if weights == "fp8":
+        assert quantize_hf_checkpoint(path, FP8) > 0
+        hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     write_tokenizer(path, VOCAB)
     g = torch.Generator().manual_seed(seed)
     prompts = [torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in PROMPT_LENGTHS]
@@ -169,5 +179,5 @@ def test_greedy_parity_through_the_cluster(family, shards, cluster, tmp_path):
     assert held and all(sorted(e) == list(range(n_experts)) for e in held.values()), held
     if shards > 1:
         assert len({d["node_id"] for d in info["describe"]}) == 2      # the shards span both nodes
-    print(f"[{family} S={shards}: deploy {t_deploy:.1f}s, requests+checks {time.monotonic() - t0 - t_deploy:.1f}s]",
+    print(f"[{family} S={shards} {weights}: deploy {t_deploy:.1f}s, requests+checks {time.monotonic() - t0 - t_deploy:.1f}s]",
           end=" ", flush=True)

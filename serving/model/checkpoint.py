@@ -22,6 +22,11 @@ import torch
 from safetensors.torch import save_file
 
 from serving.model.chat_template import CHATML_TEMPLATE, MISTRAL_TEMPLATE
+from serving.model.quantization import (GPT_OSS_MXFP4_CONFIG, FP8BlockQuant, hf_quantization_config, mxfp4_experts,
+                                        quantize_tensors)
+
+# write_checkpoint(weights=...): all in `dtype`, block-wise FP8 projections, or (gpt_oss) MXFP4 experts
+WEIGHT_FORMATS = ("float", "fp8", "mxfp4")
 
 SIZES = {
     "tiny": dict(hidden_size=64, num_hidden_layers=2, num_experts=4, top_k=2, intermediate=128,
@@ -268,13 +273,20 @@ def _skew_router(tensors: dict[str, torch.Tensor], hot: list[int], gain: float, 
 
 def write_checkpoint(family: str, size: str, out_dir: str | Path, seed: int = 0,
                      dtype: torch.dtype = torch.float32, hot_experts: tuple[int, ...] = (),
-                     hot_gain: float = 4.0) -> Path:
+                     hot_gain: float = 4.0, weights: str = "float") -> Path:
     """Write a seeded random `family` checkpoint of `size` (tiny | small) to `out_dir`; returns the dir.
 
     `hot_experts` skews the expert load, as real models have (placement and per-shard
     autoscaling are exercised with it): every token embedding gets a shared direction u (real
     hidden states have such a dominant direction), and the hot experts' router rows point
-    along it, so their logits are raised by about `hot_gain` logit standard deviations."""
+    along it, so their logits are raised by about `hot_gain` logit standard deviations.
+    `weights="fp8"`: the projections stored in block-wise FP8 (128 x 128 blocks, as DeepSeek-V3's
+    checkpoints; serving/model/quantization.py), the rest in `dtype`; `weights="mxfp4"` (gpt_oss): the
+    routed experts in MXFP4, as openai/gpt-oss ships them."""
+    if weights not in WEIGHT_FORMATS:
+        raise ValueError(f"unsupported weights {weights!r} ({' | '.join(WEIGHT_FORMATS)})")
+    if weights == "mxfp4" and family != "gpt_oss":
+        raise ValueError(f"weights 'mxfp4' is gpt_oss's format (its fused experts), not {family}'s")
     if size not in SIZES:
         raise ValueError(f"unsupported size {size!r} ({' | '.join(SIZES)})")
     if family not in CHECKPOINT_FAMILIES:
@@ -297,6 +309,12 @@ def write_checkpoint(family: str, size: str, out_dir: str | Path, seed: int = 0,
     if hot_experts:
         _skew_router(tensors, list(hot_experts), hot_gain, s["hidden_size"], gen)
     tensors = {n: t.to(dtype) for n, t in tensors.items()}
+    if weights == "fp8":
+        tensors = quantize_tensors(tensors, FP8BlockQuant())
+        config["quantization_config"] = hf_quantization_config(FP8BlockQuant())
+    elif weights == "mxfp4":
+        tensors = mxfp4_experts(tensors)
+        config["quantization_config"] = GPT_OSS_MXFP4_CONFIG
 
     for stale in (*out.glob("*.safetensors"), out / "model.safetensors.index.json"):
         stale.unlink(missing_ok=True)

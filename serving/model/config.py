@@ -13,6 +13,8 @@ import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from serving.model.quantization import MXFP4Quant, WeightQuant, quantization_from_hf
+
 SUPPORTED_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "hunyuan_v1_moe", "olmoe", "gpt_oss")
 
 QK_NORMS = (None, "head", "head_after_rope", "full")
@@ -99,6 +101,7 @@ class MoEConfig:
     rope: RopeConfig | None = field(default=None)      # None: default RoPE from rope_theta/head_dim
     router: RouterConfig | None = field(default=None)  # None: softmax top-k from top_k/norm_topk_prob
     mla: MLAConfig | None = None                        # None: GQA attention
+    quantization: WeightQuant | None = None             # weights on disk in FP8 / MXFP4 (quantization.py)
 
     def __post_init__(self):
         if self.rope is None:
@@ -134,17 +137,22 @@ class MoEConfig:
                     return hf[key]
             raise ValueError(f"config.json ({family}): missing required field {' / '.join(map(repr, keys))}")
 
+        quantization = None
         if hf.get("quantization_config"):
-            method = hf["quantization_config"].get("quant_method", "?")
-            raise ValueError(f"config.json ({family}): quantization_config (quant_method={method!r}) is not "
-                             "supported; serve a dequantized fp32/bf16/fp16 checkpoint")
+            try:
+                quantization = quantization_from_hf(hf["quantization_config"])
+            except ValueError as e:
+                raise ValueError(f"config.json ({family}): {e}") from None
+            if isinstance(quantization, MXFP4Quant) and family != "gpt_oss":
+                raise ValueError(f"config.json ({family}): quantization_config.quant_method 'mxfp4' is "
+                                 "supported for gpt_oss's fused experts only")
         if family != "gpt_oss" and hf.get("hidden_act", "silu") != "silu":
             raise ValueError(f"config.json: unsupported hidden_act {hf['hidden_act']!r} (only 'silu')")
         hidden, heads, num_layers = req("hidden_size"), req("num_attention_heads"), req("num_hidden_layers")
         max_pos = int(hf.get("max_position_embeddings", _DEFAULT_MAX_POS[family]))
         eos = hf.get("eos_token_id", _DEFAULT_EOS.get(family))
         common = dict(
-            family=family, vocab_size=req("vocab_size"), hidden_size=hidden, num_layers=num_layers,
+            quantization=quantization, family=family, vocab_size=req("vocab_size"), hidden_size=hidden, num_layers=num_layers,
             num_heads=heads, num_kv_heads=hf.get("num_key_value_heads") or heads,
             head_dim=hf.get("head_dim") or hidden // heads,
             rms_norm_eps=float(hf.get("rms_norm_eps", _DEFAULT_EPS[family])),

@@ -5,7 +5,8 @@ I intermediate (expert, shared expert or dense MLP).
 
 The engine loads `DenseWeights` (everything but routed experts); expert shards call
 `load_expert` for just the experts they hold. Tensors are read one at a time through
-`safe_open`, so no file is ever read whole into memory.
+`safe_open`, so no file is ever read whole into memory. A block-wise FP8 checkpoint's weights are
+dequantized as they are read (serving/model/quantization.py).
 """
 from __future__ import annotations
 
@@ -19,15 +20,22 @@ from safetensors import safe_open
 from serving.model.config import MoEConfig
 from serving.model.linear import Linear
 from serving.model.moe import ExpertWeights
+from serving.model.quantization import (MXFP4_BLOCKS, MXFP4_SCALES, SCALE_SUFFIX, FP8BlockQuant, dequantize_fp8,
+                                        dequantize_mxfp4, quantization_from_hf)
 
 MLPWeights = ExpertWeights   # a dense / shared-expert SwiGLU FFN has the same three matrices
 
 
 class CheckpointReader:
-    """Tensor-by-name access to `*.safetensors` in a directory, single file or sharded with an index."""
+    """Tensor-by-name access to `*.safetensors` in a directory, single file or sharded with an index.
+    Quantized weights come out dequantized, in fp32: FP8 tensors with a `<name>_scale_inv` beside
+    them, and a `<name>` stored as MXFP4 `<name>_blocks` + `<name>_scales` (quantization.py)."""
 
     def __init__(self, checkpoint_dir: str | Path):
         self.dir = Path(checkpoint_dir)
+        config = self.dir / "config.json"
+        qc = json.loads(config.read_text()).get("quantization_config") if config.exists() else None
+        self.quant = quantization_from_hf(qc) if qc else None
         index = self.dir / "model.safetensors.index.json"
         if index.exists():
             weight_map = json.loads(index.read_text())["weight_map"]
@@ -46,7 +54,12 @@ class CheckpointReader:
         return sorted(self._file_of)
 
     def __contains__(self, name: str) -> bool:
-        return name in self._file_of
+        return name in self._file_of or self._mxfp4(name)
+
+    def _mxfp4(self, name: str) -> bool:
+        """`name` is stored as MXFP4 blocks and scales."""
+        return (name not in self._file_of and name + MXFP4_BLOCKS in self._file_of
+                and name + MXFP4_SCALES in self._file_of)
 
     def _handle(self, name: str):
         if name not in self._file_of:
@@ -57,12 +70,32 @@ class CheckpointReader:
         return self._handles[path]
 
     def shape(self, name: str) -> tuple[int, ...]:
+        if self._mxfp4(name):          # blocks [..., R, G, 16] are the parameter [..., G * 32, R]
+            *lead, R, G, half = self.shape(name + MXFP4_BLOCKS)
+            return (*lead, G * half * 2, R)
         return tuple(self._handle(name).get_slice(name).get_shape())
 
     def get(self, name: str, index: int | None = None) -> torch.Tensor:
         """One tensor by name; with `index`, only row `index` of dim 0 is read (fused expert stacks)."""
+        if self._mxfp4(name):
+            w = dequantize_mxfp4(self._raw(name + MXFP4_BLOCKS, index), self._raw(name + MXFP4_SCALES, index))
+            return w.transpose(-1, -2)
+        t = self._raw(name, index)
+        if t.dtype not in _FP8_DTYPES:
+            return t
+        if name + SCALE_SUFFIX not in self or not isinstance(self.quant, FP8BlockQuant):
+            missing = ("config.json has no quantization_config" if self.quant is None else
+                       f"no tensor {name + SCALE_SUFFIX!r}" if isinstance(self.quant, FP8BlockQuant) else
+                       "config.json's quantization_config is not fp8")
+            raise ValueError(f"tensor {name!r} is {t.dtype} but {missing}: cannot dequantize it")
+        return dequantize_fp8(t, self._raw(name + SCALE_SUFFIX, index), self.quant)
+
+    def _raw(self, name: str, index: int | None) -> torch.Tensor:
         f = self._handle(name)
         return f.get_tensor(name) if index is None else f.get_slice(name)[index]
+
+
+_FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
