@@ -221,7 +221,7 @@ def test_missing_config_field_is_named(small_ckpts, family, field):
 @pytest.mark.parametrize("edit,match", [
     (dict(model_type="olmoe", rope_parameters={"rope_type": "yarn", "factor": 4.0}), "rope_parameters/rope_scaling"),
     (dict(rope_parameters={"rope_type": "longrope", "rope_theta": 1e4}), "rope_type 'longrope'"),
-    (dict(quantization_config={"quant_method": "fp8"}), "quantization_config"),
+    (dict(quantization_config={"quant_method": "gptq", "bits": 4}), "quantization_config.quant_method .gptq."),
     (dict(n_group=4), "n_group"),
     (dict(model_type="hunyuan_v1_moe", num_experts=[4, 8], moe_topk=2, intermediate_size=8), "num_experts"),
     (dict(model_type="olmoe", num_experts=4, intermediate_size=8), "head_dim"),

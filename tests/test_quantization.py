@@ -4,6 +4,7 @@ config's errors, and whole models against transformers loading the same quantize
 FineGrainedFP8 / MXFP4 quantizers dequantize on a machine without FP8 / FP4 GEMMs)."""
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -15,8 +16,9 @@ from hf_reference import (build_hf_checkpoint, hf_greedy, hf_logits, load_ours, 
 from serving.model.checkpoint import write_checkpoint
 from serving.model.moe import ExpertWeights
 from serving.model.config import MoEConfig
-from serving.model.quantization import (FP4_VALUES, SCALE_SUFFIX, FP8BlockQuant, MXFP4Quant, dequantize_fp8,
-                                        dequantize_mxfp4, is_quantized_linear, quantize_fp8, quantize_mxfp4)
+from serving.model.quantization import (FP4_VALUES, SCALE_SUFFIX, FP8BlockQuant, FP8TensorQuant, MXFP4Quant,
+                                        dequantize_fp8, dequantize_fp8_rows, dequantize_mxfp4, is_quantized_linear,
+                                        quantize_fp8, quantize_mxfp4)
 from serving.model.weights import CheckpointReader, load_expert
 
 BLOCK = FP8BlockQuant(block_rows=8, block_cols=8)    # hf_reference's dims are multiples of 8 (but one)
@@ -63,7 +65,7 @@ def test_a_scale_grid_that_does_not_fit_the_weight_is_an_error():
 
 @pytest.mark.parametrize("qc,match", [
     ({"quant_method": "awq", "bits": 4}, "quant_method 'awq' is not supported"),
-    ({"quant_method": "fp8"}, "weight_block_size is missing"),
+    ({"quant_method": "fp8", "fmt": "e5m2"}, "fmt 'e5m2'"),
     ({"quant_method": "fp8", "weight_block_size": [128]}, "weight_block_size must be two integers"),
     ({"quant_method": "fp8", "weight_block_size": [0, 128]}, "weight_block_size must be positive"),
     ({"quant_method": "fp8", "weight_block_size": [128, 128], "fmt": "e5m2"}, "fmt 'e5m2'"),
@@ -187,3 +189,42 @@ def test_moe_serve_checkpoint_writes_gpt_oss_with_mxfp4_experts(tmp_path):
     assert torch.equal(a.gate_bias_I, b.gate_bias_I)             # biases stay as they were
     with pytest.raises(ValueError, match="gpt_oss's format"):
         write_checkpoint("mixtral", "tiny", tmp_path / "bad", weights="mxfp4")
+
+
+def test_per_tensor_and_per_row_fp8_as_vllm_writes_it(tmp_path):
+    """quant_method "fp8" without weight_block_size (AutoFP8 / vLLM): `weight_scale` beside each FP8
+    weight, one for the tensor (attention here) or one per output row (the experts here), and the
+    static scheme's `input_scale`s, unused. Reference: transformers on the same weights dequantized
+    by hand (fp8 x scale) into a plain checkpoint."""
+    import shutil
+    import transformers
+    path, _ = build_hf_checkpoint(tmp_path / "fp8", "mixtral")
+    plain = tmp_path / "plain"
+    shutil.copytree(path, plain)
+    tensors, dequantized = load_file(path / "model.safetensors"), {}
+    for name in [n for n, t in tensors.items() if is_quantized_linear(n, t)]:
+        w = tensors.pop(name)
+        per_row = ".experts." in name
+        amax = w.abs().amax(dim=1, keepdim=True) if per_row else w.abs().max().reshape(1)
+        scale = amax / torch.finfo(torch.float8_e4m3fn).max
+        tensors[name], tensors[name + "_scale"] = (w / scale).to(torch.float8_e4m3fn), scale
+        tensors[name.removesuffix("weight") + "input_scale"] = torch.ones(1)
+        dequantized[name] = tensors[name].float() * scale
+    save_file(tensors, str(path / "model.safetensors"))
+    save_file({**load_file(plain / "model.safetensors"), **dequantized}, str(plain / "model.safetensors"))
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "static"}
+    (path / "config.json").write_text(json.dumps(cfg))
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(plain, dtype=torch.float32).eval()
+    model, dispatch = load_ours(path)
+    assert model.config.quantization == FP8TensorQuant()
+    ids = [7, 3, 55, 21, 9, 80, 14]
+    assert (our_prefill_logits(model, dispatch, ids) - hf_logits(hf, ids)).abs().max() < 1e-4
+    assert our_greedy(model, dispatch, ids, 10) == hf_greedy(hf, ids, 10)
+    del tensors["model.layers.1.self_attn.o_proj.weight_scale"]
+    save_file(tensors, str(path / "model.safetensors"))
+    with pytest.raises(ValueError, match="no tensor 'model.layers.1.self_attn.o_proj.weight_scale'"):
+        load_ours(path)
+    with pytest.raises(ValueError, match=r"scale of shape \(3,\) fits neither"):
+        dequantize_fp8_rows(torch.zeros(4, 2).to(torch.float8_e4m3fn), torch.ones(3))

@@ -25,6 +25,11 @@ dtype, as transformers serves it on a machine without FP8 GEMMs. Scales may also
 
 `quantize_fp8` writes the format (tests; `moe-serve checkpoint --weights fp8`).
 
+Without `weight_block_size`, quant_method "fp8" is vLLM's per-tensor format (AutoFP8's, e.g.
+neuralmagic/Mixtral-8x7B-Instruct-v0.1-FP8): `<linear>.weight` float8 beside `<linear>.weight_scale`,
+one fp32 multiplier for the tensor ([] or [1]) or one per output row ([R] or [R, 1]); the
+`input_scale` tensors of its static activation scheme are unused here.
+
 gpt-oss (openai/gpt-oss-20b / -120b) ships its routed experts in MXFP4 (OCP microscaling: FP4
 e2m1 values in groups of 32 sharing one E8M0 exponent) and everything else in bf16:
 
@@ -46,7 +51,8 @@ from dataclasses import dataclass
 
 import torch
 
-SCALE_SUFFIX = "_scale_inv"          # <name>_scale_inv beside a quantized <name>
+SCALE_SUFFIX = "_scale_inv"          # <name>_scale_inv beside a block-wise quantized <name>
+TENSOR_SCALE_SUFFIX = "_scale"       # <name>_scale beside a per-tensor / per-row quantized <name>
 SUPPORTED_METHODS = ("fp8", "mxfp4")
 FP8_FORMATS = {"e4m3": torch.float8_e4m3fn, "float8_e4m3fn": torch.float8_e4m3fn}
 FP8_MAX = torch.finfo(torch.float8_e4m3fn).max        # 448
@@ -69,11 +75,8 @@ class FP8BlockQuant:
 
     @classmethod
     def from_hf_dict(cls, qc: dict) -> "FP8BlockQuant":
-        """From an "fp8" `quantization_config`; ValueError naming the field if unsupported."""
+        """From an "fp8" `quantization_config` with weight_block_size; ValueError naming the field."""
         block = qc.get("weight_block_size")
-        if block is None:
-            raise ValueError("quantization_config.weight_block_size is missing: only block-wise FP8 "
-                             "(e.g. [128, 128]) is supported, not one scale per tensor")
         if not (isinstance(block, (list, tuple)) and len(block) == 2 and all(isinstance(b, int) for b in block)):
             raise ValueError(f"quantization_config.weight_block_size must be two integers, got {block!r}")
         return cls(block_rows=block[0], block_cols=block[1], fmt=qc.get("fmt", "e4m3"))
@@ -85,24 +88,48 @@ class FP8BlockQuant:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class FP8TensorQuant:
+    """quant_method "fp8" without weight_block_size: one scale per tensor or per output row (module doc)."""
+    fmt: str = "e4m3"
+
+    def __post_init__(self):
+        if self.fmt not in FP8_FORMATS:
+            raise ValueError(f"quantization_config.fmt {self.fmt!r} is not supported (supported: "
+                             f"{sorted(FP8_FORMATS)})")
+
+
+def dequantize_fp8_rows(weight_RC: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """fp32 weight [R, C] = fp8 [R, C] x its scale: one for the tensor ([] / [1]) or per row ([R] / [R, 1])."""
+    R = weight_RC.shape[0]
+    if scale.numel() == 1:
+        return weight_RC.to(torch.float32) * scale.to(torch.float32).reshape(())
+    if tuple(scale.shape) not in ((R,), (R, 1)):
+        raise ValueError(f"scale of shape {tuple(scale.shape)} fits neither the whole weight nor each of its "
+                         f"{R} rows (weight {tuple(weight_RC.shape)})")
+    return weight_RC.to(torch.float32) * scale.to(torch.float32).reshape(R, 1)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class MXFP4Quant:
     """A checkpoint's `quantization_config` for quant_method "mxfp4" (gpt-oss; module doc)."""
     group: int = 32                      # FP4 values sharing one exponent (fixed by the OCP MX spec)
 
 
-WeightQuant = FP8BlockQuant | MXFP4Quant
+WeightQuant = FP8BlockQuant | FP8TensorQuant | MXFP4Quant
 
 
 def quantization_from_hf(qc: dict) -> WeightQuant:
     """config.json's `quantization_config` -> its format; ValueError naming the field if unsupported."""
     method = qc.get("quant_method")
     if method == "fp8":
+        if qc.get("weight_block_size") is None:
+            return FP8TensorQuant(fmt=qc.get("fmt", "e4m3"))
         return FP8BlockQuant.from_hf_dict(qc)
     if method == "mxfp4":
         return MXFP4Quant()
     raise ValueError(f"quantization_config.quant_method {method!r} is not supported (supported: "
-                     f"{list(SUPPORTED_METHODS)}: block-wise FP8 as DeepSeek-V3 and Qwen3-FP8 ship it, MXFP4 "
-                     "experts as gpt-oss ships them); serve a dequantized fp32/bf16/fp16 checkpoint")
+                     f"{list(SUPPORTED_METHODS)}: FP8 block-wise as DeepSeek-V3 and Qwen3-FP8 ship it or per "
+                     "tensor as vLLM / AutoFP8 write it, MXFP4 experts as gpt-oss ships them); serve a dequantized fp32/bf16/fp16 checkpoint")
 
 
 def _scale_values(scale: torch.Tensor) -> torch.Tensor:

@@ -20,16 +20,18 @@ from safetensors import safe_open
 from serving.model.config import MoEConfig
 from serving.model.linear import Linear
 from serving.model.moe import ExpertWeights
-from serving.model.quantization import (MXFP4_BLOCKS, MXFP4_SCALES, SCALE_SUFFIX, FP8BlockQuant, dequantize_fp8,
-                                        dequantize_mxfp4, quantization_from_hf)
+from serving.model.quantization import (MXFP4_BLOCKS, MXFP4_SCALES, SCALE_SUFFIX, TENSOR_SCALE_SUFFIX, FP8BlockQuant,
+                                        FP8TensorQuant, dequantize_fp8, dequantize_fp8_rows, dequantize_mxfp4,
+                                        quantization_from_hf)
 
 MLPWeights = ExpertWeights   # a dense / shared-expert SwiGLU FFN has the same three matrices
 
 
 class CheckpointReader:
     """Tensor-by-name access to `*.safetensors` in a directory, single file or sharded with an index.
-    Quantized weights come out dequantized, in fp32: FP8 tensors with a `<name>_scale_inv` beside
-    them, and a `<name>` stored as MXFP4 `<name>_blocks` + `<name>_scales` (quantization.py)."""
+    Quantized weights come out dequantized, in fp32: FP8 tensors with a `<name>_scale_inv` (block-wise)
+    or `<name>_scale` (per tensor / row) beside them, and a `<name>` stored as MXFP4 `<name>_blocks` +
+    `<name>_scales` (quantization.py)."""
 
     def __init__(self, checkpoint_dir: str | Path):
         self.dir = Path(checkpoint_dir)
@@ -83,12 +85,16 @@ class CheckpointReader:
         t = self._raw(name, index)
         if t.dtype not in _FP8_DTYPES:
             return t
-        if name + SCALE_SUFFIX not in self or not isinstance(self.quant, FP8BlockQuant):
+        suffix = {FP8BlockQuant: SCALE_SUFFIX, FP8TensorQuant: TENSOR_SCALE_SUFFIX}.get(type(self.quant))
+        if suffix is None or name + suffix not in self:
             missing = ("config.json has no quantization_config" if self.quant is None else
-                       f"no tensor {name + SCALE_SUFFIX!r}" if isinstance(self.quant, FP8BlockQuant) else
-                       "config.json's quantization_config is not fp8")
+                       "config.json's quantization_config is not fp8" if suffix is None else
+                       f"no tensor {name + suffix!r}")
             raise ValueError(f"tensor {name!r} is {t.dtype} but {missing}: cannot dequantize it")
-        return dequantize_fp8(t, self._raw(name + SCALE_SUFFIX, index), self.quant)
+        scale = self._raw(name + suffix, index)
+        if isinstance(self.quant, FP8BlockQuant):
+            return dequantize_fp8(t, scale, self.quant)
+        return dequantize_fp8_rows(t, scale)
 
     def _raw(self, name: str, index: int | None) -> torch.Tensor:
         f = self._handle(name)
