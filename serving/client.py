@@ -56,12 +56,12 @@ def build_request(prompt: str | None = None, prompt_ids: Sequence[int] | None = 
                   presence_penalty: float = 0.0, frequency_penalty: float = 0.0, min_tokens: int = 0,
                   stop_token_ids: Sequence[int] = (), top_logprobs: int = 0,
                   logit_bias: dict[int, float] | None = None, n: int = 0,
-                  guided: tuple[str, str | bool] | None = None) -> Any:
+                  guided: tuple[str, str | bool] | None = None, prompt_logprobs: int | None = None) -> Any:
     r"""A GenerateRequest. Give exactly one of prompt / prompt_ids / messages ((role, content)
     pairs: a chat, through the model's chat template); None means "server default" for the
     optional fields. priority: "interactive", "batch" or a proto value. guided: (kind, spec) of
     GuidedDecoding, e.g. ("json_schema", schema_text), ("regex", r"\d+"), ("json_object", True),
-    ("choice", ["yes", "no"])."""
+    ("choice", ["yes", "no"]). prompt_logprobs: score the prompt (k most likely at each position too)."""
     if sum(p is not None for p in (prompt, prompt_ids, messages)) != 1:
         raise ValueError("give exactly one of prompt, prompt_ids or messages")
     req = pb2.GenerateRequest(top_k=top_k, stop=list(stop), request_id=request_id,
@@ -91,6 +91,8 @@ def build_request(prompt: str | None = None, prompt_ids: Sequence[int] | None = 
         req.logit_bias[int(tok)] = float(bias)
     if guided is not None:
         set_guided(req, *guided)
+    if prompt_logprobs is not None:
+        req.prompt_logprobs = prompt_logprobs
     return req
 
 
@@ -111,6 +113,8 @@ def continuation(request: Any, received: Sequence[int]) -> Any | None:
     rest.token_ids.ids.extend(int(t) for t in received)
     rest.max_tokens = left
     rest.min_tokens = max(0, request.min_tokens - len(received))
+    if received:                   # the prompt's logprobs came with the first token: not again
+        rest.ClearField("prompt_logprobs")
     return rest
 
 
@@ -236,6 +240,9 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-logprobs", type=int, default=0, metavar="K",
                         help="with --logprobs: also the K most likely tokens at each position (JSON: top_logprobs)")
     parser.add_argument("--ignore-eos", action="store_true")
+    parser.add_argument("--prompt-logprobs", type=int, default=None, metavar="K",
+                        help="score the prompt: each prompt token's logprob after the first (JSON: prompt_logprobs), "
+                             "and with K > 0 the K most likely at each position (prompt_top_logprobs)")
     parser.add_argument("--n", type=int, default=0, metavar="N",
                         help="N completions of the prompt, each sampled on its own (seed + i with --seed); JSON: "
                              "completion 0's fields plus `completions`, text: one line each")
@@ -350,7 +357,7 @@ def run_generate(args: argparse.Namespace) -> int:
             frequency_penalty=args.frequency_penalty, min_tokens=args.min_tokens,
             stop_token_ids=_parse_ids(args.stop_token_ids, "--stop-token-ids") if args.stop_token_ids else (),
             top_logprobs=args.top_logprobs, logit_bias=_parse_bias(args.logit_bias), n=args.n,
-            guided=_guided(args))
+            guided=_guided(args), prompt_logprobs=args.prompt_logprobs)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_INVALID
@@ -372,6 +379,8 @@ def run_generate(args: argparse.Namespace) -> int:
                 done = client.complete(request)
                 for i, c in enumerate(done.completions or [done]):     # completions come in index order
                     _merge(results, i, c)
+                if done.completions:                                    # the prompt's, beside them
+                    _merge_prompt(results[0], done)
                 results.setdefault(0, _empty_result())["request_id"] = done.request_id
         except grpc.RpcError as e:
             code = e.code() if hasattr(e, "code") else None
@@ -381,7 +390,12 @@ def run_generate(args: argparse.Namespace) -> int:
                 sys.stdout.write("\n")
             print(f"error: {name}: {details}", file=sys.stderr)
             return _exit_code(code)
-    for r in results.values():
+    for i, r in results.items():
+        prompt_lp, prompt_top = r.pop("prompt_logprobs"), r.pop("prompt_top_logprobs")
+        if args.prompt_logprobs is not None and i == 0:
+            r["prompt_logprobs"] = prompt_lp
+            if args.prompt_logprobs:
+                r["prompt_top_logprobs"] = prompt_top
         logprobs, top = r.pop("logprobs"), r.pop("top_logprobs")
         if args.logprobs:
             r["logprobs"] = logprobs
@@ -406,7 +420,7 @@ def run_generate(args: argparse.Namespace) -> int:
 def _empty_result() -> dict[str, Any]:
     return {"request_id": "", "token_ids": [], "text": "", "finish_reason": None,
             "usage": {"prompt_tokens": 0, "completion_tokens": 0, "cached_prompt_tokens": 0},
-            "logprobs": [], "top_logprobs": []}
+            "logprobs": [], "top_logprobs": [], "prompt_logprobs": [], "prompt_top_logprobs": []}
 
 
 def _merge(results: dict[int, dict[str, Any]], index: int, msg: Any) -> None:
@@ -416,13 +430,23 @@ def _merge(results: dict[int, dict[str, Any]], index: int, msg: Any) -> None:
     result["text"] += msg.text
     result["token_ids"].extend(msg.token_ids)
     result["logprobs"].extend(msg.logprobs)
-    result["top_logprobs"].extend([{"token_id": t, "logprob": lp} for t, lp in zip(pos.token_ids, pos.logprobs)]
-                                  for pos in msg.top_logprobs)
+    result["top_logprobs"].extend(_top(msg.top_logprobs))
+    _merge_prompt(result, msg)
     if msg.finish_reason:
         result["finish_reason"] = FINISH_REASONS.get(msg.finish_reason, "unknown")
         result["usage"] = {"prompt_tokens": msg.usage.prompt_tokens,
                            "completion_tokens": msg.usage.completion_tokens,
                            "cached_prompt_tokens": msg.usage.cached_prompt_tokens}
+
+
+def _top(positions: Any) -> list[list[dict[str, Any]]]:
+    return [[{"token_id": t, "logprob": lp} for t, lp in zip(pos.token_ids, pos.logprobs)] for pos in positions]
+
+
+def _merge_prompt(result: dict[str, Any], msg: Any) -> None:
+    """The prompt's logprobs of a GenerateResponse or CompleteResponse (a Completion has none)."""
+    result["prompt_logprobs"].extend(getattr(msg, "prompt_logprobs", ()))
+    result["prompt_top_logprobs"].extend(_top(getattr(msg, "prompt_top_logprobs", ())))
 
 
 def main(argv: list[str] | None = None) -> int:

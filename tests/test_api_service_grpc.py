@@ -77,7 +77,8 @@ class FakeEngine:
                     cached_tokens=len(request.prompt_token_ids) - 1 if rid.startswith("cached") else 0,
                     top_logprobs=(tuple(range(tok, tok + request.sampling.top_logprobs)),
                                   tuple(-0.5 * (i + 1) - j for j in range(request.sampling.top_logprobs)))
-                    if request.sampling.top_logprobs else None)
+                    if request.sampling.top_logprobs else None,
+                    **(self._prompt_logprobs(request) if i == 0 else {}))
                 if not rid.startswith("chunk"):
                     yield ev
                     continue
@@ -87,6 +88,16 @@ class FakeEngine:
                     yield out
         finally:
             self.closed.append(rid)
+
+    @staticmethod
+    def _prompt_logprobs(request: GenerationRequest) -> dict:
+        """prompt_logprobs: prompt token j (j >= 1) gets -0.1 * j, its top ids j, j + 1, ..."""
+        k, n = request.sampling.prompt_logprobs, len(request.prompt_token_ids)
+        if k is None:
+            return {}
+        return dict(prompt_logprobs=tuple(-0.1 * j for j in range(1, n)),
+                    prompt_top_logprobs=tuple((tuple(range(j, j + k)), tuple(-0.1 * j - m for m in range(k)))
+                                              for j in range(1, n)) if k else None)
 
     @staticmethod
     async def _from_context(request: GenerationRequest) -> AsyncIterator[TokenEvent]:
@@ -339,6 +350,12 @@ def test_a_stream_reset_by_the_server_is_resumed_like_a_lost_replica():
         loop.call_soon_threadsafe(loop.stop)
         thread.join(WAIT_S)
         loop.close()
+
+
+def test_a_continuation_does_not_ask_for_the_prompt_logprobs_again():
+    req = build_request(prompt_ids=[5, 6], max_tokens=8, prompt_logprobs=3)
+    assert continuation(req, []).prompt_logprobs == 3          # nothing came back yet
+    assert not continuation(req, [9]).HasField("prompt_logprobs")
 
 
 def test_continuation_asks_for_what_is_left():
@@ -602,6 +619,30 @@ def test_cli_top_logprobs_one_list_per_token(h, capsys, stream):
     assert obj["top_logprobs"] == [[{"token_id": t, "logprob": lp}, {"token_id": t + 1, "logprob": lp - 1}]
                                    for t, lp in zip(obj["token_ids"], obj["logprobs"])]
     assert h.engine.requests[-1].sampling.top_logprobs == 2
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_cli_prompt_logprobs_come_once_for_the_prompt(h, capsys, stream):
+    assert cli(["--target", h.target, "--prompt", "abcd", "--max-tokens", "3", "--prompt-logprobs", "2",
+                "--request-id", "chunk-plp", "--json"] + (["--stream"] if stream else [])) == 0
+    obj = json.loads(capsys.readouterr().out)
+    n = obj["usage"]["prompt_tokens"]
+    assert obj["prompt_logprobs"] == pytest.approx([-0.1 * j for j in range(1, n)])
+    assert [[p["token_id"] for p in top] for top in obj["prompt_top_logprobs"]] == [[j, j + 1] for j in range(1, n)]
+    assert h.engine.requests[-1].sampling.prompt_logprobs == 2
+    assert cli(["--target", h.target, "--prompt", "abcd", "--max-tokens", "2", "--json"]) == 0
+    assert "prompt_logprobs" not in json.loads(capsys.readouterr().out)
+
+
+def test_prompt_logprobs_of_n_completions_come_once_from_completion_0(h, client):
+    done = client.complete(build_request("abc", max_tokens=2, n=3, prompt_logprobs=0, request_id="plpn"))
+    assert len(done.completions) == 3 and len(done.prompt_logprobs) == done.usage.prompt_tokens - 1
+    assert not done.prompt_top_logprobs
+    asked = {r.request_id: r.sampling.prompt_logprobs for r in h.engine.requests if r.request_id.startswith("plpn")}
+    assert asked == {"plpn/0": 0, "plpn/1": None, "plpn/2": None}
+    chunks = list(client.generate(build_request("abc", max_tokens=2, n=2, prompt_logprobs=1)))
+    assert [len(c.prompt_logprobs) for c in chunks if c.prompt_logprobs] == [done.usage.prompt_tokens - 1]
+    assert next(c for c in chunks if c.prompt_logprobs).index == 0
 
 
 def test_cli_penalties_and_stops_reach_the_engine(h, capsys):

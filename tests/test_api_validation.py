@@ -61,7 +61,8 @@ def test_penalties_and_stops_convert():
     s = check(build_request(prompt_ids=[5, 6], max_tokens=10, repetition_penalty=1.2, presence_penalty=-0.5,
                             frequency_penalty=2.0, min_tokens=10, stop_token_ids=[0, TOK.vocab_size - 1],
                             logprobs=True, top_logprobs=20)).sampling
-    assert s.top_logprobs == 20
+    assert s.top_logprobs == 20 and s.prompt_logprobs is None
+    assert check(build_request(prompt_ids=[5], prompt_logprobs=0)).sampling.prompt_logprobs == 0
     b = check(build_request(prompt_ids=[5], logit_bias={9: -100, 3: 2.5})).sampling
     assert b.logit_bias == ((3, 2.5), (9, -100.0)) and b.biased and not b.penalized
     assert (s.repetition_penalty, s.presence_penalty, s.frequency_penalty) == (pytest.approx(1.2), -0.5, 2.0)
@@ -86,6 +87,8 @@ def test_penalties_and_stops_convert():
     ("top_logprobs", dict(top_logprobs=21, logprobs=True), "[0, 20]"),
     ("top_logprobs", dict(top_logprobs=-1, logprobs=True), "[0, 20]"),
     ("top_logprobs", dict(top_logprobs=2), "needs return_logprobs"),
+    ("prompt_logprobs", dict(prompt_logprobs=21), "[0, 20]"),
+    ("prompt_logprobs", dict(prompt_logprobs=-1), "[0, 20]"),
     ("logit_bias[300]", dict(logit_bias={5: 1.0, 300: -1.0}), "outside the vocabulary"),
     ("logit_bias[5]", dict(logit_bias={5: -100.5}), "[-100, 100]"),
     ("logit_bias[5]", dict(logit_bias={5: float("nan")}), "[-100, 100]"),

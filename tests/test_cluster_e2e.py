@@ -207,6 +207,32 @@ def _metric_sum(url: str, family: str) -> float:
     return sum(float(l.rsplit(" ", 1)[1]) for l in _scrape(url).splitlines() if l.startswith(family + "{"))
 
 
+def test_prompt_logprobs_over_grpc_are_transformers_log_softmax(cluster, ckpt):
+    """The prompt scored through the whole path (CLI, Serve's proxy, the engine, 2 expert shards
+    on 2 nodes): each prompt token's logprob and the 2 most likely at each position equal
+    transformers' log_softmax over one forward, also the second time, when the prompt's blocks
+    are in the prefix cache; with n = 2 (Complete) they come once, beside the completions."""
+    g = torch.Generator().manual_seed(29)
+    ids = torch.randint(3, VOCAB, (37,), generator=g).tolist()
+    with torch.no_grad():
+        ref = ckpt[1](torch.tensor([ids])).logits[0].float().log_softmax(-1)       # row t: token t + 1
+    chosen = torch.tensor([float(ref[t, ids[t + 1]]) for t in range(len(ids) - 1)])
+    for _ in range(2):
+        out = moe_serve("generate", "--target", cluster["grpc_target"], "--prompt-ids", ",".join(map(str, ids)),
+                        "--max-tokens", "3", "--temperature", "0", "--prompt-logprobs", "2", "--json")
+        result = json.loads(out.stdout)
+        assert torch.allclose(torch.tensor(result["prompt_logprobs"]), chosen, atol=1e-4)
+        assert len(result["prompt_top_logprobs"]) == len(ids) - 1
+        for t, top in enumerate(result["prompt_top_logprobs"]):
+            assert [p["token_id"] for p in top] == ref[t].topk(2).indices.tolist()
+        assert result["usage"]["cached_prompt_tokens"] == 0 and result["token_ids"] == _hf_greedy(ckpt[1], ids, 3)
+    with MoEClient(cluster["grpc_target"]) as c:
+        done = c.complete(build_request(prompt_ids=ids, max_tokens=2, temperature=0.8, seed=3, n=2,
+                                        prompt_logprobs=0))
+    assert len(done.completions) == 2 and not done.prompt_top_logprobs
+    assert torch.allclose(torch.tensor(list(done.prompt_logprobs)), chosen, atol=1e-4)
+
+
 def test_a_repeated_prompt_is_served_from_the_prefix_cache_with_the_same_tokens(cluster, ckpt):
     """The same 40-token prompt three times over gRPC: a later one finds its first two KV blocks
     (32 tokens) cached on its engine replica (three calls: two land on the same replica even if
@@ -263,6 +289,7 @@ INVALID = [
     ("top_p", dict(prompt="hi", top_p=1.5)),
     ("prompt.token_ids", dict(prompt_ids=[5, VOCAB + 7])),
     ("prompt.token_ids", dict(prompt_ids=[-1, 5])),
+    ("prompt_logprobs", dict(prompt="hi", prompt_logprobs=21)),
 ]
 
 

@@ -147,7 +147,8 @@ def test_events_cross_the_core_process_socket_with_every_field():
     from serving.engine.request import TokenEvent
     ev = TokenEvent(request_id="r", token_id=7, text_delta="x", logprob=-0.25, finish_reason=FinishReason.STOP,
                     prompt_tokens=40, completion_tokens=3, cached_tokens=32,
-                    top_logprobs=((7, 9), (-0.25, -1.5)))
+                    top_logprobs=((7, 9), (-0.25, -1.5)), prompt_logprobs=(-3.0, -1.25),
+                    prompt_top_logprobs=(((4,), (-0.5,)), ((6,), (-0.75,))))
     assert _unpack("r", _pack(ev)) == ev
     err = RuntimeError("step failed")
     assert _unpack("r", _pack(err)) is err

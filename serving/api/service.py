@@ -272,6 +272,8 @@ class GenerateService:
                 c.token_ids.extend(chunk.token_ids)
                 c.logprobs.extend(chunk.logprobs)
                 c.top_logprobs.extend(chunk.top_logprobs)
+                out.prompt_logprobs.extend(chunk.prompt_logprobs)
+                out.prompt_top_logprobs.extend(chunk.prompt_top_logprobs)
                 if chunk.finish_reason:
                     c.finish_reason = chunk.finish_reason
                     c.usage.CopyFrom(chunk.usage)
@@ -363,8 +365,10 @@ class GenerateService:
         its first event: a completion the engine refuses (shed, draining) fails the call before
         any token reached the client, and the others are closed (the engine aborts them)."""
         seed = req.sampling.seed
-        subs = [replace(req, request_id=f"{req.request_id}/{i}",
-                        sampling=replace(req.sampling, seed=None if seed is None else seed + i)) for i in range(n)]
+        subs = [replace(req, request_id=f"{req.request_id}/{i}",      # the prompt is scored once (completion 0)
+                        sampling=replace(req.sampling, seed=None if seed is None else seed + i,
+                                         prompt_logprobs=req.sampling.prompt_logprobs if i == 0 else None))
+                for i in range(n)]
         queue: asyncio.Queue = asyncio.Queue()
 
         async def pump(i: int) -> None:
@@ -406,6 +410,10 @@ class GenerateService:
         chunk = pb2.GenerateResponse(request_id=req.request_id, text="".join(e.text_delta for e in events),
                                      index=index)
         for e in events:
+            if e.prompt_logprobs is not None:
+                chunk.prompt_logprobs.extend(e.prompt_logprobs)
+                for ids, lps in e.prompt_top_logprobs or ():
+                    chunk.prompt_top_logprobs.add(token_ids=ids, logprobs=lps)
             if e.token_id >= 0:
                 chunk.token_ids.append(e.token_id)
                 if req.sampling.logprobs and e.logprob is not None:

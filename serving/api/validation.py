@@ -158,7 +158,7 @@ def _sampling_fields(req: Any, limits: ApiLimits) -> dict[str, Any]:
 
 def _penalty_fields(req: Any, limits: ApiLimits) -> dict[str, Any]:
     """The fields that adjust the logits or end generation by token (penalties, logit_bias,
-    min_tokens, stop_token_ids) and top_logprobs."""
+    min_tokens, stop_token_ids), top_logprobs and prompt_logprobs."""
     repetition = 1.0
     if req.HasField("repetition_penalty"):
         repetition = req.repetition_penalty
@@ -179,6 +179,11 @@ def _penalty_fields(req: Any, limits: ApiLimits) -> dict[str, Any]:
         raise InvalidRequest("top_logprobs", f"{req.top_logprobs} must be in [0, {limits.max_top_logprobs}]")
     if req.top_logprobs and not req.return_logprobs:
         raise InvalidRequest("top_logprobs", "needs return_logprobs")
+    prompt_logprobs = None
+    if req.HasField("prompt_logprobs"):
+        prompt_logprobs = int(req.prompt_logprobs)
+        if not 0 <= prompt_logprobs <= limits.max_top_logprobs:
+            raise InvalidRequest("prompt_logprobs", f"{prompt_logprobs} must be in [0, {limits.max_top_logprobs}]")
     bias = dict(req.logit_bias)
     if len(bias) > limits.max_logit_bias:
         raise InvalidRequest("logit_bias", f"has {len(bias)} entries; at most {limits.max_logit_bias} are allowed")
@@ -189,7 +194,7 @@ def _penalty_fields(req: Any, limits: ApiLimits) -> dict[str, Any]:
             raise InvalidRequest(f"logit_bias[{tok}]", f"{value} must be in [-100, 100]")
     return dict(repetition_penalty=float(repetition), presence_penalty=float(req.presence_penalty),
                 frequency_penalty=float(req.frequency_penalty), min_tokens=int(req.min_tokens),
-                stop_token_ids=ids, top_logprobs=int(req.top_logprobs),
+                stop_token_ids=ids, top_logprobs=int(req.top_logprobs), prompt_logprobs=prompt_logprobs,
                 logit_bias=tuple((int(t), float(v)) for t, v in sorted(bias.items())))
 
 

@@ -150,17 +150,18 @@ def _pack(ev: object) -> object:
     if isinstance(ev, TokenEvent):
         return (ev.token_id, ev.text_delta, ev.logprob,
                 ev.finish_reason.value if ev.finish_reason is not None else None,
-                ev.prompt_tokens, ev.completion_tokens, ev.cached_tokens, ev.top_logprobs)
+                ev.prompt_tokens, ev.completion_tokens, ev.cached_tokens, ev.top_logprobs,
+                ev.prompt_logprobs, ev.prompt_top_logprobs)
     return ev
 
 
 def _unpack(request_id: str, item: object) -> object:
     if isinstance(item, tuple):
-        tok, text, logprob, reason, prompt, completion, cached, top = item
+        tok, text, logprob, reason, prompt, completion, cached, top, prompt_lp, prompt_top = item
         return TokenEvent(request_id=request_id, token_id=tok, text_delta=text, logprob=logprob,
                           finish_reason=FinishReason(reason) if reason is not None else None,
                           prompt_tokens=prompt, completion_tokens=completion, cached_tokens=cached,
-                          top_logprobs=top)
+                          top_logprobs=top, prompt_logprobs=prompt_lp, prompt_top_logprobs=prompt_top)
     return item
 
 

@@ -34,8 +34,38 @@ class _RequestState:
     generator: torch.Generator | None
     detok: IncrementalDetokenizer
     guide: GuideMatcher | None = None   # guided decoding: the grammar's state over this output
+    prompt_logprobs: list[float] = field(default_factory=list)      # prompt tokens 1.. so far
+    prompt_top: list[TopLogprobs] = field(default_factory=list)
     text: str = ""              # detokenized output so far
     text_sent: int = 0          # characters of `text` already streamed
+
+
+@dataclass(frozen=True, slots=True)
+class PromptRows:
+    """A sequence of the step whose prompt positions lo..hi-1 need their logits (prompt_logprobs):
+    rows `first`.. of the step's extra logits, each the distribution of the prompt token after it."""
+    seq: Sequence
+    lo: int
+    hi: int
+    first: int
+
+
+def prompt_rows(out: SchedulerOutput) -> tuple[list[int], list[PromptRows]]:
+    """Token rows of the step whose logits it needs: each sequence's last new token (sampling),
+    then the prompt positions prompt_logprobs still wants (their hidden states are in this step
+    only: a later step, or the prefix cache, does not have them)."""
+    last, extra, wanted = [], [], []
+    offset = 0
+    for seq, q in zip(out.seqs, out.q_lens):
+        start, frm = seq.num_cached, seq.prompt_logits_from
+        if frm is not None:
+            lo, hi = max(start, frm), min(start + q, seq.num_prompt - 1)
+            if hi > lo:
+                extra.append(PromptRows(seq=seq, lo=lo, hi=hi, first=len(wanted)))
+                wanted.extend(range(offset + lo - start, offset + hi - start))
+        offset += q
+        last.append(offset - 1)
+    return last + wanted, extra
 
 
 @dataclass(slots=True)
@@ -156,9 +186,14 @@ class Engine:
             return 0
         t0 = time.perf_counter()
         experts = TimedDispatch(self.dispatch)
-        logits_BV = self._execute(out, experts)
+        rows, extra = prompt_rows(out) if any(s.prompt_logits_from is not None for s in out.seqs) else ([], [])
+        logits = self._execute(out, experts, rows if extra else None)
         t_logits = time.perf_counter()
-        self._update(out, logits_BV)
+        if extra:
+            B = len(out.seqs)
+            self._record_prompt_logprobs(extra, logits[B:])
+            logits = logits[:B]
+        self._update(out, logits)
         t_end = time.perf_counter()
         dt = t_end - t0
         s = self.stats
@@ -171,7 +206,9 @@ class Engine:
         self._refresh_gauges()
         return out.num_tokens
 
-    def _execute(self, out: SchedulerOutput, dispatch: ExpertDispatch) -> torch.Tensor:
+    def _execute(self, out: SchedulerOutput, dispatch: ExpertDispatch, rows: list[int] | None = None) -> torch.Tensor:
+        """Logits of each sequence's last new token [B, V], then (with `rows`: prompt_rows) the
+        prompt positions' [X, V]."""
         ids = [t for seq, q in zip(out.seqs, out.q_lens) for t in seq.token_ids[seq.num_cached:seq.num_cached + q]]
         layout = BatchLayout(slots=tuple(s.slot for s in out.seqs),
                              start_pos=tuple(s.num_cached for s in out.seqs),
@@ -179,9 +216,27 @@ class Engine:
         input_ids_T = torch.tensor(ids, dtype=torch.int64, device=self.device)
         if self.step_threads is not None and torch.get_num_threads() != (n := self.step_threads(len(ids))):
             torch.set_num_threads(n)
+        if rows is not None:
+            return self.model.forward(input_ids_T, layout, self.kv, dispatch,
+                                      rows_R=torch.tensor(rows, dtype=torch.int64))   # [B + X, V]
         if self.ping_pong:
             return forward_ping_pong(self.model, input_ids_T, layout, self.kv, dispatch)   # [B, V]
         return self.model.forward(input_ids_T, layout, self.kv, dispatch)   # [B, V]
+
+    @staticmethod
+    def _record_prompt_logprobs(extra: list[PromptRows], logits_XV: torch.Tensor) -> None:
+        """Each prompt token's logprob under the raw model (and the k most likely at its position)."""
+        logprobs_XV = logits_XV.float().log_softmax(dim=-1)
+        for pr in extra:
+            seq, st = pr.seq, pr.seq.state
+            lp_hV = logprobs_XV[pr.first:pr.first + pr.hi - pr.lo]
+            targets_h = torch.tensor(seq.token_ids[pr.lo + 1:pr.hi + 1], dtype=torch.int64)
+            st.prompt_logprobs.extend(lp_hV.gather(1, targets_h[:, None])[:, 0].tolist())
+            k = seq.request.sampling.prompt_logprobs
+            if k:
+                vals, ids = lp_hV.topk(min(k, lp_hV.shape[1]), dim=-1)
+                st.prompt_top.extend((tuple(i), tuple(v)) for i, v in zip(ids.tolist(), vals.tolist()))
+            seq.prompt_logits_from = pr.hi if pr.hi < seq.num_prompt - 1 else None
 
     def _update(self, out: SchedulerOutput, logits_BV: torch.Tensor) -> None:
         for seq, q in zip(out.seqs, out.q_lens):
@@ -232,10 +287,15 @@ class Engine:
         if reason is not None:
             self.scheduler.finish(seq, reason)
             self._by_id.pop(seq.request_id, None)
+        prompt_lp = prompt_top = None
+        if sp.prompt_logprobs is not None and seq.num_generated == 1:      # with the first token
+            prompt_lp = tuple(st.prompt_logprobs)
+            prompt_top = tuple(st.prompt_top) if sp.prompt_logprobs else None
         st.emit(TokenEvent(request_id=seq.request_id, token_id=tok, text_delta=delta,
                            logprob=logprob if sp.logprobs else None, finish_reason=reason,
                            prompt_tokens=seq.num_prompt, completion_tokens=seq.num_generated,
-                           cached_tokens=max(seq.prefix_hit, 0), top_logprobs=top_logprobs))
+                           cached_tokens=max(seq.prefix_hit, 0), top_logprobs=top_logprobs,
+                           prompt_logprobs=prompt_lp, prompt_top_logprobs=prompt_top))
 
     def _drain_inbox(self) -> None:
         with self._inbox_lock:

@@ -41,3 +41,7 @@ class TokenEvent:
     completion_tokens: int = 0                  # generated so far, this token included
     cached_tokens: int = 0                      # prompt tokens found in the prefix cache at the start
     top_logprobs: TopLogprobs | None = None     # (ids, logprobs), most likely first
+    # on the first event of a request with prompt_logprobs: prompt tokens 1..n-1's logprobs, each
+    # given the tokens before it (token 0 has none), and with k > 0 the k most likely at each position
+    prompt_logprobs: tuple[float, ...] | None = None
+    prompt_top_logprobs: tuple[TopLogprobs, ...] | None = None

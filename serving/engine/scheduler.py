@@ -71,6 +71,9 @@ class Sequence:
     prefix_hit: int = -1                 # tokens found in the prefix cache when it first ran (-1: not yet)
     finish_reason: FinishReason | None = None
     state: Any = None                    # engine-owned per-request state (sampler rng, detokenizer)
+    # prompt_logprobs: the first prompt position whose logits are still wanted (None: none are). Its
+    # K/V must be computed, not taken from the prefix cache, so a cache hit is cut to before it.
+    prompt_logits_from: int | None = None
 
     @property
     def num_uncached(self) -> int:
@@ -129,7 +132,8 @@ class Scheduler:
             raise ValueError(f"prompt ({n}) + max_tokens ({request.sampling.max_tokens}) exceeds "
                              f"max_model_len ({self.config.max_model_len})")
         seq = Sequence(request=request, token_ids=list(request.prompt_token_ids), num_prompt=n,
-                       state=state)
+                       state=state,
+                       prompt_logits_from=0 if request.sampling.prompt_logprobs is not None and n > 1 else None)
         self._waiting[request.priority].append(seq)
         return seq
 
@@ -161,6 +165,8 @@ class Scheduler:
         while budget > 0 and self.free_slots and (queue := self._next_waiting()) is not None:   # 3. new ones
             seq = queue[0]
             prefix = self.blocks.cached_prefix(seq.token_ids, seq.request.cache_salt)
+            if seq.prompt_logits_from is not None:
+                prefix = prefix[:seq.prompt_logits_from // self.config.block_size]
             hit = len(prefix) * self.config.block_size
             if self.config.prefix_caching and prefix_pending(seq, hit, chosen, self.config.block_size):
                 break                                              # next step it finds that block cached

@@ -75,9 +75,10 @@ class MoEModel:
 
     @torch.inference_mode()
     def forward(self, input_ids_T: torch.Tensor, batch: BatchLayout, kv: KVCache, dispatch: ExpertDispatch,
-                all_logits: bool = False) -> torch.Tensor:
-        """Logits (fp32) of the last new token of each sequence [B, V], or of every new token [T, V]."""
-        steps = self.forward_steps(input_ids_T, batch, kv, all_logits)
+                all_logits: bool = False, rows_R: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (fp32) of the last new token of each sequence [B, V], of every new token [T, V]
+        (all_logits), or of the new tokens at indices rows_R [R, V]."""
+        steps = self.forward_steps(input_ids_T, batch, kv, all_logits, rows_R)
         try:
             call = next(steps)
             while True:
@@ -87,7 +88,8 @@ class MoEModel:
 
     @torch.inference_mode()
     def forward_steps(self, input_ids_T: torch.Tensor, batch: BatchLayout, kv: KVCache,
-                      all_logits: bool = False) -> Generator[ExpertCall, torch.Tensor, torch.Tensor]:
+                      all_logits: bool = False, rows_R: torch.Tensor | None = None
+                      ) -> Generator[ExpertCall, torch.Tensor, torch.Tensor]:
         """`forward`, paused at every MoE layer: it yields an ExpertCall, is sent the routed
         experts' output y_TD, and returns the logits. Whoever drives it decides how the experts
         are reached and what runs meanwhile (serving/engine/micro_batch.py overlaps two)."""
@@ -122,6 +124,8 @@ class MoEModel:
                     shared_TD = torch.sigmoid(F.linear(h_TD, lw.shared_expert_gate)) * shared_TD
                 y_TD = y_TD + shared_TD
             x_TD = x_TD + y_TD
-        if not all_logits:
+        if rows_R is not None:
+            x_TD = x_TD[rows_R.to(self.device)]                                              # [R, D]
+        elif not all_logits:
             x_TD = x_TD[torch.cumsum(torch.tensor(batch.q_lens, device=self.device), 0) - 1]   # [B, D]
         return self.lm_head(rms_norm(x_TD, w.final_norm, c.rms_norm_eps)).float()

@@ -32,6 +32,8 @@ class SamplingParams:
     top_logprobs: int = 0              # the k most likely tokens' logprobs at each position
     logit_bias: tuple[tuple[int, float], ...] = ()   # (token id, added to its logit), OpenAI's logit_bias
     guide: Guide | None = None         # structured output: the tokens must match it (guided.py)
+    prompt_logprobs: int | None = None  # None => off; else each prompt token's logprob (given the ones
+                                        # before it) and the k most likely tokens at its position
 
     def __post_init__(self):
         if self.max_tokens < 1:
@@ -46,6 +48,8 @@ class SamplingParams:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
         if self.top_logprobs < 0:
             raise ValueError(f"top_logprobs must be >= 0, got {self.top_logprobs}")
+        if self.prompt_logprobs is not None and self.prompt_logprobs < 0:
+            raise ValueError(f"prompt_logprobs must be >= 0, got {self.prompt_logprobs}")
         if not 0 <= self.min_tokens <= self.max_tokens:
             raise ValueError(f"min_tokens must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}")
         if self.guide is not None and (self.ignore_eos or self.min_tokens):
