@@ -19,6 +19,8 @@ LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10
 ITL_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 STALE_REPORTER_S = 15.0       # a replica silent this long loses its per-replica series (MetricsHub._drop_stale)
 SHARD_LOAD_DECAY = 0.9        # per engine report: the shard-load gauge forgets old traffic
+# moe_serve_model_info's labels beside `replica` (EngineSample.model): what the replica serves
+MODEL_INFO_LABELS = ("model", "family", "dtype", "weights", "expert_shards", "transport")
 
 
 @dataclass(slots=True)
@@ -53,6 +55,7 @@ class EngineSample:
     routed_tokens: dict[tuple[int, int, int], int] = field(default_factory=dict)  # (layer, expert, shard) -> delta
     phase_seconds: dict[str, float] = field(default_factory=dict)     # step phase -> delta (engine/step_phases.py)
     shard_busy_seconds: dict[int, float] = field(default_factory=dict)  # shard -> delta of its compute time
+    model: dict[str, str] = field(default_factory=dict)   # MODEL_INFO_LABELS -> value (moe_serve_model_info)
 
 
 @dataclass(slots=True)
@@ -81,6 +84,10 @@ class Metrics:
                              namespace=ns, buckets=ITL_BUCKETS_S, registry=r)
         self.e2e = Histogram("e2e_request_latency_seconds", "Time from arrival to the last token",
                              ["priority"], namespace=ns, buckets=LATENCY_BUCKETS_S, registry=r)
+        self.model_info = Gauge("model_info", "What each engine replica serves (always 1): the checkpoint's "
+                                "directory name, model family, serving dtype, weights on disk (float, "
+                                "fp8-block<R>x<C>, fp8-tensor, mxfp4), expert shards and transport",
+                                ["replica", *MODEL_INFO_LABELS], namespace=ns, registry=r)
         self.queue_depth = Gauge("queue_depth", "Requests waiting for a batch slot",
                                  ["replica"], namespace=ns, registry=r)
         self.running = Gauge("running_requests", "Requests in the running batch",
@@ -196,6 +203,8 @@ class MetricsHub:
         if e is not None:
             rid = report.reporter
             mine = self._of(rid)
+            if e.model:
+                mine(m.model_info, *(e.model.get(k, "") for k in MODEL_INFO_LABELS)).set(1)
             mine(m.queue_depth).set(e.num_waiting)
             mine(m.running).set(e.num_running)
             mine(m.kv_used).set(e.kv_slots_used)

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from serving.metrics import MODEL_INFO_LABELS
+
 SCHEMA_VERSION = 39
 DS = {"type": "prometheus", "uid": "${DS_PROMETHEUS}"}
 J = 'job=~"$job"'                              # every selector carries the job filter
@@ -302,6 +304,11 @@ def overview() -> Dashboard:
                    _quantiles("moe_serve_e2e_request_latency_seconds", "priority", "priority"), unit="s", w=12),
 
         row("Engine replicas"),
+        table("Deployed model", Target(f"max by (replica, {', '.join(MODEL_INFO_LABELS)}) "
+                                       f"(moe_serve_model_info{{{J}}})", "", instant=True, fmt="table"),
+              w=24, h=5, desc="What each engine replica serves: checkpoint, family, serving dtype, weights on disk "
+                              "(float, FP8 block-wise or per tensor, MXFP4), expert shards, transport. Two "
+                              "different rows for one deployment: a redeploy is rolling out."),
         timeseries("Queue depth (waiting)", [Target(f"sum by (replica) (moe_serve_queue_depth{{{J}}})", "{{replica}}"),
                                              Target(f"sum(moe_serve_queue_depth{{{J}}})", "total")], w=8),
         timeseries("Running requests", [Target(f"sum by (replica) (moe_serve_running_requests{{{J}}})", "{{replica}}"),

@@ -338,7 +338,7 @@ print(json.dumps({"shards": shards, "engine": engine, "deployments": sorted(serv
 FAMILIES = ["moe_serve_requests_total", "moe_serve_time_to_first_token_seconds_count",
             "moe_serve_inter_token_latency_seconds_count", "moe_serve_e2e_request_latency_seconds_count",
             "moe_serve_prompt_tokens_total", "moe_serve_generation_tokens_total",
-            "moe_serve_expert_routed_tokens_total", "moe_serve_engine_step_seconds_count"]
+            "moe_serve_expert_routed_tokens_total", "moe_serve_engine_step_seconds_count", "moe_serve_model_info"]
 
 
 def _scrape(url: str) -> str:
@@ -371,6 +371,9 @@ def test_metrics_after_traffic(cluster):
     routed = [l for l in text.splitlines() if l.startswith("moe_serve_expert_routed_tokens_total{")]
     assert {l.split('shard="')[1].split('"')[0] for l in routed} == {"0", "1"}
     assert 'status="INVALID_ARGUMENT"' in text and 'status="OK"' in text
+    info = [l for l in text.splitlines() if l.startswith("moe_serve_model_info{")]
+    assert info and all('family="mixtral"' in l and 'dtype="fp32"' in l and 'weights="float"' in l
+                        and 'expert_shards="2"' in l and l.endswith(" 1.0") for l in info), info
     promtool = shutil.which("promtool")
     if promtool is None:
         pytest.fail("promtool not found: `make test` installs Debian's prometheus package")

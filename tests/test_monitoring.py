@@ -195,7 +195,9 @@ def _report(rng: random.Random, replica: str) -> MetricsReport:
                           step_seconds=[rng.uniform(0.01, 0.08) for _ in range(5)], routed_tokens=routed,
                           phase_seconds={"schedule": 0.001, "dense": 0.04, "experts": 0.1, "head": 0.05,
                                          "sample": 0.009},
-                          shard_busy_seconds={s: 0.05 + 0.02 * s for s in range(SHARDS)})
+                          shard_busy_seconds={s: 0.05 + 0.02 * s for s in range(SHARDS)},
+                          model={"model": "demo-deepseek", "family": "deepseek_v3", "dtype": "bf16",
+                                 "weights": "fp8-block128x128", "expert_shards": str(SHARDS), "transport": "collective"})
     return MetricsReport(reporter=replica, requests=reqs, engine=engine)
 
 
@@ -242,7 +244,8 @@ def test_hub_drops_every_series_of_a_replica_that_stopped_reporting(monkeypatch)
                    "moe_serve_preemptions_total", "moe_serve_prompt_tokens_total",
                    "moe_serve_generation_tokens_total", "moe_serve_prefix_cache_query_tokens_total",
                    "moe_serve_prefix_cache_hit_tokens_total", "moe_serve_engine_step_seconds_count",
-                   "moe_serve_engine_step_phase_seconds_total", "moe_serve_expert_shard_busy_seconds_total"}
+                   "moe_serve_engine_step_phase_seconds_total", "moe_serve_expert_shard_busy_seconds_total",
+                   "moe_serve_model_info"}
     assert per_replica <= set(before) and all(before[f] == {"engine-0", "engine-1"} for f in per_replica)
     now[0] += metrics_mod.STALE_REPORTER_S / 2
     hub.apply(_report(rng, "engine-1"))
@@ -416,6 +419,9 @@ def test_key_series_have_sane_values(prom):
     assert {"OK", "RESOURCE_EXHAUSTED", "INTERNAL", "UNAVAILABLE"} <= statuses
     p99 = values('priority:moe_serve_time_to_first_token_seconds:p99_rate5m{priority="interactive"}')
     assert p99 and all(0 < v <= 60 for v in p99.values()), p99
+    info = values("moe_serve_model_info")                 # one series a replica, labelled with what it serves
+    assert len(info) == 2 and set(info.values()) == {1.0}
+    assert {json.loads(k)["weights"] for k in info} == {"fp8-block128x128"}
     shed = values("job:moe_serve_requests_shed:ratio_rate5m")
     assert shed and all(0 < v < 0.5 for v in shed.values()), shed
     err = values("job:moe_serve_availability_errors:ratio_rate5m")

@@ -228,3 +228,13 @@ def test_per_tensor_and_per_row_fp8_as_vllm_writes_it(tmp_path):
         load_ours(path)
     with pytest.raises(ValueError, match=r"scale of shape \(3,\) fits neither"):
         dequantize_fp8_rows(torch.zeros(4, 2).to(torch.float8_e4m3fn), torch.ones(3))
+
+
+def test_the_weights_format_labels_the_model_info_metric(tmp_path):
+    from serving.deployments.config import AppConfig
+    from serving.deployments.engine_replica import model_labels
+    fp8 = write_checkpoint("qwen3_moe", "tiny", tmp_path / "q3-fp8", weights="fp8")
+    labels = model_labels(AppConfig(checkpoint=str(fp8), dtype="bf16", expert_shards=3), MoEConfig.from_dir(fp8))
+    assert labels == {"model": "q3-fp8", "family": "qwen3_moe", "dtype": "bf16", "weights": "fp8-block128x128",
+                      "expert_shards": "3", "transport": "serve"}
+    assert FP8TensorQuant().label == "fp8-tensor" and MXFP4Quant().label == "mxfp4"

@@ -60,6 +60,7 @@ class LocalCore:
     def __init__(self, cfg: AppConfig, placement_json: str, shard_handles: list):
         from serving.deployments.engine_replica import SHARD_UNREACHABLE, build_engine   # it imports this module
         torch.set_num_threads(cfg.engine_threads)
+        self.cfg = cfg
         self.engine, self.dispatcher = build_engine(cfg, Placement.from_json(placement_json), shard_handles)
         self.async_engine = AsyncEngine(self.engine, retryable=SHARD_UNREACHABLE)
         compute_policy(self.async_engine.thread_id)   # before its first step: its OpenMP threads inherit it
@@ -98,9 +99,9 @@ class LocalCore:
         if failure:
             raise failure[0]
         self.engine.prepare_guides()            # guided decoding's vocabulary tables (~0.5 s for 32k)
-        from serving.deployments.engine_replica import EngineSampler
+        from serving.deployments.engine_replica import EngineSampler, model_labels
         self.dispatcher.take_routed_counts()     # the warm-up's tokens are not traffic
-        self.sampler = EngineSampler(self.engine, self.dispatcher)
+        self.sampler = EngineSampler(self.engine, self.dispatcher, model_labels(self.cfg, self.engine.model.config))
 
     def sample(self) -> EngineSample:
         """The engine's metrics since the last sample (counted from the warm-up's end)."""

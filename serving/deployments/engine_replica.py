@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from pathlib import Path
 from typing import AsyncIterator
 
 from serving.api import log_filters
@@ -95,8 +96,8 @@ class EngineSampler:
     """Turns the engine's running totals into per-report deltas (an EngineSample), counted
     from its creation (a warm-up before it is not reported)."""
 
-    def __init__(self, engine: Engine, dispatcher: ExpertDispatcher):
-        self.engine, self.dispatcher = engine, dispatcher
+    def __init__(self, engine: Engine, dispatcher: ExpertDispatcher, model: dict[str, str] | None = None):
+        self.engine, self.dispatcher, self.model = engine, dispatcher, dict(model or {})
         s = engine.stats
         self._prompt, self._generated, self._steps = s.prompt_tokens_total, s.generated_tokens_total, s.steps_total
         self._preempted = s.preempted_total
@@ -116,7 +117,7 @@ class EngineSampler:
             generated_tokens=s.generated_tokens_total - self._generated,
             prefix_query_tokens=s.prefix_query_tokens_total - self._prefix[0],
             prefix_hit_tokens=s.prefix_hit_tokens_total - self._prefix[1],
-            step_seconds=list(steps),
+            step_seconds=list(steps), model=self.model,
             routed_tokens={(layer, e, shard): n
                            for layer, per_shard in self.dispatcher.take_routed_counts().items()
                            for shard, counts in enumerate(per_shard) for e, n in enumerate(counts) if n})
@@ -127,6 +128,14 @@ class EngineSampler:
         self._preempted = s.preempted_total
         self._prefix = (s.prefix_query_tokens_total, s.prefix_hit_tokens_total)
         return sample
+
+
+def model_labels(cfg: AppConfig, config: MoEConfig) -> dict[str, str]:
+    """moe_serve_model_info's labels (serving/metrics.py MODEL_INFO_LABELS) for this replica."""
+    q = config.quantization
+    return {"model": Path(cfg.checkpoint).name, "family": config.family, "dtype": cfg.dtype,
+            "weights": q.label if q is not None else "float", "expert_shards": str(cfg.expert_shards),
+            "transport": cfg.transport}
 
 
 def _growth(now: dict, before: dict) -> dict:

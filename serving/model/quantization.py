@@ -81,6 +81,10 @@ class FP8BlockQuant:
             raise ValueError(f"quantization_config.weight_block_size must be two integers, got {block!r}")
         return cls(block_rows=block[0], block_cols=block[1], fmt=qc.get("fmt", "e4m3"))
 
+    @property
+    def label(self) -> str:
+        return f"fp8-block{self.block_rows}x{self.block_cols}"
+
     def scale_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
         """The scale grid of a weight of `shape` (leading dims: a stack of matrices)."""
         *lead, rows, cols = shape
@@ -96,6 +100,10 @@ class FP8TensorQuant:
         if self.fmt not in FP8_FORMATS:
             raise ValueError(f"quantization_config.fmt {self.fmt!r} is not supported (supported: "
                              f"{sorted(FP8_FORMATS)})")
+
+    @property
+    def label(self) -> str:
+        return "fp8-tensor"
 
 
 def dequantize_fp8_rows(weight_RC: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -113,6 +121,10 @@ def dequantize_fp8_rows(weight_RC: torch.Tensor, scale: torch.Tensor) -> torch.T
 class MXFP4Quant:
     """A checkpoint's `quantization_config` for quant_method "mxfp4" (gpt-oss; module doc)."""
     group: int = 32                      # FP4 values sharing one exponent (fixed by the OCP MX spec)
+
+    @property
+    def label(self) -> str:
+        return "mxfp4"
 
 
 WeightQuant = FP8BlockQuant | FP8TensorQuant | MXFP4Quant
