@@ -8,17 +8,10 @@ import torch
 from transformers import RepetitionPenaltyLogitsProcessor
 
 from hf_reference import build_hf_checkpoint
-from test_engine import _run
-from serving.engine.engine import Engine
+from test_engine import _engine, _run
 from serving.engine.request import FinishReason, GenerationRequest
-from serving.engine.scheduler import SchedulerConfig
 from serving.model.checkpoint import write_tokenizer
-from serving.model.model import MoEModel
 from serving.model.sampling import Sampler, SamplingParams
-from serving.model.tokenizer import Tokenizer
-from serving.parallel.dispatcher import ExpertDispatcher, LocalTransport
-from serving.parallel.expert_shard import ExpertShardWorker
-from serving.parallel.placement import Placement
 
 V = 40
 EOS = 2
@@ -109,15 +102,6 @@ def ckpt(tmp_path_factory):
                                    max_position_embeddings=256)
     write_tokenizer(path, VOCAB)
     return path, hf
-
-
-def _engine(path) -> Engine:
-    model = MoEModel.from_checkpoint(path)
-    placement = Placement.build(model.config, 2, "round_robin")
-    workers = [ExpertShardWorker.from_checkpoint(path, placement, s) for s in range(2)]
-    dispatcher = ExpertDispatcher(placement, LocalTransport(workers), model.config.num_experts)
-    return Engine(model, dispatcher, Tokenizer.from_dir(path),
-                  SchedulerConfig(max_num_seqs=8, max_model_len=256, max_num_batched_tokens=512))
 
 
 def _hf(hf, ids, n, **kw) -> list[int]:

@@ -8,16 +8,10 @@ import pytest
 import torch
 
 from hf_reference import build_hf_checkpoint, hf_logits
-from serving.engine.engine import Engine
+from test_engine import _engine, _run
 from serving.engine.request import GenerationRequest
-from serving.engine.scheduler import SchedulerConfig
 from serving.model.checkpoint import write_tokenizer
-from serving.model.model import MoEModel
 from serving.model.sampling import SamplingParams
-from serving.model.tokenizer import Tokenizer
-from serving.parallel.dispatcher import ExpertDispatcher, LocalTransport
-from serving.parallel.expert_shard import ExpertShardWorker
-from serving.parallel.placement import Placement
 
 VOCAB = 320
 
@@ -28,27 +22,6 @@ def ckpt(tmp_path_factory):
                                    max_position_embeddings=256)
     write_tokenizer(path, VOCAB)
     return path, hf
-
-
-def _engine(path, **sched) -> Engine:
-    model = MoEModel.from_checkpoint(path)
-    placement = Placement.build(model.config, 2, "round_robin")
-    workers = [ExpertShardWorker.from_checkpoint(path, placement, s) for s in range(2)]
-    dispatcher = ExpertDispatcher(placement, LocalTransport(workers), model.config.num_experts)
-    sched = {"max_model_len": 128, "max_num_batched_tokens": 256, "max_num_seqs": 6, **sched}
-    return Engine(model, dispatcher, Tokenizer.from_dir(path), SchedulerConfig(**sched))
-
-
-def _run(engine, reqs, max_steps=3000):
-    events = {r.request_id: [] for r in reqs}
-    for r in reqs:
-        engine.add_request(r, events[r.request_id].append)
-    for _ in range(max_steps):
-        if not engine.has_work():
-            break
-        engine.step()
-    assert not engine.has_work()
-    return events
 
 
 def _req(rid, ids, k=None, max_tokens=4):
@@ -105,9 +78,9 @@ def test_prompt_logprobs_over_chunks_preemption_and_a_warm_prefix_cache(ckpt):
     prompts = [torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in (33, 17, 26)]
     engine = _engine(path, max_num_batched_tokens=10, block_size=8, num_kv_blocks=10, max_num_seqs=3,
                      max_model_len=64, prefix_caching=True)
-    _run(engine, [_req(f"warm{i}", p) for i, p in enumerate(prompts)])   # their blocks join the cache
+    _run(engine, [_req(f"warm{i}", p) for i, p in enumerate(prompts)], 3000)   # their blocks join the cache
     preempted = engine.stats.preempted_total
-    events = _run(engine, [_req(str(i), p, k=2, max_tokens=12) for i, p in enumerate(prompts)])
+    events = _run(engine, [_req(str(i), p, k=2, max_tokens=12) for i, p in enumerate(prompts)], 3000)
     assert engine.stats.preempted_total > preempted
     for i, p in enumerate(prompts):
         _check(events[str(i)], hf, p, 2)
