@@ -279,3 +279,35 @@ def test_gpt_oss_load_expert_reads_one_fused_slice(small_ckpts):
     x = torch.randn(5, config.hidden_size)
     torch.testing.assert_close(w(x), ref._apply_gate(x @ ref.gate_up_proj[3] + ref.gate_up_proj_bias[3])
                                @ ref.down_proj[3] + ref.down_proj_bias[3], atol=1e-6, rtol=0)
+
+
+def test_sliding_window_decode_reads_only_the_window_blocks(tmp_path, monkeypatch):
+    """gpt_oss decode steps over sequences several KV blocks longer than the sliding window: the
+    windowed layers gather only the blocks their windows cover (AttentionMetadata._decode_window),
+    and the logits equal transformers' and the same step attending over the whole context."""
+    from serving.model.layers import AttentionMetadata
+    path, hf = build_hf_checkpoint(tmp_path, "gpt_oss", sliding_window=6, max_position_embeddings=128)
+    model, dispatch = load_ours(path)
+    g = torch.Generator().manual_seed(4)
+    seqs = [torch.randint(0, model.config.vocab_size, (n,), generator=g).tolist() for n in (41, 5, 23)]
+    windows = []
+    real = AttentionMetadata._decode_window
+    monkeypatch.setattr(AttentionMetadata, "_decode_window",
+                        lambda self, w: windows.append(r := real(self, w)) or r)
+
+    def decode_step() -> torch.Tensor:
+        kv = KVCache(model.config, 3, 64, block_size=4)
+        prompts = [s[:-1] for s in seqs]
+        model.forward(torch.tensor(sum(prompts, [])), BatchLayout((0, 1, 2), (0,) * 3, tuple(map(len, prompts))),
+                      kv, dispatch)
+        return model.forward(torch.tensor([s[-1] for s in seqs]), BatchLayout((0, 1, 2), tuple(map(len, prompts)),
+                                                                             (1,) * 3), kv, dispatch)
+
+    ours = decode_step()
+    used = [w for w in windows if w is not None]
+    # a window of 6 spans at most 3 blocks of 4 (the 41-token sequence has 11)
+    assert used and all(w.table_Bn.shape[1] == 3 and w.ctx_len == 12 for w in used)
+    ref = torch.stack([hf_logits(hf, s)[-1] for s in seqs])
+    assert (ours - ref).abs().max() < 1e-4
+    monkeypatch.setattr(AttentionMetadata, "_decode_window", lambda self, w: None)
+    assert (decode_step() - ours).abs().max() < 1e-5

@@ -165,11 +165,34 @@ class AttentionMetadata:
             return self
         if self.parts:
             return replace(self, parts=tuple((idx_t, sub.with_window(window)) for idx_t, sub in self.parts))
+        if self.decode_only and (windowed := self._decode_window(window)) is not None:
+            return windowed
         kpos_C = torch.arange(self.ctx_len, device=self.mask_B1QC.device)
         in_window_BQC = kpos_C[None, None] > self.qpos_BQ[:, :, None] - window
         mask_BQC = self.mask_B1QC[:, 0] & in_window_BQC
         return replace(self, mask_B1QC=mask_BQC[:, None], decode_bias_B1C=_decode_bias(mask_BQC),
                        shared_blocks_S=None)     # a window may leave part of the shared blocks behind
+
+    def _decode_window(self, window: int) -> "AttentionMetadata | None":
+        """A decode-only step under a sliding window reads only the KV blocks the window covers: each
+        sequence's table from the block holding its position - window + 1, NB blocks (the most any
+        sequence's window spans), its mask over those positions. None when that is not fewer blocks
+        than the whole context (every sequence shorter than the window, or about as long).
+        gpt-oss's 128-token windows at a 4k context: 9 of 256 blocks gathered and attended per layer."""
+        B, nb = self.table_Bn.shape
+        bs = self.ctx_len // nb
+        pos_B = self.qpos_BQ[:, 0]
+        first_B = (pos_B - window + 1).clamp(min=0) // bs
+        last_B = pos_B // bs
+        NB = int((last_B - first_B).max()) + 1
+        if NB >= nb:
+            return None
+        blk_BN = first_B[:, None] + torch.arange(NB, device=pos_B.device)[None]       # index into each table
+        table_BN = torch.where(blk_BN <= last_B[:, None], self.table_Bn.gather(1, blk_BN.clamp(max=nb - 1)), 0)
+        kpos_BC = first_B[:, None] * bs + torch.arange(NB * bs, device=pos_B.device)[None]   # absolute positions
+        mask_BQC = ((kpos_BC <= pos_B[:, None]) & (kpos_BC > pos_B[:, None] - window))[:, None]
+        return replace(self, table_Bn=table_BN, ctx_len=NB * bs, mask_B1QC=mask_BQC[:, None],
+                       decode_bias_B1C=_decode_bias(mask_BQC), shared_blocks_S=None)
 
     def read_decode_kv(self, kv: KVCache, layer: int):
         """A decode-only step's cached K/V: (k, v) of every sequence's context past the shared blocks
