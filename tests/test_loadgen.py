@@ -410,6 +410,11 @@ def test_bench_in_process_tiny(tiny_checkpoint, capsys):
     rep = json.loads(capsys.readouterr().out)
     assert rc == 0 and rep["completed"] == 4 and 4 * 2 <= rep["output_tokens"] <= 4 * 4
     assert rep["config"]["guided_regex"] == "[0-9]{3}"
+    # every request scoring its prompt (what prompt_logprobs costs)
+    rc = _bench(["--in-process", "--checkpoint", str(tiny_checkpoint), "--concurrency", "4", "--num-requests", "4",
+                 "--max-tokens", "2", "--prompt-len", "9", "--prompt-logprobs", "3", "--json"])
+    rep = json.loads(capsys.readouterr().out)
+    assert rc == 0 and rep["completed"] == 4 and rep["config"]["prompt_logprobs"] == 3
 
 
 def test_bench_in_process_torch_profile(tiny_checkpoint, capsys, tmp_path):

@@ -69,6 +69,10 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                         help="every request's (default: off), to measure what penalties cost")
     parser.add_argument("--frequency-penalty", type=float, default=0.0, help="every request's (default: off)")
     parser.add_argument("--presence-penalty", type=float, default=0.0, help="every request's (default: off)")
+    parser.add_argument("--prompt-logprobs", type=int, default=None, metavar="K",
+                        help="every request scores its prompt (GenerateRequest.prompt_logprobs, K most likely "
+                             "at each position), to measure what scoring costs: the prompts are then never taken "
+                             "from the prefix cache")
     parser.add_argument("--guided-regex", default=None, metavar="PATTERN",
                         help="every request guided by this regex (GenerateRequest.guided), to measure what guided "
                              "decoding costs; EOS is then honoured where the pattern may end (e.g. '[a-z ]*' runs "
@@ -135,10 +139,12 @@ def _check(args: argparse.Namespace) -> None:
 
 
 def penalties(args: argparse.Namespace) -> dict[str, float]:
-    """The penalty flags as request / SamplingParams fields (only those set)."""
+    """The penalty flags and --prompt-logprobs as request / SamplingParams fields (only those set:
+    the two share their names)."""
     out = {k: getattr(args, k) for k in ("presence_penalty", "frequency_penalty") if getattr(args, k)}
-    if args.repetition_penalty is not None:
-        out["repetition_penalty"] = args.repetition_penalty
+    for k in ("repetition_penalty", "prompt_logprobs"):
+        if getattr(args, k) is not None:
+            out[k] = getattr(args, k)
     return out
 
 
@@ -414,7 +420,7 @@ def run_bench(args: argparse.Namespace) -> int:
             "prefix_groups", "prefix_caching",
             "dtype", "mode", "rate", "burstiness", "priority", "seed", "expert_shards", "transport", "nodes",
             "engine_expert_shard", "threads", "repetition_penalty", "frequency_penalty", "presence_penalty",
-            "guided_regex")},
+            "prompt_logprobs", "guided_regex")},
         **summary, **extra}
     if args.json:
         print(json.dumps(report))
