@@ -51,6 +51,8 @@ class EngineSample:
     generated_tokens: int = 0                    # delta
     prefix_query_tokens: int = 0                 # delta: tokens of joining sequences, looked up in the prefix cache
     prefix_hit_tokens: int = 0                   # delta: ... found cached
+    spec_draft_tokens: int = 0                   # delta: speculative draft tokens run through the model
+    spec_accepted_tokens: int = 0                # delta: ... the model agreed with
     step_seconds: list[float] = field(default_factory=list)
     routed_tokens: dict[tuple[int, int, int], int] = field(default_factory=dict)  # (layer, expert, shard) -> delta
     phase_seconds: dict[str, float] = field(default_factory=dict)     # step phase -> delta (engine/step_phases.py)
@@ -108,6 +110,12 @@ class Metrics:
         self.prefix_hit_tokens = Counter("prefix_cache_hit_tokens",
                                          "Of those, the tokens whose K/V were cached already (not prefilled again)",
                                          ["replica"], namespace=ns, registry=r)
+        self.spec_draft_tokens = Counter("spec_decode_draft_tokens", "Speculative decoding: n-gram draft tokens "
+                                         "run through the model (serving/engine/speculative.py)",
+                                         ["replica"], namespace=ns, registry=r)
+        self.spec_accepted_tokens = Counter("spec_decode_accepted_tokens", "Speculative decoding: draft tokens "
+                                            "the model agreed with (tokens gained over one a step)",
+                                            ["replica"], namespace=ns, registry=r)
         self.generated_tokens = Counter("generation_tokens", "Tokens generated",
                                         ["replica"], namespace=ns, registry=r)
         self.step = Histogram("engine_step_seconds", "Duration of one engine step",
@@ -216,6 +224,8 @@ class MetricsHub:
             mine(m.generated_tokens).inc(e.generated_tokens)
             mine(m.prefix_query_tokens).inc(e.prefix_query_tokens)
             mine(m.prefix_hit_tokens).inc(e.prefix_hit_tokens)
+            mine(m.spec_draft_tokens).inc(e.spec_draft_tokens)
+            mine(m.spec_accepted_tokens).inc(e.spec_accepted_tokens)
             step = mine(m.step)
             for dt in e.step_seconds:
                 step.observe(dt)

@@ -332,6 +332,15 @@ def overview() -> Dashboard:
             desc="Share of the joining sequences' tokens whose K/V were cached already (not prefilled again), "
                  "in all and per engine replica: each replica has its own cache, and the router "
                  "(serving/routing/) sends a prompt where its prefix was sent before."),
+        timeseries("Speculative decoding", [
+            Target(f"sum(rate(moe_serve_spec_decode_accepted_tokens_total{{{J}}}[1m])) / "
+                   f"sum(rate(moe_serve_spec_decode_draft_tokens_total{{{J}}}[1m]))", "draft tokens accepted"),
+            Target(f"sum(rate(moe_serve_spec_decode_accepted_tokens_total{{{J}}}[1m])) / "
+                   f"sum(rate(moe_serve_generation_tokens_total{{{J}}}[1m]))", "generated tokens from drafts")],
+            unit="percentunit", w=8,
+            desc="n-gram drafts (speculative_tokens > 0; greedy requests, few sequences running): the share of "
+                 "draft tokens the model agreed with, and of all generated tokens that came as accepted "
+                 "drafts (a step gained each). Empty while it is off."),
     ]
     return Dashboard("moe-serve-overview", "moe-serve / Overview & SLOs",
                      "Request rates, SLO burn, latency and engine load of a moe-serve cluster.", panels)

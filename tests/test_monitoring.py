@@ -192,6 +192,7 @@ def _report(rng: random.Random, replica: str) -> MetricsReport:
                           preemptions=rng.randint(0, 2),
                           prompt_tokens=rng.randint(100, 400), generated_tokens=rng.randint(50, 200),
                           prefix_query_tokens=rng.randint(300, 400), prefix_hit_tokens=rng.randint(0, 300),
+                          spec_draft_tokens=rng.randint(40, 80), spec_accepted_tokens=rng.randint(10, 40),
                           step_seconds=[rng.uniform(0.01, 0.08) for _ in range(5)], routed_tokens=routed,
                           phase_seconds={"schedule": 0.001, "dense": 0.04, "experts": 0.1, "head": 0.05,
                                          "sample": 0.009},
@@ -245,7 +246,8 @@ def test_hub_drops_every_series_of_a_replica_that_stopped_reporting(monkeypatch)
                    "moe_serve_generation_tokens_total", "moe_serve_prefix_cache_query_tokens_total",
                    "moe_serve_prefix_cache_hit_tokens_total", "moe_serve_engine_step_seconds_count",
                    "moe_serve_engine_step_phase_seconds_total", "moe_serve_expert_shard_busy_seconds_total",
-                   "moe_serve_model_info"}
+                   "moe_serve_model_info", "moe_serve_spec_decode_draft_tokens_total",
+                   "moe_serve_spec_decode_accepted_tokens_total"}
     assert per_replica <= set(before) and all(before[f] == {"engine-0", "engine-1"} for f in per_replica)
     now[0] += metrics_mod.STALE_REPORTER_S / 2
     hub.apply(_report(rng, "engine-1"))

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from serving.api.tenants import TenantsConfig
+from serving.engine.speculative import SpeculativeConfig
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 TRANSPORTS = ("serve", "local", "collective")
@@ -38,6 +39,9 @@ class AppConfig:
     priority_preemption: bool = True      # a waiting interactive request takes a running batch one's slot
     prefix_caching: bool = True           # a request reuses the cached K/V of the whole KV blocks its tokens
                                           # share with earlier ones of its tenant (system prompt, earlier turns)
+    speculative_tokens: int = 0           # n-gram drafts per greedy sequence and step (serving/engine/
+                                          # speculative.py; 0 = off) ...
+    speculative_max_seqs: int = 4         # ... while at most this many sequences run
     ping_pong: bool = True                # two micro-batches per step: attention overlaps the expert calls
                                           # (serve and collective transports; nothing to overlap with local)
     stream_chunk_tokens: int = 1          # tokens per streamed message (engine -> [ingress ->] client) once
@@ -85,6 +89,7 @@ class AppConfig:
             raise ValueError("expert_shards, nodes and engine_threads must be >= 1")
         if self.head_threads is not None and self.head_threads < 1:
             raise ValueError(f"head_threads must be None or >= 1, got {self.head_threads}")
+        SpeculativeConfig(num_tokens=self.speculative_tokens, max_seqs=self.speculative_max_seqs)   # validates
         if self.wide_step_tokens < 1:
             raise ValueError(f"wide_step_tokens must be >= 1, got {self.wide_step_tokens}")
         if self.compute_nice is not None and not -20 <= self.compute_nice <= 19:

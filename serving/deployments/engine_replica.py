@@ -35,6 +35,7 @@ from serving.engine.engine import Engine
 from serving.engine.host_allocator import tune_host_allocator
 from serving.engine.request import GenerationRequest, TokenEvent
 from serving.engine.scheduler import SchedulerConfig
+from serving.engine.speculative import SpeculativeConfig
 from serving.engine.torch_threads import StepThreads, WithThreads
 from serving.metrics import EngineSample
 from serving.model.config import MoEConfig
@@ -88,7 +89,9 @@ def build_engine(cfg: AppConfig, placement: Placement, shard_handles=None) -> tu
     warm = model.warm_targets(cfg.max_num_batched_tokens, cfg.max_num_seqs) + (
         local_experts(cfg.max_num_batched_tokens) if local_experts is not None else [])
     engine = Engine(model, dispatcher, Tokenizer.from_dir(cfg.checkpoint), sched, dtype=cfg.torch_dtype,
-                    ping_pong=cfg.ping_pong, step_threads=step_threads, warm_targets=warm)
+                    ping_pong=cfg.ping_pong, step_threads=step_threads, warm_targets=warm,
+                    speculative=SpeculativeConfig(num_tokens=cfg.speculative_tokens,
+                                                  max_seqs=cfg.speculative_max_seqs))
     return engine, dispatcher
 
 
@@ -102,6 +105,7 @@ class EngineSampler:
         self._prompt, self._generated, self._steps = s.prompt_tokens_total, s.generated_tokens_total, s.steps_total
         self._preempted = s.preempted_total
         self._prefix = (s.prefix_query_tokens_total, s.prefix_hit_tokens_total)
+        self._spec = (s.spec_draft_tokens_total, s.spec_accepted_tokens_total)
         self._phases = dict(s.phase_seconds_total)
         self._busy = dispatcher.shard_busy_seconds()
 
@@ -117,6 +121,8 @@ class EngineSampler:
             generated_tokens=s.generated_tokens_total - self._generated,
             prefix_query_tokens=s.prefix_query_tokens_total - self._prefix[0],
             prefix_hit_tokens=s.prefix_hit_tokens_total - self._prefix[1],
+            spec_draft_tokens=s.spec_draft_tokens_total - self._spec[0],
+            spec_accepted_tokens=s.spec_accepted_tokens_total - self._spec[1],
             step_seconds=list(steps), model=self.model,
             routed_tokens={(layer, e, shard): n
                            for layer, per_shard in self.dispatcher.take_routed_counts().items()
@@ -127,6 +133,7 @@ class EngineSampler:
         self._prompt, self._generated, self._steps = s.prompt_tokens_total, s.generated_tokens_total, s.steps_total
         self._preempted = s.preempted_total
         self._prefix = (s.prefix_query_tokens_total, s.prefix_hit_tokens_total)
+        self._spec = (s.spec_draft_tokens_total, s.spec_accepted_tokens_total)
         return sample
 
 

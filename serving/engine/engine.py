@@ -16,6 +16,7 @@ import torch
 from serving.engine.micro_batch import forward_ping_pong
 from serving.engine.request import FinishReason, GenerationRequest, TokenEvent
 from serving.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput, Sequence
+from serving.engine.speculative import SpeculativeConfig, accept_greedy, draftable, propose
 from serving.engine.step_phases import PHASES, TimedDispatch, step_phases
 from serving.model.guided import GuideCompiler, GuideMatcher, GuidedDecodingUnavailable
 from serving.model.kv_cache import KVCache
@@ -50,22 +51,34 @@ class PromptRows:
     first: int
 
 
-def prompt_rows(out: SchedulerOutput) -> tuple[list[int], list[PromptRows]]:
+@dataclass(frozen=True, slots=True)
+class DraftRows:
+    """A sequence of the step run with draft tokens (speculative.py): its q - 1 rows before its last
+    are rows `first`.. of the step's extra logits (the last is its row among the B)."""
+    index: int               # its position in the step's batch
+    first: int
+
+
+def step_rows(out: SchedulerOutput) -> tuple[list[int], list[PromptRows], list[DraftRows]]:
     """Token rows of the step whose logits it needs: each sequence's last new token (sampling),
     then the prompt positions prompt_logprobs still wants (their hidden states are in this step
-    only: a later step, or the prefix cache, does not have them)."""
-    last, extra, wanted = [], [], []
+    only: a later step, or the prefix cache, does not have them), then every row but the last of
+    the sequences run with drafts."""
+    last, wanted, prompts, drafts = [], [], [], []
     offset = 0
-    for seq, q in zip(out.seqs, out.q_lens):
+    for i, (seq, q) in enumerate(zip(out.seqs, out.q_lens)):
         start, frm = seq.num_cached, seq.prompt_logits_from
         if frm is not None:
             lo, hi = max(start, frm), min(start + q, seq.num_prompt - 1)
             if hi > lo:
-                extra.append(PromptRows(seq=seq, lo=lo, hi=hi, first=len(wanted)))
+                prompts.append(PromptRows(seq=seq, lo=lo, hi=hi, first=len(wanted)))
                 wanted.extend(range(offset + lo - start, offset + hi - start))
+        elif seq.draft:
+            drafts.append(DraftRows(index=i, first=len(wanted)))
+            wanted.extend(range(offset, offset + q - 1))
         offset += q
         last.append(offset - 1)
-    return last + wanted, extra
+    return last + wanted, prompts, drafts
 
 
 @dataclass(slots=True)
@@ -85,6 +98,8 @@ class EngineStats:
     cancelled_total: int = 0
     prefix_query_tokens_total: int = 0    # tokens of the sequences that joined, looked up in the prefix cache
     prefix_hit_tokens_total: int = 0      # ... of which were cached already (not prefilled again)
+    spec_draft_tokens_total: int = 0      # speculative decoding: draft tokens run through the model ...
+    spec_accepted_tokens_total: int = 0   # ... of which the model agreed with (tokens gained)
     recent_step_seconds: list[float] = field(default_factory=list)
     phase_seconds_total: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
 
@@ -93,7 +108,7 @@ class Engine:
     def __init__(self, model: MoEModel, dispatch: ExpertDispatch, tokenizer: Tokenizer,
                  config: SchedulerConfig, dtype: torch.dtype = torch.float32, device: str = "cpu",
                  ping_pong: bool = False, step_threads: Callable[[int], int] | None = None,
-                 warm_targets: Iterable[WarmTarget] = ()):
+                 warm_targets: Iterable[WarmTarget] = (), speculative: SpeculativeConfig = SpeculativeConfig()):
         if config.max_model_len > model.config.max_position_embeddings:
             raise ValueError(f"max_model_len {config.max_model_len} exceeds the model's "
                              f"max_position_embeddings {model.config.max_position_embeddings}")
@@ -104,6 +119,7 @@ class Engine:
         # tokens in a step -> torch threads for it (torch_threads.StepThreads); None: leave them
         self.step_threads = step_threads
         self.config = config
+        self.speculative = speculative     # n-gram drafts for greedy requests at low load (speculative.py)
         self.device = device
         self.kv = KVCache(model.config, config.max_num_seqs, config.max_model_len, dtype, device,
                           block_size=config.block_size, num_blocks=config.kv_blocks)
@@ -180,20 +196,22 @@ class Engine:
             log.info("built %d GEMM kernels (%d weight shapes x threads) in %.2f s", w.gemms, w.shapes, w.seconds)
         t_start = time.perf_counter()
         self._drain_inbox()
+        if self.speculative.enabled:
+            self._propose_drafts()
         out = self.scheduler.schedule()
         self._refresh_gauges()
         if not out.seqs:
             return 0
         t0 = time.perf_counter()
         experts = TimedDispatch(self.dispatch)
-        rows, extra = prompt_rows(out) if any(s.prompt_logits_from is not None for s in out.seqs) else ([], [])
-        logits = self._execute(out, experts, rows if extra else None)
+        rows, prompts, drafts = ([], [], []) if all(s.prompt_logits_from is None and not s.draft
+                                                    for s in out.seqs) else step_rows(out)
+        logits = self._execute(out, experts, rows if prompts or drafts else None)
         t_logits = time.perf_counter()
-        if extra:
-            B = len(out.seqs)
-            self._record_prompt_logprobs(extra, logits[B:])
-            logits = logits[:B]
-        self._update(out, logits)
+        B = len(out.seqs)
+        if prompts:
+            self._record_prompt_logprobs(prompts, logits[B:])
+        self._update(out, logits[:B], drafts, logits[B:])
         t_end = time.perf_counter()
         dt = t_end - t0
         s = self.stats
@@ -209,7 +227,8 @@ class Engine:
     def _execute(self, out: SchedulerOutput, dispatch: ExpertDispatch, rows: list[int] | None = None) -> torch.Tensor:
         """Logits of each sequence's last new token [B, V], then (with `rows`: prompt_rows) the
         prompt positions' [X, V]."""
-        ids = [t for seq, q in zip(out.seqs, out.q_lens) for t in seq.token_ids[seq.num_cached:seq.num_cached + q]]
+        ids = [t for seq, q in zip(out.seqs, out.q_lens)
+               for t in (seq.token_ids[seq.num_cached:] + list(seq.draft))[:q]]     # drafts after the last token
         layout = BatchLayout(slots=tuple(s.slot for s in out.seqs),
                              start_pos=tuple(s.num_cached for s in out.seqs),
                              q_lens=out.q_lens, block_tables=out.block_tables)
@@ -238,11 +257,28 @@ class Engine:
                 st.prompt_top.extend((tuple(i), tuple(v)) for i, v in zip(ids.tolist(), vals.tolist()))
             seq.prompt_logits_from = pr.hi if pr.hi < seq.num_prompt - 1 else None
 
-    def _update(self, out: SchedulerOutput, logits_BV: torch.Tensor) -> None:
-        for seq, q in zip(out.seqs, out.q_lens):
-            self.scheduler.computed(seq, q)
+    def _propose_drafts(self) -> None:
+        """Drafts for the running greedy decodes, while few sequences run (speculative.py)."""
+        running, sc = self.scheduler.running, self.speculative
+        if len(running) > sc.max_seqs:
+            return
+        for seq in running:
+            sp = seq.request.sampling
+            left = min(sp.max_tokens - seq.num_generated, self.config.max_model_len - len(seq.token_ids)) - 1
+            if seq.num_uncached == 1 and seq.num_generated > 0 and left > 0 and draftable(sp):
+                seq.draft = propose(seq.token_ids, min(sc.num_tokens, left), sc)
+
+    def _update(self, out: SchedulerOutput, logits_BV: torch.Tensor, drafts: list[DraftRows] = (),
+                extra_XV: torch.Tensor | None = None) -> None:
+        drafted = {d.index for d in drafts}
+        for i, (seq, q) in enumerate(zip(out.seqs, out.q_lens)):
+            if i not in drafted:
+                self.scheduler.computed(seq, q)
+        for d in drafts:
+            self._accept_drafts(out.seqs[d.index], torch.cat((extra_XV[d.first:d.first + len(out.seqs[d.index].draft)],
+                                                              logits_BV[d.index:d.index + 1])))
         # a sequence whose prompt is only partly prefilled (chunked) samples nothing this step
-        rows = [i for i, seq in enumerate(out.seqs) if seq.num_uncached == 0]
+        rows = [i for i, seq in enumerate(out.seqs) if seq.num_uncached == 0 and i not in drafted]
         if not rows:
             return
         seqs = [out.seqs[i] for i in rows]
@@ -263,7 +299,25 @@ class Engine:
             self.stats.generated_tokens_total += 1
             self._emit_token(seq, tok, lp, top.get(i))
 
-    def _emit_token(self, seq: Sequence, tok: int, logprob: float,
+    def _accept_drafts(self, seq: Sequence, logits_QV: torch.Tensor) -> None:
+        """The tokens a sequence run with drafts gets this step: the accepted drafts, then one more
+        (speculative.accept_greedy); only their K/V count as computed (and may join the prefix cache)."""
+        draft, seq.draft = seq.draft, ()
+        tokens = accept_greedy(draft, logits_QV)
+        accepted = len(tokens) - 1
+        self.stats.spec_draft_tokens_total += len(draft)
+        self.stats.spec_accepted_tokens_total += accepted
+        seq.token_ids.extend(tokens[:accepted])            # their K/V and the last token's are in the cache
+        self.scheduler.computed(seq, 1 + accepted)
+        del seq.token_ids[len(seq.token_ids) - accepted:]
+        for tok in tokens:
+            seq.token_ids.append(tok)
+            self.stats.generated_tokens_total += 1
+            self._emit_token(seq, tok, None)
+            if seq.finish_reason is not None:               # a stop among them: the rest is not output
+                return
+
+    def _emit_token(self, seq: Sequence, tok: int, logprob: float | None,
                     top_logprobs: TopLogprobs | None = None) -> None:
         sp, st = seq.request.sampling, seq.state
         st.text += st.detok.push(tok)

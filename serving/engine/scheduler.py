@@ -74,6 +74,9 @@ class Sequence:
     # prompt_logprobs: the first prompt position whose logits are still wanted (None: none are). Its
     # K/V must be computed, not taken from the prefix cache, so a cache hit is cut to before it.
     prompt_logits_from: int | None = None
+    # speculative decoding: draft tokens the engine proposed for this step (serving/engine/speculative.py);
+    # scheduled with the last token as one chunk when KV blocks and budget allow, else dropped
+    draft: tuple[int, ...] = ()
 
     @property
     def num_uncached(self) -> int:
@@ -154,8 +157,11 @@ class Scheduler:
         prefilling = [s for s in self.running if s.num_uncached > 1]
         for seq in decoding:                                       # 1. decodes first: never starve them
             if seq.status is SeqStatus.RUNNING and self._reserve(seq, 1, chosen):
-                chosen.append((seq, 1))
-                budget -= 1
+                q = 1 + len(seq.draft)                             # drafts only where there is room already
+                if q > 1 and not (q <= budget and self.blocks.ensure(seq.slot, seq.num_cached + q)):
+                    seq.draft, q = (), 1
+                chosen.append((seq, q))
+                budget -= q
         for seq in prefilling:                                     # 2. prompts under way, a chunk each
             q = min(seq.num_uncached, budget)
             if q > 0 and seq.status is SeqStatus.RUNNING and self._reserve(seq, q, chosen):
@@ -221,7 +227,7 @@ class Scheduler:
         self.running.remove(seq)
         self.blocks.free(seq.slot)
         self.free_slots.append(seq.slot)
-        seq.slot, seq.num_cached, seq.status = -1, 0, SeqStatus.WAITING
+        seq.slot, seq.num_cached, seq.status, seq.draft = -1, 0, SeqStatus.WAITING, ()
         self._waiting[seq.request.priority].appendleft(seq)
         self.num_preempted += 1
 

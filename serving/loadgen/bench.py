@@ -69,6 +69,9 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                         help="every request's (default: off), to measure what penalties cost")
     parser.add_argument("--frequency-penalty", type=float, default=0.0, help="every request's (default: off)")
     parser.add_argument("--presence-penalty", type=float, default=0.0, help="every request's (default: off)")
+    parser.add_argument("--speculative-tokens", type=int, default=0, metavar="K",
+                        help="--in-process: n-gram drafts per greedy sequence and step while at most 4 run "
+                             "(serving/engine/speculative.py); 0 = off")
     parser.add_argument("--prompt-logprobs", type=int, default=None, metavar="K",
                         help="every request scores its prompt (GenerateRequest.prompt_logprobs, K most likely "
                              "at each position), to measure what scoring costs: the prompts are then never taken "
@@ -234,7 +237,7 @@ def build_inprocess_engine(args: argparse.Namespace):
         extra.update(nodes=args.nodes, engine_threads=1, head_threads=args.threads or len(os.sched_getaffinity(0)),
                      ping_pong=False, engine_expert_shard=args.engine_expert_shard == "on")
     cfg = AppConfig(checkpoint=args.checkpoint, expert_shards=args.expert_shards, transport=args.transport,
-                    dtype=args.dtype, max_num_seqs=args.concurrency,
+                    dtype=args.dtype, max_num_seqs=args.concurrency, speculative_tokens=args.speculative_tokens,
                     max_model_len=args.prefix_len + args.prompt_len + args.max_tokens,
                     max_tokens_limit=args.max_tokens, prefix_caching=args.prefix_caching == "on", **extra)
     placement = Placement.build(MoEConfig.from_dir(args.checkpoint), args.expert_shards, "contiguous")
@@ -420,7 +423,7 @@ def run_bench(args: argparse.Namespace) -> int:
             "prefix_groups", "prefix_caching",
             "dtype", "mode", "rate", "burstiness", "priority", "seed", "expert_shards", "transport", "nodes",
             "engine_expert_shard", "threads", "repetition_penalty", "frequency_penalty", "presence_penalty",
-            "prompt_logprobs", "guided_regex")},
+            "prompt_logprobs", "guided_regex", "speculative_tokens")},
         **summary, **extra}
     if args.json:
         print(json.dumps(report))
