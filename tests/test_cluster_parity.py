@@ -110,6 +110,9 @@ def cluster(tmp_path_factory):
     # and the engine core in a process of its own (serving/deployments/engine_core.py; by default only
     # with the collective transport): the tokens cross its socket as well
     cfg["applications"][0]["args"].update(engine_process=True)
+    # and speculative decoding (n-gram drafts, serving/engine/speculative.py): greedy, at most 4
+    # sequences running, so every case drafts; the tokens must still be transformers' one-a-step ones
+    cfg["applications"][0]["args"].update(speculative_tokens=4, speculative_max_seqs=4)
     (tmp / "serve_config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     c = Cluster(tmp / "state", tmp / "serve_config.yaml")
     try:
@@ -181,3 +184,21 @@ def test_greedy_parity_through_the_cluster(family, shards, weights, cluster, tmp
         assert len({d["node_id"] for d in info["describe"]}) == 2      # the shards span both nodes
     print(f"[{family} S={shards} {weights}: deploy {t_deploy:.1f}s, requests+checks {time.monotonic() - t0 - t_deploy:.1f}s]",
           end=" ", flush=True)
+
+
+def test_the_cases_were_served_with_accepted_drafts(cluster):
+    """After the cases above (this module's order): the engine drafted, and the model agreed with
+    some drafts, so the tokens above came partly from accepted drafts (the metrics endpoint)."""
+    import urllib.request
+    if cluster.state is None:
+        pytest.skip("no case ran in this session")
+    deadline = time.monotonic() + 20          # replicas push their counters every 0.5 s
+    while True:
+        with urllib.request.urlopen(cluster.state["metrics_url"], timeout=10) as r:
+            text = r.read().decode()
+        accepted = sum(float(l.rsplit(" ", 1)[1]) for l in text.splitlines()
+                       if l.startswith("moe_serve_spec_decode_accepted_tokens_total{"))
+        if accepted > 0 or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert accepted > 0, "no draft token was accepted"

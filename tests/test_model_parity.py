@@ -140,7 +140,13 @@ def test_mixed_step_metadata_splits_decode_from_prefill():
     assert not pre.decode_only and pre.table_Bn[:, 0].tolist() == [4, 12] and pre.ctx_len == 8    # 6, in whole blocks
     assert pre.pos_T.tolist() == [0, 1, 2, 3, 4, 5, 2, 3, 4]
     windowed = meta.with_window(2)
-    assert windowed.parts[0][1].decode_bias_B1C[0, 0].isfinite().tolist() == [False] * 7 + [True] * 2 + [False] * 3
+    # the decodes read only the blocks their 2-token windows cover: positions 7-8 of sequence 0 in
+    # its blocks 1 and 2 (ids 1, 2: positions 4-11), position 4-5 of sequence 2 in its block 1 (id 9)
+    wdec = windowed.parts[0][1]
+    assert wdec.table_Bn.tolist() == [[1, 2], [9, 0]] and wdec.ctx_len == 8
+    assert wdec.decode_bias_B1C[0, 0].isfinite().tolist() == [False] * 3 + [True] * 2 + [False] * 3
+    assert wdec.decode_bias_B1C[1, 0].isfinite().tolist() == [True] * 2 + [False] * 6
+    assert windowed.parts[1][1].ctx_len == pre.ctx_len                 # chunks keep their whole context
     for q_lens in ((1, 1, 1, 1), (2, 6, 3, 3)):
         assert AttentionMetadata.build(tables, (3, 0, 5, 2), q_lens, None, 4).parts == ()
 

@@ -173,11 +173,14 @@ def _pending(n: int, prompt_ids: list[int]):
                                                    call_method="Generate", is_streaming=True))
 
 
-async def _route(router, pending):
-    """What Serve's Router does: choose, then (the replica accepted) on_request_routed."""
+async def _route(router, pending, complete: bool = True):
+    """What Serve's Router does: choose, then (the replica accepted) on_request_routed, and once
+    the request is done on_request_completed (not yet with complete=False: it stays in flight)."""
     replica = await asyncio.wait_for(router._choose_replica_for_request(pending), timeout=10)
     router.on_send_request(replica.replica_id)
     router.on_request_routed(pending, replica.replica_id, None)
+    if complete:
+        router.on_request_completed(replica.replica_id, pending.metadata.internal_request_id)
     return replica.replica_id.unique_id
 
 
@@ -198,25 +201,40 @@ async def _conversations_stay_home():
             got = await _route(router, _pending(n, ids))
             assert homes.setdefault(c, got) == got, f"conversation {c} turn {turn} moved {homes[c]} -> {got}"
             ids.extend(rng.randrange(1000) for _ in range(24))
-            for r in replicas:                   # each turn finished: every replica reports idle
-                router.on_new_queue_len_info(r.replica_id, 0)
     assert len(set(homes.values())) > 1          # new conversations were spread by load
-    # conversation 0's next prompt: 8 blocks, 7 of them at home. Home with 6 requests in flight costs
-    # 1 + 6 against 8 elsewhere: it stays (and home now holds all 8); with 8 in flight (0 + 8 against
-    # 8: a tie goes to the holder) it stays; with 9 in flight it goes elsewhere
+    # Serve's queue-length cache says nothing here: a stale count there (a replica's burst that
+    # finished) does not move a conversation; the load is this router's own requests in flight
     home = next(r for r in replicas if r.replica_id.unique_id == homes[0])
-    for r in replicas:
-        router.on_new_queue_len_info(r.replica_id, 6 if r is home else 0)
+    router.on_new_queue_len_info(home.replica_id, 50)
     n += 1
     assert await _route(router, _pending(n, conversations[0])) == homes[0]
-    for r in replicas:
-        router.on_new_queue_len_info(r.replica_id, 8 if r is home else 0)
+
+    async def busy(k: int) -> None:             # k more requests in flight at home (other prompts)
+        nonlocal n
+        for _ in range(k):
+            n += 1
+            router.on_request_routed(_pending(n, [rng.randrange(1000) for _ in range(8)]), home.replica_id, None)
+
+    # conversation 0's next prompt: 8 blocks, all at home now. Home with 7 requests in flight costs
+    # 0 + 7 against 8 elsewhere: it stays; with 8 (0 + 8 against 8: a tie goes to the holder) it
+    # stays; with 9 it goes elsewhere
+    await busy(7)
     n += 1
     assert await _route(router, _pending(n, conversations[0])) == homes[0]
-    for r in replicas:
-        router.on_new_queue_len_info(r.replica_id, 9 if r is home else 0)
+    await busy(1)
     n += 1
-    assert await _route(router, _pending(n, conversations[0])) != homes[0]
+    assert await _route(router, _pending(n, conversations[0])) == homes[0]
+    await busy(1)
+    n += 1
+    away = await _route(router, _pending(n, conversations[0]))
+    assert away != homes[0]
+    for i in range(n - 12, n + 1):              # they finish: home is idle again; both hold the
+        router.on_request_completed(home.replica_id, f"i{i}")       # conversation now, so load decides
+    other = next(r for r in replicas if r.replica_id.unique_id == away)
+    n += 1
+    router.on_request_routed(_pending(n, [1, 2, 3]), other.replica_id, None)
+    n += 1
+    assert await _route(router, _pending(n, conversations[0])) == homes[0]
     # a replica that left is forgotten: the conversation goes where it went last (not the gone one)
     router.update_replicas([r for r in replicas if r is not home])
     assert router.affinity.blocks_held(home.replica_id) == 0

@@ -19,7 +19,10 @@ Ray 2.60 facts this relies on (ray/serve/_private/request_router/, router.py, pr
   group that accepts the request (queue below max_ongoing_requests), else the next group.
 - `on_request_routed` is called once a replica accepted the request (Serve's strict
   max-ongoing-requests mode, on by default outside Ray Client), so only accepted requests are
-  remembered.
+  remembered. It is also called for requests `choose_replicas` never saw: when several wait at
+  once, a replica found while routing one may take another (10 concurrent first turns: half of
+  them were routed so, and their conversations' next turns went anywhere until this read their
+  prompts there too).
 - No FIFOMixin: with it, a replica found for one request may be handed to an older one.
 """
 from __future__ import annotations
@@ -90,6 +93,8 @@ class PrefixAffinityRouter(LocalityMixin, MultiplexMixin, RequestRouter):
     def initialize_state(self, **kwargs) -> None:
         self.affinity = PrefixAffinity(AffinityConfig(**kwargs))
         self._blocks: dict[str, list[int]] = {}      # internal request id -> its prompt blocks, until routed
+        # requests this router sent to each replica that have not completed: the load it ranks by
+        self._in_flight: dict[ReplicaID, set[str]] = {}
 
     def _prompt_blocks(self, pending: PendingRequest | None) -> list[int]:
         if pending is None or not pending.args:
@@ -104,18 +109,18 @@ class PrefixAffinityRouter(LocalityMixin, MultiplexMixin, RequestRouter):
                 del self._blocks[next(iter(self._blocks))]
         return blocks
 
-    async def _loads(self, replicas: List[RunningReplica]) -> dict[ReplicaID, int | None]:
-        """Requests in flight per replica: Serve's cache, probing those it has no fresh entry for."""
-        loads: dict[ReplicaID, int | None] = {}
-        missing = []
+    def _loads(self, replicas: List[RunningReplica]) -> dict[ReplicaID, int]:
+        """Requests in flight on each replica: the fewer of this router's own (routed, not completed)
+        and Serve's queue-length cache (what the replica last reported, plus what was sent since,
+        minus what completed; all callers' requests). Each errs high where the other does not: the
+        cache keeps a burst's count until a refresh if completions go unseen (serving/launcher.py
+        SERVE_DATA_PATH_ENV: a replica looked busy and the next turns of every conversation it held
+        went to the other one), and the own count misses other callers but leaks only if Serve
+        never reports a completion."""
+        loads = {}
         for r in replicas:
-            n = self.replica_queue_len_cache.get(r.replica_id)
-            loads[r.replica_id] = n
-            if n is None:
-                missing.append(r)
-        if missing:
-            for r, n in await self._probe_queue_lens(missing, 0):
-                loads[r.replica_id] = n
+            own, cached = len(self._in_flight.get(r.replica_id, ())), self.replica_queue_len_cache.get(r.replica_id)
+            loads[r.replica_id] = own if cached is None else min(own, cached)
         return loads
 
     async def choose_replicas(self, candidate_replicas: List[RunningReplica],
@@ -125,24 +130,34 @@ class PrefixAffinityRouter(LocalityMixin, MultiplexMixin, RequestRouter):
             return [[self._replicas[i] for i in ids]] if ids else []
         blocks = self._prompt_blocks(pending_request)
         if blocks and len(candidate_replicas) > 1:
-            ranked = self.affinity.rank(blocks, await self._loads(candidate_replicas))
+            ranked = self.affinity.rank(blocks, self._loads(candidate_replicas))
             if ranked:     # within a group Serve takes the least loaded, the first of equals: shuffled
                 return [random.sample(g, len(g)) for g in
                         ([self._replicas[i] for i in group if i in self._replicas] for group in ranked)]
         return [random.sample(candidate_replicas, min(2, len(candidate_replicas)))]   # power of two choices
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result: Any) -> None:
-        blocks = self._blocks.pop(pending_request.metadata.internal_request_id, None)
+        # a request Serve routed without asking choose_replicas about it (a replica found while
+        # routing another pending request may serve this one) has no blocks computed yet: read them now
+        self._prompt_blocks(pending_request)
+        key = pending_request.metadata.internal_request_id
+        self._in_flight.setdefault(replica_id, set()).add(key)
+        blocks = self._blocks.pop(key, None)
         if blocks:
             self.affinity.record(blocks, replica_id)
 
     def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
         self._blocks.pop(internal_request_id, None)     # never routed (cancelled, rejected everywhere)
+        self._in_flight.get(replica_id, set()).discard(internal_request_id)
 
     def update_replicas(self, replicas: List[RunningReplica]) -> None:
         super().update_replicas(replicas)
-        self.affinity.keep_only({r.replica_id for r in replicas})
+        live = {r.replica_id for r in replicas}
+        self.affinity.keep_only(live)
+        for gone in [r for r in self._in_flight if r not in live]:
+            del self._in_flight[gone]
 
     def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
         super().on_replica_actor_died(replica_id)
         self.affinity.forget(replica_id)
+        self._in_flight.pop(replica_id, None)
