@@ -225,8 +225,8 @@ class Engine:
         return out.num_tokens
 
     def _execute(self, out: SchedulerOutput, dispatch: ExpertDispatch, rows: list[int] | None = None) -> torch.Tensor:
-        """Logits of each sequence's last new token [B, V], then (with `rows`: prompt_rows) the
-        prompt positions' [X, V]."""
+        """Logits of each sequence's last new token [B, V], then (with `rows`: step_rows) the
+        prompt positions' and the drafts' rows [X, V]."""
         ids = [t for seq, q in zip(out.seqs, out.q_lens)
                for t in (seq.token_ids[seq.num_cached:] + list(seq.draft))[:q]]     # drafts after the last token
         layout = BatchLayout(slots=tuple(s.slot for s in out.seqs),
