@@ -227,8 +227,8 @@ class Engine:
     def _execute(self, out: SchedulerOutput, dispatch: ExpertDispatch, rows: list[int] | None = None) -> torch.Tensor:
         """Logits of each sequence's last new token [B, V], then (with `rows`: step_rows) the
         prompt positions' and the drafts' rows [X, V]."""
-        ids = [t for seq, q in zip(out.seqs, out.q_lens)
-               for t in (seq.token_ids[seq.num_cached:] + list(seq.draft))[:q]]     # drafts after the last token
+        ids = [t for seq, q in zip(out.seqs, out.q_lens)      # a drafted sequence: its last token, then the drafts
+               for t in seq.token_ids[seq.num_cached:seq.num_cached + q - len(seq.draft)] + list(seq.draft)]
         layout = BatchLayout(slots=tuple(s.slot for s in out.seqs),
                              start_pos=tuple(s.num_cached for s in out.seqs),
                              q_lens=out.q_lens, block_tables=out.block_tables)

@@ -141,7 +141,7 @@ def _check(args: argparse.Namespace) -> None:
         raise ValueError(f"--mode {args.mode} needs --rate > 0")
 
 
-def penalties(args: argparse.Namespace) -> dict[str, float]:
+def sampling_fields(args: argparse.Namespace) -> dict[str, float]:
     """The penalty flags and --prompt-logprobs as request / SamplingParams fields (only those set:
     the two share their names)."""
     out = {k: getattr(args, k) for k in ("presence_penalty", "frequency_penalty") if getattr(args, k)}
@@ -191,7 +191,7 @@ async def _bench_grpc(args: argparse.Namespace, prompts: list[list[int]]
     from serving.client import build_request
     from serving.loadgen.driver import GrpcDriver
 
-    fields = {"ignore_eos": True, **penalties(args), **guided_fields(args, engine=False)}
+    fields = {"ignore_eos": True, **sampling_fields(args), **guided_fields(args, engine=False)}
 
     def make(i: int, max_tokens: int = args.max_tokens, tag: str = "bench") -> tuple[Any, str]:
         return build_request(prompt_ids=prompts[i % len(prompts)], max_tokens=max_tokens,
@@ -367,7 +367,7 @@ def _drive_timed(args: argparse.Namespace, prompts: list[list[int]], engine, loa
         results, wall, extra = drive_engine(
             engine, prompts, max_tokens=args.max_tokens, concurrency=args.concurrency,
             priority=args.priority, times=arrival_times(args), max_duration_s=args.max_duration_s,
-            sampling_extra={**penalties(args), **guided_fields(args, engine=True)})
+            sampling_extra={**sampling_fields(args), **guided_fields(args, engine=True)})
     steps = st.steps_total - steps0
     extra.update(load_s=load_s, mean_step_s=(st.step_seconds_total - step_s0) / steps if steps else None)
     if args.torch_profile is not None:
