@@ -5,7 +5,7 @@ I intermediate (expert, shared expert or dense MLP).
 
 The engine loads `DenseWeights` (everything but routed experts); expert shards call
 `load_expert` for just the experts they hold. Tensors are read one at a time through
-`safe_open`, so no file is ever read whole into memory. A block-wise FP8 checkpoint's weights are
+`safe_open`, so no file is ever read whole into memory. FP8 and MXFP4 checkpoints' weights are
 dequantized as they are read (serving/model/quantization.py).
 """
 from __future__ import annotations

@@ -19,10 +19,9 @@ Ray 2.60 facts this relies on (ray/serve/_private/request_router/, router.py, pr
   group that accepts the request (queue below max_ongoing_requests), else the next group.
 - `on_request_routed` is called once a replica accepted the request (Serve's strict
   max-ongoing-requests mode, on by default outside Ray Client), so only accepted requests are
-  remembered. It is also called for requests `choose_replicas` never saw: when several wait at
-  once, a replica found while routing one may take another (10 concurrent first turns: half of
-  them were routed so, and their conversations' next turns went anywhere until this read their
-  prompts there too).
+  remembered. It may also be called for a request `choose_replicas` never saw (when several wait
+  at once, a replica found while routing one may take another), so it reads the prompt there too
+  if it has not been read.
 - No FIFOMixin: with it, a replica found for one request may be handed to an older one.
 """
 from __future__ import annotations
