@@ -130,10 +130,13 @@ DEPLOYMENT = DeploymentID(name="EngineReplica", app_name="moe")
 
 
 class FakeReplica(RunningReplica):
-    """A replica as the router sees one: an id and a queue length it answers probes with."""
+    """A replica as the router sees one: an id and a queue length it answers probes with (after
+    probe_delays_s[i] seconds for the i-th probe, where given)."""
 
     def __init__(self, name: str, queue_len: int = 0):
         self._id, self.queue_len = ReplicaID(unique_id=name, deployment_id=DEPLOYMENT), queue_len
+        self.probe_delays_s: list[float] = []
+        self.probes = 0
 
     replica_id = property(lambda self: self._id)
     node_id = property(lambda self: "")
@@ -149,6 +152,9 @@ class FakeReplica(RunningReplica):
         pass
 
     async def get_queue_len(self, *, deadline_s: float) -> int:
+        self.probes += 1
+        if self.probe_delays_s:
+            await asyncio.sleep(self.probe_delays_s.pop(0))
         return self.queue_len
 
     def try_send_request(self, pr, with_rejection: bool):
@@ -238,3 +244,31 @@ async def _conversations_stay_home():
     # a replica that left is forgotten: the conversation goes where it went last (not the gone one)
     router.update_replicas([r for r in replicas if r is not home])
     assert router.affinity.blocks_held(home.replica_id) == 0
+
+
+def test_a_replica_slow_to_answer_a_probe_keeps_its_conversations_until_it_stops_answering():
+    asyncio.run(_slow_probe())
+
+
+async def _slow_probe():
+    """Serve probes a replica whose queue length it has no fresh entry for, with a 0.1 s deadline,
+    and passes one that misses it over for the next group at once. Ray's own router would send the
+    turn to the replica without its history; this one offers only the cheapest group twice (the
+    second probe's deadline is 0.2 s), then the full ranking."""
+    router = _router(block_tokens=16, load_cost_tokens=16)
+    home, other = FakeReplica("replica-0"), FakeReplica("replica-1")
+    router.update_replicas([home, other])
+    await asyncio.sleep(0.05)                    # the new replicas' first probes
+    ids = list(range(100, 164))                  # 4 blocks
+    router.affinity.record(prompt_blocks(ids, router.affinity.cfg), home.replica_id)
+
+    router.replica_queue_len_cache.invalidate_key(home.replica_id)    # its entry went stale
+    home.probe_delays_s, home.probes = [0.15], 0                       # busy in a step: misses 0.1 s
+    assert await _route(router, _pending(1, ids)) == "replica-0"
+    assert home.probes == 2                      # the second probe, with 0.2 s, found it
+    assert not router._rankings and not router._blocks
+
+    router.replica_queue_len_cache.invalidate_key(home.replica_id)    # it stops answering
+    home.probe_delays_s, home.probes = [5.0] * 10, 0
+    assert await _route(router, _pending(2, ids)) == "replica-1"
+    assert home.probes == 3                      # 0.1 s, 0.2 s, then 0.4 s with the other group behind

@@ -23,6 +23,13 @@ Ray 2.60 facts this relies on (ray/serve/_private/request_router/, router.py, pr
   at once, a replica found while routing one may take another), so it reads the prompt there too
   if it has not been read.
 - No FIFOMixin: with it, a replica found for one request may be handed to an older one.
+- Serve takes a replica of a group by its queue-length cache, and where that has no fresh entry
+  (none for 10 s, or invalidated) it probes the group's replicas with a 0.1 s deadline; one that
+  does not answer in time is passed over for the next group, at once. A replica busy in a step on
+  a loaded machine can miss that deadline, and the next group is the one without the prompt's
+  history. So the first HOME_ATTEMPTS rankings for a request hold only the cheapest group: Serve
+  then probes it again with its doubled deadline (0.2 s) before the full ranking lets the request
+  go elsewhere.
 """
 from __future__ import annotations
 
@@ -37,6 +44,7 @@ from ray.serve.request_router import (LocalityMixin, MultiplexMixin, PendingRequ
 from serving.routing.prefix_affinity import AffinityConfig, PrefixAffinity, prompt_blocks
 
 MAX_PENDING = 10_000    # prompts remembered between choose_replicas and on_request_routed (oldest dropped)
+HOME_ATTEMPTS = 2       # rankings of one request that offer only its cheapest group (module doc)
 
 
 KSERVE_GENERATE = ("ModelInfer", "ModelStreamInfer")   # KServe v2 methods whose request carries a prompt
@@ -92,6 +100,7 @@ class PrefixAffinityRouter(LocalityMixin, MultiplexMixin, RequestRouter):
     def initialize_state(self, **kwargs) -> None:
         self.affinity = PrefixAffinity(AffinityConfig(**kwargs))
         self._blocks: dict[str, list[int]] = {}      # internal request id -> its prompt blocks, until routed
+        self._rankings: dict[str, int] = {}          # internal request id -> rankings given, until routed
         # requests this router sent to each replica that have not completed: the load it ranks by
         self._in_flight: dict[ReplicaID, set[str]] = {}
 
@@ -105,7 +114,9 @@ class PrefixAffinityRouter(LocalityMixin, MultiplexMixin, RequestRouter):
             blocks = prompt_blocks(found[0], self.affinity.cfg, found[1]) if found else []
             self._blocks[key] = blocks
             if len(self._blocks) > MAX_PENDING:        # requests cancelled before any replica took them
-                del self._blocks[next(iter(self._blocks))]
+                gone = next(iter(self._blocks))
+                del self._blocks[gone]
+                self._rankings.pop(gone, None)
         return blocks
 
     def _loads(self, replicas: List[RunningReplica]) -> dict[ReplicaID, int]:
@@ -131,6 +142,10 @@ class PrefixAffinityRouter(LocalityMixin, MultiplexMixin, RequestRouter):
         if blocks and len(candidate_replicas) > 1:
             ranked = self.affinity.rank(blocks, self._loads(candidate_replicas))
             if ranked:     # within a group Serve takes the least loaded, the first of equals: shuffled
+                key = pending_request.metadata.internal_request_id
+                given = self._rankings[key] = self._rankings.get(key, 0) + 1
+                if given <= HOME_ATTEMPTS and len(ranked) > 1:   # a slow probe is not a full replica
+                    ranked = ranked[:1]
                 return [random.sample(g, len(g)) for g in
                         ([self._replicas[i] for i in group if i in self._replicas] for group in ranked)]
         return [random.sample(candidate_replicas, min(2, len(candidate_replicas)))]   # power of two choices
@@ -141,12 +156,14 @@ class PrefixAffinityRouter(LocalityMixin, MultiplexMixin, RequestRouter):
         self._prompt_blocks(pending_request)
         key = pending_request.metadata.internal_request_id
         self._in_flight.setdefault(replica_id, set()).add(key)
+        self._rankings.pop(key, None)
         blocks = self._blocks.pop(key, None)
         if blocks:
             self.affinity.record(blocks, replica_id)
 
     def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
         self._blocks.pop(internal_request_id, None)     # never routed (cancelled, rejected everywhere)
+        self._rankings.pop(internal_request_id, None)
         self._in_flight.get(replica_id, set()).discard(internal_request_id)
 
     def update_replicas(self, replicas: List[RunningReplica]) -> None:
