@@ -338,8 +338,8 @@ def overview() -> Dashboard:
             Target(f"sum(rate(moe_serve_spec_decode_accepted_tokens_total{{{J}}}[1m])) / "
                    f"sum(rate(moe_serve_generation_tokens_total{{{J}}}[1m]))", "generated tokens from drafts")],
             unit="percentunit", w=8,
-            desc="n-gram drafts (speculative_tokens > 0; greedy requests, few sequences running): the share of "
-                 "draft tokens the model agreed with, and of all generated tokens that came as accepted "
+            desc="n-gram drafts (speculative_tokens > 0; greedy or unseeded sampled requests, few sequences "
+                 "running): the share of draft tokens kept, and of all generated tokens that came as accepted "
                  "drafts (a step gained each). Empty while it is off."),
     ]
     return Dashboard("moe-serve-overview", "moe-serve / Overview & SLOs",

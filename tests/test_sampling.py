@@ -72,7 +72,7 @@ def test_filtered_distribution_matches_transformers_warpers(temperature, top_k, 
         ref = TopKLogitsWarper(top_k)(None, ref)
     if top_p < 1:
         ref = TopPLogitsWarper(top_p)(None, ref)
-    ours = Sampler._filtered_probs(logits, [SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)] * 6)
+    ours = Sampler.filtered_probs(logits, [SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)] * 6)
     torch.testing.assert_close(ours, ref.softmax(-1), atol=1e-6, rtol=0)
 
 

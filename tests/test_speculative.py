@@ -1,7 +1,8 @@
 """Speculative decoding with n-gram drafts (serving/engine/speculative.py): the proposer and the
-greedy check on their own, and the engine with drafts on giving exactly transformers' greedy tokens
-(beside requests that may not be drafted for, with stop tokens inside accepted drafts, through
-chunked prefill, preemption and the prefix cache), in fewer steps."""
+greedy and sampled checks on their own (the sampled one's token frequencies against the
+distribution), and the engine with drafts on giving exactly transformers' greedy tokens (beside
+requests that may not be drafted for, with stop tokens inside accepted drafts, through chunked
+prefill, preemption and the prefix cache), in fewer steps; sampled requests drafted for."""
 from __future__ import annotations
 
 from dataclasses import replace
@@ -14,7 +15,7 @@ from test_engine import _hf_greedy, _run
 from serving.engine.engine import Engine
 from serving.engine.request import FinishReason, GenerationRequest
 from serving.engine.scheduler import SchedulerConfig
-from serving.engine.speculative import SpeculativeConfig, accept_greedy, draftable, propose
+from serving.engine.speculative import SpeculativeConfig, accept_greedy, accept_sampled, draftable, propose
 from serving.model.checkpoint import write_tokenizer
 from serving.model.model import MoEModel
 from serving.model.sampling import SamplingParams
@@ -45,11 +46,40 @@ def test_accept_greedy_keeps_the_agreeing_prefix_and_one_more():
     assert accept_greedy((4, 5, 2), logits) == [3]               # none: one token, as without drafts
 
 
-def test_only_plain_greedy_requests_are_drafted_for():
+def test_accept_sampled_gives_each_token_the_distribution_of_one_token_a_step():
+    """20000 draws, seeded: the first token's frequencies are p_0 whatever the draft (the draft
+    kept p_0(d) of the time, the residual otherwise), the second token (there only where the first
+    draft was kept) is distributed as p_1, and after both drafts kept the bonus token as p_2."""
+    p = torch.tensor([[0.1, 0.2, 0.3, 0.4], [0.5, 0.0, 0.25, 0.25], [0.0, 0.9, 0.1, 0.0]])
+    g = torch.Generator().manual_seed(0)
+    n = 20000
+    firsts, seconds, thirds = torch.zeros(4), torch.zeros(4), torch.zeros(4)
+    kept_both = 0
+    for _ in range(n):
+        out = accept_sampled((2, 0), p, g)
+        assert 1 <= len(out) <= 3 and list(out[:len(out) - 1]) == [2, 0][:len(out) - 1]
+        firsts[out[0]] += 1
+        if out[0] == 2:                      # the first draft kept (or the residual drew 2: it cannot)
+            seconds[out[1]] += 1
+            if out[1] == 0:
+                kept_both += 1
+                thirds[out[2]] += 1
+    assert torch.allclose(firsts / n, p[0], atol=0.015), firsts / n
+    assert torch.allclose(seconds / seconds.sum(), p[1], atol=0.02), seconds / seconds.sum()
+    assert torch.allclose(thirds / thirds.sum(), p[2], atol=0.03), thirds / thirds.sum()
+    assert abs(kept_both / n - 0.3 * 0.5) < 0.015      # both drafts kept: p_0(2) p_1(0)
+    # a draft the distribution rules out is never kept; one it is sure of always is
+    assert all(accept_sampled((1,), torch.tensor([[0.5, 0.0, 0.5], [1.0, 0, 0]]), g)[0] != 1 for _ in range(200))
+    assert accept_sampled((1, 1), torch.tensor([[0, 1.0, 0], [0, 1.0, 0], [0, 0, 1.0]]), g) == [1, 1, 2]
+
+
+def test_plain_greedy_and_unseeded_sampled_requests_are_drafted_for():
     assert draftable(SamplingParams(temperature=0.0))
-    for bad in (dict(temperature=0.7), dict(temperature=0.0, repetition_penalty=1.1),
+    assert draftable(SamplingParams(temperature=0.7, top_k=20, top_p=0.9))
+    assert draftable(SamplingParams(temperature=0.0, seed=3))          # greedy: the seed changes nothing
+    for bad in (dict(temperature=0.7, seed=3), dict(temperature=0.0, repetition_penalty=1.1),
                 dict(temperature=0.0, logit_bias=((3, 1.0),)), dict(temperature=0.0, min_tokens=2),
-                dict(temperature=0.0, logprobs=True)):
+                dict(temperature=0.0, logprobs=True), dict(temperature=0.7, top_logprobs=2)):
         assert not draftable(SamplingParams(**bad)), bad
 
 
@@ -133,3 +163,25 @@ def test_drafts_with_chunked_prefill_preemption_and_the_prefix_cache(ckpt):
             assert [e.token_id for e in ev[f"{rnd}-{i}"]] == _hf_greedy(hf, p, 30), (rnd, i)
     assert engine.stats.preempted_total > 0 and engine.stats.spec_accepted_tokens_total > 0
     assert engine.stats.prefix_hit_tokens_total > 0
+
+
+def test_sampled_requests_are_drafted_for_and_top_k_1_gives_transformers_greedy(ckpt):
+    """Sampled with top_k=1 the distribution is the argmax for certain: through the sampled check
+    the tokens are exactly transformers' greedy ones, in fewer steps. Sampled at a low temperature
+    (it repeats itself as greedy does) without a seed: drafted for too, drafts kept, every stream
+    its max_tokens long."""
+    path, hf = ckpt
+    g = torch.Generator().manual_seed(6)
+    prompts = [torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in (7, 19)]
+    engine = _engine(path)
+    got = _run(engine, [_req(str(i), p, max_tokens=40, temperature=1.0, top_k=1) for i, p in enumerate(prompts)],
+               2000)
+    for i, p in enumerate(prompts):
+        assert [e.token_id for e in got[str(i)]] == _hf_greedy(hf, p, 40), f"prompt {i}"
+    assert engine.stats.spec_accepted_tokens_total > 0 and engine.stats.steps_total < 40
+    engine = _engine(path)
+    got = _run(engine, [_req(str(i), p, max_tokens=40, temperature=0.1) for i, p in enumerate(prompts)], 2000)
+    for i in range(len(prompts)):
+        assert [e.completion_tokens for e in got[str(i)]] == list(range(1, 41))
+        assert all(0 <= e.token_id < VOCAB for e in got[str(i)])
+    assert engine.stats.spec_accepted_tokens_total > 0 and engine.stats.steps_total < 40

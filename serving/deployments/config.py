@@ -39,7 +39,7 @@ class AppConfig:
     priority_preemption: bool = True      # a waiting interactive request takes a running batch one's slot
     prefix_caching: bool = True           # a request reuses the cached K/V of the whole KV blocks its tokens
                                           # share with earlier ones of its tenant (system prompt, earlier turns)
-    speculative_tokens: int = 0           # n-gram drafts per greedy sequence and step (serving/engine/
+    speculative_tokens: int = 0           # n-gram drafts per sequence and step (serving/engine/
                                           # speculative.py; 0 = off) ...
     speculative_max_seqs: int = 4         # ... while at most this many sequences run
     ping_pong: bool = True                # two micro-batches per step: attention overlaps the expert calls

@@ -16,7 +16,7 @@ import torch
 from serving.engine.micro_batch import forward_ping_pong
 from serving.engine.request import FinishReason, GenerationRequest, TokenEvent
 from serving.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput, Sequence
-from serving.engine.speculative import SpeculativeConfig, accept_greedy, draftable, propose
+from serving.engine.speculative import SpeculativeConfig, accept_greedy, accept_sampled, draftable, propose
 from serving.engine.step_phases import PHASES, TimedDispatch, step_phases
 from serving.model.guided import GuideCompiler, GuideMatcher, GuidedDecodingUnavailable
 from serving.model.kv_cache import KVCache
@@ -119,7 +119,7 @@ class Engine:
         # tokens in a step -> torch threads for it (torch_threads.StepThreads); None: leave them
         self.step_threads = step_threads
         self.config = config
-        self.speculative = speculative     # n-gram drafts for greedy requests at low load (speculative.py)
+        self.speculative = speculative     # n-gram drafts at low load (speculative.py)
         self.device = device
         self.kv = KVCache(model.config, config.max_num_seqs, config.max_model_len, dtype, device,
                           block_size=config.block_size, num_blocks=config.kv_blocks)
@@ -258,7 +258,7 @@ class Engine:
             seq.prompt_logits_from = pr.hi if pr.hi < seq.num_prompt - 1 else None
 
     def _propose_drafts(self) -> None:
-        """Drafts for the running greedy decodes, while few sequences run (speculative.py)."""
+        """Drafts for the running decodes that can take them, while few sequences run (speculative.py)."""
         running, sc = self.scheduler.running, self.speculative
         if len(running) > sc.max_seqs:
             return
@@ -301,9 +301,12 @@ class Engine:
 
     def _accept_drafts(self, seq: Sequence, logits_QV: torch.Tensor) -> None:
         """The tokens a sequence run with drafts gets this step: the accepted drafts, then one more
-        (speculative.accept_greedy); only their K/V count as computed (and may join the prefix cache)."""
+        (speculative.py: accept_greedy, accept_sampled); only their K/V count as computed (and may join the prefix cache)."""
         draft, seq.draft = seq.draft, ()
-        tokens = accept_greedy(draft, logits_QV)
+        sp = seq.request.sampling
+        tokens = (accept_greedy(draft, logits_QV) if sp.greedy else
+                  accept_sampled(draft, self.sampler.filtered_probs(logits_QV.float(), [sp] * len(logits_QV)),
+                                 seq.state.generator))
         accepted = len(tokens) - 1
         self.stats.spec_draft_tokens_total += len(draft)
         self.stats.spec_accepted_tokens_total += accepted

@@ -1,15 +1,25 @@
-"""Speculative decoding with n-gram (prompt lookup) drafts: the proposer and the greedy check. No model.
+"""Speculative decoding with n-gram (prompt lookup) drafts: the proposer and the checks. No model.
 
 A decoding sequence whose last n tokens (n = max_ngram .. min_ngram) occurred earlier in its own
 prompt or output is proposed the k tokens that followed that occurrence (vLLM's "ngram" /
 prompt-lookup decoding; no draft model). The engine runs the sequence's last token and the k
-drafts through the model in one step, as a chunk of k + 1 tokens, and keeps the drafts the model
-itself would have produced: greedy, draft i is accepted while it equals the argmax after the
-tokens before it, and the argmax at the first mismatch (or after the last draft) is one more
-token. The output is exactly what one token a step would give (tests: against transformers'
-greedy), in up to k + 1 tokens a step: code, quotes, lists and repetitive text repeat themselves.
+drafts through the model in one step, as a chunk of k + 1 tokens, and keeps a prefix of the drafts
+plus one more token, so a step yields 1 to k + 1 tokens: code, quotes, lists and repetitive text
+repeat themselves.
 
-Only greedy requests without anything that reshapes the logits (penalties, logit_bias, min_tokens,
+- Greedy (`accept_greedy`): draft i is kept while it equals the argmax after the tokens before it;
+  the argmax at the first mismatch (or after the last draft) is one more token. The output is
+  exactly what one token a step would give (tests: against transformers' greedy).
+- Sampled (`accept_sampled`, temperature > 0 with top-k / top-p): speculative sampling (Leviathan
+  et al. 2023, Chen et al. 2023) with a draft that proposes one token for certain. Draft i is kept
+  with probability p_i(d_i), p_i the request's distribution (temperature, top-k, top-p) after the
+  tokens before it; the first one rejected is replaced by a sample of p_i without d_i (the
+  residual max(0, p_i - onehot(d_i)), renormalized); after the last kept draft one more is sampled
+  from p. Each token is distributed exactly as sampling one token a step (tests: the frequencies).
+  Only requests without a seed: a seeded request's tokens are a function of its seed, whether the
+  engine drafted for it or not (drafting depends on how many sequences run), so it is never drafted.
+
+Only requests without anything else that reshapes the logits (penalties, logit_bias, min_tokens,
 guided decoding) or asks for logprobs are drafted for, and only while at most `max_seqs`
 sequences run: a step's cost grows with its rows once the batch is wide, while at a few sequences
 a decode step streams the weights and the extra rows ride along.
@@ -46,10 +56,12 @@ class SpeculativeConfig:
 
 
 def draftable(sp: SamplingParams) -> bool:
-    """Whether a request's next tokens are the plain argmax of the model's logits (nothing else to
-    reproduce in the check)."""
-    return (sp.temperature == 0 and not sp.biased and sp.guide is None and sp.min_tokens == 0
-            and not sp.logprobs and not sp.top_logprobs)
+    """Whether a request's next tokens can be checked against drafts: greedy, or sampled from the
+    model's distribution (temperature, top-k, top-p) without a seed; nothing else reshaping the
+    logits, no logprobs (module doc)."""
+    plain = (not sp.biased and sp.guide is None and sp.min_tokens == 0 and not sp.logprobs
+             and not sp.top_logprobs)
+    return plain and (sp.greedy or sp.seed is None)
 
 
 def propose(tokens: Sequence[int], k: int, cfg: SpeculativeConfig) -> tuple[int, ...]:
@@ -78,4 +90,25 @@ def accept_greedy(draft: Sequence[int], logits_QV: torch.Tensor) -> list[int]:
             break
         out.append(d)
     out.append(target[len(out)])
+    return out
+
+
+def accept_sampled(draft: Sequence[int], probs_QV: torch.Tensor,
+                   generator: torch.Generator | None = None) -> list[int]:
+    """The tokens a sampled step over [last token, drafts] yields (module doc): draft i kept with
+    probability p_i(d_i); the first rejected one replaced by a sample of the residual; after the
+    last kept one, a sample of p. probs_QV: the request's distribution after each input position,
+    Q = len(draft) + 1 (Sampler.filtered_probs)."""
+    u = torch.rand(len(draft), generator=generator).tolist()
+    out = []
+    for i, d in enumerate(draft):
+        p_V = probs_QV[i]
+        if u[i] < float(p_V[d]):
+            out.append(d)
+            continue
+        residual_V = p_V.clone()
+        residual_V[d] = 0.0                 # max(0, p - onehot(d)): p elsewhere, 0 at d (p(d) < 1 here)
+        out.append(int(torch.multinomial(residual_V, 1, generator=generator)[0]))
+        return out
+    out.append(int(torch.multinomial(probs_QV[len(draft)], 1, generator=generator)[0]))
     return out

@@ -65,12 +65,14 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--slo", default=None,
                         help="goodput bounds in seconds, e.g. ttft=0.5,tpot=0.1 (also e2e, itl)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--temperature", type=float, default=0.0,
+                        help="every request's (default: 0, greedy); sampled requests carry no seed")
     parser.add_argument("--repetition-penalty", type=float, default=None,
                         help="every request's (default: off), to measure what penalties cost")
     parser.add_argument("--frequency-penalty", type=float, default=0.0, help="every request's (default: off)")
     parser.add_argument("--presence-penalty", type=float, default=0.0, help="every request's (default: off)")
     parser.add_argument("--speculative-tokens", type=int, default=0, metavar="K",
-                        help="--in-process: n-gram drafts per greedy sequence and step while at most 4 run "
+                        help="--in-process: n-gram drafts per sequence and step while at most 4 run "
                              "(serving/engine/speculative.py); 0 = off")
     parser.add_argument("--prompt-logprobs", type=int, default=None, metavar="K",
                         help="every request scores its prompt (GenerateRequest.prompt_logprobs, K most likely "
@@ -142,9 +144,10 @@ def _check(args: argparse.Namespace) -> None:
 
 
 def sampling_fields(args: argparse.Namespace) -> dict[str, float]:
-    """The penalty flags and --prompt-logprobs as request / SamplingParams fields (only those set:
-    the two share their names)."""
-    out = {k: getattr(args, k) for k in ("presence_penalty", "frequency_penalty") if getattr(args, k)}
+    """--temperature, the penalty flags and --prompt-logprobs as request / SamplingParams fields
+    (the penalties and prompt_logprobs only where set; the two share their names)."""
+    out = {"temperature": args.temperature}
+    out.update({k: getattr(args, k) for k in ("presence_penalty", "frequency_penalty") if getattr(args, k)})
     for k in ("repetition_penalty", "prompt_logprobs"):
         if getattr(args, k) is not None:
             out[k] = getattr(args, k)
@@ -195,7 +198,7 @@ async def _bench_grpc(args: argparse.Namespace, prompts: list[list[int]]
 
     def make(i: int, max_tokens: int = args.max_tokens, tag: str = "bench") -> tuple[Any, str]:
         return build_request(prompt_ids=prompts[i % len(prompts)], max_tokens=max_tokens,
-                             temperature=0.0, priority=args.priority,
+                             priority=args.priority,
                              request_id=f"{tag}-{i}", **fields), args.priority
 
     from serving.client import caller_token

@@ -147,7 +147,7 @@ class Sampler:
         sampled = [i for i, p in enumerate(params) if not p.greedy]
         if sampled:
             rows = torch.tensor(sampled, device=logits_BV.device)
-            probs_SV = self._filtered_probs(logits_BV[rows], [params[i] for i in sampled])
+            probs_SV = self.filtered_probs(logits_BV[rows], [params[i] for i in sampled])
             for j, i in enumerate(sampled):
                 token_ids_B[i] = torch.multinomial(probs_SV[j], 1, generator=generators[i])[0]
         # log_softmax at the chosen token only, for the rows that want it: no [B, V] log-prob tensor
@@ -222,7 +222,9 @@ class Sampler:
             flat[keys.to(dev)] -= (per_key(freq, out)[first] * counts + per_key(pres, out)[first]).to(dev)
 
     @staticmethod
-    def _filtered_probs(logits_SV: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+    def filtered_probs(logits_SV: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+        """The distribution each row samples from [S, V]: softmax(logits / temperature) after top-k
+        and top-p (rows with temperature > 0)."""
         dev, V = logits_SV.device, logits_SV.shape[-1]
         temp_S1 = torch.tensor([p.temperature for p in params], device=dev)[:, None]
         logits_SV = logits_SV / temp_S1
