@@ -216,6 +216,9 @@ def test_tritonclient_through_the_proxy(serve_target):
         with pytest.raises(InferenceServerException) as ei:
             client.infer("echo", [prompt], request_id="busy-k", headers=moe)
         assert ei.value.status() == "StatusCode.RESOURCE_EXHAUSTED" and "retry after 250 ms" in ei.value.message()
+        (stats,) = client.get_inference_statistics("echo", headers=moe).model_stats     # Triton's statistics
+        assert stats.name == "echo" and stats.inference_stats.success.count >= 1
+        assert stats.inference_stats.fail.count >= 2          # the invalid and the shed one (one replica)
 
         # both requests run at once: on `tenants`, chat (1 in flight) is shed by its quota first
         chat = {"application": "tenants", "authorization": f"Bearer {CHAT_TOKEN}"}

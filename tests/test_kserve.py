@@ -175,9 +175,37 @@ def test_model_config_and_repository_index_as_tritonclient_reads_them(h, triton)
     h.service.ready = False
     assert [m.state for m in triton.get_model_repository_index().models] == ["UNAVAILABLE"]
     h.service.ready = True
-    with pytest.raises(InferenceServerException) as ei:       # not offered: said so, not INTERNAL
-        triton.get_inference_statistics(MODEL)
-    assert ei.value.status() == "StatusCode.UNIMPLEMENTED"
+
+
+def test_model_statistics_count_what_this_server_answered(h, triton):
+    """Triton's ModelStatistics as tritonclient reads it (perf_analyzer reads it before and after a
+    measurement): requests answered in full and failed ones (an overloaded call, an in-band stream
+    failure), with their cumulative time; unknown models NOT_FOUND; "" = every model."""
+    assert "statistics" in triton.get_server_metadata().extensions
+    (zero,) = triton.get_inference_statistics(MODEL).model_stats
+    assert (zero.name, zero.version, zero.inference_count, zero.last_inference) == (MODEL, "1", 0, 0)
+    before_ms = time.time() * 1000
+    for i in range(3):
+        triton.infer(MODEL, [_bytes_input("text_input", "hi")], request_id=f"ok-{i}", parameters={"max_tokens": 2})
+    with pytest.raises(InferenceServerException):
+        triton.infer(MODEL, [_bytes_input("text_input", "hi")], request_id="busy-1")        # shed
+    results: queue.Queue = queue.Queue()
+    triton.start_stream(callback=lambda result, error: results.put((result, error)))
+    triton.async_stream_infer(MODEL, [_bytes_input("text_input", "hi"), _bool_input("stream", True)],
+                              request_id="s-1", parameters={"max_tokens": 2})
+    triton.async_stream_infer(MODEL, [_bytes_input("text_input", "hi")], request_id="busy-2")
+    assert len(_drain(results, 3)) == 3                # two streamed chunks, one in-band failure
+    triton.stop_stream()
+    (stats,) = triton.get_inference_statistics(MODEL, "1").model_stats
+    inf = stats.inference_stats
+    assert (stats.inference_count, stats.execution_count, inf.success.count, inf.fail.count) == (4, 4, 4, 2)
+    assert inf.success.ns > 0 and inf.fail.ns > 0
+    assert before_ms <= stats.last_inference <= time.time() * 1000
+    assert [m.name for m in triton.get_inference_statistics("").model_stats] == [MODEL]
+    for name, version in (("other", ""), (MODEL, "2")):
+        with pytest.raises(InferenceServerException) as ei:
+            triton.get_inference_statistics(name, version)
+        assert ei.value.status() == "StatusCode.NOT_FOUND"
 
 
 # ---- ModelInfer ---------------------------------------------------------------------------------

@@ -45,8 +45,8 @@ sampling field's own name when the engine's validation rejects its value); RESOU
 retry pushback; UNAVAILABLE while draining; UNAUTHENTICATED with tenants. Also NOT_FOUND for a
 model name or version this server does not serve. ModelStreamInfer answers a failed request
 in-band (`error_message` "<CODE>: <details>", the request's id in `infer_response`) and goes on
-with the stream's other requests. ServerLive/Ready, ModelReady and the metadata need no token,
-like grpc.health.v1.
+with the stream's other requests. ServerLive/Ready, ModelReady, the metadata and ModelStatistics
+(this replica's counts: InferenceCounts) need no token, like grpc.health.v1.
 
 Every generation goes through GenerateService (auth, validation, tenant quotas, engine,
 metrics): a KServe request becomes a moe_serving.v1.GenerateRequest first, or, when its tensors
@@ -60,6 +60,7 @@ import json
 import logging
 import math
 import struct
+import time
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
@@ -132,6 +133,29 @@ _FINISH_NAMES = {pb2.FINISH_REASON_STOP: "stop", pb2.FINISH_REASON_LENGTH: "leng
 #: GenerateRequest fields that a KServe caller knows by another name (validation's details start
 #: with the field).
 _KSERVE_FIELD = {"prompt": "inputs[text_input]", "request_id": "id"}
+
+
+@dataclass(kw_only=True, slots=True)
+class InferenceCounts:
+    """The inference requests for the model one KServeService (one replica) has answered since it
+    started: Triton's ModelStatistics. Success: answered in full; fail: ended with an error status
+    (in band on a stream, or the call's); a request whose client went away counts in neither.
+    Durations are cumulative ns from receipt to the last response."""
+    success_count: int = 0
+    success_ns: int = 0
+    fail_count: int = 0
+    fail_ns: int = 0
+    last_inference_ms: int = 0             # when the last one ended, ms since the epoch
+
+    def record(self, ok: bool, since_ns: int) -> None:
+        ns = time.monotonic_ns() - since_ns
+        if ok:
+            self.success_count += 1
+            self.success_ns += ns
+        else:
+            self.fail_count += 1
+            self.fail_ns += ns
+        self.last_inference_ms = int(time.time() * 1000)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -322,6 +346,7 @@ class KServeService:
     def __init__(self, service: GenerateService, model_name: str):
         self.service = service
         self.model_name = model_name
+        self.counts = InferenceCounts()
 
     # ---- health and metadata -----------------------------------------------------------------
 
@@ -337,7 +362,7 @@ class KServeService:
         return kserve.ModelReadyResponse(ready=ready)
 
     def server_metadata(self, request: Any, grpc_context: Any = None) -> Any:
-        return kserve.ServerMetadataResponse(name=SERVER_NAME, version=_package_version(), extensions=[])
+        return kserve.ServerMetadataResponse(name=SERVER_NAME, version=_package_version(), extensions=["statistics"])
 
     def model_metadata(self, request: Any, grpc_context: Any = None) -> Any:
         if not self._served_model(kserve.ModelMetadataRequest, request, grpc_context):
@@ -374,6 +399,24 @@ class KServeService:
             name=self.model_name, version=MODEL_VERSION, state="READY" if ready else "UNAVAILABLE",
             reason="" if ready else "the server is starting or draining")])
 
+    def model_statistics(self, request: Any, grpc_context: Any = None) -> Any:
+        """Triton's ModelStatistics for this model (name "" asks for every model: this one), as
+        counted by the replica answering (InferenceCounts; each replica counts its own, as each
+        Triton server does behind a balancer). inference_count = execution_count = the requests
+        answered in full (one prompt each; the engine batches continuously, not per request)."""
+        req = self._parse(kserve.ModelStatisticsRequest, request, grpc_context)
+        if req is None:
+            return kserve.ModelStatisticsResponse()
+        if (req.name or req.version) and not self._serves(req.name or self.model_name, req.version):
+            _fail(grpc_context, grpc.StatusCode.NOT_FOUND, self._unknown(req.name or self.model_name, req.version))
+            return kserve.ModelStatisticsResponse()
+        c, duration = self.counts, kserve.StatisticDuration
+        return kserve.ModelStatisticsResponse(model_stats=[kserve.ModelStatistics(
+            name=self.model_name, version=MODEL_VERSION, last_inference=c.last_inference_ms,
+            inference_count=c.success_count, execution_count=c.success_count,
+            inference_stats=kserve.InferStatistics(success=duration(count=c.success_count, ns=c.success_ns),
+                                                   fail=duration(count=c.fail_count, ns=c.fail_ns)))])
+
     # ---- inference --------------------------------------------------------------------------
 
     async def model_infer(self, request: Any, grpc_context: Any = None) -> Any:
@@ -388,13 +431,16 @@ class KServeService:
             return kserve.ModelInferResponse()
         status = _RequestStatus(grpc_context)
         progress = _Progress()
+        since = time.monotonic_ns()
         try:
             async with aclosing(self.service.generate(plan.request, status, "ModelInfer")) as chunks:
                 async for chunk in chunks:
                     self._advance(progress, chunk)
         except RpcAbort:
+            self.counts.record(False, since)
             _fail(grpc_context, status.code, status.details, status.trailers)
             return kserve.ModelInferResponse()
+        self.counts.record(True, since)
         return self._response(plan, plan.prompt_prefix + "".join(progress.text), progress)
 
     async def model_stream_infer(self, requests: AsyncIterator[Any], grpc_context: Any = None
@@ -458,6 +504,7 @@ class KServeService:
         status = _RequestStatus(grpc_context)
         progress = _Progress()
         prefix = plan.prompt_prefix
+        since = time.monotonic_ns()
         try:
             async with aclosing(self.service.generate(plan.request, status, "ModelStreamInfer")) as chunks:
                 async for chunk in chunks:
@@ -468,9 +515,11 @@ class KServeService:
                             plan, prefix + chunk.text, progress, final=last and not plan.empty_final))
                         prefix = ""
         except RpcAbort:
+            self.counts.record(False, since)
             yield wrap(error_message=f"{status.code_name}: {status.details}",
                        infer_response=self._empty(plan.request_id))
             return
+        self.counts.record(True, since)
         if not plan.stream:
             yield wrap(infer_response=self._response(plan, prefix + "".join(progress.text), progress,
                                                      final=not plan.empty_final))

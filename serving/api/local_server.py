@@ -67,6 +67,9 @@ class LocalKServeServicer:
     async def RepositoryIndex(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         return self.kserve.repository_index(request, context)
 
+    async def ModelStatistics(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        return self.kserve.model_statistics(request, context)
+
     async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         return await self.kserve.model_infer(request, context)
 

@@ -101,6 +101,9 @@ class GrpcFace:
         await self.probe_ready()
         return self.kserve.repository_index(request, grpc_context)
 
+    async def ModelStatistics(self, request: Any, grpc_context: Any = None) -> Any:
+        return self.kserve.model_statistics(request, grpc_context)
+
     async def ModelInfer(self, request: Any, grpc_context: Any = None) -> Any:
         return await self.kserve.model_infer(request, grpc_context)
 
