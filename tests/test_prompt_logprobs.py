@@ -87,3 +87,16 @@ def test_prompt_logprobs_over_chunks_preemption_and_a_warm_prefix_cache(ckpt):
         assert events[str(i)][0].cached_tokens == 0                    # the cache was not used for them
     again = _run(engine, [_req("again", prompts[0])])["again"]
     assert again[0].cached_tokens > 0                                  # but it still serves the others
+
+
+def test_prompt_logprobs_are_computed_a_few_rows_at_a_time(ckpt, monkeypatch):
+    """The logprobs of a step's prompt rows are taken PROMPT_LOGPROB_ROWS at a time (no second
+    [rows, vocab] tensor): with 7 at a time, prompts of 40 and 23 tokens in one step still match."""
+    import serving.engine.engine as engine_module
+    monkeypatch.setattr(engine_module, "PROMPT_LOGPROB_ROWS", 7)
+    path, hf = ckpt
+    g = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in (40, 23)]
+    events = _run(_engine(path), [_req("a", prompts[0], k=2), _req("b", prompts[1], k=0)])
+    _check(events["a"], hf, prompts[0], 2)
+    _check(events["b"], hf, prompts[1], 0)

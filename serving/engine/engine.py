@@ -27,6 +27,7 @@ from serving.model.tokenizer import IncrementalDetokenizer, Tokenizer
 
 Emit = Callable[[TokenEvent], None]
 log = logging.getLogger(__name__)
+PROMPT_LOGPROB_ROWS = 256     # prompt_logprobs: rows of a step's logits turned into logprobs at a time
 
 
 @dataclass(slots=True)
@@ -244,17 +245,21 @@ class Engine:
 
     @staticmethod
     def _record_prompt_logprobs(extra: list[PromptRows], logits_XV: torch.Tensor) -> None:
-        """Each prompt token's logprob under the raw model (and the k most likely at its position)."""
-        logprobs_XV = logits_XV.float().log_softmax(dim=-1)
+        """Each prompt token's logprob under the raw model (and the k most likely at its position),
+        PROMPT_LOGPROB_ROWS rows at a time: the log_softmax of a step's whole [X, V] would be a
+        second copy of its logits (a 2048-token chunk at a 128k vocab: 1 GiB in fp32)."""
         for pr in extra:
             seq, st = pr.seq, pr.seq.state
-            lp_hV = logprobs_XV[pr.first:pr.first + pr.hi - pr.lo]
-            targets_h = torch.tensor(seq.token_ids[pr.lo + 1:pr.hi + 1], dtype=torch.int64)
-            st.prompt_logprobs.extend(lp_hV.gather(1, targets_h[:, None])[:, 0].tolist())
             k = seq.request.sampling.prompt_logprobs
-            if k:
-                vals, ids = lp_hV.topk(min(k, lp_hV.shape[1]), dim=-1)
-                st.prompt_top.extend((tuple(i), tuple(v)) for i, v in zip(ids.tolist(), vals.tolist()))
+            for lo in range(pr.lo, pr.hi, PROMPT_LOGPROB_ROWS):
+                hi = min(lo + PROMPT_LOGPROB_ROWS, pr.hi)
+                row = pr.first + lo - pr.lo
+                lp_hV = logits_XV[row:row + hi - lo].float().log_softmax(dim=-1)
+                targets_h = torch.tensor(seq.token_ids[lo + 1:hi + 1], dtype=torch.int64)
+                st.prompt_logprobs.extend(lp_hV.gather(1, targets_h[:, None])[:, 0].tolist())
+                if k:
+                    vals, ids = lp_hV.topk(min(k, lp_hV.shape[1]), dim=-1)
+                    st.prompt_top.extend((tuple(i), tuple(v)) for i, v in zip(ids.tolist(), vals.tolist()))
             seq.prompt_logits_from = pr.hi if pr.hi < seq.num_prompt - 1 else None
 
     def _propose_drafts(self) -> None:
