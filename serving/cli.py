@@ -167,6 +167,11 @@ def cmd_generate(a: argparse.Namespace) -> int:
     return run_generate(a)
 
 
+def cmd_tokenize(a: argparse.Namespace) -> int:
+    from serving.client import run_tokenize
+    return run_tokenize(a)
+
+
 def cmd_manifest(a: argparse.Namespace) -> int:
     """Print (or write) a KubeRay RayService for the Serve config with these flags (serving/kuberay.py)."""
     from serving.kuberay import SERVE_HTTP_PORT, rayservice_manifest, render
@@ -247,7 +252,7 @@ def cmd_run(a: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from serving.client import add_generate_arguments
+    from serving.client import add_generate_arguments, add_tokenize_arguments
     from serving.model.config import SUPPORTED_FAMILIES    # torch-free: every command starts fast
     parser = argparse.ArgumentParser(prog="moe-serve", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -327,6 +332,9 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("generate", help="send one request to a running cluster")
     add_generate_arguments(p)
     p.set_defaults(fn=cmd_generate)
+    p = sub.add_parser("tokenize", help="the token ids a running cluster would run for a prompt (no generation)")
+    add_tokenize_arguments(p)
+    p.set_defaults(fn=cmd_tokenize)
 
     from serving.kuberay import GRPC_PORT, METRICS_PORT
     from serving.launcher import DEFAULT_CONFIG, GRPC_INGRESSES

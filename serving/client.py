@@ -62,8 +62,6 @@ def build_request(prompt: str | None = None, prompt_ids: Sequence[int] | None = 
     optional fields. priority: "interactive", "batch" or a proto value. guided: (kind, spec) of
     GuidedDecoding, e.g. ("json_schema", schema_text), ("regex", r"\d+"), ("json_object", True),
     ("choice", ["yes", "no"]). prompt_logprobs: score the prompt (k most likely at each position too)."""
-    if sum(p is not None for p in (prompt, prompt_ids, messages)) != 1:
-        raise ValueError("give exactly one of prompt, prompt_ids or messages")
     req = pb2.GenerateRequest(top_k=top_k, stop=list(stop), request_id=request_id,
                               return_logprobs=logprobs, ignore_eos=ignore_eos,
                               presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
@@ -71,12 +69,7 @@ def build_request(prompt: str | None = None, prompt_ids: Sequence[int] | None = 
                               top_logprobs=top_logprobs, n=n,
                               priority=priority if isinstance(priority, int)
                               else _PRIORITY[priority])
-    if prompt is not None:
-        req.text = prompt
-    elif messages is not None:
-        req.chat.messages.extend(pb2.ChatMessage(role=r, content=c) for r, c in messages)
-    else:
-        req.token_ids.ids.extend(int(i) for i in prompt_ids)  # type: ignore[union-attr]
+    _set_prompt(req, prompt, prompt_ids, messages)
     if max_tokens is not None:
         req.max_tokens = max_tokens
     if temperature is not None:
@@ -93,6 +86,26 @@ def build_request(prompt: str | None = None, prompt_ids: Sequence[int] | None = 
         set_guided(req, *guided)
     if prompt_logprobs is not None:
         req.prompt_logprobs = prompt_logprobs
+    return req
+
+
+def build_tokenize_request(prompt: str | None = None, prompt_ids: Sequence[int] | None = None, *,
+                           messages: Sequence[tuple[str, str]] | None = None) -> Any:
+    """A TokenizeRequest: exactly one of prompt / prompt_ids / messages, as build_request's."""
+    return _set_prompt(pb2.TokenizeRequest(), prompt, prompt_ids, messages)
+
+
+def _set_prompt(req: Any, prompt: str | None, prompt_ids: Sequence[int] | None,
+                messages: Sequence[tuple[str, str]] | None) -> Any:
+    """Set the `prompt` oneof of a GenerateRequest or TokenizeRequest; returns it."""
+    if sum(p is not None for p in (prompt, prompt_ids, messages)) != 1:
+        raise ValueError("give exactly one of prompt, prompt_ids or messages")
+    if prompt is not None:
+        req.text = prompt
+    elif messages is not None:
+        req.chat.messages.extend(pb2.ChatMessage(role=r, content=c) for r, c in messages)
+    else:
+        req.token_ids.ids.extend(int(i) for i in prompt_ids)  # type: ignore[union-attr]
     return req
 
 
@@ -199,6 +212,14 @@ class MoEClient:
                                    timeout=timeout_s or self.timeout_s,
                                    metadata=self.metadata or None)
 
+    def tokenize(self, request: Any = None, *, timeout_s: float | None = None, **kwargs: Any) -> Any:
+        """The TokenizeResponse of a TokenizeRequest (or build_tokenize_request() arguments): the
+        prompt's token ids as Generate runs them, max_model_len, max_tokens_limit. Raises grpc.RpcError."""
+        if request is not None and kwargs:
+            raise TypeError("pass a TokenizeRequest or build_tokenize_request() arguments, not both")
+        return self._stub.Tokenize(request if request is not None else build_tokenize_request(**kwargs),
+                                   timeout=timeout_s or self.timeout_s, metadata=self.metadata or None)
+
     def health(self, service: str = "", *, timeout_s: float | None = None) -> str:
         """grpc.health.v1 status name: "SERVING", "NOT_SERVING", ... Raises grpc.RpcError."""
         resp = self._health.Check(health_pb2.HealthCheckRequest(service=service),
@@ -276,6 +297,49 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--application", default=None,
                         help="Ray Serve application name (only with several apps)")
     add_caller_arguments(parser)
+
+
+def add_tokenize_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of `moe-serve tokenize`."""
+    parser.add_argument("--target", required=True, help="HOST:PORT of the gRPC endpoint")
+    group = parser.add_mutually_exclusive_group(required=True)
+    group.add_argument("--prompt", help="prompt text")
+    group.add_argument("--prompt-ids", help="prompt token ids, comma-separated: 1,2,3 (checked against the vocabulary)")
+    group.add_argument("--message", nargs=2, action="append", metavar=("ROLE", "TEXT"),
+                       help="a chat turn, repeatable, in order: rendered by the model's chat template")
+    parser.add_argument("--json", action="store_true",
+                        help="print one JSON object: token_ids, count, max_model_len, max_tokens_limit")
+    parser.add_argument("--timeout-s", type=float, default=30.0)
+    parser.add_argument("--application", default=None, help="Ray Serve application name (only with several apps)")
+    add_caller_arguments(parser)
+
+
+def run_tokenize(args: argparse.Namespace) -> int:
+    """Run `moe-serve tokenize`; returns the exit code (as run_generate's)."""
+    try:
+        request = build_tokenize_request(
+            prompt=args.prompt, prompt_ids=_parse_ids(args.prompt_ids) if args.prompt_ids is not None else None,
+            messages=[tuple(m) for m in args.message] if args.message else None)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_INVALID
+    with MoEClient(args.target, args.timeout_s, application=args.application, tenant=args.tenant,
+                   token=caller_token(args)) as client:
+        try:
+            resp = client.tokenize(request)
+        except grpc.RpcError as e:
+            code = e.code() if hasattr(e, "code") else None
+            print(f"error: {code.name if code is not None else 'UNKNOWN'}: "
+                  f"{e.details() if hasattr(e, 'details') else e}", file=sys.stderr)
+            return _exit_code(code)
+    ids = list(resp.token_ids)
+    if args.json:
+        print(json.dumps({"token_ids": ids, "count": len(ids), "max_model_len": resp.max_model_len,
+                          "max_tokens_limit": resp.max_tokens_limit}))
+    else:
+        print(f"{len(ids)} tokens (max_model_len {resp.max_model_len}, max_tokens_limit {resp.max_tokens_limit}): "
+              + ",".join(map(str, ids)))
+    return 0
 
 
 def add_caller_arguments(parser: argparse.ArgumentParser) -> None:

@@ -104,6 +104,7 @@ def test_stream_and_unary_ok(serve_target):
         assert chunks[-1].usage.completion_tokens == 4
         done = c.complete(prompt="abc", max_tokens=4)
         assert done.text == "abca" and len(done.token_ids) == 4
+        assert len(c.tokenize(prompt="abc").token_ids) == done.usage.prompt_tokens     # Tokenize routed too
 
 
 @pytest.mark.parametrize("method", ["generate", "complete"])

@@ -412,6 +412,57 @@ def test_not_ready_rejects_and_reports_not_serving(h, client):
     assert ei.value.code() == grpc.StatusCode.UNAVAILABLE
 
 
+def test_tokenize_gives_the_ids_generate_runs_and_the_limits(h, client):
+    """Tokenize: a text prompt as Generate runs it (BOS 0, then each byte + 1), token ids checked against
+    the vocabulary, the limits; invalid prompts INVALID_ARGUMENT naming the field; a prompt too long
+    to generate from is still tokenized; draining UNAVAILABLE; nothing reaches the engine and no
+    request is recorded."""
+    resp = client.tokenize(prompt="hi")
+    assert (list(resp.token_ids), resp.max_model_len, resp.max_tokens_limit) == ([0, 105, 106], 64, 32)
+    generated = client.complete(prompt="hi", max_tokens=1, request_id="tok-1")
+    assert generated.usage.prompt_tokens == len(resp.token_ids)
+    assert list(client.tokenize(prompt_ids=[5, 6, 7]).token_ids) == [5, 6, 7]
+    assert len(client.tokenize(prompt="x" * 100).token_ids) == 101          # > max_model_len: still counted
+    for kwargs, details in ((dict(prompt=""), "prompt: text is empty"),
+                            (dict(prompt_ids=[5, 999]), "prompt.token_ids: id 999 at position 1"),
+                            (dict(messages=[("user", "hi")]), "prompt.chat: this model has no chat template")):
+        with pytest.raises(grpc.RpcError) as ei:
+            client.tokenize(**kwargs)
+        assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT and ei.value.details().startswith(details)
+    with pytest.raises(grpc.RpcError) as ei:
+        client.tokenize(pb2.TokenizeRequest())
+    assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT and ei.value.details().startswith("prompt:")
+    with grpc.insecure_channel(h.target) as channel:                       # bytes that do not parse
+        call = channel.unary_unary(f"/{SERVICE_NAME}/Tokenize", request_serializer=lambda b: b,
+                                   response_deserializer=pb2.TokenizeResponse.FromString)
+        with pytest.raises(grpc.RpcError) as ei:
+            call(b"\xff\xff", timeout=WAIT_S)
+        assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "not a valid moe_serving.v1.TokenizeRequest" in ei.value.details()
+    h.service.ready = False
+    with pytest.raises(grpc.RpcError) as ei:
+        client.tokenize(prompt="hi")
+    assert ei.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert [r.request_id for r in h.engine.requests] == ["tok-1"]
+    assert [r.request_id for r in h.wait_records(1)] == ["tok-1"]
+
+
+def test_cli_tokenize(h, capsys):
+    from serving.client import add_tokenize_arguments, run_tokenize
+
+    def tokenize(argv):
+        parser = argparse.ArgumentParser()
+        add_tokenize_arguments(parser)
+        return run_tokenize(parser.parse_args(argv))
+    assert tokenize(["--target", h.target, "--prompt", "hi", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"token_ids": [0, 105, 106], "count": 3, "max_model_len": 64,
+                                                   "max_tokens_limit": 32}
+    assert tokenize(["--target", h.target, "--prompt-ids", "7,8"]) == 0
+    assert capsys.readouterr().out == "2 tokens (max_model_len 64, max_tokens_limit 32): 7,8\n"
+    assert tokenize(["--target", h.target, "--prompt-ids", "7,999"]) == 2
+    assert "INVALID_ARGUMENT: prompt.token_ids: id 999" in capsys.readouterr().err
+
+
 def test_health_unknown_service(client):
     with pytest.raises(grpc.RpcError) as ei:
         client.health("no.such.Service")

@@ -201,6 +201,11 @@ def test_a_chat_through_the_cli_gets_the_greedy_answer_to_its_templated_prompt(c
     result = json.loads(out.stdout)
     assert result["token_ids"] == _hf_greedy(ckpt[1], ids, 8)
     assert result["usage"]["prompt_tokens"] == len(ids)
+    # `moe-serve tokenize`: the same conversation's ids, as the replica renders them, and its limits
+    out = moe_serve("tokenize", "--target", cluster["grpc_target"], *flags, "--json")
+    tokenized = json.loads(out.stdout)
+    assert tokenized["token_ids"] == ids and tokenized["count"] == len(ids)
+    assert tokenized["max_model_len"] > len(ids) and tokenized["max_tokens_limit"] >= 8
 
 
 def _metric_sum(url: str, family: str) -> float:

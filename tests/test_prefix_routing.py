@@ -121,6 +121,8 @@ def test_the_router_reads_the_prompt_of_each_request_shape():
     assert request_prompt(pickle.dumps(gRPCRequest(user_request_proto=b"\xff\x00junk")), "ModelInfer") is None
     assert request_prompt(pickle.dumps(gRPCRequest(user_request_proto=pb2.GenerateRequest()))) is None
     assert request_prompt(b"not a pickle") is None
+    tokenize = pb2.TokenizeRequest(text="a prompt, but nothing will be cached")       # routed by load
+    assert request_prompt(pickle.dumps(gRPCRequest(user_request_proto=tokenize)), "Tokenize") is None
 
 
 # -- the Serve router itself, driven through Serve's own routing loop (RequestRouter

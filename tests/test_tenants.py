@@ -364,3 +364,18 @@ def test_a_request_refused_before_identification_is_recorded_unidentified(th):
     th.service.record_refused("ModelInfer", grpc.StatusCode.NOT_FOUND, "nf-1")
     (rec,) = th.wait_records(1)
     assert (rec.request_id, rec.status, rec.method, rec.tenant) == ("nf-1", "NOT_FOUND", "ModelInfer", "unidentified")
+
+
+def test_tokenize_is_authenticated_as_generate_and_spends_no_quota(th):
+    """Tokenize needs the bearer token Generate needs; with it, it answers while the tenant's one
+    request in flight holds its whole quota, and is recorded as no request."""
+    with MoEClient(th.target, WAIT_S) as c:
+        with pytest.raises(grpc.RpcError) as ei:
+            c.tokenize(prompt="abc")
+        assert ei.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    with MoEClient(th.target, WAIT_S, token=CHAT_TOKEN) as c:
+        stream = c.generate(prompt="abc", max_tokens=4, request_id="slow-1")     # chat's 1 in flight
+        next(stream)
+        assert list(c.tokenize(prompt="abc").token_ids) == [0, 98, 99, 100]    # BOS, bytes + 1
+        assert list(stream)
+    assert [r.request_id for r in th.wait_records(1)] == ["slow-1"]

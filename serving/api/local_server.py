@@ -39,6 +39,9 @@ class LocalMoEServicer(pb2_grpc.MoEServingServicer):
     async def Complete(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         return await self.service.complete(request, context)
 
+    async def Tokenize(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        return self.service.tokenize(request, context)
+
 
 class LocalKServeServicer:
     """inference.GRPCInferenceService (serving/api/kserve.py), one method per RPC."""

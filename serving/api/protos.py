@@ -41,6 +41,7 @@ def _lenient(parse: Callable[[bytes], Any], message_type: str) -> Callable[[byte
 def register_moe_serving(servicer: Any, server: Any) -> None:
     """`pb2_grpc.add_MoEServingServicer_to_server`, but with lenient request deserializers."""
     parse = _lenient(pb2.GenerateRequest.FromString, pb2.GenerateRequest.DESCRIPTOR.full_name)
+    parse_tokenize = _lenient(pb2.TokenizeRequest.FromString, pb2.TokenizeRequest.DESCRIPTOR.full_name)
     handlers = {
         "Generate": grpc.unary_stream_rpc_method_handler(
             servicer.Generate, request_deserializer=parse,
@@ -48,6 +49,9 @@ def register_moe_serving(servicer: Any, server: Any) -> None:
         "Complete": grpc.unary_unary_rpc_method_handler(
             servicer.Complete, request_deserializer=parse,
             response_serializer=pb2.CompleteResponse.SerializeToString),
+        "Tokenize": grpc.unary_unary_rpc_method_handler(
+            servicer.Tokenize, request_deserializer=parse_tokenize,
+            response_serializer=pb2.TokenizeResponse.SerializeToString),
     }
     methods = set(pb2.DESCRIPTOR.services_by_name["MoEServing"].methods_by_name)
     if methods != set(handlers):           # the proto grew a method: register it here too

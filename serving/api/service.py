@@ -35,7 +35,7 @@ from serving.api.errors import (LOST_REPLICA_RETRY_MS, Draining, InvalidRequest,
                                  Unauthenticated, is_lost_replica, lost_replica_details, retry_trailers)
 from serving.api.protos import SERVICE_NAME, health_pb2, pb2
 from serving.api.tenants import DEFAULT_TENANT, UNIDENTIFIED_LABEL, Release, TenantGate
-from serving.api.validation import ApiLimits, Tokenizer, num_completions, validate_request
+from serving.api.validation import ApiLimits, Tokenizer, num_completions, prompt_token_ids, validate_request
 from serving.engine.async_engine import EngineCoreLost, ExpertsUnreachable
 from serving.engine.request import FinishReason, GenerationRequest, Priority, TokenEvent
 from serving.model.guided import GuidedDecodingUnavailable
@@ -189,7 +189,7 @@ class GenerateService:
     where `tenants` is set), or None.
     With `tenants` (serving/api/tenants.py) every Generate / Complete is first authenticated
     (UNAUTHENTICATED), then validated, then counted against its tenant's quota
-    (RESOURCE_EXHAUSTED) until it ends; health checks need no token.
+    (RESOURCE_EXHAUSTED) until it ends; Tokenize is authenticated only; health checks need no token.
     """
 
     def __init__(self, tokenizer: Tokenizer, limits: ApiLimits, engine: EngineClient,
@@ -295,6 +295,26 @@ class GenerateService:
             out.completions.extend(parts[i] for i in sorted(parts))       # cache hits: completion 0's)
             out.usage.completion_tokens = sum(c.usage.completion_tokens for c in parts.values())
         return out
+
+    def tokenize(self, request_pb: Any, grpc_context: Any = None) -> Any:
+        """Tokenize: the prompt's token ids as Generate would run them, and the limits a request
+        must keep. Ready and (with tenants) authenticated first, as Generate; no quota is spent and
+        nothing is recorded as a request. On failure as `complete`: the status on `grpc_context`
+        and an empty TokenizeResponse, or RpcAbort without a context."""
+        try:
+            if not self.ready:
+                raise Draining("server is not ready")
+            if self.tenants is not None:
+                self.tenants.identify(grpc_context.invocation_metadata() if grpc_context is not None else ())
+            ids = prompt_token_ids(request_pb, self.limits, self.tokenizer)
+        except Exception as exc:  # noqa: BLE001 - every failure becomes a status
+            failure = _failure_for(exc, "")
+            set_status(grpc_context, failure.code, failure.details, failure.trailers)
+            if grpc_context is None:
+                raise RpcAbort(failure.code, failure.details) from None
+            return pb2.TokenizeResponse()
+        return pb2.TokenizeResponse(token_ids=ids, max_model_len=self.limits.max_model_len,
+                                    max_tokens_limit=self.limits.max_tokens_limit)
 
     def check(self, request_pb: Any, grpc_context: Any = None) -> Any:
         """grpc.health.v1.Health/Check: "" and our service name are known."""

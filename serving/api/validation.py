@@ -103,6 +103,15 @@ def _prompt_ids(req: Any, limits: ApiLimits, tokenizer: Tokenizer) -> tuple[int,
     return ids
 
 
+def prompt_token_ids(req: Any, limits: ApiLimits, tokenizer: Tokenizer) -> tuple[int, ...]:
+    """The token ids of a request's `prompt` oneof (GenerateRequest's, TokenizeRequest's), as
+    Generate runs them; InvalidRequest naming the field if it has none, or one that does not
+    tokenize (or `req` is a MalformedRequest). Its length against the context is not checked here."""
+    if isinstance(req, MalformedRequest):
+        raise InvalidRequest(req.field, req.message)
+    return _prompt_ids(req, limits, tokenizer)
+
+
 def _max_tokens(req: Any, prompt_len: int, limits: ApiLimits) -> int:
     room = limits.max_model_len - prompt_len
     if room <= 0:

@@ -1,5 +1,5 @@
 """The gRPC face of the app: the RPC methods Ray Serve's gRPC proxy calls on the app's
-ingress deployment, by name (Generate / Complete of moe_serving.v1.MoEServing, Check / Watch
+ingress deployment, by name (Generate / Complete / Tokenize of moe_serving.v1.MoEServing, Check / Watch
 of grpc.health.v1.Health, and KServe v2's ServerLive ... ModelStreamInfer of
 inference.GRPCInferenceService), each delegating to a GenerateService or the KServeService over it.
 
@@ -63,6 +63,9 @@ class GrpcFace:
 
     async def Complete(self, request: Any, grpc_context: Any = None) -> Any:
         return await self.service.complete(request, grpc_context)
+
+    async def Tokenize(self, request: Any, grpc_context: Any = None) -> Any:
+        return self.service.tokenize(request, grpc_context)
 
     async def Check(self, request: Any, grpc_context: Any = None) -> Any:
         await self.probe_ready()

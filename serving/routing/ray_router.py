@@ -65,10 +65,9 @@ def request_prompt(arg: Any, method: str = "") -> tuple[str | tuple[int, ...], s
     ids = getattr(arg, "prompt_token_ids", None)            # GenerationRequest (handle callers)
     if ids is not None:
         return tuple(ids), getattr(arg, "cache_salt", "")
-    try:
-        which = arg.WhichOneof("prompt")                      # moe_serving.v1.GenerateRequest
-    except (AttributeError, ValueError, TypeError):
-        return None
+    if getattr(getattr(arg, "DESCRIPTOR", None), "full_name", None) != "moe_serving.v1.GenerateRequest":
+        return None            # Tokenize's request has a prompt too, but nothing gets cached
+    which = arg.WhichOneof("prompt")
     if which == "text":
         return arg.text, ""
     if which == "token_ids":
