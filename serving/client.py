@@ -241,13 +241,7 @@ class MoEClient:
 
 def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of `moe-serve generate` (the lead wires this into serving/cli.py)."""
-    parser.add_argument("--target", required=True, help="HOST:PORT of the gRPC endpoint")
-    group = parser.add_mutually_exclusive_group(required=True)
-    group.add_argument("--prompt", help="prompt text")
-    group.add_argument("--prompt-ids", help="prompt token ids, comma-separated: 1,2,3")
-    group.add_argument("--message", nargs=2, action="append", metavar=("ROLE", "TEXT"),
-                       help="a chat turn (system | user | assistant), repeatable, in order: the prompt is the "
-                            "conversation through the model's chat template")
+    add_prompt_arguments(parser)
     parser.add_argument("--max-tokens", type=int, default=None,
                         help="tokens to generate (server default: 16)")
     parser.add_argument("--temperature", type=float, default=None, help="0 = greedy")
@@ -299,14 +293,35 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     add_caller_arguments(parser)
 
 
-def add_tokenize_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of `moe-serve tokenize`."""
+def add_prompt_arguments(parser: argparse.ArgumentParser) -> None:
+    """--target and the prompt (one of --prompt, --prompt-ids, --message): generate and tokenize."""
     parser.add_argument("--target", required=True, help="HOST:PORT of the gRPC endpoint")
     group = parser.add_mutually_exclusive_group(required=True)
     group.add_argument("--prompt", help="prompt text")
-    group.add_argument("--prompt-ids", help="prompt token ids, comma-separated: 1,2,3 (checked against the vocabulary)")
+    group.add_argument("--prompt-ids", help="prompt token ids, comma-separated: 1,2,3")
     group.add_argument("--message", nargs=2, action="append", metavar=("ROLE", "TEXT"),
-                       help="a chat turn, repeatable, in order: rendered by the model's chat template")
+                       help="a chat turn (system | user | assistant), repeatable, in order: the prompt is the "
+                            "conversation through the model's chat template")
+
+
+def _prompt_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """add_prompt_arguments' flags as build_request / build_tokenize_request arguments."""
+    return {"prompt": args.prompt,
+            "prompt_ids": _parse_ids(args.prompt_ids) if args.prompt_ids is not None else None,
+            "messages": [tuple(m) for m in args.message] if args.message else None}
+
+
+def _report_rpc_error(e: grpc.RpcError) -> int:
+    """Print "error: CODE: details" to stderr; the exit code for it."""
+    code = e.code() if hasattr(e, "code") else None
+    details = e.details() if hasattr(e, "details") else str(e)
+    print(f"error: {code.name if code is not None else 'UNKNOWN'}: {details}", file=sys.stderr)
+    return _exit_code(code)
+
+
+def add_tokenize_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of `moe-serve tokenize`."""
+    add_prompt_arguments(parser)
     parser.add_argument("--json", action="store_true",
                         help="print one JSON object: token_ids, count, max_model_len, max_tokens_limit")
     parser.add_argument("--timeout-s", type=float, default=30.0)
@@ -317,9 +332,7 @@ def add_tokenize_arguments(parser: argparse.ArgumentParser) -> None:
 def run_tokenize(args: argparse.Namespace) -> int:
     """Run `moe-serve tokenize`; returns the exit code (as run_generate's)."""
     try:
-        request = build_tokenize_request(
-            prompt=args.prompt, prompt_ids=_parse_ids(args.prompt_ids) if args.prompt_ids is not None else None,
-            messages=[tuple(m) for m in args.message] if args.message else None)
+        request = build_tokenize_request(**_prompt_fields(args))
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_INVALID
@@ -328,10 +341,7 @@ def run_tokenize(args: argparse.Namespace) -> int:
         try:
             resp = client.tokenize(request)
         except grpc.RpcError as e:
-            code = e.code() if hasattr(e, "code") else None
-            print(f"error: {code.name if code is not None else 'UNKNOWN'}: "
-                  f"{e.details() if hasattr(e, 'details') else e}", file=sys.stderr)
-            return _exit_code(code)
+            return _report_rpc_error(e)
     ids = list(resp.token_ids)
     if args.json:
         print(json.dumps({"token_ids": ids, "count": len(ids), "max_model_len": resp.max_model_len,
@@ -411,9 +421,7 @@ def run_generate(args: argparse.Namespace) -> int:
     """Run `moe-serve generate`; returns the exit code (0 ok, 2 invalid, 3 retryable, 1)."""
     try:
         request = build_request(
-            prompt=args.prompt,
-            prompt_ids=_parse_ids(args.prompt_ids) if args.prompt_ids is not None else None,
-            messages=[tuple(m) for m in args.message] if args.message else None,
+            **_prompt_fields(args),
             max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
             top_k=args.top_k, seed=args.seed, stop=args.stop, priority=args.priority,
             request_id=args.request_id, logprobs=args.logprobs, ignore_eos=args.ignore_eos,
@@ -447,13 +455,9 @@ def run_generate(args: argparse.Namespace) -> int:
                     _merge_prompt(results[0], done)
                 results.setdefault(0, _empty_result())["request_id"] = done.request_id
         except grpc.RpcError as e:
-            code = e.code() if hasattr(e, "code") else None
-            name = code.name if code is not None else "UNKNOWN"
-            details = e.details() if hasattr(e, "details") else str(e)
             if args.stream and not args.json:
                 sys.stdout.write("\n")
-            print(f"error: {name}: {details}", file=sys.stderr)
-            return _exit_code(code)
+            return _report_rpc_error(e)
     for i, r in results.items():
         prompt_lp, prompt_top = r.pop("prompt_logprobs"), r.pop("prompt_top_logprobs")
         if args.prompt_logprobs is not None and i == 0:
