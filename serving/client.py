@@ -111,10 +111,11 @@ def _set_prompt(req: Any, prompt: str | None, prompt_ids: Sequence[int] | None,
 
 def continuation(request: Any, received: Sequence[int]) -> Any | None:
     """The request for the rest of `request` once `received` tokens came back: prompt = its
-    token ids + received, max_tokens and min_tokens = what is left of them. None if it cannot be
+    token ids + received, max_tokens and min_tokens = what is left of them, resumed_tokens = how
+    many of the prompt's ids were received (so the server goes on as the undisturbed stream would:
+    penalties, seeded sampling, stop strings; GenerateRequest.resumed_tokens). None if it cannot be
     resumed (a text prompt, max_tokens unset, n > 1 completions, guided decoding: its grammar would
-    start over) or nothing is left. (presence / frequency penalties then count only the tokens
-    generated after the resume: the received ones are prompt.)"""
+    start over) or nothing is left."""
     if (request.WhichOneof("prompt") != "token_ids" or not request.HasField("max_tokens") or request.n > 1
             or request.HasField("guided")):
         return None
@@ -126,6 +127,7 @@ def continuation(request: Any, received: Sequence[int]) -> Any | None:
     rest.token_ids.ids.extend(int(t) for t in received)
     rest.max_tokens = left
     rest.min_tokens = max(0, request.min_tokens - len(received))
+    rest.resumed_tokens = len(received)
     if received:                   # the prompt's logprobs came with the first token: not again
         rest.ClearField("prompt_logprobs")
     return rest
@@ -174,10 +176,11 @@ class MoEClient:
         or was draining) or a stream reset by the server's side (CANCELLED; see _RESUMABLE), each
         after the delay the status asks for (at most 5 s; 1 s if it names none). The rest is
         asked for as a new request whose prompt is the prompt's ids plus the tokens already
-        received, with max_tokens what is left (`continuation`), so the stream carries on where it
-        stopped: greedy decoding gives exactly the tokens of an undisturbed run; sampling goes on
-        from a fresh random state. Only a token-id prompt with max_tokens set can be resumed (a text
-        prompt's ids are not known here), and a stop string split across the break is not seen.
+        received, with max_tokens what is left and resumed_tokens how many were received
+        (`continuation`), so the stream carries on where it stopped: greedy decoding, and seeded
+        sampling, give exactly the tokens of an undisturbed run (penalties and stop strings as
+        well); unseeded sampling goes on with fresh randomness. Only a token-id prompt with
+        max_tokens set can be resumed (a text prompt's ids are not known here).
         The rest comes from whatever the endpoint serves then (after a `redeploy`, the new model).
         The last chunk's usage counts as one request: the prompt's tokens, and all generated.
 

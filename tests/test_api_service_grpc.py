@@ -361,7 +361,7 @@ def test_a_continuation_does_not_ask_for_the_prompt_logprobs_again():
 def test_continuation_asks_for_what_is_left():
     req = build_request(prompt_ids=[1, 2], max_tokens=5, temperature=0.5, seed=3, request_id="r")
     rest = continuation(req, [7, 8])
-    assert list(rest.token_ids.ids) == [1, 2, 7, 8] and rest.max_tokens == 3
+    assert list(rest.token_ids.ids) == [1, 2, 7, 8] and rest.max_tokens == 3 and rest.resumed_tokens == 2
     assert (rest.temperature, rest.seed, rest.request_id) == (0.5, 3, "r")
     assert list(req.token_ids.ids) == [1, 2] and req.max_tokens == 5        # the original is untouched
     assert continuation(req, [7] * 5) is None                             # nothing left

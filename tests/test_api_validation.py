@@ -224,3 +224,20 @@ def test_cheap_checks_run_before_tokenizing():
             raise AssertionError("tokenized a request that was already invalid")
     with pytest.raises(InvalidRequest):
         validate_request(build_request("a", top_k=-1), LIMITS, Exploding())
+
+
+def test_resumed_tokens():
+    """A resumed stream's continuation: the prompt's last resumed_tokens ids were its output."""
+    req = build_request(prompt_ids=[5, 6, 7, 8], max_tokens=3)
+    assert check(req).resumed_tokens == 0
+    req.resumed_tokens = 3
+    assert check(req).resumed_tokens == 3
+    for value in (4, -1):                            # the whole prompt, or less than nothing
+        req.resumed_tokens = value
+        invalid(req, "resumed_tokens", "must be in [0, 4)")
+    many = build_request(prompt_ids=[5, 6, 7], max_tokens=3, n=2)
+    many.resumed_tokens = 1
+    invalid(many, "resumed_tokens", "n > 1")
+    guided = build_request(prompt_ids=[5, 6, 7], max_tokens=3, guided=("regex", "a+"))
+    guided.resumed_tokens = 1
+    invalid(guided, "resumed_tokens", "guided decoding")

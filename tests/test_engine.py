@@ -190,3 +190,41 @@ def test_a_checkpoint_with_a_hot_expert_routes_most_tokens_to_it(tmp_path, hot):
         per_expert = torch.tensor(counts_SE).sum(0).float()
         share0 = float(per_expert[0] / per_expert.sum())   # top-2 of 4: uniform is 0.25, always-picked is 0.5
         assert (share0 > 0.45) if hot else (0.1 < share0 < 0.4), (layer, per_expert.tolist())
+
+
+def test_a_resumed_request_goes_on_as_the_undisturbed_one(ckpt):
+    """A stream broken after `cut` tokens and resumed (prompt + those tokens, resumed_tokens=cut,
+    max_tokens what is left: serving/client.py continuation) gives the undisturbed stream's
+    remaining tokens and text, seeded sampling with presence / frequency penalties included, and
+    stops where it would have at a stop string spanning the break. Without resumed_tokens it
+    would not (the penalties and the seeded draws would start over)."""
+    path, _ = ckpt
+    g = torch.Generator().manual_seed(21)
+    prompt = torch.randint(3, VOCAB, (12,), generator=g).tolist()
+    sp = dict(temperature=0.9, top_p=0.95, seed=5, presence_penalty=0.8, frequency_penalty=0.5)
+    whole = _run(_engine(path), [_req("w", prompt, max_tokens=30, **sp)])["w"]
+    ids = [e.token_id for e in whole]
+    text = "".join(e.text_delta for e in whole)
+
+    def resumed(cut: int, resumed_tokens: int, **extra) -> list:
+        req = GenerationRequest(request_id="r", prompt_token_ids=tuple(prompt + ids[:cut]), resumed_tokens=resumed_tokens,
+                                sampling=SamplingParams(max_tokens=30 - cut, ignore_eos=True, **sp, **extra))
+        return _run(_engine(path), [req])["r"]
+
+    for cut in (1, 9, 17):
+        rest = resumed(cut, cut)
+        assert [e.token_id for e in rest] == ids[cut:], cut
+        assert "".join(e.text_delta for e in whole[:cut]) + "".join(e.text_delta for e in rest) == text, cut
+        assert rest[-1].completion_tokens == 30 - cut
+    assert [e.token_id for e in resumed(9, 0)] != ids[9:]             # the old way: not the same stream
+    # a stop string whose first characters came before the break
+    cut = next(c for c in range(4, 28) if len(sent := "".join(e.text_delta for e in whole[:c])) >= 2
+               and len(text) >= len(sent) + 2 and text.find(text[len(sent) - 2:len(sent) + 2]) == len(sent) - 2)
+    sent = "".join(e.text_delta for e in whole[:cut])
+    stop = text[len(sent) - 2:len(sent) + 2]
+    stopped = _run(_engine(path), [_req("s", prompt, max_tokens=30, stop=(stop,), **sp)])["s"]
+    assert stopped[-1].finish_reason is FinishReason.STOP and len(stopped) > cut
+    rest = resumed(cut, cut, stop=(stop,))
+    assert [e.token_id for e in rest] == [e.token_id for e in stopped[cut:]]
+    assert rest[-1].finish_reason is FinishReason.STOP
+    assert sent + "".join(e.text_delta for e in rest) == "".join(e.text_delta for e in stopped)

@@ -318,4 +318,22 @@ def validate_request(req: Any, limits: ApiLimits, tokenizer: Tokenizer, *,
         sampling=SamplingParams(max_tokens=max_tokens, **sampling),
         priority=priority,
         arrival_time=time.time() if arrival_time is None else arrival_time,
+        resumed_tokens=_resumed_tokens(req, len(prompt), sampling["guide"] is not None),
     )
+
+
+def _resumed_tokens(req: Any, prompt_len: int, guided: bool) -> int:
+    """GenerateRequest.resumed_tokens: fewer than the prompt's tokens; not with n > 1 or guided
+    decoding (a grammar's state is not resumed)."""
+    r = int(getattr(req, "resumed_tokens", 0))
+    if r == 0:
+        return 0
+    if not 0 < r < prompt_len:
+        raise InvalidRequest("resumed_tokens", f"{r} must be in [0, {prompt_len}) (the prompt's "
+                             f"{prompt_len} tokens end with the resumed output)")
+    if int(req.n) > 1:
+        raise InvalidRequest("resumed_tokens", "cannot be combined with n > 1")
+    if guided:
+        raise InvalidRequest("resumed_tokens", "cannot be combined with guided decoding (its grammar's "
+                             "state is not resumed)")
+    return r

@@ -22,7 +22,7 @@ from serving.model.guided import GuideCompiler, GuideMatcher, GuidedDecodingUnav
 from serving.model.kv_cache import KVCache
 from serving.model.linear import WarmTarget, WarmUpReport, warm_up
 from serving.model.model import BatchLayout, ExpertDispatch, MoEModel
-from serving.model.sampling import Sampler, TopLogprobs
+from serving.model.sampling import History, Sampler, TopLogprobs, position_seed
 from serving.model.tokenizer import IncrementalDetokenizer, Tokenizer
 
 Emit = Callable[[TokenEvent], None]
@@ -290,10 +290,14 @@ class Engine:
         if len(rows) < len(out.seqs):
             logits_BV = logits_BV[rows]
         guides = [s.state.guide for s in seqs]
-        tokens_B, logprobs_B, top = self.sampler.sample(logits_BV, [s.request.sampling for s in seqs],
-                                                        [s.state.generator for s in seqs],
-                                                        [(s.token_ids, s.num_prompt) for s in seqs],
-                                                        guides if any(g is not None for g in guides) else None)
+        for s in seqs:                  # a seeded draw depends on the seed and the output position only
+            if s.state.generator is not None:
+                s.state.generator.manual_seed(position_seed(s.request.sampling.seed,
+                                                            s.num_generated + s.request.resumed_tokens))
+        tokens_B, logprobs_B, top = self.sampler.sample(
+            logits_BV, [s.request.sampling for s in seqs], [s.state.generator for s in seqs],
+            [History(s.token_ids, s.num_prompt, s.num_prompt - s.request.resumed_tokens) for s in seqs],
+            guides if any(g is not None for g in guides) else None)
         for i, (seq, tok, lp) in enumerate(zip(seqs, tokens_B.tolist(), logprobs_B.tolist())):
             if guides[i] is not None and not guides[i].accept(tok):     # cannot happen: the mask allowed it
                 self.scheduler.finish(seq, FinishReason.CANCELLED)
@@ -368,6 +372,10 @@ class Engine:
             gen = torch.Generator().manual_seed(sp.seed) if sp.seed is not None else None
             state = _RequestState(emit=emit, generator=gen, detok=IncrementalDetokenizer(self.tokenizer),
                                   guide=matcher)
+            if request.resumed_tokens:       # the earlier attempt's output: its text was streamed already
+                for tok in request.prompt_token_ids[-request.resumed_tokens:]:
+                    state.text += state.detok.push(tok)
+                state.text_sent = len(state.text)
             self._by_id[request.request_id] = self.scheduler.add(request, state)
             self.stats.prompt_tokens_total += len(request.prompt_token_ids)
         for rid in aborts:

@@ -27,6 +27,9 @@ class GenerationRequest:
     arrival_time: float = 0.0          # time.time() at the ingress
     cache_salt: str = ""               # prefix-cache namespace: only requests with the same salt share
                                        # cached K/V (the API sets the caller's tenant)
+    resumed_tokens: int = 0            # the prompt's last ids are this many of its own output from an
+                                       # earlier attempt (a resumed stream): penalties, seeded sampling,
+                                       # stop strings and detokenization go on from them
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -105,8 +105,20 @@ def greedy_argmax(logits_BV: torch.Tensor) -> torch.Tensor:
     return chunk_B * c + inner_B
 
 
-# a row's context: (its token ids, prompt then output so far; how many of them are the prompt)
-History = tuple[Sequence[int], int]
+class History(NamedTuple):
+    """A row's context: its token ids (prompt, then output so far) and how many are the prompt;
+    `output_from`: where the output the presence / frequency penalties count starts, if earlier
+    than the prompt's end (a resumed request: its prompt ends with its own earlier output)."""
+    ids: Sequence[int]
+    num_prompt: int
+    output_from: int | None = None
+
+
+def position_seed(seed: int, position: int) -> int:
+    """The seed of a seeded request's draw for output token `position` (0-based): each token's
+    draw depends only on the request's seed and its position, so the stream is the same however
+    it was scheduled, preempted or resumed."""
+    return hash((seed, position)) & ((1 << 63) - 1)
 # a row's most likely tokens: (token ids, their logprobs), most likely first
 TopLogprobs = tuple[tuple[int, ...], tuple[float, ...]]
 
@@ -171,7 +183,7 @@ class Sampler:
 
     def _stop_mask(self, p: SamplingParams, history: History) -> tuple[int, ...]:
         """The token ids this row may not sample yet: its stops while min_tokens is unmet."""
-        ids, num_prompt = history
+        ids, num_prompt = history[0], history[1]
         if len(ids) - num_prompt >= p.min_tokens:
             return ()
         return p.stop_token_ids + (() if p.ignore_eos else self.eos_ids)
@@ -198,7 +210,8 @@ class Sampler:
         flat = logits_BV.view(-1)                       # logits_BV is contiguous (sample makes it so)
         seen, out, rep, freq, pres = [], [], [], [], []     # per row: its keys, and its penalties
         for i in pen:
-            ids, n = histories[i]
+            h = histories[i]
+            ids, n = h[0], (h[2] if len(h) > 2 and h[2] is not None else h[1])     # where the output starts
             p = params[i]
             keys = torch.as_tensor(ids, dtype=torch.int64) + i * V
             if p.repetition_penalty != 1.0:
