@@ -581,12 +581,15 @@ def test_engine_replica_killed_mid_stream_answers_unavailable_and_a_resumed_stre
     1. a plain stream ends with UNAVAILABLE naming the lost replica and when to retry, never
        INTERNAL, after the tokens it already had;
     2. a stream with `MoEClient.generate(resume=20)` carries on on the replacement replica and
-       ends with exactly the tokens of an undisturbed greedy run.
+       ends with exactly the tokens of an undisturbed run: seeded sampling with presence and
+       frequency penalties (the continuation's resumed_tokens: the penalties count the tokens
+       before the break, each seeded draw is keyed by its position).
     Last in the module: the cluster is back to one healthy engine replica when it ends."""
     ids = [9, 8, 7, 6]
+    sampling = dict(temperature=0.8, seed=11, presence_penalty=0.5, frequency_penalty=0.3)
     with MoEClient(cluster["grpc_target"]) as c:
-        baseline = list(c.complete(build_request(prompt_ids=ids, max_tokens=120, temperature=0,
-                                                 ignore_eos=True)).token_ids)
+        baseline = list(c.complete(build_request(prompt_ids=ids, max_tokens=120, ignore_eos=True,
+                                                 **sampling)).token_ids)
     out = ray_query(cluster, f"""
 import grpc, time
 from serving.client import MoEClient, build_request
@@ -602,8 +605,8 @@ def stream(resume):
     got, killed, error = [], None, None
     with MoEClient({cluster["grpc_target"]!r}) as c:
         try:
-            for chunk in c.generate(build_request(prompt_ids={ids!r}, max_tokens=120, temperature=0,
-                                                  ignore_eos=True), timeout_s=120, resume=resume):
+            for chunk in c.generate(build_request(prompt_ids={ids!r}, max_tokens=120, ignore_eos=True,
+                                                  **{sampling!r}), timeout_s=120, resume=resume):
                 got.extend(chunk.token_ids)
                 if killed is None and len(got) >= 8:
                     killed = [len(got), kill_engine_replicas()]
