@@ -109,28 +109,45 @@ def _set_prompt(req: Any, prompt: str | None, prompt_ids: Sequence[int] | None,
     return req
 
 
-def continuation(request: Any, received: Sequence[int]) -> Any | None:
+def continuation(request: Any, received: Sequence[int], prompt_ids: Sequence[int] | None = None) -> Any | None:
     """The request for the rest of `request` once `received` tokens came back: prompt = its
-    token ids + received, max_tokens and min_tokens = what is left of them, resumed_tokens = how
-    many of the prompt's ids were received (so the server goes on as the undisturbed stream would:
-    penalties, seeded sampling, stop strings; GenerateRequest.resumed_tokens). None if it cannot be
-    resumed (a text prompt, max_tokens unset, n > 1 completions, guided decoding: its grammar would
-    start over) or nothing is left."""
-    if (request.WhichOneof("prompt") != "token_ids" or not request.HasField("max_tokens") or request.n > 1
-            or request.HasField("guided")):
+    token ids (`prompt_ids` for a text or chat prompt: what the server tokenized it to) + received,
+    max_tokens and min_tokens = what is left of them, resumed_tokens = how many of the prompt's ids
+    were received (so the server goes on as the undisturbed stream would: penalties, seeded
+    sampling, stop strings; GenerateRequest.resumed_tokens). None if it cannot be resumed
+    (`resumable`; a text or chat prompt without `prompt_ids`) or nothing is left."""
+    if not resumable(request, received):
         return None
-    left = request.max_tokens - len(received)
-    if left < 1:
+    if request.WhichOneof("prompt") == "token_ids":
+        prompt_ids = request.token_ids.ids
+    elif prompt_ids is None:
         return None
     rest = pb2.GenerateRequest()
     rest.CopyFrom(request)
-    rest.token_ids.ids.extend(int(t) for t in received)
-    rest.max_tokens = left
+    rest.token_ids.ids[:] = [int(t) for t in prompt_ids] + [int(t) for t in received]   # the prompt oneof: ids now
+    rest.max_tokens = request.max_tokens - len(received)
     rest.min_tokens = max(0, request.min_tokens - len(received))
     rest.resumed_tokens = len(received)
     if received:                   # the prompt's logprobs came with the first token: not again
         rest.ClearField("prompt_logprobs")
     return rest
+
+
+def resumable(request: Any, received: Sequence[int]) -> bool:
+    """Whether the rest of `request` can be asked for after `received` tokens: max_tokens set and
+    not reached, one completion, no guided decoding (its grammar would start over)."""
+    return (request.HasField("max_tokens") and request.n <= 1 and not request.HasField("guided")
+            and request.max_tokens - len(received) >= 1)
+
+
+def _tokenize_request_of(request: Any) -> Any:
+    """The TokenizeRequest of a GenerateRequest's text or chat prompt."""
+    out = pb2.TokenizeRequest()
+    if request.WhichOneof("prompt") == "text":
+        out.text = request.text
+    else:
+        out.chat.CopyFrom(request.chat)
+    return out
 
 
 def _retry_after_s(details: str) -> float:
@@ -179,18 +196,26 @@ class MoEClient:
         received, with max_tokens what is left and resumed_tokens how many were received
         (`continuation`), so the stream carries on where it stopped: greedy decoding, and seeded
         sampling, give exactly the tokens of an undisturbed run (penalties and stop strings as
-        well); unseeded sampling goes on with fresh randomness. Only a token-id prompt with
-        max_tokens set can be resumed (a text prompt's ids are not known here).
+        well); unseeded sampling goes on with fresh randomness. A text or chat prompt's ids are
+        asked for once (Tokenize) when the first break comes. Needs max_tokens set, one completion
+        and no guided decoding (`resumable`).
         The rest comes from whatever the endpoint serves then (after a `redeploy`, the new model).
         The last chunk's usage counts as one request: the prompt's tokens, and all generated.
 
         Breaking out of the loop early cancels the RPC."""
         original = self._req(request, kwargs)
-        req, received = original, []
+        received: list[int] = []
+        prompt_ids = None            # a text or chat prompt's ids (Tokenize), once a resume needs them
         for attempt in range(resume + 1):
-            call = self._stub.Generate(req, timeout=timeout_s or self.timeout_s, metadata=self.metadata or None)
             before = len(received)       # tokens the continuation's prompt holds
+            call = None
             try:
+                req = original
+                if received:             # ask for the rest
+                    if original.WhichOneof("prompt") != "token_ids" and prompt_ids is None:
+                        prompt_ids = list(self.tokenize(_tokenize_request_of(original), timeout_s=timeout_s).token_ids)
+                    req = continuation(original, received, prompt_ids)
+                call = self._stub.Generate(req, timeout=timeout_s or self.timeout_s, metadata=self.metadata or None)
                 for chunk in call:
                     received.extend(chunk.token_ids)
                     if before and chunk.HasField("usage"):
@@ -201,12 +226,13 @@ class MoEClient:
                     yield chunk
                 return
             except grpc.RpcError as err:
-                req = continuation(original, received) if received else original   # nothing came: ask again
-                if attempt == resume or err.code() not in _RESUMABLE or req is None:
+                if (attempt == resume or err.code() not in _RESUMABLE
+                        or (received and not resumable(original, received))):
                     raise
                 time.sleep(min(5.0, _retry_after_s(err.details() or "")))
             finally:
-                call.cancel()       # no-op once the stream has finished
+                if call is not None:
+                    call.cancel()       # no-op once the stream has finished
 
     def complete(self, request: Any = None, *, timeout_s: float | None = None,
                  **kwargs: Any) -> Any:
@@ -285,7 +311,7 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stream", action="store_true",
                         help="print text deltas as they arrive")
     parser.add_argument("--resume", type=int, default=0, metavar="N",
-                        help="--stream with --prompt-ids and --max-tokens: go on after UNAVAILABLE "
+                        help="--stream with --max-tokens: go on after UNAVAILABLE "
                              "(the serving replica was lost) or a stream the server's side reset "
                              "(CANCELLED) up to N times (MoEClient.generate)")
     parser.add_argument("--json", action="store_true",

@@ -304,8 +304,13 @@ def test_a_lost_replica_is_unavailable_and_a_resumed_stream_gives_every_token(cl
     assert resumed_last.finish_reason == pb2.FINISH_REASON_LENGTH
     assert (resumed_last.usage.prompt_tokens, resumed_last.usage.completion_tokens) == (
         whole_last.usage.prompt_tokens, 12)
-    with pytest.raises(grpc.RpcError) as e:          # a text prompt cannot be resumed
-        run("lost-3", resume=1, prompt="abc")
+    # a text prompt: resumed as the ids the server made of it (one Tokenize call at the break)
+    text_whole, _ = run("ctx-2", prompt="ab")
+    text_resumed, text_last = run("lost-3", resume=1, prompt="ab")
+    assert text_resumed == text_whole and len(text_whole) == 12
+    assert (text_last.usage.prompt_tokens, text_last.usage.completion_tokens) == (3, 12)
+    with pytest.raises(grpc.RpcError) as e:          # max_tokens unset: what is left is not known
+        list(client.generate(build_request(prompt_ids=[5, 6, 7], request_id="lost-4"), resume=1))
     assert e.value.code() == grpc.StatusCode.UNAVAILABLE
 
 
@@ -365,7 +370,9 @@ def test_continuation_asks_for_what_is_left():
     assert (rest.temperature, rest.seed, rest.request_id) == (0.5, 3, "r")
     assert list(req.token_ids.ids) == [1, 2] and req.max_tokens == 5        # the original is untouched
     assert continuation(req, [7] * 5) is None                             # nothing left
-    assert continuation(build_request(prompt="hi", max_tokens=5), [7]) is None
+    assert continuation(build_request(prompt="hi", max_tokens=5), [7]) is None          # ids unknown
+    text = continuation(build_request(prompt="hi", max_tokens=5), [7], prompt_ids=[0, 105, 106])
+    assert list(text.token_ids.ids) == [0, 105, 106, 7] and not text.HasField("text") and text.resumed_tokens == 1
     assert continuation(build_request(prompt_ids=[1], max_tokens=None), [7]) is None
     # min_tokens counts down with the tokens received (else it would exceed what is left of max_tokens)
     held = build_request(prompt_ids=[1], max_tokens=6, min_tokens=4, stop_token_ids=[9])
