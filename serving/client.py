@@ -20,7 +20,7 @@ import re
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import grpc
 
@@ -180,10 +180,10 @@ class MoEClient:
         self._stub = pb2_grpc.MoEServingStub(self.channel)
         self._health = health_pb2_grpc.HealthStub(self.channel)
 
-    def _req(self, request: Any, kwargs: dict[str, Any]) -> Any:
+    def _req(self, request: Any, kwargs: dict[str, Any], build: Callable[..., Any] = build_request) -> Any:
         if request is not None and kwargs:
-            raise TypeError("pass a GenerateRequest or build_request() arguments, not both")
-        return request if request is not None else build_request(**kwargs)
+            raise TypeError(f"pass a request or {build.__name__}() arguments, not both")
+        return request if request is not None else build(**kwargs)
 
     def generate(self, request: Any = None, *, timeout_s: float | None = None, resume: int = 0,
                  **kwargs: Any) -> Iterator[Any]:
@@ -244,9 +244,7 @@ class MoEClient:
     def tokenize(self, request: Any = None, *, timeout_s: float | None = None, **kwargs: Any) -> Any:
         """The TokenizeResponse of a TokenizeRequest (or build_tokenize_request() arguments): the
         prompt's token ids as Generate runs them, max_model_len, max_tokens_limit. Raises grpc.RpcError."""
-        if request is not None and kwargs:
-            raise TypeError("pass a TokenizeRequest or build_tokenize_request() arguments, not both")
-        return self._stub.Tokenize(request if request is not None else build_tokenize_request(**kwargs),
+        return self._stub.Tokenize(self._req(request, kwargs, build_tokenize_request),
                                    timeout=timeout_s or self.timeout_s, metadata=self.metadata or None)
 
     def health(self, service: str = "", *, timeout_s: float | None = None) -> str:

@@ -22,7 +22,7 @@ from serving.model.guided import GuideCompiler, GuideMatcher, GuidedDecodingUnav
 from serving.model.kv_cache import KVCache
 from serving.model.linear import WarmTarget, WarmUpReport, warm_up
 from serving.model.model import BatchLayout, ExpertDispatch, MoEModel
-from serving.model.sampling import History, Sampler, TopLogprobs, position_seed
+from serving.model.sampling import Sampler, TopLogprobs, position_seed
 from serving.model.tokenizer import IncrementalDetokenizer, Tokenizer
 
 Emit = Callable[[TokenEvent], None]
@@ -296,7 +296,7 @@ class Engine:
                                                             s.num_generated + s.request.resumed_tokens))
         tokens_B, logprobs_B, top = self.sampler.sample(
             logits_BV, [s.request.sampling for s in seqs], [s.state.generator for s in seqs],
-            [History(s.token_ids, s.num_prompt, s.num_prompt - s.request.resumed_tokens) for s in seqs],
+            [(s.token_ids, s.num_prompt, s.num_prompt - s.request.resumed_tokens) for s in seqs],   # History
             guides if any(g is not None for g in guides) else None)
         for i, (seq, tok, lp) in enumerate(zip(seqs, tokens_B.tolist(), logprobs_B.tolist())):
             if guides[i] is not None and not guides[i].accept(tok):     # cannot happen: the mask allowed it

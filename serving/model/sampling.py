@@ -108,10 +108,15 @@ def greedy_argmax(logits_BV: torch.Tensor) -> torch.Tensor:
 class History(NamedTuple):
     """A row's context: its token ids (prompt, then output so far) and how many are the prompt;
     `output_from`: where the output the presence / frequency penalties count starts, if earlier
-    than the prompt's end (a resumed request: its prompt ends with its own earlier output)."""
+    than the prompt's end (a resumed request: its prompt ends with its own earlier output). The
+    sampler takes plain (ids, num_prompt[, output_from]) tuples too."""
     ids: Sequence[int]
     num_prompt: int
     output_from: int | None = None
+
+    @property
+    def output_start(self) -> int:
+        return self.num_prompt if self.output_from is None else self.output_from
 
 
 def position_seed(seed: int, position: int) -> int:
@@ -183,7 +188,7 @@ class Sampler:
 
     def _stop_mask(self, p: SamplingParams, history: History) -> tuple[int, ...]:
         """The token ids this row may not sample yet: its stops while min_tokens is unmet."""
-        ids, num_prompt = history[0], history[1]
+        ids, num_prompt = history[:2]
         if len(ids) - num_prompt >= p.min_tokens:
             return ()
         return p.stop_token_ids + (() if p.ignore_eos else self.eos_ids)
@@ -210,8 +215,8 @@ class Sampler:
         flat = logits_BV.view(-1)                       # logits_BV is contiguous (sample makes it so)
         seen, out, rep, freq, pres = [], [], [], [], []     # per row: its keys, and its penalties
         for i in pen:
-            h = histories[i]
-            ids, n = h[0], (h[2] if len(h) > 2 and h[2] is not None else h[1])     # where the output starts
+            h = History(*histories[i])
+            ids, n = h.ids, h.output_start
             p = params[i]
             keys = torch.as_tensor(ids, dtype=torch.int64) + i * V
             if p.repetition_penalty != 1.0:
