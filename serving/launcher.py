@@ -40,18 +40,17 @@ DEFAULT_STATE_DIR = Path(os.environ.get("MOE_SERVE_STATE_DIR", ".moe-serve"))
 # the KubeRay pods): no model hub, ever; OpenMP threads sleep when idle instead of spinning: an engine
 # replica's second thread (head_threads) would otherwise spin after every lm_head on a core the shards
 # need (one request at a time, ITL p50 18.9-19.7 ms spinning, 16.6-17.3 passive).
-# Not set: RAY_SERVE_PROXY_USE_GRPC=1 (one of the settings Ray's RAY_SERVE_THROUGHPUT_OPTIMIZED turns
-# on: the gRPC proxy reaches the replicas over gRPC instead of Ray actor calls). It measured 1559 / 1521
-# tok/s against 1472 / 1538 / 1513 without (64 x 64 through Ray's proxy, fp32, 2026-12-06, within this
-# machine's drift), but in Ray 2.60 a request on that path never completes for the proxy's request
-# router: the done-callbacks of its gRPC call (gRPCReplicaResult.add_done_callback) did not fire, so
-# Serve's queue-length cache kept every request a replica ever took (decremented only by refreshes) and
-# on_request_completed never came (our PrefixAffinityRouter's own in-flight counts grew 5, 6, ... 16
-# over 31 sequential requests): a replica that had taken a burst looked busy, and the next turns of the
-# conversations it held went to the other one (tests/test_cluster_routing.py failed in 2 of ~8 CI runs).
+# RAY_SERVE_PROXY_USE_GRPC=1 (one of the settings Ray's RAY_SERVE_THROUGHPUT_OPTIMIZED turns on): the
+# gRPC proxy reaches the replicas over gRPC instead of Ray actor calls. 64 x 64 through Ray's proxy, bf16,
+# alternating (2026-12-06 18:22-18:25): 2260 / 2182 tok/s against 2085 / 2036 without, low-load TTFT
+# 18 / 18 ms against 24 / 21. On that path a unary call's completion reaches the proxy's request router
+# before its routing does (serving/routing/ray_router.py, module doc); the router handles that order.
+# (It was withdrawn for a while, the order then misread as completions that never came: the router's
+# in-flight counts grew 5, 6, ... 16 over 31 sequential calls and tests/test_cluster_routing.py failed.)
 # The mode's two event-loop settings (our code and the router on the replica's main loop) measured
-# 1385 / 1443 tok/s and stopped the engine's metrics from reaching the MetricsHub: not set either.
-SERVE_DATA_PATH_ENV: dict[str, str] = {}
+# 1385 / 1443 tok/s against 1559 / 1521 and stopped the engine's metrics from reaching the MetricsHub:
+# not set.
+SERVE_DATA_PATH_ENV: dict[str, str] = {"RAY_SERVE_PROXY_USE_GRPC": "1"}
 RAY_PROCESS_ENV = {"HF_HUB_OFFLINE": "1", "OMP_WAIT_POLICY": "PASSIVE", **SERVE_DATA_PATH_ENV}
 
 

@@ -274,3 +274,41 @@ async def _slow_probe():
     home.probe_delays_s, home.probes = [5.0] * 10, 0
     assert await _route(router, _pending(2, ids)) == "replica-1"
     assert home.probes == 3                      # 0.1 s, 0.2 s, then 0.4 s with the other group behind
+
+
+def test_a_completion_reported_before_its_routing_leaves_nothing_in_flight(monkeypatch):
+    asyncio.run(_completed_first(monkeypatch))
+
+
+async def _completed_first(monkeypatch):
+    """Over Serve's gRPC data path a unary call's acceptance arrives with its response, so Serve
+    reports the request completed before it reports it routed (ray_router module doc), and its own
+    queue-length cache keeps the request counted. A burst served that way must not leave the replica
+    looking busy: the next turn of the conversation it holds goes back to it."""
+    import serving.routing.ray_router as ray_router
+    router = _router(block_tokens=16, load_cost_tokens=16)
+    home, other = FakeReplica("replica-0"), FakeReplica("replica-1")
+    router.update_replicas([home, other])
+    await asyncio.sleep(0.05)                    # the new replicas' first probes
+    ids = list(range(100, 164))                  # 4 blocks, held at home
+    router.affinity.record(prompt_blocks(ids, router.affinity.cfg), home.replica_id)
+    rng = random.Random(1)
+    for n in range(12):                          # the burst: each call's completion comes first
+        router.on_request_completed(home.replica_id, f"i{n}")
+        router.on_request_routed(_pending(n, [rng.randrange(1000) for _ in range(8)]), home.replica_id, None)
+    assert not router._in_flight.get(home.replica_id) and not router._completed_first
+    router.on_new_queue_len_info(home.replica_id, 12)       # Serve's cache: the burst still counted
+    assert await _route(router, _pending(20, ids)) == "replica-0"      # 0 in flight + 0 blocks < 0 + 4
+
+    # a completion for a request never routed there (rejected, then taken by the other replica):
+    # the other replica counts it until it completes there
+    router.on_request_completed(home.replica_id, "i30")
+    router.on_request_routed(_pending(30, [1, 2, 3]), other.replica_id, None)
+    assert router._in_flight[other.replica_id] == {"i30"}
+    router.on_request_completed(other.replica_id, "i30")
+    assert not router._in_flight[other.replica_id]
+    # completions of requests never routed are remembered up to MAX_PENDING, oldest dropped first
+    monkeypatch.setattr(ray_router, "MAX_PENDING", 4)
+    for n in range(40, 50):
+        router.on_request_completed(home.replica_id, f"i{n}")
+    assert [k for _, k in router._completed_first] == ["i46", "i47", "i48", "i49"]

@@ -23,6 +23,13 @@ Ray 2.60 facts this relies on (ray/serve/_private/request_router/, router.py, pr
   at once, a replica found while routing one may take another), so it reads the prompt there too
   if it has not been read.
 - No FIFOMixin: with it, a replica found for one request may be handed to an older one.
+- `on_request_completed` may come before `on_request_routed` for the same request: Serve registers
+  the completion callback before it reads whether the replica accepted, and on its gRPC data path
+  (`RAY_SERVE_PROXY_USE_GRPC=1`, serving/launcher.py) a unary call's acceptance arrives with its
+  response, so the call is done (and its completion queued on this loop) by then. A completion for
+  a request not in flight is kept (`_completed_first`) and cancels the routing that follows it.
+  Serve's own queue-length cache keeps such a request counted (its decrement lands before the
+  accepted count is written): one more reason the load here is this router's own count.
 - Serve takes a replica of a group by its queue-length cache, and where that has no fresh entry
   (none for 10 s, or invalidated) it probes the group's replicas with a 0.1 s deadline; one that
   does not answer in time is passed over for the next group, at once. A replica busy in a step on
@@ -43,7 +50,8 @@ from ray.serve.request_router import (LocalityMixin, MultiplexMixin, PendingRequ
 
 from serving.routing.prefix_affinity import AffinityConfig, PrefixAffinity, prompt_blocks
 
-MAX_PENDING = 10_000    # prompts remembered between choose_replicas and on_request_routed (oldest dropped)
+MAX_PENDING = 10_000    # prompts remembered between choose_replicas and on_request_routed, and completions
+                        # reported before their routing (oldest dropped)
 HOME_ATTEMPTS = 2       # rankings of one request that offer only its cheapest group (module doc)
 
 
@@ -102,6 +110,8 @@ class PrefixAffinityRouter(LocalityMixin, MultiplexMixin, RequestRouter):
         self._rankings: dict[str, int] = {}          # internal request id -> rankings given, until routed
         # requests this router sent to each replica that have not completed: the load it ranks by
         self._in_flight: dict[ReplicaID, set[str]] = {}
+        # completions reported before their request was routed (module doc), oldest first
+        self._completed_first: dict[tuple[ReplicaID, str], None] = {}
 
     def _prompt_blocks(self, pending: PendingRequest | None) -> list[int]:
         if pending is None or not pending.args:
@@ -122,10 +132,10 @@ class PrefixAffinityRouter(LocalityMixin, MultiplexMixin, RequestRouter):
         """Requests in flight on each replica: the fewer of this router's own (routed, not completed)
         and Serve's queue-length cache (what the replica last reported, plus what was sent since,
         minus what completed; all callers' requests). Each errs high where the other does not: the
-        cache keeps a burst's count until a refresh if completions go unseen (serving/launcher.py
-        SERVE_DATA_PATH_ENV: a replica looked busy and the next turns of every conversation it held
-        went to the other one), and the own count misses other callers but leaks only if Serve
-        never reports a completion."""
+        cache keeps a burst's count until a refresh where completions land before acceptances (the
+        gRPC data path, module doc: a replica looked busy and the next turns of every conversation
+        it held went to the other one), and the own count misses other callers but leaks only if
+        Serve never reports a completion."""
         loads = {}
         for r in replicas:
             own, cached = len(self._in_flight.get(r.replica_id, ())), self.replica_queue_len_cache.get(r.replica_id)
@@ -154,7 +164,10 @@ class PrefixAffinityRouter(LocalityMixin, MultiplexMixin, RequestRouter):
         # routing another pending request may serve this one) has no blocks computed yet: read them now
         self._prompt_blocks(pending_request)
         key = pending_request.metadata.internal_request_id
-        self._in_flight.setdefault(replica_id, set()).add(key)
+        if (replica_id, key) in self._completed_first:        # its completion came first (module doc)
+            del self._completed_first[(replica_id, key)]
+        else:
+            self._in_flight.setdefault(replica_id, set()).add(key)
         self._rankings.pop(key, None)
         blocks = self._blocks.pop(key, None)
         if blocks:
@@ -163,7 +176,14 @@ class PrefixAffinityRouter(LocalityMixin, MultiplexMixin, RequestRouter):
     def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
         self._blocks.pop(internal_request_id, None)     # never routed (cancelled, rejected everywhere)
         self._rankings.pop(internal_request_id, None)
-        self._in_flight.get(replica_id, set()).discard(internal_request_id)
+        ids = self._in_flight.get(replica_id)
+        if ids is not None and internal_request_id in ids:
+            ids.discard(internal_request_id)
+            return
+        # routed next (a unary call over the gRPC data path), or never (rejected, cancelled): bounded
+        self._completed_first[(replica_id, internal_request_id)] = None
+        if len(self._completed_first) > MAX_PENDING:
+            del self._completed_first[next(iter(self._completed_first))]
 
     def update_replicas(self, replicas: List[RunningReplica]) -> None:
         super().update_replicas(replicas)
