@@ -12,6 +12,8 @@ For every MoE layer of every step (`ExpertDispatcher.__call__`):
      served elsewhere replaced by the sentinel E (no shard holds it); every shard is called
      at once through the transport
   4. combine: scatter-add each shard's partial sums back:        y_TD[idx_N] += y_ND
+With one shard (S = 1) steps 1, 2 and 4 are the identity: the shard gets the layer's call as is,
+and its sum is y_TD.
 The model never knows which transport it runs on; a transport only runs step 3.
 `submit` returns after step 3 has started, `wait` does step 4: with a transport that has
 `submit` (serve, collective) the caller can work on another micro-batch meanwhile.
@@ -63,10 +65,12 @@ class Done:
 class PendingDispatch:
     """One MoE layer's expert calls in flight; `wait` combines them into y_TD."""
 
-    def __init__(self, x_TD: torch.Tensor, indices: list[torch.Tensor], pending: Pending):
-        self.x_TD, self.indices, self.pending = x_TD, indices, pending
+    def __init__(self, x_TD: torch.Tensor, indices: list[torch.Tensor] | None, pending: Pending):
+        self.x_TD, self.indices, self.pending = x_TD, indices, pending     # indices None: one call, every token
 
     def wait(self) -> torch.Tensor:
+        if self.indices is None:
+            return self.pending.wait()[0].to(self.x_TD.dtype)
         y_TD = torch.zeros_like(self.x_TD)
         for idx_N, y_ND in zip(self.indices, self.pending.wait()):                      # 4
             y_TD.index_add_(0, idx_N, y_ND.to(self.x_TD.dtype))
@@ -104,6 +108,13 @@ class ExpertDispatcher:
         """Steps 1-3 now; the combine (4) when the caller waits. With a transport that can
         `submit`, the shards work while the caller does something else (micro_batch.py)."""
         E, S = self.num_experts, self.placement.num_shards
+        start = getattr(self.transport, "submit", None)
+        if S == 1:            # one shard holds every expert: it takes the call as is, and its sum is y_TD
+            with self._lock:
+                self._routed_LSE[layer][0] += torch.bincount(topk_ids_TK.flatten(), minlength=E)
+            calls = [ShardCall(0, x_TD, topk_ids_TK, topk_weights_TK)]
+            return PendingDispatch(x_TD, None, start(layer, calls) if start is not None
+                                   else Done(self.transport.run(layer, calls)))
         copies_EC, ncopies_E = self._tables[layer]
         self._calls += 1
         t_T1 = torch.arange(self._calls, self._calls + x_TD.shape[0]).unsqueeze(1)
@@ -120,7 +131,6 @@ class ExpertDispatcher:
             ids_NK = torch.where(mine_TK, topk_ids_TK, E)[idx_N]                          # 3
             calls.append(ShardCall(s, x_TD[idx_N], ids_NK, topk_weights_TK[idx_N]))
             indices.append(idx_N)
-        start = getattr(self.transport, "submit", None)
         pending = start(layer, calls) if start is not None else Done(self.transport.run(layer, calls))
         return PendingDispatch(x_TD, indices, pending)
 

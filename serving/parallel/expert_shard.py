@@ -51,7 +51,7 @@ class ExpertShardWorker:
 
     def _ensure(self, layer: int, topk_ids_NK: torch.Tensor) -> dict[int, ExpertWeights]:
         held = self.experts.setdefault(layer, {})
-        if self.loader is None:
+        if self.loader is None or len(held) == self.num_experts:       # nothing it could be missing
             return held
         wanted = [e for e in torch.unique(topk_ids_NK).tolist() if e not in held and 0 <= e < self.num_experts]
         if wanted:
