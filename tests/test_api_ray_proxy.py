@@ -4,7 +4,8 @@ unary and bidirectional streaming?
 
 The proxy only copies a code set on the replica's grpc_context when a result comes back,
 so a streaming method that fails before its first chunk must raise (GenerateService does).
-This checks that end to end, on loopback, with an echo engine. Slow: marked `cluster`.
+This checks that end to end, on loopback, with an echo engine, over both of the proxy's data paths
+to the replicas (gRPC, as shipped, and Ray actor calls). Slow: marked `cluster`.
 A second application ("tenants") gates its service with bearer tokens and a quota
 (serving/api/tenants.py): the `authorization` metadata must reach the replica through the proxy,
 and UNAUTHENTICATED must come back out.
@@ -31,18 +32,33 @@ TENANTS = {"quotas": {"chat": {"max_in_flight": 1}}, "in_flight_retry_s": 0.4,
            "tokens": {"f782c6855e3280eaef1d6f6de3556ffd08decd912ef0a064e4466b1c28d3fb13": "chat"}}
 
 
-@pytest.fixture(scope="module")
-def serve_target():
+# How Ray's proxy reaches the replicas (read by the proxy at start, from the environment its
+# local Ray inherits): over gRPC, as `moe-serve up` ships it (serving/launcher.py SERVE_DATA_PATH_ENV),
+# and over Ray actor calls, Ray's default. Every test below runs on both.
+DATA_PATHS = {"grpc": "1", "actor-calls": "0"}
+
+
+@pytest.fixture(scope="module", params=sorted(DATA_PATHS))
+def serve_target(request):
     ray = pytest.importorskip("ray")
     from ray import serve
     from ray.serve.config import gRPCOptions
 
     from serving.api.protos import SERVICER_FUNCTIONS
+    from serving.launcher import SERVE_DATA_PATH_ENV
 
+    assert SERVE_DATA_PATH_ENV == {"RAY_SERVE_PROXY_USE_GRPC": DATA_PATHS["grpc"]}
+    saved = os.environ.get("RAY_SERVE_PROXY_USE_GRPC")
+    os.environ["RAY_SERVE_PROXY_USE_GRPC"] = DATA_PATHS[request.param]
     os.environ["PYTHONPATH"] = REPO + os.pathsep + os.environ.get("PYTHONPATH", "")
     port = free_port()
     from local_ray_init import init_local_ray
     ray_tmp = init_local_ray(num_cpus=2, include_dashboard=False, log_to_driver=False)
+
+    @ray.remote(num_cpus=0)
+    def worker_env() -> str | None:          # what a Ray worker (the proxy is one) reads at start
+        return os.environ.get("RAY_SERVE_PROXY_USE_GRPC")
+    assert ray.get(worker_env.remote(), timeout=60) == DATA_PATHS[request.param]
     serve.start(http_options={"host": "127.0.0.1", "port": free_port()},
                 grpc_options=gRPCOptions(port=port, grpc_servicer_functions=SERVICER_FUNCTIONS))
 
@@ -94,6 +110,10 @@ def serve_target():
         serve.shutdown()
         ray.shutdown()
         shutil.rmtree(ray_tmp, ignore_errors=True)
+        if saved is None:
+            os.environ.pop("RAY_SERVE_PROXY_USE_GRPC", None)
+        else:
+            os.environ["RAY_SERVE_PROXY_USE_GRPC"] = saved
 
 
 def test_stream_and_unary_ok(serve_target):
