@@ -48,8 +48,9 @@ def serve_target(request):
     from serving.launcher import SERVE_DATA_PATH_ENV
 
     assert SERVE_DATA_PATH_ENV == {"RAY_SERVE_PROXY_USE_GRPC": DATA_PATHS["grpc"]}
-    saved = os.environ.get("RAY_SERVE_PROXY_USE_GRPC")
-    os.environ["RAY_SERVE_PROXY_USE_GRPC"] = DATA_PATHS[request.param]
+    env = pytest.MonkeyPatch()            # undone when the fixture ends, however it ends
+    request.addfinalizer(env.undo)
+    env.setenv("RAY_SERVE_PROXY_USE_GRPC", DATA_PATHS[request.param])
     os.environ["PYTHONPATH"] = REPO + os.pathsep + os.environ.get("PYTHONPATH", "")
     port = free_port()
     from local_ray_init import init_local_ray
@@ -110,10 +111,6 @@ def serve_target(request):
         serve.shutdown()
         ray.shutdown()
         shutil.rmtree(ray_tmp, ignore_errors=True)
-        if saved is None:
-            os.environ.pop("RAY_SERVE_PROXY_USE_GRPC", None)
-        else:
-            os.environ["RAY_SERVE_PROXY_USE_GRPC"] = saved
 
 
 def test_stream_and_unary_ok(serve_target):

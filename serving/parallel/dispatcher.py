@@ -108,20 +108,27 @@ class ExpertDispatcher:
         """Steps 1-3 now; the combine (4) when the caller waits. With a transport that can
         `submit`, the shards work while the caller does something else (micro_batch.py)."""
         E, S = self.num_experts, self.placement.num_shards
-        start = getattr(self.transport, "submit", None)
         if S == 1:            # one shard holds every expert: it takes the call as is, and its sum is y_TD
-            with self._lock:
-                self._routed_LSE[layer][0] += torch.bincount(topk_ids_TK.flatten(), minlength=E)
-            calls = [ShardCall(0, x_TD, topk_ids_TK, topk_weights_TK)]
-            return PendingDispatch(x_TD, None, start(layer, calls) if start is not None
-                                   else Done(self.transport.run(layer, calls)))
+            counts_SE = torch.bincount(topk_ids_TK.flatten(), minlength=E).view(1, E)
+            calls, indices = [ShardCall(0, x_TD, topk_ids_TK, topk_weights_TK)], None
+        else:
+            counts_SE, calls, indices = self._split(layer, x_TD, topk_ids_TK, topk_weights_TK)
+        with self._lock:
+            self._routed_LSE[layer] += counts_SE
+        start = getattr(self.transport, "submit", None)
+        pending = start(layer, calls) if start is not None else Done(self.transport.run(layer, calls))
+        return PendingDispatch(x_TD, indices, pending)
+
+    def _split(self, layer: int, x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor
+               ) -> tuple[torch.Tensor, list[ShardCall], list[torch.Tensor]]:
+        """Steps 1-3 over S > 1 shards: the tokens routed to each (shard, expert) [S, E], each shard's
+        call, and the token indices idx_N each call carries."""
+        E, S = self.num_experts, self.placement.num_shards
         copies_EC, ncopies_E = self._tables[layer]
         self._calls += 1
         t_T1 = torch.arange(self._calls, self._calls + x_TD.shape[0]).unsqueeze(1)
         shard_TK = copies_EC[topk_ids_TK, t_T1 % ncopies_E[topk_ids_TK]]                 # 1
         counts_SE = torch.bincount((shard_TK * E + topk_ids_TK).flatten(), minlength=S * E).view(S, E)
-        with self._lock:
-            self._routed_LSE[layer] += counts_SE
         calls, indices = [], []
         for s in range(S):
             mine_TK = shard_TK == s
@@ -131,8 +138,7 @@ class ExpertDispatcher:
             ids_NK = torch.where(mine_TK, topk_ids_TK, E)[idx_N]                          # 3
             calls.append(ShardCall(s, x_TD[idx_N], ids_NK, topk_weights_TK[idx_N]))
             indices.append(idx_N)
-        pending = start(layer, calls) if start is not None else Done(self.transport.run(layer, calls))
-        return PendingDispatch(x_TD, indices, pending)
+        return counts_SE, calls, indices
 
     @property
     def overlaps(self) -> bool:

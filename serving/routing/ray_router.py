@@ -174,13 +174,14 @@ class PrefixAffinityRouter(LocalityMixin, MultiplexMixin, RequestRouter):
             self.affinity.record(blocks, replica_id)
 
     def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
-        self._blocks.pop(internal_request_id, None)     # never routed (cancelled, rejected everywhere)
         self._rankings.pop(internal_request_id, None)
         ids = self._in_flight.get(replica_id)
         if ids is not None and internal_request_id in ids:
             ids.discard(internal_request_id)
             return
-        # routed next (a unary call over the gRPC data path), or never (rejected, cancelled): bounded
+        # routed next (a unary call over the gRPC data path), or never (rejected, cancelled): bounded.
+        # Its prompt's blocks stay in `_blocks` for the routing that follows (that dict's own bound
+        # drops those of a request never routed)
         self._completed_first[(replica_id, internal_request_id)] = None
         if len(self._completed_first) > MAX_PENDING:
             del self._completed_first[next(iter(self._completed_first))]
