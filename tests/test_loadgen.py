@@ -395,6 +395,11 @@ def test_bench_in_process_tiny(tiny_checkpoint, capsys):
         assert k in rep
     assert rep["completed"] == 6 and rep["output_tokens"] == 30
     assert rep["engine_steps"] >= 5 and rep["ttft_p50_s"] > 0 and rep["tpot_p50_s"] > 0
+    # where the steps' time went: every phase reported, none negative, together about the steps' time
+    phases = rep["step_phase_seconds"]
+    assert set(phases) == {"schedule", "dense", "experts", "head", "sample"} and min(phases.values()) >= 0
+    assert phases["experts"] > 0 and phases["head"] > 0
+    assert 0.5 * rep["mean_step_s"] * rep["engine_steps"] <= sum(phases.values()) <= 1.05 * rep["mean_step_s"] * rep["engine_steps"]
     # every request with penalties (what they cost is measured this way): they run, and the report says so
     rc = _bench(["--in-process", "--checkpoint", str(tiny_checkpoint), "--concurrency", "4", "--num-requests", "4",
                  "--max-tokens", "5", "--prompt-len", "7", "--repetition-penalty", "1.3", "--frequency-penalty",

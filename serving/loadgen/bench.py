@@ -14,7 +14,9 @@ speed. With `--transport collective --expert-shards S --nodes N` the experts run
 actors on a private local Ray cluster of N nodes, over the collective transport, as in the
 cluster: the expert-parallel data plane without the serving layer (Serve, the gRPC proxy,
 streaming). Comparing the three separates engine speed, distribution cost and serving cost.
-Token timestamps are taken in the engine's emit callback.
+Token timestamps are taken in the engine's emit callback. In-process runs also report where the
+timed steps went (`step_phase_seconds`: schedule, dense, experts, head, sample, as
+serving/engine/step_phases.py defines them; the `steps` line of the table).
 
 Output: a table, or with `--json` exactly one JSON object (the command line and the
 machine included).
@@ -363,7 +365,7 @@ def _drive_timed(args: argparse.Namespace, prompts: list[list[int]], engine, loa
     if args.guided_regex is not None:
         engine.prepare_guides()                  # as an engine core does at its warm-up
     st = engine.stats
-    steps0, step_s0 = st.steps_total, st.step_seconds_total
+    steps0, step_s0, phases0 = st.steps_total, st.step_seconds_total, dict(st.phase_seconds_total)
     prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) \
         if args.torch_profile is not None else contextlib.nullcontext()
     with torch.inference_mode(), prof:
@@ -372,7 +374,8 @@ def _drive_timed(args: argparse.Namespace, prompts: list[list[int]], engine, loa
             priority=args.priority, times=arrival_times(args), max_duration_s=args.max_duration_s,
             sampling_extra={**sampling_fields(args), **guided_fields(args, engine=True)})
     steps = st.steps_total - steps0
-    extra.update(load_s=load_s, mean_step_s=(st.step_seconds_total - step_s0) / steps if steps else None)
+    extra.update(load_s=load_s, mean_step_s=(st.step_seconds_total - step_s0) / steps if steps else None,
+                 step_phase_seconds={k: v - phases0.get(k, 0.0) for k, v in st.phase_seconds_total.items()})
     if args.torch_profile is not None:
         extra["torch_profile"] = write_profile(prof, args.torch_profile, wall)
     return results, wall, extra
@@ -441,6 +444,9 @@ def run_bench(args: argparse.Namespace) -> int:
               f"N={args.num_requests} prompt={args.prompt_len}"
               + (f" (+ {args.prefix_len} shared)" if args.prefix_len else "") + f" T={args.max_tokens}")
         print(format_table(summary))
+        if report.get("step_phase_seconds"):
+            print("steps     mean %.1f ms; phases (s): %s" % (1e3 * (report["mean_step_s"] or 0.0), "  ".join(
+                f"{k} {v:.3f}" for k, v in report["step_phase_seconds"].items())))
     return 0 if summary["failed"] == 0 else 1
 
 
