@@ -400,6 +400,12 @@ def test_bench_in_process_tiny(tiny_checkpoint, capsys):
     assert set(phases) == {"schedule", "dense", "experts", "head", "sample"} and min(phases.values()) >= 0
     assert phases["experts"] > 0 and phases["head"] > 0
     assert 0.5 * rep["mean_step_s"] * rep["engine_steps"] <= sum(phases.values()) <= 1.05 * rep["mean_step_s"] * rep["engine_steps"]
+    # one token per request (the prefill alone, what TTFT at low load is made of): the warm-up's
+    # longer requests still fit the engine it builds
+    rc = _bench(["--in-process", "--checkpoint", str(tiny_checkpoint), "--concurrency", "1", "--num-requests", "2",
+                 "--max-tokens", "1", "--prompt-len", "7", "--json"])
+    rep = json.loads(capsys.readouterr().out)
+    assert rc == 0 and rep["completed"] == 2 and rep["output_tokens"] == 2
     # every request with penalties (what they cost is measured this way): they run, and the report says so
     rc = _bench(["--in-process", "--checkpoint", str(tiny_checkpoint), "--concurrency", "4", "--num-requests", "4",
                  "--max-tokens", "5", "--prompt-len", "7", "--repetition-penalty", "1.3", "--frequency-penalty",

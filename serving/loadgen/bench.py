@@ -41,6 +41,9 @@ from serving.loadgen.driver import RequestResult
 from serving.loadgen.stats import command_line, format_table, machine_info, parse_slo, summarize
 
 
+WARMUP_TOKENS = 2      # each --in-process warm-up request: a prefill and a decode step
+
+
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     where = parser.add_mutually_exclusive_group(required=True)
     where.add_argument("--target", help="HOST:PORT of the gRPC endpoint (loopback only)")
@@ -243,8 +246,8 @@ def build_inprocess_engine(args: argparse.Namespace):
                      ping_pong=False, engine_expert_shard=args.engine_expert_shard == "on")
     cfg = AppConfig(checkpoint=args.checkpoint, expert_shards=args.expert_shards, transport=args.transport,
                     dtype=args.dtype, max_num_seqs=args.concurrency, speculative_tokens=args.speculative_tokens,
-                    max_model_len=args.prefix_len + args.prompt_len + args.max_tokens,
-                    max_tokens_limit=args.max_tokens, prefix_caching=args.prefix_caching == "on", **extra)
+                    max_model_len=args.prefix_len + args.prompt_len + max(args.max_tokens, WARMUP_TOKENS),
+                    max_tokens_limit=max(args.max_tokens, WARMUP_TOKENS), prefix_caching=args.prefix_caching == "on", **extra)
     placement = Placement.build(MoEConfig.from_dir(args.checkpoint), args.expert_shards, "contiguous")
     engine, _ = build_engine(cfg, placement)
     return engine
@@ -361,7 +364,7 @@ def _drive_timed(args: argparse.Namespace, prompts: list[list[int]], engine, loa
     if warm:
         wprompts = make_prompts(warm, args.prompt_len, args.vocab_size, args.seed + 7, args.prefix_len,
                                 args.prefix_groups)
-        drive_engine(engine, wprompts, max_tokens=2, concurrency=args.concurrency, tag="warmup")
+        drive_engine(engine, wprompts, max_tokens=WARMUP_TOKENS, concurrency=args.concurrency, tag="warmup")
     if args.guided_regex is not None:
         engine.prepare_guides()                  # as an engine core does at its warm-up
     st = engine.stats
