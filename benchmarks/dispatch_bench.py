@@ -21,6 +21,9 @@ Transports (serving/parallel/):
   collective-engine  the same with shard 0 computed in this process, on this thread (the
          cluster's layout: AppConfig.engine_expert_shard), the others in actors; its dispatch
          time includes shard 0's compute, which runs while the actors compute theirs.
+  compiled  a candidate, not a serving transport (serving/parallel/compiled_graph_transport.py): one
+         Ray actor per shard (placed the same way) behind one Ray Compiled Graph, executed once
+         per layer; arguments and results go over Ray's shared-memory channels.
 
 Inputs: the experts of layer --layer of a checkpoint (default: the seeded `small` Mixtral,
 written to a temp dir), x_TD ~ N(0, 1), routing = top-k of random logits (uniform load).
@@ -53,6 +56,7 @@ from serving.parallel.expert_shard import ExpertShardWorker  # noqa: E402
 from serving.parallel.placement import Placement  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+TRANSPORTS = ("local", "serve", "collective", "collective-engine", "compiled")
 
 
 def _ints(text: str) -> list[int]:
@@ -191,6 +195,14 @@ def _collective_transport(ckpt: str, placement: Placement, dtype: torch.dtype, n
         local_threads=torch.get_num_threads())
 
 
+def _compiled_transport(ckpt: str, placement: Placement, dtype: torch.dtype, nodes: int):
+    """S shard actors (shard s on node s mod N) behind one Ray Compiled Graph."""
+    from serving.parallel.compiled_graph_transport import CompiledGraphTransport
+    from serving.deployments.config import node_resource
+    return CompiledGraphTransport(ckpt, placement, dtype,
+                                  [{node_resource(s % nodes): 0.001} for s in range(placement.num_shards)])
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     threads_before = torch.get_num_threads()
@@ -204,10 +216,9 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     dtype = DTYPES[args.dtype]
     transports = [t.strip() for t in args.transports.split(",") if t.strip()]
-    unknown = set(transports) - {"local", "serve", "collective", "collective-engine"}
+    unknown = set(transports) - set(TRANSPORTS)
     if unknown:
-        print(f"error: unknown transports {sorted(unknown)} (known: local, serve, collective, collective-engine)",
-              file=sys.stderr)
+        print(f"error: unknown transports {sorted(unknown)} (known: {', '.join(TRANSPORTS)})", file=sys.stderr)
         return 2
     tmp_ckpt = None
     ckpt = args.checkpoint
@@ -247,6 +258,11 @@ def _run(args: argparse.Namespace) -> int:
                         cluster = ServeCluster(args.nodes)
                     gangs.append(_collective_transport(ckpt, placement, dtype, args.nodes, local))
                     built[name] = lambda gang=gangs[-1]: gang
+            if "compiled" in transports:
+                if cluster is None:
+                    cluster = ServeCluster(args.nodes)
+                gangs.append(_compiled_transport(ckpt, placement, dtype, args.nodes))
+                built["compiled"] = lambda gang=gangs[-1]: gang
             for name in transports:
                 transport = Timed(built[name]())
                 dispatcher = ExpertDispatcher(placement, transport, cfg.num_experts)
@@ -289,7 +305,7 @@ def _run(args: argparse.Namespace) -> int:
 
     print(f"\nper-MoE-layer dispatch + combine, {args.dtype}, hidden {cfg.hidden_size}, "
           f"{cfg.num_experts} experts top-{cfg.top_k}, ms. transport = time inside transport.run; "
-          "overhead = dispatch - shard compute (local: paired per call; serve, collective*: minus the local compute p50)")
+          "overhead = dispatch - shard compute (local: paired per call; serve, collective*, compiled: minus the local compute p50)")
     print(f"{'transport':<18}{'shards':>7}{'tokens':>7}{'called':>7}{'dispatch p50':>14}"
           f"{'p90':>10}{'transport p50':>15}{'compute p50':>13}{'overhead p50':>14}")
     for r in rows:

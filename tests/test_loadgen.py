@@ -491,8 +491,8 @@ def test_dispatch_bench_local_smoke(tiny_checkpoint, capsys):
 
 @pytest.mark.cluster
 def test_dispatch_bench_collective_with_the_engine_hosted_shard(tiny_checkpoint, capsys):
-    """Both collective layouts on a real 2-node local Ray cluster: every point timed, the bare hop
-    too, and no Ray process left behind."""
+    """Both collective layouts and the Compiled Graphs candidate on a real 2-node local Ray cluster:
+    every point timed, the bare hop too, and no Ray process left behind."""
     import importlib.util
     from pathlib import Path
     before = _ray_pids()
@@ -500,11 +500,12 @@ def test_dispatch_bench_collective_with_the_engine_hosted_shard(tiny_checkpoint,
     spec = importlib.util.spec_from_file_location("dispatch_bench", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    assert mod.main(["--checkpoint", str(tiny_checkpoint), "--transports", "collective,collective-engine",
+    assert mod.main(["--checkpoint", str(tiny_checkpoint), "--transports", "collective,collective-engine,compiled",
                      "--tokens", "1,8", "--shards", "2", "--iters", "5", "--warmup", "1", "--roundtrip"]) == 0
     rep = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert [(r["transport"], r["tokens"]) for r in rep["results"]] == [
-        ("collective", 1), ("collective", 8), ("collective-engine", 1), ("collective-engine", 8)]
+        ("collective", 1), ("collective", 8), ("collective-engine", 1), ("collective-engine", 8),
+        ("compiled", 1), ("compiled", 8)]
     assert all(r["dispatch_p50_ms"] > 0 and r["roundtrip_p50_ms"] > 0 for r in rep["results"])
     deadline = time.monotonic() + 30
     while _ray_pids() - before and time.monotonic() < deadline:
