@@ -247,7 +247,8 @@ def build_inprocess_engine(args: argparse.Namespace):
     cfg = AppConfig(checkpoint=args.checkpoint, expert_shards=args.expert_shards, transport=args.transport,
                     dtype=args.dtype, max_num_seqs=args.concurrency, speculative_tokens=args.speculative_tokens,
                     max_model_len=args.prefix_len + args.prompt_len + max(args.max_tokens, WARMUP_TOKENS),
-                    max_tokens_limit=max(args.max_tokens, WARMUP_TOKENS), prefix_caching=args.prefix_caching == "on", **extra)
+                    max_tokens_limit=max(args.max_tokens, WARMUP_TOKENS),
+                    prefix_caching=args.prefix_caching == "on", **extra)
     placement = Placement.build(MoEConfig.from_dir(args.checkpoint), args.expert_shards, "contiguous")
     engine, _ = build_engine(cfg, placement)
     return engine
@@ -448,8 +449,8 @@ def run_bench(args: argparse.Namespace) -> int:
               + (f" (+ {args.prefix_len} shared)" if args.prefix_len else "") + f" T={args.max_tokens}")
         print(format_table(summary))
         if report.get("step_phase_seconds"):
-            print("steps     mean %.1f ms; phases (s): %s" % (1e3 * (report["mean_step_s"] or 0.0), "  ".join(
-                f"{k} {v:.3f}" for k, v in report["step_phase_seconds"].items())))
+            phases = "  ".join(f"{k} {v:.3f}" for k, v in report["step_phase_seconds"].items())
+            print(f"steps     mean {1e3 * (report['mean_step_s'] or 0.0):.1f} ms; phases (s): {phases}")
     return 0 if summary["failed"] == 0 else 1
 
 
