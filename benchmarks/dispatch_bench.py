@@ -148,14 +148,13 @@ class ServeCluster:
     def deploy_shards(self, checkpoint: str, placement: Placement, dtype: str) -> list:
         from ray import serve
 
-        from serving.deployments.config import node_resource
         from serving.deployments.expert_shard import ExpertShard
         self.clear()
         handles = []
-        for s in range(placement.num_shards):
+        for s, resources in enumerate(_shard_resources(placement, self.nodes)):
             app = f"dispatch_bench_shard{s}"
             dep = ExpertShard.options(name=f"ExpertShard{s}", ray_actor_options={
-                "num_cpus": 0.1, "resources": {node_resource(s % self.nodes): 0.001}})
+                "num_cpus": 0.1, "resources": resources})
             handles.append(serve.run(dep.bind(checkpoint, placement.to_json(), s, dtype),
                                      name=app, route_prefix=None))
             self.apps.append(app)
@@ -184,23 +183,32 @@ def _roundtrip(transport, args, S: int, x, w, E: int) -> dict:
     return {"roundtrip_p50_ms": _pct(rt, 50) * 1e3, "roundtrip_p90_ms": _pct(rt, 90) * 1e3}
 
 
+def _shard_resources(placement: Placement, nodes: int) -> list[dict[str, float]]:
+    """Shard s on node s mod N, as `moe-serve up` places them."""
+    from serving.deployments.config import node_resource
+    return [{node_resource(s % nodes): 0.001} for s in range(placement.num_shards)]
+
+
 def _collective_transport(ckpt: str, placement: Placement, dtype: torch.dtype, nodes: int,
                           local_shards: tuple[int, ...] = ()):
-    """S shard actors (shard s on node s mod N) in one gloo group with this driver; the shards in
-    `local_shards` computed by this process instead."""
-    from serving.deployments.config import node_resource
+    """S shard actors in one gloo group with this driver; the shards in `local_shards` computed by
+    this process instead."""
     from serving.parallel.collective_transport import CollectiveTransport
-    return CollectiveTransport(ckpt, placement, dtype, shard_resources=[
-        {node_resource(s % nodes): 0.001} for s in range(placement.num_shards)], local_shards=local_shards,
-        local_threads=torch.get_num_threads())
+    return CollectiveTransport(ckpt, placement, dtype, shard_resources=_shard_resources(placement, nodes),
+                               local_shards=local_shards, local_threads=torch.get_num_threads())
 
 
 def _compiled_transport(ckpt: str, placement: Placement, dtype: torch.dtype, nodes: int):
-    """S shard actors (shard s on node s mod N) behind one Ray Compiled Graph."""
+    """S shard actors behind one Ray Compiled Graph."""
     from serving.parallel.compiled_graph_transport import CompiledGraphTransport
-    from serving.deployments.config import node_resource
-    return CompiledGraphTransport(ckpt, placement, dtype,
-                                  [{node_resource(s % nodes): 0.001} for s in range(placement.num_shards)])
+    return CompiledGraphTransport(ckpt, placement, dtype, _shard_resources(placement, nodes))
+
+
+# transports built once per shard count on the local Ray cluster, and closed after it
+GANGS = {"collective": _collective_transport,
+         "collective-engine": lambda ckpt, placement, dtype, nodes: _collective_transport(
+             ckpt, placement, dtype, nodes, (0,)),
+         "compiled": _compiled_transport}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -251,18 +259,13 @@ def _run(args: argparse.Namespace) -> int:
                 from serving.parallel.serve_transport import ServeTransport
                 handles = cluster.deploy_shards(ckpt, placement, args.dtype)
                 built["serve"] = lambda: ServeTransport(handles)
-            gangs = []                         # collective transports to close after this S
-            for name, local in (("collective", ()), ("collective-engine", (0,))):
+            gangs = []                         # GANGS transports to close after this S
+            for name, make in GANGS.items():
                 if name in transports:
                     if cluster is None:
                         cluster = ServeCluster(args.nodes)
-                    gangs.append(_collective_transport(ckpt, placement, dtype, args.nodes, local))
+                    gangs.append(make(ckpt, placement, dtype, args.nodes))
                     built[name] = lambda gang=gangs[-1]: gang
-            if "compiled" in transports:
-                if cluster is None:
-                    cluster = ServeCluster(args.nodes)
-                gangs.append(_compiled_transport(ckpt, placement, dtype, args.nodes))
-                built["compiled"] = lambda gang=gangs[-1]: gang
             for name in transports:
                 transport = Timed(built[name]())
                 dispatcher = ExpertDispatcher(placement, transport, cfg.num_experts)

@@ -3,7 +3,8 @@
 Dispatch through it equals the local transport, shards land on distinct nodes, the engine's
 greedy tokens do not change, a killed shard makes `run` raise within seconds (never hang) and
 the next call rebuilds the group, a live rebalance reaches the shards, and `close` kills every
-shard actor.
+shard actor. The Ray Compiled Graphs candidate (serving/parallel/compiled_graph_transport.py) is
+held to the same reference on the same cluster.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from serving.model.model import MoEModel
 from serving.model.sampling import SamplingParams
 from serving.model.tokenizer import Tokenizer
 from serving.parallel.collective_transport import CollectiveGroupError, CollectiveTransport
+from serving.parallel.compiled_graph_transport import CompiledGraphTransport
 from serving.parallel.dispatcher import ExpertDispatcher, LocalTransport, ShardCall
 from serving.parallel.expert_shard import ExpertShardWorker
 from serving.model.linear import packable_dtypes
@@ -46,10 +48,13 @@ def ckpt(tmp_path_factory):
     return write_checkpoint("mixtral", "tiny", tmp_path_factory.mktemp("coll") / "ck")
 
 
+def _resources(shards: int) -> list[dict[str, float]]:
+    return [{node_resource(s % NODES): 0.001} for s in range(shards)]
+
+
 def _transport(ckpt, shards: int, **kw) -> tuple[CollectiveTransport, Placement]:
     placement = Placement.build(MoEConfig.from_dir(ckpt), shards, "round_robin")
-    resources = [{node_resource(s % NODES): 0.001} for s in range(shards)]
-    return CollectiveTransport(str(ckpt), placement, shard_resources=resources, **kw), placement
+    return CollectiveTransport(str(ckpt), placement, shard_resources=_resources(shards), **kw), placement
 
 
 def _local(ckpt, placement) -> LocalTransport:
@@ -300,3 +305,26 @@ def test_engine_hosted_shard_computes_in_this_process_beside_remote_ranks(cluste
     finally:
         transport.close()
     assert transport.actors == []
+
+
+def test_compiled_graph_dispatch_equals_local_and_close_kills_the_shards(cluster, ckpt):
+    import ray
+    cfg = MoEConfig.from_dir(ckpt)
+    placement = Placement.build(cfg, 2, "round_robin")
+    transport = CompiledGraphTransport(str(ckpt), placement, torch.float32, _resources(2))
+    try:
+        graph = ExpertDispatcher(placement, transport, cfg.num_experts)
+        ref = ExpertDispatcher(placement, _local(ckpt, placement), cfg.num_experts)
+        for seed, T in enumerate([1, 7, 64]):
+            for layer in cfg.moe_layer_ids:
+                x, ids, w = _routing(cfg, T, seed)
+                torch.testing.assert_close(graph(layer, x, ids, w), ref(layer, x, ids, w), rtol=1e-5, atol=1e-6)
+        x, _, w = _routing(cfg, 3, 9)
+        ids = torch.tensor([[0, 2]] * 3)            # round_robin: experts 0, 2 on shard 0, shard 1 gets None
+        torch.testing.assert_close(graph(0, x, ids, w), ref(0, x, ids, w), rtol=1e-5, atol=1e-6)
+    finally:
+        actors = list(transport.actors)
+        transport.close()
+    for a in actors:                                # a killed actor answers no call
+        with pytest.raises(ray.exceptions.RayActorError):
+            ray.get(a.__ray_ready__.remote(), timeout=30)
