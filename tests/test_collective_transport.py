@@ -62,6 +62,17 @@ def _local(ckpt, placement) -> LocalTransport:
                            for s in range(placement.num_shards)])
 
 
+def _assert_killed(call) -> None:
+    """`call()` returns an ObjectRef on an actor that was killed: ray.kill is asynchronous, so a call
+    sent right after it may still be answered; poll (bounded) until the actor answers none."""
+    import ray
+    deadline = time.monotonic() + 30
+    with pytest.raises(ray.exceptions.RayActorError):
+        while time.monotonic() < deadline:
+            ray.get(call(), timeout=30)
+            time.sleep(0.2)
+
+
 def _routing(cfg: MoEConfig, T: int, seed: int):
     g = torch.Generator().manual_seed(seed)
     x_TD = torch.randn(T, cfg.hidden_size, generator=g)
@@ -177,11 +188,7 @@ def test_killed_shard_raises_fast_then_group_rebuilds(cluster, ckpt, coll2):
             coll(0, x, ids, w)
             time.sleep(0.05)
     assert time.monotonic() - t0 < 10
-    deadline = time.monotonic() + 30                   # the survivor is killed with the group
-    with pytest.raises(ray.exceptions.RayActorError):  # (ray.kill is asynchronous: poll, bounded)
-        while time.monotonic() < deadline:
-            ray.get(survivor.status.remote(), timeout=30)
-            time.sleep(0.2)
+    _assert_killed(survivor.status.remote)          # the survivor is killed with the group
     torch.testing.assert_close(coll(0, x, ids, w), before)   # next call: a new group, same output
     assert transport.generation == 2
     busy_after = transport.busy_seconds()           # the old gang's time is kept: never goes back
@@ -210,15 +217,13 @@ def test_live_rebalance_loads_new_experts_and_drops_old(ckpt, coll2):
 
 
 def test_close_kills_every_shard_actor(coll2):
-    import ray
     transport, _ = coll2
     actors = list(transport.actors)
     transport.close()
     transport.close()                           # idempotent
     assert transport.actors == []
     for a in actors:
-        with pytest.raises(ray.exceptions.RayActorError):
-            ray.get(a.status.remote(), timeout=30)
+        _assert_killed(a.status.remote)
 
 
 def test_engine_hosted_shard_computes_in_this_process_beside_remote_ranks(cluster, ckpt):
@@ -308,7 +313,6 @@ def test_engine_hosted_shard_computes_in_this_process_beside_remote_ranks(cluste
 
 
 def test_compiled_graph_dispatch_equals_local_and_close_kills_the_shards(cluster, ckpt):
-    import ray
     cfg = MoEConfig.from_dir(ckpt)
     placement = Placement.build(cfg, 2, "round_robin")
     transport = CompiledGraphTransport(str(ckpt), placement, torch.float32, _resources(2))
@@ -326,5 +330,4 @@ def test_compiled_graph_dispatch_equals_local_and_close_kills_the_shards(cluster
         actors = list(transport.actors)
         transport.close()
     for a in actors:                                # a killed actor answers no call
-        with pytest.raises(ray.exceptions.RayActorError):
-            ray.get(a.__ray_ready__.remote(), timeout=30)
+        _assert_killed(a.__ray_ready__.remote)
