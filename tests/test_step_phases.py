@@ -42,7 +42,10 @@ def _slow(dispatch):
 
 
 def _run(engine, max_tokens: int = 4) -> float:
-    """One greedy request to its end; the wall time of its steps."""
+    """One greedy request to its end; the wall time of its steps. An idle step first: the engine's
+    first step builds its GEMM kernels (`kernel_warm_up`, outside every phase and, on a loaded
+    machine, more than half the wall time of the steps that follow)."""
+    assert engine.step() == 0
     engine.add_request(GenerationRequest(request_id="r", prompt_token_ids=(5, 6, 7, 8, 9),
                                          sampling=SamplingParams(max_tokens=max_tokens, temperature=0.0,
                                                                  ignore_eos=True)), lambda ev: None)
