@@ -71,7 +71,7 @@ def test_the_largest_buckets_stay_cold_past_the_flop_budget():
 
 
 def test_unpacked_linears_and_the_off_switch_run_nothing(monkeypatch):
-    lin = Linear(torch.randn(8, 4, dtype=torch.float16))   # never packed: the plain F.linear path
+    lin = Linear(torch.randn(8, 4, dtype=torch.float64))   # never packed: the plain F.linear path
     rec = Recorder(lin)
     assert not lin.packed and warm_up([WarmTarget(rec, lin, 64)]).gemms == 0 and rec.calls == []
     packed = Linear(torch.randn(8, 4))

@@ -151,6 +151,26 @@ def test_mixed_step_metadata_splits_decode_from_prefill():
         assert AttentionMetadata.build(tables, (3, 0, 5, 2), q_lens, None, 4).parts == ()
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_decode_attention_in_bf16_runs_upcast_where_the_cpu_lacks_bf16_gemms(monkeypatch, native):
+    """Where the CPU runs bf16 GEMMs natively a bf16 cache's attention GEMMs run in bf16; where it
+    does not (AVX2), q, K, V and the shared prefix are upcast: exactly the fp32 attention, rounded."""
+    from serving.model import layers
+    monkeypatch.setattr(layers, "native_cpu_gemm", lambda dtype: native or dtype == torch.float32)
+    g = torch.Generator().manual_seed(4)
+    B, H, G, C, P, d = 3, 4, 2, 8, 5, 16
+    q, k, v = (torch.randn(*shape, generator=g).bfloat16() for shape in [(B, H, d), (B, G, C, d), (B, G, C, d)])
+    prefix = (torch.randn(G, P, d, generator=g).bfloat16(), torch.randn(G, P, d, generator=g).bfloat16())
+    bias = torch.zeros(B, 1, C)
+    for pre in (None, prefix):
+        out = layers.decode_attention(q, k, v, bias, d ** -0.5, prefix=pre)
+        up = None if pre is None else (pre[0].float(), pre[1].float())
+        ref = layers.decode_attention(q.float(), k.float(), v.float(), bias, d ** -0.5, prefix=up).bfloat16()
+        assert out.dtype == torch.bfloat16
+        assert torch.equal(out, ref) != native          # native: bf16 GEMMs, rounded differently
+        torch.testing.assert_close(out.float(), ref.float(), atol=3e-2, rtol=3e-2)
+
+
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
 def test_decode_attention_matches_sdpa(dtype, tol):
     """decode_attention (one query row per sequence, GQA, keys padded to whole blocks and masked) equals

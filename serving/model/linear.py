@@ -5,9 +5,14 @@ On CPU, `F.linear` re-reads W in its stored [O, I] layout every call; oneDNN's p
 ~35 -> ~120 GFLOP/s on this 2-core box). The math is the same GEMM; only the summation
 blocking differs (fp32 results agree to ~1e-6 relative).
 
-bf16 is packed where oneDNN runs bf16 natively (AVX512-BF16 / AMX: `_is_mkldnn_bf16_supported`);
-there it is 1.5-3x the plain bf16 GEMM (64x512x32k: ~280 -> ~450 GFLOP/s on a 2-core Sapphire Rapids).
-Where packing is not available (GPU, bf16 on AVX2, MOE_PACKED_LINEAR=0) the plain path runs.
+bf16 is packed in bf16 where oneDNN runs bf16 natively (AVX512-BF16 / AMX:
+`_is_mkldnn_bf16_supported`); there it is 1.5-3x the plain bf16 GEMM (64x512x32k: ~280 -> ~450
+GFLOP/s on a 2-core Sapphire Rapids). Where it does not (AVX2 only), torch's plain bf16 GEMM is a
+slow scalar path (64x512x32k: 210 ms on a 2-core AVX2 EPYC), so the weight is packed in fp32 and the
+GEMM runs in fp32 on the upcast rows, its output rounded back to bf16 (44 ms there, the fp32 GEMM's
+speed; as exact as a native bf16 GEMM, which accumulates in fp32 too): the packed copy is then 2x
+the bf16 weight, 6 bytes a parameter in all against fp32 serving's 8. The same for fp16.
+Where packing is not available (GPU, MOE_PACKED_LINEAR=0) the plain path runs.
 The packed copy is an extra copy of W.
 oneDNN builds (JITs) a kernel per input shape and caches it: the first GEMM with a new row count
 costs 1-2 ms more than the GEMM itself (bf16: a 0.5 ms GEMM takes 2.5 ms). A serving engine sees a
@@ -43,16 +48,30 @@ WARM_UP = os.environ.get("MOE_WARM_KERNELS", "1") != "0"
 WARM_UP_GFLOP = 20.0    # per weight shape and thread count: ~0.1 s of fp32 GEMMs on this 2-core machine
 
 
+def native_cpu_gemm(dtype: torch.dtype) -> bool:
+    """Whether this CPU runs GEMMs in `dtype` at its speed: fp32 always; bf16 / fp16 where oneDNN
+    has kernels for them (AVX512-BF16 / AVX512-FP16 / AMX), not on AVX2 alone."""
+    if dtype == torch.bfloat16:
+        return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    if dtype == torch.float16:
+        return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_fp16_supported()
+    return True
+
+
+def packed_compute_dtypes() -> dict[torch.dtype, torch.dtype]:
+    """weight dtype -> the dtype its prepacked oneDNN copy (and the GEMM) is in, on this machine:
+    its own where oneDNN runs it natively, else fp32 (the rows upcast, the output rounded back)."""
+    if not PACKING:
+        return {}
+    return {d: d if native_cpu_gemm(d) else torch.float32 for d in (torch.float32, torch.bfloat16, torch.float16)}
+
+
 def packable_dtypes() -> frozenset[torch.dtype]:
     """The dtypes whose CPU weights get a prepacked oneDNN copy on this machine."""
-    if not PACKING:
-        return frozenset()
-    if torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        return frozenset((torch.float32, torch.bfloat16))
-    return frozenset((torch.float32,))
+    return frozenset(_COMPUTE)
 
 
-_PACKABLE = packable_dtypes()
+_COMPUTE = packed_compute_dtypes()
 EXACT_ROWS = 32
 
 
@@ -66,21 +85,25 @@ def bucket_rows(rows: int) -> int:
 
 
 def _pack(weight_OI: torch.Tensor) -> torch.Tensor | None:
-    if weight_OI.device.type != "cpu" or weight_OI.dtype not in _PACKABLE:
+    """The prepacked copy of W, in its compute dtype (`packed_compute_dtypes`), or None."""
+    if weight_OI.device.type != "cpu" or weight_OI.dtype not in _COMPUTE:
         return None
     try:
-        return torch.ops.mkldnn._reorder_linear_weight(weight_OI.contiguous(), None)
+        return torch.ops.mkldnn._reorder_linear_weight(weight_OI.to(_COMPUTE[weight_OI.dtype]).contiguous(), None)
     except RuntimeError:          # this CPU / build cannot run the packed kernel
         return None
 
 
 class Linear:
     """A linear layer's weight [O, I] and bias [O], callable on x [..., I] -> [..., O]."""
-    __slots__ = ("weight_OI", "bias_O", "_packed")
+    __slots__ = ("weight_OI", "bias_O", "_packed", "_packed_bias_O")
 
     def __init__(self, weight_OI: torch.Tensor, bias_O: torch.Tensor | None = None):
         self.weight_OI, self.bias_O = weight_OI, bias_O
         self._packed = _pack(weight_OI)
+        # the bias in the packed GEMM's dtype (the same tensor unless the GEMM runs upcast)
+        self._packed_bias_O = (bias_O if self._packed is None or bias_O is None
+                               else bias_O.to(self._packed.dtype))
 
     @classmethod
     def fused(cls, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor | None]
@@ -104,7 +127,8 @@ class Linear:
         M = bucket_rows(T) if T is not None else None
         x_MI = F.pad(x_TI, (0, 0, 0, M - T)) if M is not None and M != T else x_TI
         if self._packed is not None and x_MI.dtype == self.weight_OI.dtype:
-            y_MO = torch.ops.mkldnn._linear_pointwise(x_MI, self._packed, self.bias_O, "none", [], "")
+            y_MO = torch.ops.mkldnn._linear_pointwise(x_MI.to(self._packed.dtype), self._packed,
+                                                      self._packed_bias_O, "none", [], "").to(x_MI.dtype)
         else:
             y_MO = F.linear(x_MI, self.weight_OI, self.bias_O)
         return y_MO if M is None or M == T else y_MO[:T]
