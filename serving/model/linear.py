@@ -31,6 +31,7 @@ Shape legend: T rows, M rows padded to a bucket, I in features, O out features.
 """
 from __future__ import annotations
 
+import functools
 import os
 import time
 from dataclasses import dataclass
@@ -48,6 +49,7 @@ WARM_UP = os.environ.get("MOE_WARM_KERNELS", "1") != "0"
 WARM_UP_GFLOP = 20.0    # per weight shape and thread count: ~0.1 s of fp32 GEMMs on this 2-core machine
 
 
+@functools.cache
 def native_cpu_gemm(dtype: torch.dtype) -> bool:
     """Whether this CPU runs GEMMs in `dtype` at its speed: fp32 always; bf16 / fp16 where oneDNN
     has kernels for them (AVX512-BF16 / AVX512-FP16 / AMX), not on AVX2 alone."""
