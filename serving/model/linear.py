@@ -98,14 +98,14 @@ def _pack(weight_OI: torch.Tensor) -> torch.Tensor | None:
 
 class Linear:
     """A linear layer's weight [O, I] and bias [O], callable on x [..., I] -> [..., O]."""
-    __slots__ = ("weight_OI", "bias_O", "_packed", "_packed_bias_O")
+    __slots__ = ("weight_OI", "bias_O", "_packed", "_upcast", "_upcast_bias_O")
 
     def __init__(self, weight_OI: torch.Tensor, bias_O: torch.Tensor | None = None):
         self.weight_OI, self.bias_O = weight_OI, bias_O
         self._packed = _pack(weight_OI)
-        # the bias in the packed GEMM's dtype (the same tensor unless the GEMM runs upcast)
-        self._packed_bias_O = (bias_O if self._packed is None or bias_O is None
-                               else bias_O.to(self._packed.dtype))
+        # a half weight without native kernels: the packed GEMM's dtype (fp32) and its bias in it
+        self._upcast = self._packed.dtype if self._packed is not None and self._packed.dtype != weight_OI.dtype else None
+        self._upcast_bias_O = None if self._upcast is None or bias_O is None else bias_O.to(self._upcast)
 
     @classmethod
     def fused(cls, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor | None]
@@ -129,8 +129,11 @@ class Linear:
         M = bucket_rows(T) if T is not None else None
         x_MI = F.pad(x_TI, (0, 0, 0, M - T)) if M is not None and M != T else x_TI
         if self._packed is not None and x_MI.dtype == self.weight_OI.dtype:
-            y_MO = torch.ops.mkldnn._linear_pointwise(x_MI.to(self._packed.dtype), self._packed,
-                                                      self._packed_bias_O, "none", [], "").to(x_MI.dtype)
+            if self._upcast is None:
+                y_MO = torch.ops.mkldnn._linear_pointwise(x_MI, self._packed, self.bias_O, "none", [], "")
+            else:
+                y_MO = torch.ops.mkldnn._linear_pointwise(x_MI.to(self._upcast), self._packed, self._upcast_bias_O,
+                                                          "none", [], "").to(x_MI.dtype)
         else:
             y_MO = F.linear(x_MI, self.weight_OI, self.bias_O)
         return y_MO if M is None or M == T else y_MO[:T]
