@@ -31,7 +31,7 @@ from typing import Any
 import yaml
 
 from serving.deployments.config import node_resource
-from serving.deployments.startup_priority import worker_runtime_env
+from serving.deployments.worker_setup import worker_runtime_env
 from serving.launcher import GRPC_INGRESSES, HAPROXY_MODE_ENV, RAY_PROCESS_ENV
 
 RAY_VERSION = "2.60.0"

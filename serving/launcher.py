@@ -29,7 +29,7 @@ from pathlib import Path
 
 import yaml
 
-from serving.deployments.startup_priority import worker_runtime_env
+from serving.deployments.worker_setup import worker_runtime_env
 from serving.ports import free_port
 from serving.thread_priority import batch_policy
 
@@ -264,7 +264,7 @@ def run_host(state_dir: Path, serve_config: dict, nodes: int, config_path: str |
             cluster.add_node(num_cpus=1, resources={node_resource(i): 1})
         # worker logs stay in the session's files (kept in the state dir); streamed to this
         # process they cost CPU at nice 0, ahead of the replicas (Ray runs workers at nice 15)
-        # every worker runs startup_priority.boost before its first import (a replica starting
+        # every worker runs worker_setup.setup (startup_priority.boost) before its first import (a replica starting
         # mid-spike imports Ray Serve and torch ahead of the busy replicas)
         ray.init(address=cluster.address, logging_level="WARNING", log_to_driver=False,
                  runtime_env=worker_runtime_env())

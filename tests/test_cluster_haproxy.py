@@ -8,9 +8,11 @@ from __future__ import annotations
 import json
 import os
 import queue
+import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -53,6 +55,17 @@ def test_haproxy_answers_the_grpc_port_and_is_stopped_with_the_cluster(cluster):
     port = cluster["grpc_target"].rsplit(":", 1)[1]
     listening = subprocess.run(["ss", "-ltnpH", f"sport = :{port}"], capture_output=True, text=True).stdout
     assert "haproxy" in listening and "127.0.0.1:" in listening, listening     # loopback, as http_options.host
+    # and so are its admin frontends, the stats page and the Prometheus exporter, whose ports Ray's
+    # template binds on every interface (serving/deployments/haproxy_admin.py, run in every worker)
+    ours = [line for line in subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True).stdout.splitlines()
+            if any(f"pid={p}," in line for p in haproxies)]
+    configs = sorted((Path(cluster["ray_tmp"]) / "haproxy").glob("*/haproxy.cfg"))   # haproxy_env, one per node
+    assert configs
+    admin = [re.search(rf"^{section}\n\s+bind (\S+)$", cfg.read_text(), re.M).group(1)
+             for cfg in configs for section in ("listen stats", "frontend prometheus")]
+    local = {line.split()[3] for line in ours}
+    assert all(a.startswith("127.0.0.1:") for a in local), ours
+    assert {f"127.0.0.1:{a.rsplit(':', 1)[1]}" for a in admin} <= local, (admin, ours)
     with grpc.insecure_channel(cluster["grpc_target"]) as ch:
         stub = health_pb2_grpc.HealthStub(ch)
         assert stub.Check(health_pb2.HealthCheckRequest(), timeout=10).status == health_pb2.HealthCheckResponse.SERVING

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from serving.deployments.config import node_resource
-from serving.deployments.startup_priority import worker_runtime_env
+from serving.deployments.worker_setup import worker_runtime_env
 from serving.engine.engine import Engine
 from serving.engine.request import GenerationRequest
 from serving.engine.scheduler import SchedulerConfig

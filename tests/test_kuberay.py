@@ -14,7 +14,7 @@ from ray.serve.schema import ServeDeploySchema
 
 from serving.cli import main
 from serving.deployments.config import AppConfig, node_resource
-from serving.deployments.startup_priority import SETUP_HOOK, worker_runtime_env
+from serving.deployments.worker_setup import SETUP_HOOK, worker_runtime_env
 
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED = REPO / "cluster" / "kuberay" / "rayservice.yaml"

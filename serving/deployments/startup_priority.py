@@ -5,9 +5,9 @@ new replica's imports (torch and our modules, ~1.4 s of CPU on an idle machine) 
 then get one fair share among the busy replicas: it took 11-12 s from process start to its
 constructor on 2 busy cores, while the spike waited for exactly that capacity. So the deployment
 modules call `boost()` before importing torch, and the replica calls `restore()` once it is ready:
-the same idea as systemd's StartupCPUWeight. `moe-serve up` also runs `boost` as every Ray worker's
-setup hook (worker_runtime_env(), the job's runtime_env): before the worker imports Ray Serve
-(~0.6 s of CPU idle, at nice 15 otherwise), so a replica starts boosted from its first import.
+the same idea as systemd's StartupCPUWeight. `moe-serve up` also runs `boost` in every Ray worker's
+setup hook (serving/deployments/worker_setup.py, the job's runtime_env): before the worker imports
+Ray Serve (~0.6 s of CPU idle, at nice 15 otherwise), so a replica starts boosted from its first import.
 
 Only a thread already running niced (a Ray worker's) is boosted, with the threads it starts, and
 only with the right to lower niceness (CAP_SYS_NICE, e.g. root); otherwise nothing changes. A
@@ -22,13 +22,6 @@ import threading
 from serving.thread_priority import raise_priority
 
 BOOST_NICE = 0
-SETUP_HOOK = "serving.deployments.startup_priority.boost"
-
-
-def worker_runtime_env() -> dict:
-    """The job-level runtime_env under which every Ray worker of the cluster `moe-serve up` starts
-    runs `boost` first. A fresh dict each call: `ray.init` adds keys to the one it is given."""
-    return {"worker_process_setup_hook": SETUP_HOOK}
 
 _saved_nice: int | None = None
 _boosted_tid: int | None = None

@@ -335,7 +335,7 @@ def _bench_inprocess(args: argparse.Namespace, prompts: list[list[int]]
         # thread spins on a core the shards need (read when torch loads, below)
         from serving.launcher import apply_ray_process_env
         apply_ray_process_env()
-        from serving.deployments.startup_priority import worker_runtime_env
+        from serving.deployments.worker_setup import worker_runtime_env
         from serving.local_ray import local_ray_cluster
         with local_ray_cluster(args.nodes, runtime_env=worker_runtime_env()):
             return _bench_engine(args, prompts)
