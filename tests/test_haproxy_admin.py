@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import re
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from ray.serve._private import haproxy
 from ray.serve.config import HTTPOptions, gRPCOptions
 
 from serving.deployments import haproxy_admin, worker_setup
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def _binds(tmp_path, host: str) -> dict[str, str]:
@@ -73,3 +77,25 @@ def test_the_worker_setup_rebinds_only_in_haproxy_mode(ray_template, monkeypatch
     monkeypatch.setenv(worker_setup.HAPROXY_MODE_VAR, "1")
     worker_setup.setup()
     assert haproxy.HAPROXY_CONFIG_TEMPLATE == haproxy_admin.rebind_admin(shipped) != shipped
+
+
+def test_a_worker_without_ray_serve_rewrites_the_template_when_it_imports_it():
+    """The setup hook of a worker that has not imported Ray Serve (an expert shard's actor) does
+    not import it; the HAProxy module is rewritten if and when it is imported."""
+    code = """
+import sys
+from serving.deployments import haproxy_admin, worker_setup
+worker_setup.startup_priority.boost = lambda: False
+import os; os.environ[worker_setup.HAPROXY_MODE_VAR] = "1"
+worker_setup.setup()
+worker_setup.setup()                                  # installs its import hook once
+assert "ray.serve" not in sys.modules, "the hook imported Ray Serve"
+assert sum(isinstance(f, haproxy_admin._RebindOnImport) for f in sys.meta_path) == 1
+from ray.serve._private import haproxy
+assert haproxy.HAPROXY_CONFIG_TEMPLATE.count("bind {{ config.frontend_host }}:{{ config.stats_port }}") == 1
+assert haproxy.HAPROXY_CONFIG_TEMPLATE.count("bind {{ config.frontend_host }}:{{ config.metrics_port }}") == 1
+assert not any(isinstance(f, haproxy_admin._RebindOnImport) for f in sys.meta_path)
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stdout + out.stderr
