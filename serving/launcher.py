@@ -29,7 +29,7 @@ from pathlib import Path
 
 import yaml
 
-from serving.deployments.worker_setup import worker_runtime_env
+from serving.deployments.worker_setup import HAPROXY_MODE_VAR, worker_runtime_env
 from serving.ports import free_port
 from serving.thread_priority import batch_policy
 
@@ -63,7 +63,7 @@ GRPC_INGRESSES = ("proxy", "haproxy")
 #: The part of `haproxy_env` that is the same everywhere (the KubeRay pods get it too): the mode, and
 #: how long a stopping replica waits for the balancer to stop sending it calls (Ray's default, 30 s,
 #: is for cloud load balancers; HAProxy beside it is told within a second).
-HAPROXY_MODE_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "3"}
+HAPROXY_MODE_ENV = {HAPROXY_MODE_VAR: "1", "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "3"}
 
 
 def haproxy_env(ray_tmp: Path) -> dict[str, str]:

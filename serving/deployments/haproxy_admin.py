@@ -25,6 +25,7 @@ import sys
 
 log = logging.getLogger(__name__)
 
+HAPROXY_MODULE = "ray.serve._private.haproxy"
 #: Ray 2.60's bind lines of the two admin frontends -> the same frontend on the serving host
 ADMIN_BINDS = {
     "    bind :{{ config.metrics_port }}\n": "    bind {{ config.frontend_host }}:{{ config.metrics_port }}\n",
@@ -55,9 +56,6 @@ def bind_admin_to_frontend_host() -> bool | None:
     if not any(isinstance(f, _RebindOnImport) for f in sys.meta_path):
         sys.meta_path.insert(0, _RebindOnImport())
     return None
-
-
-HAPROXY_MODULE = "ray.serve._private.haproxy"
 
 
 def _rebind(module) -> bool:

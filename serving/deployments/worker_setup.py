@@ -14,7 +14,7 @@ import os
 from serving.deployments import startup_priority
 
 SETUP_HOOK = "serving.deployments.worker_setup.setup"
-HAPROXY_MODE_VAR = "RAY_SERVE_ENABLE_HA_PROXY"
+HAPROXY_MODE_VAR = "RAY_SERVE_ENABLE_HA_PROXY"      # Ray Serve's HAProxy mode (launcher.HAPROXY_MODE_ENV sets it)
 
 
 def worker_runtime_env() -> dict:
