@@ -29,6 +29,7 @@ from pathlib import Path
 
 import yaml
 
+from serving.deployments.grpc_bind import GRPC_HOST_VAR
 from serving.deployments.worker_setup import HAPROXY_MODE_VAR, worker_runtime_env
 from serving.ports import free_port
 from serving.thread_priority import batch_policy
@@ -81,6 +82,13 @@ def haproxy_env(ray_tmp: Path) -> dict[str, str]:
             "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(home / "server-state"),
             "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
             "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port())}
+
+
+def serving_host_env(serve_config: dict) -> dict[str, str]:
+    """The environment that has Ray Serve's gRPC servers bind `http_options.host`, as its HTTP
+    servers do, not every interface (serving/deployments/grpc_bind.py); {} where it names none."""
+    host = (serve_config.get("http_options") or {}).get("host")
+    return {GRPC_HOST_VAR: str(host)} if host else {}
 
 
 def apply_ray_process_env() -> None:
@@ -231,6 +239,7 @@ def run_host(state_dir: Path, serve_config: dict, nodes: int, config_path: str |
     (ray_tmp / "ray").mkdir()
     os.environ["RAY_TMPDIR"] = str(ray_tmp)                          # never touch /tmp/ray
     apply_ray_process_env()                                          # Ray's processes inherit it
+    os.environ.update(serving_host_env(serve_config))               # Ray's processes inherit it
     if grpc_ingress == "haproxy":
         os.environ.update(haproxy_env(ray_tmp))
     stop = {"now": False}

@@ -59,6 +59,15 @@ def running_cluster(checkpoint: Path, state_dir: Path, *, shards: int, nodes: in
             assert not left, f"processes left running after down: {left}"
 
 
+LOOPBACK = ("127.0.0.1:", "[::ffff:127.0.0.1]:", "[::1]:")   # ss's spelling of a loopback address
+
+
+def listening_addresses(port: int) -> set[str]:
+    """The local addresses listening on TCP `port` (`ss`), e.g. {"127.0.0.1:9500"} or {"*:9500"}."""
+    out = subprocess.run(["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True, check=True).stdout
+    return {line.split()[3] for line in out.splitlines()}
+
+
 def ray_query(state: dict, code: str, timeout: float = 120) -> dict:
     """Run `code` in a driver attached to the cluster; it must print one JSON object."""
     script = ("import json, ray\nfrom ray import serve\n"

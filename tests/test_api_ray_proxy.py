@@ -51,10 +51,15 @@ def serve_target(request):
     env = pytest.MonkeyPatch()            # undone when the fixture ends, however it ends
     request.addfinalizer(env.undo)
     env.setenv("RAY_SERVE_PROXY_USE_GRPC", DATA_PATHS[request.param])
+    # the proxy's gRPC server on loopback, as `moe-serve up` has it (serving/deployments/grpc_bind.py)
+    from serving.deployments.grpc_bind import GRPC_HOST_VAR
+    from serving.deployments.worker_setup import worker_runtime_env
+    env.setenv(GRPC_HOST_VAR, "127.0.0.1")
     os.environ["PYTHONPATH"] = REPO + os.pathsep + os.environ.get("PYTHONPATH", "")
     port = free_port()
     from local_ray_init import init_local_ray
-    ray_tmp = init_local_ray(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray_tmp = init_local_ray(num_cpus=2, include_dashboard=False, log_to_driver=False,
+                             runtime_env=worker_runtime_env())
 
     @ray.remote(num_cpus=0)
     def worker_env() -> str | None:          # what a Ray worker (the proxy is one) reads at start
@@ -105,7 +110,10 @@ def serve_target(request):
                     if time.monotonic() > deadline:
                         raise
                     time.sleep(0.5)
+    from cluster_harness import LOOPBACK, listening_addresses
     try:
+        listening = listening_addresses(port)
+        assert listening and all(a.startswith(LOOPBACK) for a in listening), listening
         yield target
     finally:
         serve.shutdown()

@@ -18,7 +18,7 @@ import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
-from cluster_harness import moe_serve, ray_query, running_cluster
+from cluster_harness import LOOPBACK, listening_addresses, moe_serve, ray_query, running_cluster
 from hf_reference import build_hf_checkpoint
 from serving.api.protos import pb2, pb2_grpc
 from serving.client import MoEClient, build_request
@@ -57,6 +57,10 @@ def _hf_greedy(hf, ids, n=32):
 
 
 def test_health_and_reflection(cluster):
+    # the gRPC port listens where http_options.host says (127.0.0.1), not on every interface as Ray
+    # binds its gRPC servers (serving/deployments/grpc_bind.py)
+    listening = listening_addresses(int(cluster["grpc_target"].rsplit(":", 1)[1]))
+    assert listening and all(a.startswith(LOOPBACK) for a in listening), listening
     with grpc.insecure_channel(cluster["grpc_target"]) as ch:
         stub = health_pb2_grpc.HealthStub(ch)
         assert stub.Check(health_pb2.HealthCheckRequest(), timeout=10).status == health_pb2.HealthCheckResponse.SERVING

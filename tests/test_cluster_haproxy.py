@@ -20,7 +20,7 @@ import pytest
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from cluster_harness import REPO, running_cluster
+from cluster_harness import LOOPBACK, REPO, listening_addresses, running_cluster
 from serving.api.protos import pb2
 from serving.client import MoEClient, build_request
 from serving.launcher import DEFAULT_CONFIG
@@ -66,6 +66,14 @@ def test_haproxy_answers_the_grpc_port_and_is_stopped_with_the_cluster(cluster):
     local = {line.split()[3] for line in ours}
     assert all(a.startswith("127.0.0.1:") for a in local), ours
     assert {f"127.0.0.1:{a.rsplit(':', 1)[1]}" for a in admin} <= local, (admin, ours)
+    # and so do the servers HAProxy balances over: the replicas' direct-ingress ports and the
+    # fallback proxy's, gRPC ones included, which Ray binds on every interface
+    # (serving/deployments/grpc_bind.py)
+    servers = {int(m) for cfg in configs for m in re.findall(r"^\s+server \S+ \S+:(\d+)", cfg.read_text(), re.M)}
+    assert len(servers) >= 4, servers          # HTTP and gRPC: the engine replica's and the fallback's
+    for server_port in servers:
+        listening = listening_addresses(server_port)
+        assert listening and all(a.startswith(LOOPBACK) for a in listening), (server_port, listening)
     with grpc.insecure_channel(cluster["grpc_target"]) as ch:
         stub = health_pb2_grpc.HealthStub(ch)
         assert stub.Check(health_pb2.HealthCheckRequest(), timeout=10).status == health_pb2.HealthCheckResponse.SERVING

@@ -84,17 +84,17 @@ def test_a_worker_without_ray_serve_rewrites_the_template_when_it_imports_it():
     not import it; the HAProxy module is rewritten if and when it is imported."""
     code = """
 import sys
-from serving.deployments import haproxy_admin, worker_setup
+from serving.deployments import haproxy_admin, on_import, worker_setup
 worker_setup.startup_priority.boost = lambda: False
 import os; os.environ[worker_setup.HAPROXY_MODE_VAR] = "1"
 worker_setup.setup()
 worker_setup.setup()                                  # installs its import hook once
 assert "ray.serve" not in sys.modules, "the hook imported Ray Serve"
-assert sum(isinstance(f, haproxy_admin._RebindOnImport) for f in sys.meta_path) == 1
+assert on_import.waiting(haproxy_admin.HAPROXY_MODULE) == 1
 from ray.serve._private import haproxy
 assert haproxy.HAPROXY_CONFIG_TEMPLATE.count("bind {{ config.frontend_host }}:{{ config.stats_port }}") == 1
 assert haproxy.HAPROXY_CONFIG_TEMPLATE.count("bind {{ config.frontend_host }}:{{ config.metrics_port }}") == 1
-assert not any(isinstance(f, haproxy_admin._RebindOnImport) for f in sys.meta_path)
+assert on_import.waiting(haproxy_admin.HAPROXY_MODULE) == 0
 print("ok")
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)

@@ -10,18 +10,17 @@ frontends' host, `{{ config.frontend_host }}` (Ray's own property: `*` when the 
 ::, so a cluster serving on every interface, such as a KubeRay pod's, keeps them there for its
 scrapers). It runs in every Ray worker of a cluster we start (serving/deployments/worker_setup.py)
 before the HAProxyManager renders a config; Ray reads the template at each render. A worker that has
-not imported Ray Serve's HAProxy module rewrites it when it does, not before: an expert shard's
-actor, which never imports Ray Serve, is not made to (1.2 s of CPU here).
+not imported Ray Serve's HAProxy module rewrites it when it does, not before
+(serving/deployments/on_import.py).
 
 The template is a private constant of the pinned Ray (pyproject.toml): if its bind lines are not
 the ones below (another Ray), nothing is changed and a warning is logged.
 """
 from __future__ import annotations
 
-import importlib.abc
-import importlib.util
 import logging
-import sys
+
+from serving.deployments.on_import import when_imported
 
 log = logging.getLogger(__name__)
 
@@ -50,12 +49,7 @@ def bind_admin_to_frontend_host() -> bool | None:
     """Rewrite the HAProxy config template of this process's Ray Serve (see the module doc): now if
     its HAProxy module is loaded (True if the template now binds the admin frontends to the serving
     host, False if it is not one this code knows), else when that module is imported (None)."""
-    module = sys.modules.get(HAPROXY_MODULE)
-    if module is not None:
-        return _rebind(module)
-    if not any(isinstance(f, _RebindOnImport) for f in sys.meta_path):
-        sys.meta_path.insert(0, _RebindOnImport())
-    return None
+    return when_imported(HAPROXY_MODULE, _rebind)
 
 
 def _rebind(module) -> bool:
@@ -66,29 +60,3 @@ def _rebind(module) -> bool:
         return False
     module.HAPROXY_CONFIG_TEMPLATE = rebound
     return True
-
-
-class _RebindOnImport(importlib.abc.MetaPathFinder):
-    """Finds nothing itself: when Ray Serve's HAProxy module is imported, it lets the other finders
-    find it (once: it leaves sys.meta_path then) and has its template rewritten once it has run."""
-
-    def find_spec(self, name, path=None, target=None):
-        if name != HAPROXY_MODULE:
-            return None
-        sys.meta_path.remove(self)
-        spec = importlib.util.find_spec(name)
-        if spec is not None and spec.loader is not None:
-            spec.loader = _RebindingLoader(spec.loader)
-        return spec
-
-
-class _RebindingLoader(importlib.abc.Loader):
-    def __init__(self, inner: importlib.abc.Loader):
-        self.inner = inner
-
-    def create_module(self, spec):
-        return self.inner.create_module(spec)
-
-    def exec_module(self, module) -> None:
-        self.inner.exec_module(module)
-        _rebind(module)
