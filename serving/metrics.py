@@ -135,6 +135,20 @@ class Metrics:
                                 ["layer", "shard"], namespace=ns, registry=r)
         self.imbalance = Gauge("expert_shard_imbalance", "Max shard load over mean shard load, per MoE layer",
                                ["layer"], namespace=ns, registry=r)
+        self.rebalance_decisions = Counter("expert_rebalance_decisions",
+                                           "Automatic expert rebalancing (auto_rebalance): windows judged, by "
+                                           "outcome: rebalanced | quiet | balanced | no_gain (serving/parallel/rebalance.py)",
+                                           ["outcome"], namespace=ns, registry=r)
+        self.placement_imbalance = Gauge("expert_placement_step_imbalance",
+                                         "Automatic expert rebalancing: the placement in force over the last judged "
+                                         "window, predicted: sum over layers of the busiest shard's tokens / the mean "
+                                         "shard's (1 = balanced); `after`: the plan built from that window",
+                                         ["placement"], namespace=ns, registry=r)
+        self.placement_version = Gauge("expert_placement_version",
+                                       "Version of the expert placement in force (0: the deployed one; bumped by "
+                                       "every rebalance, automatic or `moe-serve placement --apply`), as automatic "
+                                       "rebalancing last read it: exported while auto_rebalance is on",
+                                       namespace=ns, registry=r)
         self.desired_replicas = Gauge("autoscaling_desired_replicas", "Replicas the autoscaling policy asks for",
                                       ["deployment"], namespace=ns, registry=r)
         self.replicas = Gauge("deployment_replicas", "Running replicas when the policy last decided",
@@ -192,6 +206,27 @@ class MetricsHub:
             if delta:
                 m.decisions.labels(dep, reason).inc(delta)
             self._decisions_seen[(dep, reason)] = total
+
+    def routed_load(self, num_experts: int) -> dict[int, list[float]]:
+        """layer -> tokens routed to each expert so far, every shard and engine replica together
+        (what automatic rebalancing judges: serving/parallel/rebalance.py)."""
+        load: dict[int, list[float]] = {}
+        for metric in self.metrics.routed.collect():
+            for sample in metric.samples:
+                if sample.name.endswith("_total"):
+                    layer, expert = int(sample.labels["layer"]), int(sample.labels["expert"])
+                    load.setdefault(layer, [0.0] * num_experts)[expert] += sample.value
+        return load
+
+    def apply_rebalance(self, decision, version: int) -> None:
+        """One automatic-rebalancing window judged (a rebalance.RebalanceDecision), and the version
+        of the placement in force after it."""
+        m = self.metrics
+        m.rebalance_decisions.labels(decision.reason).inc()
+        if decision.reason != "quiet":
+            m.placement_imbalance.labels("current").set(decision.before)
+            m.placement_imbalance.labels("after").set(decision.after)
+        m.placement_version.set(version)
 
     def apply(self, report: MetricsReport) -> None:
         m = self.metrics

@@ -392,6 +392,20 @@ def experts() -> Dashboard:
                    desc="The MetricsHub's own view: decayed recent load, updated on every engine report."),
         timeseries("Recent shard load per layer (hub, decayed tokens)",
                    [Target(f"moe_serve_expert_shard_load_tokens{{{sel}}}", "L{{layer}} shard {{shard}}")], w=8),
+        timeseries("Automatic rebalancing: windows judged, by outcome",
+                   [Target(f"sum by (outcome) (increase(moe_serve_expert_rebalance_decisions_total{{{J}}}[{RI}]))",
+                           "{{outcome}}")], w=8,
+                   desc="auto_rebalance (serving/parallel/rebalance.py): every interval the MetricsHub judges the "
+                        "tokens routed since the last one; `rebalanced` published a load-aware placement. Empty "
+                        "while it is off."),
+        timeseries("Automatic rebalancing: predicted step imbalance",
+                   [Target(f"moe_serve_expert_placement_step_imbalance{{{J}}}", "{{placement}}")], min0=False, w=8,
+                   desc="Sum over layers of the busiest shard's tokens / the mean shard's, over the last judged "
+                        "window: `current` is the placement in force, `after` the plan built from that window."),
+        timeseries("Expert placement version",
+                   [Target(f"max(moe_serve_expert_placement_version{{{J}}})", "version")], w=8,
+                   desc="Bumped by every rebalance, automatic or `moe-serve placement --apply`; exported by "
+                        "the MetricsHub while auto_rebalance is on."),
         row("Where the engine's step time goes"),
         timeseries("Engine step time by phase (share)",
                    [Target(f"sum by (phase) (rate({ph}{{{J}}}[{RI}])) "

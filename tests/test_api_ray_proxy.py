@@ -60,58 +60,57 @@ def serve_target(request):
     from local_ray_init import init_local_ray
     ray_tmp = init_local_ray(num_cpus=2, include_dashboard=False, log_to_driver=False,
                              runtime_env=worker_runtime_env())
+    try:        # Ray's processes go whatever fails from here on
+        @ray.remote(num_cpus=0)
+        def worker_env() -> str | None:          # what a Ray worker (the proxy is one) reads at start
+            return os.environ.get("RAY_SERVE_PROXY_USE_GRPC")
+        assert ray.get(worker_env.remote(), timeout=60) == DATA_PATHS[request.param]
+        serve.start(http_options={"host": "127.0.0.1", "port": free_port()},
+                    grpc_options=gRPCOptions(port=port, grpc_servicer_functions=SERVICER_FUNCTIONS))
 
-    @ray.remote(num_cpus=0)
-    def worker_env() -> str | None:          # what a Ray worker (the proxy is one) reads at start
-        return os.environ.get("RAY_SERVE_PROXY_USE_GRPC")
-    assert ray.get(worker_env.remote(), timeout=60) == DATA_PATHS[request.param]
-    serve.start(http_options={"host": "127.0.0.1", "port": free_port()},
-                grpc_options=gRPCOptions(port=port, grpc_servicer_functions=SERVICER_FUNCTIONS))
+        from serving.deployments.grpc_face import GrpcFace
 
-    from serving.deployments.grpc_face import GrpcFace
+        @serve.deployment(ray_actor_options={"num_cpus": 0})
+        class Ingress(GrpcFace):
+            """The app's real RPC methods (GrpcFace), over an echo engine instead of the model."""
 
-    @serve.deployment(ray_actor_options={"num_cpus": 0})
-    class Ingress(GrpcFace):
-        """The app's real RPC methods (GrpcFace), over an echo engine instead of the model."""
+            def __init__(self, tenants: dict | None = None):
+                from serving.api.errors import Overloaded
+                from serving.api.kserve import KServeService
+                from serving.api.local_server import ByteTokenizer, EchoEngine
+                from serving.api.service import GenerateService
+                from serving.api.tenants import TenantGate, TenantsConfig
+                from serving.api.validation import ApiLimits
 
-        def __init__(self, tenants: dict | None = None):
-            from serving.api.errors import Overloaded
-            from serving.api.kserve import KServeService
-            from serving.api.local_server import ByteTokenizer, EchoEngine
-            from serving.api.service import GenerateService
-            from serving.api.tenants import TenantGate, TenantsConfig
-            from serving.api.validation import ApiLimits
+                class Engine(EchoEngine):
+                    async def stream(self, request):
+                        if request.request_id.startswith("busy"):
+                            raise Overloaded("busy", retry_after_s=0.25)
+                        async for ev in super().stream(request):
+                            yield ev
 
-            class Engine(EchoEngine):
-                async def stream(self, request):
-                    if request.request_id.startswith("busy"):
-                        raise Overloaded("busy", retry_after_s=0.25)
-                    async for ev in super().stream(request):
-                        yield ev
+                tok = ByteTokenizer()
+                self.service = GenerateService(tok, ApiLimits(vocab_size=tok.vocab_size, max_model_len=64),
+                                               Engine(tok, delay_s=0.05 if tenants else 0.0),
+                                               tenants=TenantGate(TenantsConfig.from_dict(tenants)) if tenants else None)
+                self.kserve = KServeService(self.service, "echo")
 
-            tok = ByteTokenizer()
-            self.service = GenerateService(tok, ApiLimits(vocab_size=tok.vocab_size, max_model_len=64),
-                                           Engine(tok, delay_s=0.05 if tenants else 0.0),
-                                           tenants=TenantGate(TenantsConfig.from_dict(tenants)) if tenants else None)
-            self.kserve = KServeService(self.service, "echo")
-
-    serve.run(Ingress.bind(), name="moe", route_prefix="/moe")
-    serve.run(Ingress.bind(TENANTS), name="tenants", route_prefix="/tenants")
-    target = f"127.0.0.1:{port}"
-    from serving.client import MoEClient
-    deadline = time.monotonic() + 60
-    for app in ("moe", "tenants"):
-        with MoEClient(target, 5, application=app) as c:
-            while True:
-                try:
-                    assert c.health() == "SERVING"
-                    break
-                except grpc.RpcError:
-                    if time.monotonic() > deadline:
-                        raise
-                    time.sleep(0.5)
-    from cluster_harness import LOOPBACK, listening_addresses
-    try:
+        serve.run(Ingress.bind(), name="moe", route_prefix="/moe")
+        serve.run(Ingress.bind(TENANTS), name="tenants", route_prefix="/tenants")
+        target = f"127.0.0.1:{port}"
+        from serving.client import MoEClient
+        deadline = time.monotonic() + 60
+        for app in ("moe", "tenants"):
+            with MoEClient(target, 5, application=app) as c:
+                while True:
+                    try:
+                        assert c.health() == "SERVING"
+                        break
+                    except grpc.RpcError:
+                        if time.monotonic() > deadline:
+                            raise
+                        time.sleep(0.5)
+        from cluster_harness import LOOPBACK, listening_addresses
         listening = listening_addresses(port)
         assert listening and all(a.startswith(LOOPBACK) for a in listening), listening
         yield target

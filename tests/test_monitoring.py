@@ -25,6 +25,7 @@ from prometheus_client import generate_latest, start_http_server
 
 from serving import monitoring
 from serving.metrics import EngineSample, Metrics, MetricsHub, MetricsReport, RequestSample
+from serving.parallel.rebalance import RebalanceDecision
 from serving.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -220,6 +221,10 @@ def _apply_decisions(hub: MetricsHub, tick: int) -> None:
         hub.apply_autoscaling({"deployment": f"ExpertShard{s}", "desired": 2 if s == 0 else 1, "current": 1,
                                "reason": "token_load" if s == 0 else "steady",
                                "counts": {"token_load" if s == 0 else "steady": 5 * tick + 1}})
+    # automatic expert rebalancing's window judgements (the MetricsHub's own, serving/parallel/rebalance.py)
+    rebalanced = tick % 4 == 0
+    hub.apply_rebalance(RebalanceDecision(None, 1.4 if rebalanced else 1.04, 1.02 if rebalanced else 1.04,
+                                          6000.0, "rebalanced" if rebalanced else "balanced"), tick // 4 + 1)
 
 
 def test_hub_drops_every_series_of_a_replica_that_stopped_reporting(monkeypatch):

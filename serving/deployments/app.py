@@ -10,6 +10,8 @@ same way (serving/parallel/collective_transport.py).
 """
 from __future__ import annotations
 
+from dataclasses import asdict
+
 from ray.serve import Application
 
 from serving.deployments.config import NODE_PIN, AppConfig, node_resource
@@ -32,9 +34,12 @@ def shard_deployment_name(shard: int) -> str:
 def build_app(args: dict) -> Application:
     cfg = AppConfig.from_args(args)
     placement = Placement.build(MoEConfig.from_dir(cfg.checkpoint), cfg.expert_shards, cfg.placement)
+    rebalance = None if cfg.auto_rebalance is None else {
+        "policy": asdict(cfg.auto_rebalance), "checkpoint": cfg.checkpoint,
+        "expert_shards": cfg.expert_shards, "placement": cfg.placement}
     hub = MetricsHubDeployment.options(
         ray_actor_options={"num_cpus": 0.01, "resources": {node_resource(0): NODE_PIN}},
-    ).bind(cfg.metrics_host, cfg.metrics_port)
+    ).bind(cfg.metrics_host, cfg.metrics_port, rebalance=rebalance)
     shards = []
     if cfg.transport == "serve":
         shards = [ExpertShard.options(

@@ -10,6 +10,7 @@ import torch
 
 from serving.api.tenants import TenantsConfig
 from serving.engine.speculative import SpeculativeConfig
+from serving.parallel.rebalance import RebalancePolicy
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 TRANSPORTS = ("serve", "local", "collective")
@@ -77,6 +78,8 @@ class AppConfig:
                                           # compute theirs: an EP rank itself, as in vLLM's and DeepSpeed's EP
     tenants: TenantsConfig | None = None  # bearer-token auth and per-tenant quotas on each replica serving
                                           # the API (serving/api/tenants.py); None: every caller is "default"
+    auto_rebalance: RebalancePolicy | None = None   # automatic expert rebalancing (EPLB) by the MetricsHub
+                                          # from the routed load (serving/parallel/rebalance.py); None: off
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -98,6 +101,11 @@ class AppConfig:
             raise ValueError("served_model_name must be None or a non-empty name")
         if self.tenants is not None and not isinstance(self.tenants, TenantsConfig):
             raise ValueError(f"tenants must be a mapping (serving/api/tenants.py), got {self.tenants!r}")
+        if self.auto_rebalance is not None and not isinstance(self.auto_rebalance, RebalancePolicy):
+            raise ValueError(f"auto_rebalance must be a mapping (serving/parallel/rebalance.py), got {self.auto_rebalance!r}")
+        if self.auto_rebalance is not None and (self.transport == "local" or self.expert_shards < 2):
+            raise ValueError("auto_rebalance needs expert shards to balance: transport serve or collective, "
+                             f"expert_shards >= 2 (got {self.transport}, {self.expert_shards})")
         if self.stream_chunk_tokens < 1 or self.stream_chunk_min_running < 0 or self.stream_max_hold_s < 0:
             raise ValueError("stream_chunk_tokens must be >= 1, stream_chunk_min_running and "
                              "stream_max_hold_s >= 0")
@@ -119,6 +127,8 @@ class AppConfig:
             raise ValueError(f"unknown application args {unknown}; known: {sorted(known)}")
         if isinstance(args.get("tenants"), dict):
             args = {**args, "tenants": TenantsConfig.from_dict(args["tenants"])}
+        if isinstance(args.get("auto_rebalance"), dict):
+            args = {**args, "auto_rebalance": RebalancePolicy.from_dict(args["auto_rebalance"])}
         return cls(**args)
 
     @property

@@ -15,11 +15,14 @@ log = logging.getLogger(__name__)
 
 @serve.deployment(num_replicas=1)
 class MetricsHubDeployment:
-    def __init__(self, host: str, port: int, poll_s: float = 0.5):
+    def __init__(self, host: str, port: int, poll_s: float = 0.5, rebalance: dict | None = None):
         self.hub = MetricsHub()
         self.server, _ = start_http_server(port, addr=host, registry=self.hub.metrics.registry)
         self._stop = threading.Event()
         threading.Thread(target=self._poll_autoscaling, args=(poll_s,), daemon=True).start()
+        if rebalance is not None:
+            threading.Thread(target=self._auto_rebalance, args=(rebalance,), name="auto-rebalance",
+                             daemon=True).start()
 
     def _poll_autoscaling(self, poll_s: float) -> None:
         """Autoscaling decisions are taken in the Serve controller, which publishes them to
@@ -33,6 +36,33 @@ class MetricsHubDeployment:
                         self.hub.apply_autoscaling(json.loads(raw))
             except Exception as exc:   # metrics must never take the hub down
                 log.warning("autoscaling metrics poll failed: %s", exc)
+
+    def _auto_rebalance(self, spec: dict) -> None:
+        """auto_rebalance: every interval, judge the tokens routed since the last one and publish a
+        load-aware placement when it balances the shards better (serving/parallel/rebalance.py);
+        engines and shards pick it up as they do `moe-serve placement --apply`'s."""
+        from serving.deployments.placement_sync import publish_placement, read_published
+        from serving.model.config import MoEConfig
+        from serving.parallel.placement import Placement
+        from serving.parallel.rebalance import AutoRebalancer, RebalancePolicy
+        policy = RebalancePolicy.from_dict(spec["policy"])
+        config = MoEConfig.from_dir(spec["checkpoint"])
+        deployed = Placement.build(config, spec["expert_shards"], spec["placement"])
+
+        def current() -> Placement:
+            return read_published() or deployed
+        rebalancer = AutoRebalancer(policy, config, lambda: self.hub.routed_load(config.num_experts),
+                                    current, publish_placement)
+        while not self._stop.wait(policy.interval_s):
+            try:
+                decision = rebalancer.tick()
+                self.hub.apply_rebalance(decision, current().version)
+                if decision.plan is not None:
+                    log.info("automatic rebalancing: placement version %d published (predicted step "
+                             "imbalance %.3f -> %.3f over %.0f routed tokens a layer)", decision.plan.version,
+                             decision.before, decision.after, decision.window_tokens)
+            except Exception as exc:   # noqa: BLE001 -- the hub serves metrics whatever happens here
+                log.warning("automatic rebalancing failed: %s", exc)
 
     def apply(self, report: MetricsReport) -> None:
         self.hub.apply(report)
