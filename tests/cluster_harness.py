@@ -78,3 +78,18 @@ def ray_query(state: dict, code: str, timeout: float = 120) -> dict:
     if out.returncode != 0:
         raise AssertionError(f"ray query failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def engine_after_placement(state: dict, version: int, timeout_s: float = 30) -> dict:
+    """The EngineReplica's `ready` info once it routes by placement `version` or later (or when
+    `timeout_s` has passed: the caller asserts on `placement_version`)."""
+    return ray_query(state, f"""
+import time
+deadline = time.monotonic() + {timeout_s}
+while time.monotonic() < deadline:
+    engine = serve.get_deployment_handle("EngineReplica", app_name="moe").ready.remote().result()
+    if engine["placement_version"] >= {version}:
+        break
+    time.sleep(0.5)
+print(json.dumps(engine))
+""")

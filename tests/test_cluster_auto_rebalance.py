@@ -11,7 +11,7 @@ import urllib.request
 import pytest
 import yaml
 
-from cluster_harness import ray_query, running_cluster
+from cluster_harness import engine_after_placement, running_cluster
 from serving.client import MoEClient, build_request
 from serving.launcher import DEFAULT_CONFIG
 from serving.model.checkpoint import write_checkpoint
@@ -56,15 +56,5 @@ def test_a_skewed_load_is_rebalanced_without_changing_tokens(cluster):
         before = _metric(url, r'^moe_serve_expert_placement_step_imbalance\{placement="current"\} (\S+)')
         after = _metric(url, r'^moe_serve_expert_placement_step_imbalance\{placement="after"\} (\S+)')
         assert rebalanced >= 1 and before > 1.05 and after < before, (rebalanced, before, after)
-        info = ray_query(cluster, """
-import time
-deadline = time.monotonic() + 30
-while time.monotonic() < deadline:
-    engine = serve.get_deployment_handle("EngineReplica", app_name="moe").ready.remote().result()
-    if engine["placement_version"] >= 1:
-        break
-    time.sleep(0.5)
-print(json.dumps({"engine": engine}))
-""")
-        assert info["engine"]["placement_version"] >= 1                # the engine routes by the new plan
+        assert engine_after_placement(cluster, 1)["placement_version"] >= 1   # the engine routes by the new plan
         assert list(c.complete(req).token_ids) == baseline             # the same math on the new copies

@@ -18,7 +18,8 @@ import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
-from cluster_harness import LOOPBACK, listening_addresses, moe_serve, ray_query, running_cluster
+from cluster_harness import (LOOPBACK, engine_after_placement, listening_addresses, moe_serve, ray_query,
+                             running_cluster)
 from hf_reference import build_hf_checkpoint
 from serving.api.protos import pb2, pb2_grpc
 from serving.client import MoEClient, build_request
@@ -527,17 +528,7 @@ def test_live_rebalance_keeps_in_flight_tokens_and_loads_only_new_experts(cluste
         assert plan["version"] >= 1
         t.join(timeout=300)
         assert not errors and streamed == baseline
-        info = ray_query(cluster, """
-import time
-deadline = time.monotonic() + 30
-while time.monotonic() < deadline:
-    engine = serve.get_deployment_handle("EngineReplica", app_name="moe").ready.remote().result()
-    if engine["placement_version"] >= 1:
-        break
-    time.sleep(0.5)
-print(json.dumps({"engine": engine}))
-""")
-        assert info["engine"]["placement_version"] == plan["version"]
+        assert engine_after_placement(cluster, 1)["placement_version"] == plan["version"]
         assert list(c.complete(req).token_ids) == baseline        # served by the new placement
     time.sleep(6)                                                 # shards drop experts after a grace period
     shards = ray_query(cluster, """
