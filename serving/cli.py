@@ -109,6 +109,7 @@ def cmd_placement(a: argparse.Namespace) -> int:
     from serving.metrics import observed_expert_load
     from serving.model.config import MoEConfig
     from serving.parallel.placement import Placement
+    from serving.parallel.rebalance import step_imbalance
     state = None
     if a.apply:
         from serving.launcher import read_state
@@ -128,15 +129,19 @@ def cmd_placement(a: argparse.Namespace) -> int:
     current = Placement.build(config, a.expert_shards, a.current)
     plan = Placement.build(config, a.expert_shards, a.strategy, load=load, redundant=a.redundant)
     before, after = current.predicted_imbalance(load), plan.predicted_imbalance(load)
+    step = {"current": step_imbalance(current, load), "plan": step_imbalance(plan, load)}
     if state is not None:
         plan = _publish_placement(state, plan)
     if a.json:
         print(json.dumps({"strategy": a.strategy, "load_source": source, "placement": json.loads(plan.to_json()),
                           "predicted_imbalance": {str(k): v for k, v in after.items()},
                           "current_strategy": a.current,
-                          "current_imbalance": {str(k): v for k, v in before.items()}}))
+                          "current_imbalance": {str(k): v for k, v in before.items()},
+                          "predicted_step_imbalance": step}))
         return 0
     print(f"{a.strategy} placement over {a.expert_shards} shards; load: {source}")
+    print(f"step imbalance (every layer waits for its busiest shard: sum of the busiest shards' tokens / "
+          f"sum of the mean's): {a.current} {step['current']:.3f} -> {a.strategy} {step['plan']:.3f}")
     shard_load = plan.predicted_shard_load(load)
     for layer in plan.layers:
         print(f"layer {layer}: imbalance {a.current} {before[layer]:.3f} -> {a.strategy} {after[layer]:.3f}")

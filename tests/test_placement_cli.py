@@ -49,3 +49,6 @@ def test_placement_command_plans_from_scraped_load(tmp_path, capsys):
         assert out["current_imbalance"][layer] > 1.5          # contiguous: shard 0 gets 1000 of 1200
         assert out["predicted_imbalance"][layer] < 1.25
         assert len(out["placement"]["copies"][layer][0]) == 2   # the hot expert is on both shards
+    # the whole step: (1000 + 1000) busiest-shard tokens over (600 + 600) of the mean shard's
+    assert abs(out["predicted_step_imbalance"]["current"] - 2000 / 1200) < 1e-9
+    assert abs(out["predicted_step_imbalance"]["plan"] - max(out["predicted_imbalance"].values())) < 1e-9   # same layers
