@@ -12,7 +12,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 NAMESPACE = "moe_serve"
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -210,13 +210,7 @@ class MetricsHub:
     def routed_load(self, num_experts: int) -> dict[int, list[float]]:
         """layer -> tokens routed to each expert so far, every shard and engine replica together
         (what automatic rebalancing judges: serving/parallel/rebalance.py)."""
-        load: dict[int, list[float]] = {}
-        for metric in self.metrics.routed.collect():
-            for sample in metric.samples:
-                if sample.name.endswith("_total"):
-                    layer, expert = int(sample.labels["layer"]), int(sample.labels["expert"])
-                    load.setdefault(layer, [0.0] * num_experts)[expert] += sample.value
-        return load
+        return observed_expert_load(generate_latest(self.metrics.registry).decode(), num_experts)
 
     def apply_rebalance(self, decision, version: int) -> None:
         """One automatic-rebalancing window judged (a rebalance.RebalanceDecision), and the version

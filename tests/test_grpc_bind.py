@@ -13,6 +13,7 @@ from ray.serve._private import default_impl
 from ray.serve._private.grpc_util import start_grpc_server
 from ray.serve.config import gRPCOptions
 
+from cluster_harness import listening_addresses
 from serving.deployments import grpc_bind, on_import, worker_setup
 from serving.ports import free_port
 
@@ -32,12 +33,6 @@ def test_bound_address(address, host, bound):
     assert grpc_bind.bound_address(address, host) == bound
 
 
-def _listening(port: int) -> set[str]:
-    """The local addresses listening on TCP `port` (`ss`), e.g. {"127.0.0.1:9500", "*:9500"}."""
-    out = subprocess.run(["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True, check=True).stdout
-    return {line.split()[3] for line in out.splitlines()}
-
-
 def _start_and_list(port: int) -> set[str]:
     """Start a gRPC server with Ray Serve's own `start_grpc_server`, as its proxy and direct-ingress
     replicas do; the addresses it listens on; stop it."""
@@ -45,7 +40,7 @@ def _start_and_list(port: int) -> set[str]:
         task, server = await start_grpc_server(lambda **kw: None, gRPCOptions(port=port),
                                                event_loop=asyncio.get_running_loop())
         try:
-            return _listening(port)
+            return listening_addresses(port)
         finally:
             await server.stop(0)
             task.cancel()

@@ -35,8 +35,7 @@ def build_app(args: dict) -> Application:
     cfg = AppConfig.from_args(args)
     placement = Placement.build(MoEConfig.from_dir(cfg.checkpoint), cfg.expert_shards, cfg.placement)
     rebalance = None if cfg.auto_rebalance is None else {
-        "policy": asdict(cfg.auto_rebalance), "checkpoint": cfg.checkpoint,
-        "expert_shards": cfg.expert_shards, "placement": cfg.placement}
+        "policy": asdict(cfg.auto_rebalance), "checkpoint": cfg.checkpoint, "placement": placement.to_json()}
     hub = MetricsHubDeployment.options(
         ray_actor_options={"num_cpus": 0.01, "resources": {node_resource(0): NODE_PIN}},
     ).bind(cfg.metrics_host, cfg.metrics_port, rebalance=rebalance)

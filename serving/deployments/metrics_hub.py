@@ -47,7 +47,7 @@ class MetricsHubDeployment:
         from serving.parallel.rebalance import AutoRebalancer, RebalancePolicy
         policy = RebalancePolicy.from_dict(spec["policy"])
         config = MoEConfig.from_dir(spec["checkpoint"])
-        deployed = Placement.build(config, spec["expert_shards"], spec["placement"])
+        deployed = Placement.from_json(spec["placement"])
 
         def current() -> Placement:
             return read_published() or deployed
@@ -56,7 +56,7 @@ class MetricsHubDeployment:
         while not self._stop.wait(policy.interval_s):
             try:
                 decision = rebalancer.tick()
-                self.hub.apply_rebalance(decision, current().version)
+                self.hub.apply_rebalance(decision, rebalancer.in_force.version)
                 if decision.plan is not None:
                     log.info("automatic rebalancing: placement version %d published (predicted step "
                              "imbalance %.3f -> %.3f over %.0f routed tokens a layer)", decision.plan.version,

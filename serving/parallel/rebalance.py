@@ -118,11 +118,14 @@ class AutoRebalancer:
         self.window = LoadWindow()
         self.window.advance(read_load())          # what was routed before we started is not a window
         self.last: RebalanceDecision | None = None
+        self.in_force: Placement | None = None   # the placement in force after the last tick
 
     def tick(self) -> RebalanceDecision:
-        decision = decide(self.policy, self.config, self.current(), self.window.advance(self.read_load()))
+        self.in_force = self.current()
+        decision = decide(self.policy, self.config, self.in_force, self.window.advance(self.read_load()))
         if decision.plan is not None:
-            decision = RebalanceDecision(self.publish(decision.plan), decision.before, decision.after,
+            self.in_force = self.publish(decision.plan)
+            decision = RebalanceDecision(self.in_force, decision.before, decision.after,
                                          decision.window_tokens, decision.reason)
         self.last = decision
         return decision
